@@ -1,0 +1,274 @@
+"""Advantage estimation, KL-penalty controllers and running reward statistics for online RL.
+
+* :func:`gae` / :func:`gae_reference`: generalized advantage estimation (PPO with a critic).
+* :func:`group_normalized_advantages`: GRPO / Dr. GRPO group baselines (no critic).
+* :func:`leave_one_out_advantages`: RLOO baseline (no critic).
+* :class:`FixedKLController`, :class:`AdaptiveKLController`: the KL-penalty coefficient.
+* :class:`RunningMoments`: running mean/std for reward normalization.
+
+Advantages are targets, not something to differentiate through: every function here runs under
+``torch.no_grad()`` and returns detached tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# GAE
+# --------------------------------------------------------------------------------------------
+
+
+def _check_right_padded(mask: torch.Tensor) -> None:
+    """Raise unless every row of the ``(B, T)`` bool mask is a prefix of ones (right padding)."""
+    if mask.shape[-1] > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError(
+            "gae expects right-padded responses: the valid tokens of each row of `mask` must be a "
+            "prefix (1...1 0...0). Left-padded or holed masks would make GAE bootstrap from padding."
+        )
+
+
+@torch.no_grad()
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
+        gamma: float = 1.0, lam: float = 0.95) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 11-16).
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t``  and  ``A_t = sum_l (gamma*lam)^l delta_{t+l}``,
+    computed by the backward recursion ``A_t = delta_t + gamma*lam*A_{t+1}``.
+
+    Args:
+        rewards: ``(B, T)`` per-token rewards (e.g. ``-beta*KL`` on every token plus the score on
+            the last valid token).
+        values: ``(B, T)`` critic values ``V(s_t)``.
+        mask: ``(B, T)`` bool/float, 1 on response tokens. Rows must be right-padded (valid tokens
+            form a prefix; checked, ``ValueError`` otherwise). The position after a row's last valid
+            token is terminal: its value is taken as 0 (no bootstrap). Inputs at padded positions
+            are ignored, even if they are ``nan``/``inf``.
+        gamma, lam: discount and GAE lambda.
+
+    Returns:
+        ``(advantages, returns)``, both ``(B, T)``, ``returns = advantages + values`` on valid
+        tokens, both 0 on padding. Dtype is at least float32. Not whitened: whiten with
+        :func:`alignkit.ops.masked.masked_whiten` if you want it.
+
+    Vectorized over the batch; one reverse loop over ``T``.
+    """
+    if rewards.shape != values.shape or values.shape != mask.shape or values.dim() != 2:
+        raise ValueError(f"gae expects matching (B, T) tensors, got rewards {tuple(rewards.shape)}, "
+                         f"values {tuple(values.shape)}, mask {tuple(mask.shape)}")
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    valid = mask.bool()  # (B, T)
+    _check_right_padded(valid)
+    zero = torch.zeros((), dtype=dtype, device=values.device)
+    r = torch.where(valid, rewards.to(dtype), zero)  # (B, T)
+    v = torch.where(valid, values.to(dtype), zero)  # (B, T); 0 past the end = terminal value
+    batch, length = v.shape
+    advantages = torch.zeros_like(v)
+    next_value = torch.zeros(batch, dtype=dtype, device=v.device)  # (B,) V_{t+1}
+    running = torch.zeros(batch, dtype=dtype, device=v.device)  # (B,) A_{t+1}
+    for t in range(length - 1, -1, -1):
+        delta = r[:, t] + gamma * next_value - v[:, t]  # (B,)
+        running = (delta + gamma * lam * running) * valid[:, t]
+        advantages[:, t] = running
+        next_value = v[:, t]
+    returns = (advantages + v) * valid
+    return advantages, returns
+
+
+def gae_reference(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
+                  gamma: float = 1.0, lam: float = 0.95) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Slow, obvious GAE with nested Python loops; same contract as :func:`gae`. For tests."""
+    batch, length = values.shape
+    advantages = torch.zeros(batch, length, dtype=torch.float64)
+    returns = torch.zeros(batch, length, dtype=torch.float64)
+    for b in range(batch):
+        n = int(mask[b].sum())  # number of valid tokens (right padding)
+        r = [float(x) for x in rewards[b, :n]]
+        v = [float(x) for x in values[b, :n]] + [0.0]  # terminal value after the last token
+        for t in range(n):
+            total = 0.0
+            for k in range(t, n):  # A_t = sum_k (gamma*lam)^(k-t) delta_k
+                delta = r[k] + gamma * v[k + 1] - v[k]
+                total += (gamma * lam) ** (k - t) * delta
+            advantages[b, t] = total
+            returns[b, t] = total + v[t]
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------------------------
+# Group baselines (critic-free)
+# --------------------------------------------------------------------------------------------
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(N,)`` -> ``(N // G, G)``; groups are consecutive runs of ``G`` samples of one prompt."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be (N,), got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size}")
+    return rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, group_size)
+
+
+@torch.no_grad()
+def group_normalized_advantages(rewards: torch.Tensor, group_size: int, *,
+                                scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO outcome advantages (Shao et al. 2024, sec. 4.1.2): ``(r_i - mean_g) / (std_g + eps)``.
+
+    Args:
+        rewards: ``(N,)`` scalar rewards laid out as ``N // G`` consecutive groups of ``G`` samples
+            for the same prompt (``[p0s0, p0s1, ..., p1s0, ...]``).
+        group_size: ``G``.
+        scale_by_std: ``False`` gives Dr. GRPO (Liu et al. 2025): ``r_i - mean_g``, no division,
+            which removes the question-difficulty bias of the std.
+        eps: added to the std (so a group with identical rewards gives zeros, not ``nan``).
+
+    The std is the **sample (unbiased, ``G - 1``) std**, as in the DeepSeekMath / GRPO code
+    (``torch.std`` default). With ``G = 1`` it is undefined; we use 0, so advantages are 0.
+
+    Returns ``(N,)`` advantages (sequence level; broadcast over tokens in the loss).
+    """
+    grouped = _grouped(rewards, group_size)  # (N/G, G)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped)
+        centered = centered / (std + eps)
+    return centered.reshape(-1)
+
+
+@torch.no_grad()
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO advantages (Ahmadian et al. 2024, eq. 9; Kool et al. 2019): ``r_i - mean_{j != i} r_j``.
+
+    ``rewards`` ``(N,)`` in consecutive groups of ``G >= 2`` samples per prompt; returns ``(N,)``.
+    Equivalent to ``G / (G - 1) * (r_i - mean_g)``; the baseline excludes the sample itself, so the
+    estimator stays unbiased.
+    """
+    if group_size < 2:
+        raise ValueError("leave-one-out needs group_size >= 2 (a baseline from the other samples)")
+    grouped = _grouped(rewards, group_size)  # (N/G, G)
+    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (N/G, G)
+    return (grouped - others_mean).reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# KL-penalty controllers
+# --------------------------------------------------------------------------------------------
+
+
+def _to_float(x: Any) -> float:
+    return float(x.detach().float().mean()) if isinstance(x, torch.Tensor) else float(x)
+
+
+class FixedKLController:
+    """Constant KL-penalty coefficient ``beta``. ``update`` is a no-op (same interface as adaptive)."""
+
+    def __init__(self, coef: float):
+        self.value = float(coef)
+
+    def update(self, current_kl: Any, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient of Ziegler et al. 2019 (eq. 2), as used for PPO-on-LMs.
+
+    ``e_t = clip((KL_t - target) / target, -0.2, 0.2)`` and
+    ``beta_{t+1} = beta_t * (1 + e_t * n_steps / horizon)``.
+
+    ``current_kl`` is the measured KL(pi || pi_ref) of the last batch, **per sequence** (summed
+    over tokens, the scale ``target`` is specified in, e.g. 6 nats); a tensor is averaged.
+    ``n_steps`` is the number of samples (episodes) that batch contained.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError("AdaptiveKLController needs target > 0 and horizon > 0")
+        self.value = float(init_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: Any, n_steps: int) -> float:
+        error = (_to_float(current_kl) - self.target) / self.target
+        error = min(max(error, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> Dict[str, float]:
+        """The coefficient plus the settings, for inspection. ``load_state_dict`` restores only the
+        coefficient: ``target`` and ``horizon`` come from the (possibly edited) config on resume."""
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+# --------------------------------------------------------------------------------------------
+# Running moments
+# --------------------------------------------------------------------------------------------
+
+
+class RunningMoments:
+    """Running mean / variance over every element seen, merged batch by batch.
+
+    Chan et al. (1979) parallel update of (count, mean, M2) from each batch's own statistics, in
+    float64 Python scalars so long runs do not drift. ``std`` is the **unbiased** (``n - 1``)
+    standard deviation of all elements seen so far (``torch.var`` default), 1.0 before two samples.
+    Used to normalize rewards: ``(r - mean) / std``.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0.0
+        self.mean = 0.0
+        self._m2 = 0.0  # sum of squared deviations from the mean
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """Merge the elements of ``x`` (any shape; only where ``mask`` is set, if given)."""
+        x = x.detach().to(torch.float64)
+        if mask is not None:
+            x = x[mask.bool()]
+        x = x.reshape(-1)
+        n_b = float(x.numel())
+        if n_b == 0:
+            return
+        mean_b = float(x.mean())
+        m2_b = float((x - mean_b).square().sum())
+        total = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / total
+        self._m2 += m2_b + delta * delta * self.count * n_b / total
+        self.count = total
+
+    @property
+    def var(self) -> float:
+        return self._m2 / (self.count - 1.0) if self.count > 1 else 1.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def normalize(self, x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+        """``(x - mean) / std`` with the current statistics (``x / std`` if ``shift_mean=False``)."""
+        out = x - self.mean if shift_mean else x
+        return out / (self.std + eps)
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self._m2}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.count, self.mean, self._m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+__all__: List[str] = [
+    "gae", "gae_reference", "group_normalized_advantages", "leave_one_out_advantages",
+    "FixedKLController", "AdaptiveKLController", "RunningMoments",
+]

@@ -1,0 +1,186 @@
+"""The ``alignkit`` command line. Subcommands are generated from the config models.
+
+Every command takes ``--config file.yaml``, dotted overrides as extra arguments (``optim.lr=1e-5``)
+and a few convenience flags. ``alignkit CMD --help`` lists every config field with its docstring.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import typing
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Type
+
+import click
+from pydantic import BaseModel
+
+from alignkit.config import ConfigError, load_config
+
+
+@dataclass
+class Command:
+    name: str
+    config: str  # "module:Class"
+    runner: str  # "module:function" taking the config, returning a summary dict
+    help: str
+    flags: Dict[str, str]  # convenience flag -> dotted field
+
+
+TRAIN_FLAGS = {"model": "model.name_or_path", "data": "data.path", "output": "output",
+               "max_steps": "train.max_steps", "resume": "resume"}
+
+COMMANDS: List[Command] = [
+    Command("sft", "alignkit.config:SFTConfig", "alignkit.train.sft:train_sft",
+            "Supervised fine-tuning on {prompt, completion}, {messages} or {text} rows.", TRAIN_FLAGS),
+    Command("rm", "alignkit.config:RMConfig", "alignkit.train.reward:train_rm",
+            "Train a Bradley-Terry reward model on preference pairs or rankings.", TRAIN_FLAGS),
+    Command("score", "alignkit.config:ScoreConfig", "alignkit.score:score",
+            "Score rows with a reward model (one score per response).",
+            {"reward_model": "reward_model", "data": "data.path", "output": "output"}),
+]
+
+
+def register_command(cmd: Command) -> None:
+    """Later modules (dpo, ppo, ...) add their commands here."""
+    COMMANDS.append(cmd)
+
+
+def _load(ref: str):
+    mod, attr = ref.split(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def _type_name(ann) -> str:
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_type_name(a) for a in inner)
+    if origin in (list, List):
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if origin in (dict, Dict):
+        return "mapping"
+    return getattr(ann, "__name__", str(ann))
+
+
+def config_help(cls: Type[BaseModel]) -> str:
+    rows = []
+    for name, f in _leaf_fields(cls):
+        default = "(required)" if f.is_required() else json.dumps(f.get_default(call_default_factory=True), default=str)
+        desc = " ".join((f.description or "").split())
+        rows.append(f"  {name} ({_type_name(f.annotation)}, default {default})\n      {desc}")
+    return "\n".join(rows)
+
+
+def _leaf_fields(cls: Type[BaseModel], prefix: str = ""):
+    for name, f in cls.model_fields.items():
+        if name == "command":
+            continue
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", f
+
+
+class CommandWithRawEpilog(click.Command):
+    def format_epilog(self, ctx, formatter):
+        if self.epilog:
+            formatter.write("\n" + self.epilog + "\n")
+
+
+def _make(cmd: Command) -> click.Command:
+    def callback(config_path, overrides, lora, **flags):
+        cls = _load(cmd.config)
+        flat = {cmd.flags[k]: v for k, v in flags.items() if v is not None}
+        if lora:
+            flat["lora.enabled"] = True
+        try:
+            cfg = load_config(cls, config_path, list(overrides), **flat)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from None
+        runner = _load(cmd.runner)
+        try:
+            summary = runner(cfg)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            from alignkit.data.load import DataError
+            from alignkit.train.loop import TrainingAborted
+
+            if isinstance(e, (DataError, FileNotFoundError, TrainingAborted, ConfigError)):
+                raise click.ClickException(str(e)) from None
+            raise
+        if summary:
+            _print_summary(summary)
+
+    params: List[click.Parameter] = [
+        click.Option(["--config", "config_path"], type=click.Path(dir_okay=False), default=None,
+                     help="YAML file with any of the fields below."),
+        click.Argument(["overrides"], nargs=-1),
+    ]
+    cls = _load(cmd.config)
+    has_lora = "lora" in cls.model_fields
+    params.append(click.Option(["--lora"], is_flag=True, default=False, hidden=not has_lora,
+                               help="Train LoRA adapters (lora.enabled=true)."))
+    for flag, dotted in cmd.flags.items():
+        opt_type = int if dotted.endswith("max_steps") else str
+        if dotted == "resume":
+            params.append(click.Option(["--resume"], is_flag=False, flag_value="latest", default=None,
+                                       help="Resume from OUTPUT's latest checkpoint, or from a given one."))
+            continue
+        params.append(click.Option([f"--{flag.replace('_', '-')}", flag], type=opt_type, default=None,
+                                   help=f"Shorthand for {dotted}=VALUE."))
+    epilog = "Overrides: KEY=VALUE (dotted, YAML values), e.g. optim.lr=1e-5 train.batch_size=4\n\nFields:\n" \
+        + config_help(cls)
+    return CommandWithRawEpilog(cmd.name, callback=callback, params=params, help=cmd.help, epilog=epilog,
+                                context_settings={"max_content_width": 120})
+
+
+def _print_summary(summary: Dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="summary", show_header=False)
+    for k, v in summary.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        table.add_row(str(k), str(v))
+    Console(stderr=True).print(table)
+
+
+def build_cli() -> click.Group:
+    # importing these modules lets them register their commands
+    for mod in ("alignkit.commands",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+    @click.version_option(package_name="alignkit")
+    def cli():
+        """alignkit: align language models with preferences (SFT, reward models, DPO family, PPO/GRPO/RLOO).
+
+        With no --model every command uses the embedded SmolLM2-135M-Instruct."""
+
+    for cmd in COMMANDS:
+        cli.add_command(_make(cmd))
+    return cli
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    try:  # our own progress bar is enough
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    build_cli()(args=argv, prog_name="alignkit")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

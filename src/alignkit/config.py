@@ -1,0 +1,332 @@
+"""Run configuration: one pydantic model per command, sharing sections.
+
+Every field carries a docstring; pydantic turns it into the field description
+(``use_attribute_docstrings``), and that one text becomes ``alignkit CMD --help``, the YAML docs and
+the validation errors. Configs load from YAML plus dotted overrides (``optim.lr=1e-5``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Type, TypeVar, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "Section", "ModelConfig", "LoraConfig", "DataConfig", "TrainConfig", "OptimConfig", "LogConfig",
+    "RunConfig", "SFTConfig", "RMConfig", "ScoreConfig", "ConfigError", "load_config",
+    "apply_overrides", "field_help", "COMMAND_CONFIGS", "register_command_config",
+]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, field docstrings are descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name_or_path: Optional[str] = None
+    """Hugging Face model id or local directory. Empty: the embedded default (SmolLM2-135M-Instruct)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype. auto: float32 on CPU, bfloat16 on a GPU that supports it."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the model repository (off unless you ask)."""
+    attn_implementation: Optional[str] = None
+    """Attention backend passed to transformers (e.g. sdpa, eager, flash_attention_2)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) when loading by id."""
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights (peft)."""
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch."""
+    target_modules: Union[str, List[str]] = "all-linear"
+    """Module names to adapt, or all-linear."""
+    save: Literal["merged", "adapter"] = "merged"
+    """What OUTPUT/model holds after a LoRA run: merged full weights or the adapter only."""
+
+
+class DataConfig(Section):
+    path: Optional[str] = None
+    """Training data: a JSONL/JSON/Parquet/CSV file, a datasets.save_to_disk directory, or a hub name."""
+    split: str = "train"
+    """Split to read from a dataset directory or hub dataset."""
+    eval_path: Optional[str] = None
+    """Held-out data (same formats). Empty: split eval_fraction off the training data."""
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    """Fraction of the training rows held out for evaluation when eval_path is empty."""
+    max_length: int = Field(1024, gt=1)
+    """Maximum tokens of prompt plus response."""
+    max_prompt_length: Optional[int] = Field(None, gt=0)
+    """Maximum prompt tokens kept when a row is too long (default: half of max_length)."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """Too-long rows: truncate (prompt from the left, then the response from the right) or drop.
+    Either way the rows are counted and reported."""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """auto: apply the tokenizer's chat template to message-list rows only; always: also wrap plain
+    prompt strings as a user turn; never: plain text only (message rows are an error)."""
+    max_rows: Optional[int] = Field(None, gt=0)
+    """Read at most this many rows (after shuffling is not applied: the first rows)."""
+    num_proc: int = Field(1, ge=1)
+    """Processes for tokenization (datasets.map)."""
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(8, gt=0)
+    """Micro-batch size per process."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step. Global batch = batch_size x grad_accum x processes."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: Optional[int] = Field(None, gt=0)
+    """Optimizer steps to run; overrides epochs."""
+    seed: int = 42
+    """Seed for weights init, data order and sampling."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Mixed precision: auto is fp32 on CPU and bf16 on a GPU."""
+    max_bad_steps: int = Field(5, gt=0)
+    """Abort after this many consecutive steps with a NaN/Inf loss or gradient (each is skipped)."""
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-5, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: List[float] = [0.9, 0.999]
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Fraction of steps spent warming up linearly from 0."""
+    warmup_steps: Optional[int] = Field(None, ge=0)
+    """Warmup steps (overrides warmup_ratio)."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Learning rate at the end of the decay, as a fraction of lr."""
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (empty: no clipping)."""
+
+
+class LogConfig(Section):
+    every: int = Field(1, gt=0)
+    """Log metrics every N optimizer steps."""
+    eval_every: Optional[int] = Field(None, gt=0)
+    """Evaluate on the held-out split every N steps (always at the end when there is one)."""
+    save_every: Optional[int] = Field(None, gt=0)
+    """Write a checkpoint every N steps (atomic; resume with --resume)."""
+    save_total_limit: int = Field(2, gt=0)
+    """Checkpoints kept (oldest deleted first)."""
+    report_to: List[Literal["tensorboard", "wandb"]] = []
+    """Extra trackers beside OUTPUT/metrics.jsonl."""
+    progress: bool = True
+    """Show a progress bar with ETA and live metrics."""
+    run_name: Optional[str] = None
+    """Run name for trackers (default: the output directory name)."""
+
+
+class RunConfig(Section):
+    """Sections shared by every training command."""
+
+    command: str = "run"
+    """The command this config is for (set automatically)."""
+    output: str = "runs/alignkit"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/ and model/ go here."""
+    model: ModelConfig = ModelConfig()
+    """The model to train."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapters (peft)."""
+    data: DataConfig = DataConfig()
+    """Training and evaluation data."""
+    train: TrainConfig = TrainConfig()
+    """Batching, steps, precision and seeding."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and learning-rate schedule."""
+    log: LogConfig = LogConfig()
+    """Logging, evaluation and checkpoints."""
+    resume: Optional[str] = None
+    """Resume from a checkpoint directory, or 'latest' for OUTPUT's newest checkpoint."""
+
+
+class SFTOptions(Section):
+    loss_reduction: Literal["token", "sequence"] = "token"
+    """token: mean over all response tokens of the global batch; sequence: mean of per-sequence means."""
+    eval_generate: int = Field(0, ge=0)
+    """Write this many held-out generations to OUTPUT/samples.jsonl at the end."""
+
+
+class SFTConfig(RunConfig):
+    """Supervised fine-tuning: next-token loss on response tokens only."""
+
+    command: Literal["sft"] = "sft"
+    sft: SFTOptions = SFTOptions()
+    """SFT-specific options."""
+
+
+class RMOptions(Section):
+    margin_field: Optional[str] = None
+    """Row field holding a per-pair margin m: loss = -log sigmoid(r_w - r_l - m) (Llama 2)."""
+    center_rewards_coef: float = Field(0.0, ge=0)
+    """Weight of a (r_w + r_l)^2 penalty that keeps rewards centred near zero."""
+
+
+class RMConfig(RunConfig):
+    """Reward model: causal-LM backbone with a scalar head, Bradley-Terry loss on preference pairs."""
+
+    command: Literal["rm"] = "rm"
+    rm: RMOptions = RMOptions()
+    """Reward-model options."""
+
+
+class ScoreConfig(Section):
+    """Score rows with a trained reward model."""
+
+    command: Literal["score"] = "score"
+    reward_model: str
+    """Directory of a reward model saved by `alignkit rm`."""
+    data: DataConfig = DataConfig()
+    """Rows to score (preference pairs get a score per response)."""
+    output: Optional[str] = None
+    """Where to write the scored rows (JSONL). Default: print a summary only, scores to stdout."""
+    batch_size: int = Field(8, gt=0)
+    """Rows per forward pass."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype."""
+
+
+C = TypeVar("C", bound=BaseModel)
+
+COMMAND_CONFIGS: Dict[str, Type[BaseModel]] = {"sft": SFTConfig, "rm": RMConfig, "score": ScoreConfig}
+
+
+def register_command_config(name: str, cls: Type[BaseModel]) -> None:
+    COMMAND_CONFIGS[name] = cls
+
+
+class ConfigError(ValueError):
+    """A config value is invalid: the message names the field."""
+
+
+def _coerce_scalar(text: str) -> Any:
+    """Parse an override value with YAML rules (numbers, bools, lists, null)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _coerce_scalar(value)
+    return data
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        got = e.get("input")
+        extra = f" (got {got!r})" if got is not None and e["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
+        lines.append(f"  {loc}: {msg}{extra}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def build_config(cls: Type[C], data: Dict[str, Any]) -> C:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(cls: Type[C], path: Optional[Union[str, Path]] = None, overrides: Optional[List[str]] = None,
+                **flat: Any) -> C:
+    """Build a config from an optional YAML file, dotted overrides, then keyword overrides."""
+    data: Dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data.update(loaded)
+    if overrides:
+        apply_overrides(data, list(overrides))
+    for k, v in flat.items():
+        if v is None:
+            continue
+        node = data
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return build_config(cls, data)
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def field_help(cls: Type[BaseModel], prefix: str = "") -> List[tuple]:
+    """(dotted name, type, default, description) for every leaf field, for --help."""
+    rows = []
+    for name, f in cls.model_fields.items():
+        ann = f.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(field_help(ann, key + "."))
+            continue
+        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        default = None if f.is_required() else f.get_default(call_default_factory=True)
+        rows.append((key, tname, "required" if f.is_required() else default, (f.description or "").strip()))
+    return rows
+
+
+def as_config(cls: Type[C], config: Union[C, Dict[str, Any], None], overrides: Dict[str, Any]) -> C:
+    """The Python API's config: a model instance or dict, plus keyword overrides.
+
+    Keywords use dots or double underscores for sections: ``optim__lr=1e-4`` or ``**{"optim.lr": 1e-4}``.
+    """
+    if config is None:
+        data: Dict[str, Any] = {}
+    elif isinstance(config, BaseModel):
+        data = config.model_dump()
+    elif isinstance(config, dict):
+        data = dict(config)
+    else:
+        raise TypeError(f"expected {cls.__name__} or dict, got {type(config).__name__}")
+    for k, v in overrides.items():
+        node = data
+        parts = k.replace("__", ".").split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return build_config(cls, data)

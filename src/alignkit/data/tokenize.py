@@ -1,0 +1,194 @@
+"""Tokenize examples: chat template, prompt/response masks, truncation (counted, never silent).
+
+Every encoded response ends with the EOS token and EOS counts as a label even when pad == eos:
+masks come from the lengths we build here, never from comparing ids with the pad id.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from alignkit.config import DataConfig
+from alignkit.data.formats import (Message, PreferenceExample, Prompt, PromptExample, RowError, SFTExample,
+                                   UnpairedExample)
+from alignkit.data.load import DataError, DataReport
+
+
+class Encoder:
+    """Turns examples into token ids with the tokenizer's chat template where the data is chat."""
+
+    def __init__(self, tokenizer, cfg: DataConfig):
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise DataError("the tokenizer has no EOS token; responses could never end")
+        self.max_len = cfg.max_length
+        self.max_prompt = cfg.max_prompt_length or cfg.max_length // 2
+
+    # ------------------------------------------------------------ text rendering
+    def _as_chat(self, prompt: Prompt) -> Optional[List[Message]]:
+        """Messages when this prompt goes through the chat template, else None."""
+        if isinstance(prompt, list):
+            if self.cfg.chat_template == "never":
+                raise RowError("message list but data.chat_template=never", "prompt")
+            return prompt
+        if self.cfg.chat_template == "always" and prompt != "":
+            return [{"role": "user", "content": prompt}]
+        return None
+
+    def _template(self, messages: List[Message], generation_prompt: bool) -> str:
+        if not getattr(self.tok, "chat_template", None):
+            raise DataError("chat data needs a tokenizer with a chat template, and this one has none; "
+                            "use {prompt, completion} strings or set data.chat_template=never")
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _ids(self, text: str, special: bool = False) -> List[int]:
+        return self.tok(text, add_special_tokens=special)["input_ids"] if text else []
+
+    def _end_at_eos(self, ids: List[int]) -> List[int]:
+        """Cut what a template adds after the last EOS (e.g. a newline); add EOS if it is missing."""
+        if self.eos_id in ids:
+            last = len(ids) - 1 - ids[::-1].index(self.eos_id)
+            return ids[: last + 1]
+        return ids + [self.eos_id]
+
+    def render_prompt(self, prompt: Prompt) -> str:
+        """The exact text a model sees before its response (for generation)."""
+        chat = self._as_chat(prompt)
+        return self._template(chat, True) if chat is not None else prompt
+
+    def encode_prompt_ids(self, prompt: Prompt) -> List[int]:
+        chat = self._as_chat(prompt)
+        if chat is not None:
+            return self._ids(self._template(chat, True))
+        return self._ids(prompt, special=True)
+
+    def encode_response(self, prompt: Prompt, response: str) -> Tuple[List[int], List[int]]:
+        """(prompt ids, response ids) with the response ending in EOS."""
+        chat = self._as_chat(prompt)
+        if chat is None:
+            return self._ids(prompt, special=True), self._ids(response) + [self.eos_id]
+        p_text = self._template(chat, True)
+        full = self._template(chat + [{"role": "assistant", "content": response}], False)
+        if not full.startswith(p_text):
+            raise RowError("the chat template does not render the prompt as a prefix of the conversation")
+        return self._ids(p_text), self._end_at_eos(self._ids(full[len(p_text):]))
+
+    def encode_conversation(self, messages: List[Message]) -> Tuple[List[int], List[int]]:
+        """(ids, loss mask) with a label on every assistant turn, up to and including its EOS."""
+        if self.cfg.chat_template == "never":
+            raise RowError("message list but data.chat_template=never", "messages")
+        ids: List[int] = []
+        mask: List[int] = []
+        done = ""  # text covered so far
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix = self._template(messages[:i], True) if i else self._template([], True)
+            full = self._template(messages[: i + 1], False)
+            if not (prefix.startswith(done) and full.startswith(prefix)):
+                raise RowError("the chat template does not render earlier turns as a prefix", "messages")
+            ctx = self._ids(prefix[len(done):])
+            resp = self._ids(full[len(prefix):])
+            if self.eos_id in resp:  # labels stop at EOS; the template's trailing text is context
+                cut = len(resp) - resp[::-1].index(self.eos_id)
+                resp, tail = resp[:cut], resp[cut:]
+            else:
+                tail = []
+            ids += ctx + resp + tail
+            mask += [0] * len(ctx) + [1] * len(resp) + [0] * len(tail)
+            done = full
+        if ids and self.eos_id not in [t for t, k in zip(ids, mask) if k]:
+            ids.append(self.eos_id)
+            mask.append(1)
+        return ids, mask
+
+    # ------------------------------------------------------------ truncation
+    def fit(self, prompt_ids: List[int], responses: List[List[int]], row: int, report: DataReport):
+        """Apply the truncation policy to a prompt and its responses; None means drop."""
+        longest = max(len(r) for r in responses)
+        if len(prompt_ids) + longest <= self.max_len:
+            return prompt_ids, responses
+        if self.cfg.truncation == "drop":
+            report.drop(row, f"longer than data.max_length={self.max_len}")
+            return None
+        if len(prompt_ids) + longest > self.max_len and len(prompt_ids) > self.max_prompt:
+            prompt_ids = prompt_ids[-self.max_prompt:]  # keep the end of the prompt: it is what the response answers
+        room = self.max_len - len(prompt_ids)
+        responses = [r[:room] for r in responses]
+        if room <= 0 or min(len(r) for r in responses) == 0:
+            report.drop(row, "no response tokens left after truncation")
+            return None
+        report.truncate(row, f"longer than data.max_length={self.max_len}")
+        return prompt_ids, responses
+
+    # ------------------------------------------------------------ per kind
+    def sft(self, ex: SFTExample, report: DataReport) -> Optional[Dict[str, Any]]:
+        if ex.messages is not None:
+            ids, mask = self.encode_conversation(ex.messages)
+            if len(ids) > self.max_len:
+                if self.cfg.truncation == "drop":
+                    report.drop(ex.row, f"longer than data.max_length={self.max_len}")
+                    return None
+                ids, mask = ids[: self.max_len], mask[: self.max_len]
+                if not any(mask[1:]):
+                    report.drop(ex.row, "no response tokens left after truncation")
+                    return None
+                report.truncate(ex.row, f"longer than data.max_length={self.max_len}")
+            return {"input_ids": ids, "loss_mask": mask, "row": ex.row}
+        p, r = self.encode_response(ex.prompt, ex.completion)
+        fitted = self.fit(p, [r], ex.row, report)
+        if fitted is None:
+            return None
+        p, (r,) = fitted
+        mask = [0] * len(p) + [1] * len(r)
+        if not p:  # plain text: the first token has nothing to be predicted from
+            mask[0] = 0
+        return {"input_ids": p + r, "loss_mask": mask, "row": ex.row}
+
+    def preference(self, ex: PreferenceExample, report: DataReport) -> Optional[Dict[str, Any]]:
+        p, c = self.encode_response(ex.prompt, ex.chosen)
+        p2, r = self.encode_response(ex.prompt, ex.rejected)
+        assert p == p2
+        fitted = self.fit(p, [c, r], ex.row, report)
+        if fitted is None:
+            return None
+        p, (c, r) = fitted
+        out = {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "soft_label": ex.soft_label, "row": ex.row}
+        if ex.margin is not None:
+            out["margin"] = ex.margin
+        return out
+
+    def unpaired(self, ex: UnpairedExample, report: DataReport) -> Optional[Dict[str, Any]]:
+        p, c = self.encode_response(ex.prompt, ex.completion)
+        fitted = self.fit(p, [c], ex.row, report)
+        if fitted is None:
+            return None
+        p, (c,) = fitted
+        return {"prompt_ids": p, "completion_ids": c, "label": ex.label, "row": ex.row}
+
+    def prompt(self, ex: PromptExample, report: DataReport) -> Optional[Dict[str, Any]]:
+        ids = self.encode_prompt_ids(ex.prompt)
+        if len(ids) > self.max_prompt:
+            if self.cfg.truncation == "drop":
+                report.drop(ex.row, f"prompt longer than max_prompt_length={self.max_prompt}")
+                return None
+            ids = ids[-self.max_prompt:]
+            report.truncate(ex.row, f"prompt longer than max_prompt_length={self.max_prompt}")
+        return {"prompt_ids": ids, "prompt": ex.prompt, "prompt_text": self.render_prompt(ex.prompt),
+                "fields": ex.fields, "row": ex.row}
+
+    def encode(self, kind: str, examples: list, report: DataReport) -> List[Dict[str, Any]]:
+        fn = getattr(self, kind)
+        out = []
+        for ex in examples:
+            try:
+                enc = fn(ex, report)
+            except RowError as e:
+                report.drop(ex.row, e.reason, e.field)
+                continue
+            if enc is not None:
+                out.append(enc)
+        report.examples += len(out)
+        return out

@@ -1,0 +1,364 @@
+"""Self-contained HTML reports for one run, and comparisons across runs.
+
+A run directory holds (only ``metrics.jsonl`` is required):
+
+``metrics.jsonl``  one JSON object per line, ``{"step": int, "<namespace>/<name>": float, ...}``;
+                   lines may carry different keys (train lines, ``eval/``-prefixed eval lines).
+``config.yaml``    the run's configuration; ``name`` / ``run_name`` and ``command`` are used.
+``alerts.jsonl``   ``{"step", "kind", "message"}`` per line (see :mod:`alignkit.eval.diagnostics`);
+                   when absent, the alerts are recomputed from ``metrics.jsonl``.
+``samples.jsonl``  ``{"tag": "before" | "after" | ..., "prompt", "completion", "reward"?}``.
+``summary.json``   a flat dict of final numbers; when absent, the last logged value of each metric.
+
+The HTML embeds inline SVG (:mod:`alignkit.eval.svg`), no scripts and no external assets, so it
+can be attached to an issue or opened offline. All text from the run is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from alignkit.eval.diagnostics import Diagnostics
+from alignkit.eval.svg import line_plot, scatter_plot
+
+__all__ = ["RunData", "compare_runs", "load_run", "metric_series", "write_report"]
+
+Series = Dict[str, List[Tuple[float, float]]]
+# namespaces in reading order; others follow alphabetically, eval/ namespaces after train ones
+NAMESPACE_ORDER = ["train", "loss", "rewards", "kl", "logps", "rollout", "diversity", "policy",
+                   "value", "optim", "lr", "perf"]
+# reward keys for reward-versus-KL plots, most trustworthy first
+REWARD_KEYS = ["eval/rewards/gold", "rewards/gold", "eval/rewards/mean", "rewards/mean"]
+KL_KEYS = ["eval/kl/ref", "kl/ref"]
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1280px;color:#222;padding:0 16px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}h3{font-size:15px}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;
+text-align:left;vertical-align:top}th{background:#f5f5f5}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
+figure{margin:0;border:1px solid #eee;padding:4px}
+.alert{background:#fff4e5;border-left:5px solid #d9480f;padding:8px 12px;margin:6px 0}
+.alert b{color:#d9480f}.ok{color:#2b8a3e}.note{color:#666;font-size:13px}
+pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px}
+.samples td{width:45%}
+"""
+
+
+@dataclass
+class RunData:
+    """Everything read from a run directory."""
+
+    path: Path
+    name: str
+    command: Optional[str] = None
+    config: Optional[Dict[str, Any]] = None
+    config_text: Optional[str] = None
+    metrics: List[Dict[str, Any]] = field(default_factory=list)
+    alerts: List[Dict[str, Any]] = field(default_factory=list)
+    alerts_computed: bool = False
+    samples: List[Dict[str, Any]] = field(default_factory=list)
+    summary: Dict[str, Any] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.command})" if self.command else self.name
+
+
+def _read_jsonl(path: Path, notes: List[str]) -> List[Dict[str, Any]]:
+    rows, bad = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # e.g. a line cut short by a crash
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        notes.append(f"{bad} unreadable line(s) skipped in {path.name}")
+    return rows
+
+
+def load_run(run_dir: Path) -> RunData:
+    """Read a run directory; raises FileNotFoundError when ``metrics.jsonl`` is missing."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} not found: a run directory needs metrics.jsonl")
+    run = RunData(path=run_dir, name=run_dir.resolve().name)
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        run.config_text = cfg_path.read_text(encoding="utf-8")
+        try:
+            cfg = yaml.safe_load(run.config_text)
+            run.config = cfg if isinstance(cfg, dict) else None
+        except yaml.YAMLError as exc:
+            run.notes.append(f"config.yaml could not be parsed: {exc}")
+    if run.config:
+        run.name = str(run.config.get("name") or run.config.get("run_name") or run.name)
+        if run.config.get("command"):
+            run.command = str(run.config["command"])
+    run.metrics = _read_jsonl(metrics_path, run.notes)
+    if (run_dir / "alerts.jsonl").is_file():
+        run.alerts = _read_jsonl(run_dir / "alerts.jsonl", run.notes)
+    else:
+        run.alerts = [a.to_dict() for a in Diagnostics().replay(run.metrics)]
+        run.alerts_computed = True
+    if (run_dir / "samples.jsonl").is_file():
+        run.samples = _read_jsonl(run_dir / "samples.jsonl", run.notes)
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            run.summary = summary if isinstance(summary, dict) else {}
+        except json.JSONDecodeError as exc:
+            run.notes.append(f"summary.json could not be parsed: {exc}")
+    return run
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def metric_series(metrics: Sequence[Dict[str, Any]]) -> Series:
+    """``{key: [(step, value), ...]}`` for every numeric key; a line without ``step`` uses its index."""
+    out: Series = {}
+    for i, row in enumerate(metrics):
+        step = _number(row.get("step"))
+        step = float(i) if step is None else step
+        for key, value in row.items():
+            v = _number(value)
+            if key != "step" and v is not None:
+                out.setdefault(key, []).append((step, v))
+    return out
+
+
+def _namespace(key: str) -> str:
+    return key.rsplit("/", 1)[0] if "/" in key else ""
+
+
+def _ordered_groups(keys: Sequence[str]) -> List[Tuple[str, List[str]]]:
+    """Group keys by namespace: namespaces holding a loss first, eval/ after train, loss keys first."""
+    groups: Dict[str, List[str]] = {}
+    for key in keys:
+        groups.setdefault(_namespace(key), []).append(key)
+
+    def ns_rank(ns: str) -> Tuple[Any, ...]:
+        has_loss = any("loss" in k.rsplit("/", 1)[-1] for k in groups[ns])
+        base = ns[5:] if ns.startswith("eval/") else ("" if ns == "eval" else ns)
+        head = base.split("/")[0]
+        pref = NAMESPACE_ORDER.index(head) if head in NAMESPACE_ORDER else len(NAMESPACE_ORDER)
+        return (not has_loss, ns.startswith("eval"), pref, ns)
+
+    return [(ns, sorted(groups[ns], key=lambda k: ("loss" not in k.rsplit("/", 1)[-1], k)))
+            for ns in sorted(groups, key=ns_rank)]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return str(value) if not math.isfinite(value) else f"{value:.4g}"
+    return escape(str(value))
+
+
+def _reward_kl_points(series: Series, reward_key: str) -> List[Tuple[float, float]]:
+    """(KL, reward) at the steps where ``reward_key`` and a KL key were both logged."""
+    # an eval reward pairs with the eval KL when one was logged, a train reward with the train KL
+    for kl_key in KL_KEYS if reward_key.startswith("eval/") else KL_KEYS[1:]:
+        kl = dict(series.get(kl_key, ()))
+        pts = [(kl[s], r) for s, r in series.get(reward_key, ()) if s in kl]
+        if pts:
+            return pts
+    return []
+
+
+def _page(title: str, body: List[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{escape(title)}</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def _figure(key: str, svg: str) -> str:
+    return f'<figure data-metric="{escape(key)}">{svg}</figure>'
+
+
+def _summary_html(run: RunData, series: Series) -> List[str]:
+    if run.summary:
+        items, caption = list(run.summary.items()), "summary.json"
+    else:
+        items = [(k, pts[-1][1]) for k, pts in sorted(series.items()) if pts]
+        caption = "last logged value of each metric (no summary.json)"
+    if not items:
+        return []
+    rows = "".join(f"<tr><th>{escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in items)
+    return ["<h2>Summary</h2>", f'<p class="note">{escape(caption)}</p>', f"<table>{rows}</table>"]
+
+
+def _alerts_html(run: RunData) -> List[str]:
+    out = ["<h2>Alerts</h2>"]
+    if run.alerts_computed:
+        out.append('<p class="note">No alerts.jsonl: alerts recomputed from metrics.jsonl with '
+                   "default thresholds.</p>")
+    if not run.alerts:
+        return out + ['<p class="ok">No failure mode detected.</p>']
+    for a in run.alerts:
+        out.append(f'<div class="alert"><b>{escape(str(a.get("kind", "alert")))}</b> at step '
+                   f'{escape(str(a.get("step", "?")))}: {escape(str(a.get("message", "")))}</div>')
+    return out
+
+
+def _samples_html(samples: List[Dict[str, Any]], max_prompts: int) -> List[str]:
+    if not samples:
+        return []
+    tags: List[str] = []
+    by_prompt: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
+    for s in samples:
+        tag = str(s.get("tag", "sample"))
+        if tag not in tags:
+            tags.append(tag)
+        by_prompt.setdefault(str(s.get("prompt", "")), {}).setdefault(tag, []).append(s)
+    # "before" then "after" side by side, any other tags after them in order of appearance
+    tags.sort(key=lambda t: {"before": 0, "after": 1}.get(t, 2))
+    head = "".join(f"<th>{escape(t)}</th>" for t in tags)
+    rows = []
+    for prompt, cells in list(by_prompt.items())[:max_prompts]:
+        tds = []
+        for tag in tags:
+            parts = []
+            for s in cells.get(tag, []):
+                reward = _number(s.get("reward"))
+                r = f'<div class="note">reward {_fmt(reward)}</div>' if reward is not None else ""
+                parts.append(f"<pre>{escape(str(s.get('completion', '')))}</pre>{r}")
+            tds.append(f"<td>{'<hr>'.join(parts)}</td>")
+        rows.append(f'<tr><td colspan="{len(tags)}"><b>Prompt:</b><pre>{escape(prompt)}</pre></td></tr>'
+                    f"<tr>{''.join(tds)}</tr>")
+    out = ["<h2>Samples</h2>", f'<table class="samples"><tr>{head}</tr>{"".join(rows)}</table>']
+    if len(by_prompt) > max_prompts:
+        out.append(f'<p class="note">{len(by_prompt) - max_prompts} more prompt(s) not shown.</p>')
+    return out
+
+
+def write_report(run_dir: Path, *, out: Optional[Path] = None, max_prompts: int = 50) -> Path:
+    """Write ``report.html`` (or ``out``) for the run in ``run_dir`` and return its path.
+
+    Sections: summary table, alerts, one line plot per metric grouped by namespace (loss first),
+    a reward-versus-KL scatter when a reward and ``kl/ref`` were logged, sample completions
+    (tags side by side, "before" left of "after"), and the config in a collapsed block.
+    """
+    run = load_run(Path(run_dir))
+    series = metric_series(run.metrics)
+    title = f"alignkit report: {run.name}"
+    body = [f"<h1>{escape(title)}</h1>"]
+    if run.command:
+        body.append(f'<p class="note">command: {escape(run.command)}</p>')
+    body += [f'<p class="note">{escape(n)}</p>' for n in run.notes]
+    body += _summary_html(run, series)
+    body += _alerts_html(run)
+
+    scatter = {key: pts for key in REWARD_KEYS if (pts := _reward_kl_points(series, key))}
+    if scatter:
+        body += ["<h2>Reward versus KL</h2>", '<div class="grid">', _figure(
+            "reward_vs_kl", scatter_plot(scatter, "reward vs KL to reference", "KL (nats/sequence)",
+                                         "reward")), "</div>"]
+    body.append("<h2>Metrics</h2>")
+    if not series:
+        body.append('<p class="note">metrics.jsonl has no numeric metrics.</p>')
+    for ns, keys in _ordered_groups(list(series)):
+        body += [f"<h3>{escape(ns or 'other')}</h3>", '<div class="grid">']
+        body += [_figure(k, line_plot({k: series[k]}, k, "step", k.rsplit("/", 1)[-1])) for k in keys]
+        body.append("</div>")
+    body += _samples_html(run.samples, max_prompts)
+    if run.config_text is not None:
+        body.append(f"<h2>Config</h2><details><summary>config.yaml</summary>"
+                    f"<pre>{escape(run.config_text)}</pre></details>")
+    path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    path.write_text(_page(title, body), encoding="utf-8")
+    return path
+
+
+def _unique_labels(runs: List[RunData]) -> List[str]:
+    labels, seen = [], {}
+    for run in runs:
+        label = run.label
+        seen[label] = seen.get(label, 0) + 1
+        labels.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return labels
+
+
+def _frontier(labels: List[str], all_series: List[Series]) -> Tuple[Series, str]:
+    """Per-run reward-vs-KL points: all eval points for an eval/ reward key, else the final point.
+
+    Uses the first reward key that every plotted run has, so the y-axis means one thing.
+    """
+    usable = [k for k in REWARD_KEYS if all(_reward_kl_points(s, k) for s in all_series)]
+    if not usable:
+        usable = [k for k in REWARD_KEYS if any(_reward_kl_points(s, k) for s in all_series)]
+    if not usable:
+        return {}, ""
+    key = usable[0]
+    points: Series = {}
+    for label, s in zip(labels, all_series):
+        pts = _reward_kl_points(s, key)
+        if pts:
+            points[label] = pts if key.startswith("eval/") else pts[-1:]
+    return points, key
+
+
+def compare_runs(run_dirs: List[Path], out: Path) -> Path:
+    """Write an HTML comparing runs: overlaid curves and a reward-versus-KL frontier.
+
+    Curves are drawn for every metric that at least two of the runs logged (all metrics for a
+    single run), one colour per run. The frontier scatter (as in Figure 2 of the DPO paper) shows
+    each run's eval points when the reward is an ``eval/`` key, otherwise its final point; runs
+    are labelled by name and, when ``config.yaml`` has one, ``command`` (the algorithm).
+    """
+    runs = [load_run(Path(d)) for d in run_dirs]
+    if not runs:
+        raise ValueError("compare_runs needs at least one run directory")
+    labels = _unique_labels(runs)
+    all_series = [metric_series(r.metrics) for r in runs]
+    counts: Dict[str, int] = {}
+    for s in all_series:
+        for k in s:
+            counts[k] = counts.get(k, 0) + 1
+    shared = [k for k, c in counts.items() if c >= min(2, len(runs))]
+    title = "alignkit comparison: " + ", ".join(labels)
+    body = [f"<h1>{escape(title)}</h1>", "<h2>Runs</h2><table><tr><th>run</th><th>directory</th>"
+            "<th>alerts</th></tr>"]
+    for label, run in zip(labels, runs):
+        kinds = ", ".join(sorted({str(a.get("kind")) for a in run.alerts})) or "none"
+        body.append(f"<tr><td>{escape(label)}</td><td>{escape(str(run.path))}</td>"
+                    f"<td>{escape(kinds)}</td></tr>")
+    body.append("</table>")
+    frontier, key = _frontier(labels, all_series)
+    if frontier:
+        body += ["<h2>Reward versus KL frontier</h2>", '<div class="grid">', _figure(
+            "frontier", scatter_plot(frontier, f"{key} vs KL", "KL to reference (nats/sequence)",
+                                     key)), "</div>"]
+    body.append("<h2>Shared metrics</h2>")
+    if not shared:
+        body.append('<p class="note">The runs share no metric.</p>')
+    for ns, keys in _ordered_groups(shared):
+        body += [f"<h3>{escape(ns or 'other')}</h3>", '<div class="grid">']
+        for k in keys:
+            curves = {label: s[k] for label, s in zip(labels, all_series) if k in s}
+            body.append(_figure(k, line_plot(curves, k, "step", k.rsplit("/", 1)[-1])))
+        body.append("</div>")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(_page(title, body), encoding="utf-8")
+    return out

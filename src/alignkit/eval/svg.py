@@ -1,0 +1,199 @@
+"""Tiny dependency-free SVG charts for the HTML reports: line plots and scatter plots.
+
+Both functions return one ``<svg>`` element as a string (scalable through its ``viewBox``), with
+axes, "nice" ticks, a title, axis labels and a legend when there is more than one series.
+Non-finite points (nan, inf) are skipped; a single point is drawn as a dot; a constant series
+gets a y-range padded around its value; an empty plot says "no finite data".
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from typing import Dict, List, Sequence, Tuple
+
+__all__ = ["PALETTE", "line_plot", "scatter_plot"]
+
+Points = List[Tuple[float, float]]
+
+# Tableau 10: distinguishable, colour-blind friendlier than the rainbow
+PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+           "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
+
+WIDTH, HEIGHT = 380, 250
+LEFT, RIGHT, TOP, BOTTOM = 58, 14, 30, 42  # margins around the plotting area
+MAX_LINE_POINTS = 1200  # longer series are decimated (keeping each bucket's min and max)
+LEGEND_ROW = 15
+
+
+def _finite(points: Sequence[Tuple[float, float]]) -> Points:
+    out = []
+    for x, y in points:
+        try:
+            fx, fy = float(x), float(y)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(fx) and math.isfinite(fy):
+            out.append((fx, fy))
+    return out
+
+
+def _nice_ticks(lo: float, hi: float, target: int = 5) -> Tuple[float, float, List[float]]:
+    """Round axis limits outward to multiples of a 1/2/5·10^k step; returns (lo, hi, ticks)."""
+    if hi < lo:
+        lo, hi = hi, lo
+    if hi == lo:  # constant data: pad so the line sits in the middle
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    raw = (hi - lo) / max(target, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    start, stop = math.floor(lo / step) * step, math.ceil(hi / step) * step
+    ticks = [start + i * step for i in range(int(round((stop - start) / step)) + 1)]
+    return start, stop, ticks
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e5 or abs(v) < 1e-3:
+        return f"{v:.1e}"
+    return f"{v:.4g}"
+
+
+def _decimate(pts: Points, limit: int = MAX_LINE_POINTS) -> Points:
+    """Keep first/last and each bucket's min and max so spikes survive downsampling."""
+    if len(pts) <= limit:
+        return pts
+    buckets = limit // 2
+    size = len(pts) / buckets
+    out: Points = []
+    for b in range(buckets):
+        chunk = pts[int(b * size):int((b + 1) * size)]
+        if not chunk:
+            continue
+        lo, hi = min(chunk, key=lambda p: p[1]), max(chunk, key=lambda p: p[1])
+        out.extend(sorted({lo, hi}, key=lambda p: p[0]))
+    return [pts[0]] + out + [pts[-1]]
+
+
+class _Frame:
+    """Maps data coordinates to pixels and draws the axes, ticks and labels."""
+
+    def __init__(self, series: Dict[str, Points], title: str, xlabel: str, ylabel: str):
+        allpts = [p for pts in series.values() for p in pts]
+        self.labels = list(series)
+        self.legend_rows = self._legend_layout() if len(series) > 1 else []
+        self.height = HEIGHT + LEGEND_ROW * len(self.legend_rows)
+        self.plot_bottom = HEIGHT - BOTTOM
+        if allpts:
+            self.x0, self.x1, self.xticks = _nice_ticks(min(p[0] for p in allpts), max(p[0] for p in allpts))
+            self.y0, self.y1, self.yticks = _nice_ticks(min(p[1] for p in allpts), max(p[1] for p in allpts))
+        else:
+            self.x0, self.x1, self.xticks = 0.0, 1.0, []
+            self.y0, self.y1, self.yticks = 0.0, 1.0, []
+        self.title, self.xlabel, self.ylabel, self.empty = title, xlabel, ylabel, not allpts
+
+    def _legend_layout(self) -> List[List[Tuple[int, str]]]:
+        rows: List[List[Tuple[int, str]]] = [[]]
+        used = LEFT
+        for i, label in enumerate(self.labels):
+            w = 22 + 6.5 * min(len(label), 40)
+            if rows[-1] and used + w > WIDTH - RIGHT:
+                rows.append([])
+                used = LEFT
+            rows[-1].append((i, label))
+            used += w
+        return rows
+
+    def px(self, x: float) -> float:
+        return LEFT + (x - self.x0) / (self.x1 - self.x0) * (WIDTH - LEFT - RIGHT)
+
+    def py(self, y: float) -> float:
+        return self.plot_bottom - (y - self.y0) / (self.y1 - self.y0) * (self.plot_bottom - TOP)
+
+    def open(self) -> List[str]:
+        t = escape(self.title)
+        parts = [
+            f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {self.height}" '
+            f'width="100%" role="img" aria-label="{t}" font-family="sans-serif" font-size="11">',
+            f"<title>{t}</title>",
+            f'<rect x="0" y="0" width="{WIDTH}" height="{self.height}" fill="white"/>',
+            f'<text x="{WIDTH / 2}" y="18" text-anchor="middle" font-size="13" '
+            f'font-weight="bold">{t}</text>',
+        ]
+        bottom, right = self.plot_bottom, WIDTH - RIGHT
+        for v in self.yticks:
+            y = self.py(v)
+            parts.append(f'<line x1="{LEFT}" y1="{y:.2f}" x2="{right}" y2="{y:.2f}" stroke="#eee"/>')
+            parts.append(f'<text x="{LEFT - 5}" y="{y + 4:.2f}" text-anchor="end">{_fmt(v)}</text>')
+        for v in self.xticks:
+            x = self.px(v)
+            parts.append(f'<line x1="{x:.2f}" y1="{bottom}" x2="{x:.2f}" y2="{bottom + 4}" stroke="#333"/>')
+            parts.append(f'<text x="{x:.2f}" y="{bottom + 16}" text-anchor="middle">{_fmt(v)}</text>')
+        parts.append(f'<polyline points="{LEFT},{TOP} {LEFT},{bottom} {right},{bottom}" '
+                     f'fill="none" stroke="#333"/>')
+        parts.append(f'<text x="{(LEFT + right) / 2}" y="{bottom + 32}" text-anchor="middle">'
+                     f"{escape(self.xlabel)}</text>")
+        cy = (TOP + bottom) / 2
+        parts.append(f'<text x="14" y="{cy}" text-anchor="middle" transform="rotate(-90 14 {cy})">'
+                     f"{escape(self.ylabel)}</text>")
+        if self.empty:
+            parts.append(f'<text x="{(LEFT + right) / 2}" y="{cy}" text-anchor="middle" '
+                         f'fill="#999">no finite data</text>')
+        return parts
+
+    def close(self) -> List[str]:
+        parts = []
+        for r, row in enumerate(self.legend_rows):
+            y = HEIGHT - 4 + r * LEGEND_ROW
+            x = float(LEFT)
+            for i, label in row:
+                colour = PALETTE[i % len(PALETTE)]
+                short = label if len(label) <= 40 else label[:39] + "…"
+                parts.append(f'<rect x="{x:.1f}" y="{y - 9}" width="14" height="9" fill="{colour}"/>')
+                parts.append(f'<text x="{x + 18:.1f}" y="{y}">{escape(short)}</text>')
+                x += 22 + 6.5 * len(short)
+        parts.append("</svg>")
+        return parts
+
+
+def line_plot(series: Dict[str, List[Tuple[float, float]]], title: str,
+              xlabel: str = "step", ylabel: str = "") -> str:
+    """Line chart of one or more ``{label: [(x, y), ...]}`` series, as an SVG string.
+
+    Points are sorted by x; nan/inf points are skipped; a series with one finite point is drawn
+    as a dot. Very long series are decimated for drawing, keeping every bucket's extremes.
+    """
+    clean = {label: sorted(_finite(pts)) for label, pts in series.items()}
+    frame = _Frame(clean, title, xlabel, ylabel)
+    parts = frame.open()
+    for i, (label, pts) in enumerate(clean.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        if len(pts) == 1:
+            x, y = pts[0]
+            parts.append(f'<circle cx="{frame.px(x):.2f}" cy="{frame.py(y):.2f}" r="3" fill="{colour}">'
+                         f"<title>{escape(label)}: ({_fmt(x)}, {_fmt(y)})</title></circle>")
+        elif pts:
+            coords = " ".join(f"{frame.px(x):.2f},{frame.py(y):.2f}" for x, y in _decimate(pts))
+            parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" '
+                         f'stroke-width="1.6"><title>{escape(label)}</title></polyline>')
+    return "\n".join(parts + frame.close())
+
+
+def scatter_plot(points: Dict[str, List[Tuple[float, float]]], title: str,
+                 xlabel: str = "", ylabel: str = "") -> str:
+    """Scatter chart of ``{label: [(x, y), ...]}`` groups, one colour per group, as an SVG string.
+
+    nan/inf points are skipped. Each dot carries a hover tooltip with its label and coordinates.
+    """
+    clean = {label: _finite(pts) for label, pts in points.items()}
+    frame = _Frame(clean, title, xlabel, ylabel)
+    parts = frame.open()
+    for i, (label, pts) in enumerate(clean.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        for x, y in pts:
+            parts.append(f'<circle cx="{frame.px(x):.2f}" cy="{frame.py(y):.2f}" r="3.5" '
+                         f'fill="{colour}" fill-opacity="0.8"><title>{escape(label)}: '
+                         f"({_fmt(x)}, {_fmt(y)})</title></circle>")
+    return "\n".join(parts + frame.close())

@@ -1,0 +1,1 @@
+"""Model loading: HF ids or local paths, the embedded default model, LoRA, reward/value heads."""

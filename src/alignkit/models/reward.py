@@ -1,0 +1,102 @@
+"""Reward-model scoring: read the scalar head at the last real token.
+
+HF's sequence-classification pooling looks for the last token that is not the pad id, which reads the
+wrong position when pad == eos (the response's EOS looks like padding). We read the head ourselves at
+the last position of the attention mask, which is right for left, right and no padding alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+from alignkit.data.collate import SeqBatch, pad_sequences
+from alignkit.ops.logprobs import position_ids
+
+
+def _score_head(model) -> torch.nn.Module:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(inner, name, None)
+        if head is not None:
+            return head
+    raise ValueError(f"{type(inner).__name__} has no scalar head (score/classifier)")
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last position whose attention mask is 1."""
+    T = attention_mask.shape[-1]
+    pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return (pos * attention_mask.long()).argmax(-1)
+
+
+def reward_scores(model, batch: SeqBatch) -> torch.Tensor:
+    """(B,) scalar rewards of ``model`` (a *ForSequenceClassification with num_labels=1)."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=position_ids(batch.attention_mask), output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
+    idx = last_token_index(batch.attention_mask)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
+    return _score_head(model)(last).squeeze(-1).float()
+
+
+def reward_pad_token(tokenizer) -> int:
+    """Pad id for reward models: a token other than EOS when there is one, so that HF's own pooling
+    (which reads the last non-pad token) agrees with ours on models saved by alignkit."""
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer.pad_token_id
+    for tok in (tokenizer.unk_token, tokenizer.bos_token):
+        if tok is not None and tokenizer.convert_tokens_to_ids(tok) != tokenizer.eos_token_id:
+            tokenizer.pad_token = tok
+            return tokenizer.pad_token_id
+    return tokenizer.pad_token_id
+
+
+class RewardScorer:
+    """Scores (prompt, completion) texts with a reward model saved by ``alignkit rm``.
+
+    Works with any policy tokenizer: it takes text and uses its own tokenizer and chat template.
+    """
+
+    def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 8, dtype: str = "auto",
+                 chat_template: str = "auto", max_length: int = 1024):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from alignkit.config import DataConfig
+        from alignkit.data.tokenize import Encoder
+        from alignkit.models.loading import resolve_dtype
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=resolve_dtype(dtype, self.device), use_safetensors=True).to(self.device).eval()
+        self.batch_size = batch_size
+        self.encoder = Encoder(self.tokenizer, DataConfig(chat_template=chat_template, max_length=max_length))
+        self.path = str(path)
+
+    def encode(self, prompt, completion: str) -> List[int]:
+        p, r = self.encoder.encode_response(prompt, completion)
+        ids = p + r
+        return ids[-self.encoder.max_len:]
+
+    @torch.no_grad()
+    def score_ids(self, seqs: List[List[int]]) -> List[float]:
+        out: List[float] = []
+        for i in range(0, len(seqs), self.batch_size):
+            chunk = seqs[i:i + self.batch_size]
+            batch = pad_sequences(chunk, [[0] * len(s) for s in chunk], self.tokenizer.pad_token_id).to(self.device)
+            out.extend(reward_scores(self.model, batch).tolist())
+        return out
+
+    def __call__(self, prompts: List, completions: List[str]) -> List[float]:
+        return self.score_ids([self.encode(p, c) for p, c in zip(prompts, completions)])
+
+
+def load_reward_scorer(path: str, **options) -> Callable[[List, List[str]], List[float]]:
+    if not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"reward model {path}: no config.json (train one with `alignkit rm`)")
+    return RewardScorer(path, **options)

@@ -1,0 +1,134 @@
+"""Per-token log-probabilities of the labels without materializing [B, T, V] fp32 logits.
+
+The backbone runs once; the LM head, log-softmax and gather run over chunks of positions, and each
+chunk is checkpointed, so the backward pass recomputes a chunk's logits instead of keeping them all.
+Peak extra memory is O(chunk x V) instead of O(B x T x V). ``reference_logprobs`` is the slow,
+obvious version the tests check against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from alignkit.data.collate import SeqBatch
+
+DEFAULT_CHUNK = 1024  # positions (rows x tokens) per chunk
+
+
+@dataclass
+class TokenLogprobs:
+    logps: torch.Tensor  # (B, T-1) log p(x_{t+1} | x_<=t), 0 where mask is 0
+    mask: torch.Tensor  # (B, T-1) float, 1 on label tokens
+    entropy: Optional[torch.Tensor] = None  # (B, T-1) when asked for
+
+    def sum(self) -> torch.Tensor:
+        """(B,) summed log-prob of each sequence's label tokens."""
+        return (self.logps * self.mask).sum(-1)
+
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+    def mean(self) -> torch.Tensor:
+        return self.sum() / self.lengths().clamp(min=1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                 temperature: float, with_entropy: bool):
+    logits = F.linear(hidden, weight, bias).float()  # (N, V) for this chunk only
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logz
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    probs = torch.softmax(logits, dim=-1)
+    ent = logz - (probs * logits).sum(-1)
+    return logp, ent
+
+
+def _output_layer(model):
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(head, torch.nn.Linear):
+        return None
+    return head
+
+
+def _backbone(model):
+    """The transformer without its LM head (works through peft wrappers)."""
+    inner = model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    prefix = getattr(inner, "base_model_prefix", None)
+    return getattr(inner, prefix, None) if prefix else None
+
+
+def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_entropy: bool = False,
+                   chunk_size: int = DEFAULT_CHUNK) -> TokenLogprobs:
+    """Log-probs of ``batch.input_ids[:, 1:]`` under ``model``, masked by ``batch.loss_mask[:, 1:]``.
+
+    Falls back to full logits when the model is wrapped in a way that hides its head (FSDP, custom
+    code): correct, just without the memory saving.
+    """
+    labels = batch.input_ids[:, 1:]  # (B, T-1)
+    mask = batch.loss_mask[:, 1:].float()
+    pos = position_ids(batch.attention_mask)
+    head = _output_layer(model)
+    body = _backbone(model)
+    if head is None or body is None or chunk_size <= 0:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+                       use_cache=False).logits
+        logits = logits[:, :-1].float() / temperature
+        logp_all = torch.log_softmax(logits, -1)
+        logps = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+        return TokenLogprobs(logps * mask, mask, ent)
+    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+                  use_cache=False).last_hidden_state
+    B, T1 = labels.shape
+    h = hidden[:, :-1].reshape(B * T1, -1)  # (B*(T-1), H)
+    flat_labels = labels.reshape(-1)
+    flat_mask = mask.reshape(-1).bool()
+    # only label positions need the head: prompts and padding are skipped entirely
+    idx = flat_mask.nonzero(as_tuple=True)[0] if not with_entropy else torch.arange(B * T1, device=h.device)
+    out_lp = torch.zeros(B * T1, dtype=torch.float32, device=h.device)
+    out_ent = torch.zeros(B * T1, dtype=torch.float32, device=h.device) if with_entropy else None
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
+    lp_parts, ent_parts = [], []
+    for start in range(0, idx.numel(), chunk_size):
+        sel = idx[start:start + chunk_size]
+        args = (h.index_select(0, sel), head.weight, head.bias, flat_labels.index_select(0, sel), temperature,
+                with_entropy)
+        if need_grad:
+            lp, ent = checkpoint(_chunk_logps, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logps(*args)
+        lp_parts.append(lp)
+        ent_parts.append(ent)
+    if lp_parts:
+        out_lp = out_lp.index_put((idx,), torch.cat(lp_parts))
+        if with_entropy:
+            out_ent = out_ent.index_put((idx,), torch.cat(ent_parts))
+    logps = out_lp.view(B, T1) * mask
+    return TokenLogprobs(logps, mask, out_ent.view(B, T1) if with_entropy else None)
+
+
+def reference_logprobs(model, batch: SeqBatch, temperature: float = 1.0) -> TokenLogprobs:
+    """The plain version: full logits, full log-softmax. For tests and as documentation."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=position_ids(batch.attention_mask)).logits.float()
+    logp_all = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
+    labels = batch.input_ids[:, 1:]
+    mask = batch.loss_mask[:, 1:].float()
+    logps = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return TokenLogprobs(logps * mask, mask, ent)

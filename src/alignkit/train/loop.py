@@ -1,0 +1,263 @@
+"""The one training loop every algorithm shares.
+
+An algorithm is a :class:`Task`: it collates items into micro-batches, says how many normalization
+units a micro-batch holds (label tokens, pairs, sequences) and returns the *sum* of its loss over
+those units. The loop owns everything else: data order, gradient accumulation with normalization by
+the global unit count (so 4x2 equals 8 and two processes equal one), clipping, mixed precision,
+NaN/Inf skipping, logging, evaluation, atomic checkpoints and exact resume, on ``accelerate``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from alignkit.config import RunConfig
+from alignkit.train.checkpoint import CheckpointManager
+from alignkit.train.logging import MetricLogger
+
+Metrics = Dict[str, torch.Tensor]
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+class Task:
+    """Algorithm plug-in. Override ``collate``, ``units`` and ``loss``; the rest has defaults."""
+
+    name = "task"
+
+    def collate(self, items: List[Dict[str, Any]]):
+        raise NotImplementedError
+
+    def units(self, batch) -> float:
+        """Normalization units in a micro-batch (e.g. label tokens or pairs)."""
+        return float(len(batch))
+
+    def loss(self, model, batch):
+        """Return (sum of the loss over the batch's units, metrics as per-unit means)."""
+        raise NotImplementedError
+
+    def plan(self, model, items: List[Dict[str, Any]], micro_batch_size: int) -> Iterator[List[Any]]:
+        """Yield the micro-batch lists of each optimizer update for one global batch of ``items``.
+
+        Offline methods do one update per global batch; online RL overrides this to generate a rollout
+        and then yield several updates (epochs x minibatches) over it.
+        """
+        yield [self.collate(items[i:i + micro_batch_size]) for i in range(0, len(items), micro_batch_size)]
+
+    def evaluate(self, model, items: List[Dict[str, Any]], batch_size: int) -> Dict[str, float]:
+        return {}
+
+    def on_step_end(self, step: int, metrics: Dict[str, float]) -> Dict[str, float]:
+        """Hook after each logged step; may return extra metrics (e.g. diagnostics)."""
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+def make_scheduler(optimizer, total_steps: int, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.scheduler == "cosine" else 1.0 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+class Trainer:
+    """Runs a :class:`Task` over ``train_items`` with the shared loop."""
+
+    def __init__(self, cfg: RunConfig, task: Task, model, train_items: Sequence[Dict[str, Any]],
+                 eval_items: Sequence[Dict[str, Any]] = (), accelerator=None, tokenizer=None,
+                 steps_per_epoch_items: Optional[int] = None):
+        self.cfg, self.task = cfg, task
+        self.acc = accelerator or make_accelerator(cfg)
+        self.out = Path(cfg.output)
+        self.train_items, self.eval_items = list(train_items), list(eval_items)
+        self.tokenizer = tokenizer
+        world = self.acc.num_processes
+        self.micro = cfg.train.batch_size
+        self.global_batch = self.micro * cfg.train.grad_accum * world
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_items) / self.global_batch))
+        if cfg.train.max_steps:
+            self.total_steps = cfg.train.max_steps
+        else:
+            self.total_steps = max(1, int(math.ceil(cfg.train.epochs * self.steps_per_epoch)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # the scheduler is stepped by us once per update (accelerate's wrapper would step it per process)
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, o)
+        self.acc.register_for_checkpointing(self.scheduler)
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.skipped = 0
+        self.ckpt = CheckpointManager(self.out / "checkpoints", self.acc, cfg.log.save_total_limit)
+        self.logger = MetricLogger(self.out, cfg, self.acc.is_main_process)
+
+    # ------------------------------------------------------------------ data order
+    def _epoch_order(self, epoch: int) -> List[int]:
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1000003 + epoch)
+        return torch.randperm(len(self.train_items), generator=g).tolist()
+
+    def _global_batch(self, step: int) -> List[Dict[str, Any]]:
+        """Items of global batch ``step`` for this process. The last batch of an epoch wraps around."""
+        epoch, idx = divmod(step, self.steps_per_epoch)
+        order = self._epoch_order(epoch)
+        start = idx * self.global_batch
+        ids = [order[(start + k) % len(order)] for k in range(self.global_batch)]
+        share = self.global_batch // self.acc.num_processes
+        mine = ids[self.acc.process_index * share:(self.acc.process_index + 1) * share]
+        return [self.train_items[i] for i in mine]
+
+    # ------------------------------------------------------------------ one update
+    def _update(self, micro_batches: List[Any]) -> Dict[str, float]:
+        acc, model = self.acc, self.model
+        local_units = sum(self.task.units(mb) for mb in micro_batches)
+        total = acc.reduce(torch.tensor(float(local_units), device=acc.device), reduction="sum").item()
+        scale = acc.num_processes / max(total, 1e-12)
+        sums: Dict[str, float] = {}
+        bad = False
+        for i, mb in enumerate(micro_batches):
+            mb = mb.to(acc.device) if hasattr(mb, "to") else mb
+            w = float(self.task.units(mb))
+            ctx = acc.no_sync(model) if i < len(micro_batches) - 1 else _nullcontext()
+            with ctx:
+                with acc.autocast():
+                    loss_sum, metrics = self.task.loss(model, mb)
+                if not torch.isfinite(loss_sum.detach()):
+                    bad = True
+                    loss_sum = torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+                acc.backward(loss_sum * scale)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean()) * w
+            sums["train/loss"] = sums.get("train/loss", 0.0) + float(loss_sum.detach())
+        max_norm = self.cfg.optim.max_grad_norm
+        grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        flag = acc.reduce(torch.tensor(float(bad or not math.isfinite(grad_norm)), device=acc.device), "sum").item()
+        if flag > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_in_a_row += 1
+            self.skipped += 1
+            if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+                raise TrainingAborted(
+                    f"step {self.step}: {self.bad_in_a_row} consecutive updates had a NaN/Inf loss or gradient; "
+                    "lower optim.lr, check the data, or use fp32 (train.precision=fp32)")
+            return {"train/skipped_steps": float(self.skipped), "train/bad_step": 1.0}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_in_a_row = 0
+        out = {k: v / max(local_units, 1e-12) for k, v in sums.items() if k != "train/loss"}
+        # the loss is normalized by global units like the gradient is
+        out["train/loss"] = acc.reduce(torch.tensor(sums.get("train/loss", 0.0), device=acc.device),
+                                       "sum").item() / max(total, 1e-12)
+        out["train/grad_norm"] = grad_norm
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self) -> None:
+        state = {"step": self.step, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row,
+                 "task": self.task.state_dict()}
+        self.ckpt.save(self.step, state)
+
+    def _resume(self, where: str) -> None:
+        state = self.ckpt.load(where)
+        self.step = state["step"]
+        self.skipped = state.get("skipped", 0)
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)
+        self.task.load_state_dict(state.get("task", {}))
+        self.logger.resumed(self.step)
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self) -> Dict[str, float]:
+        cfg = self.cfg
+        if cfg.resume:
+            self._resume(cfg.resume)
+        last: Dict[str, float] = {}
+        self.logger.start(self.total_steps, self.step)
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                items = self._global_batch(self.step)
+                metrics: Dict[str, float] = {}
+                n_updates = 0
+                self.model.train()
+                for micro_batches in self.task.plan(self.model, items, self.micro):
+                    m = self._update(micro_batches)
+                    n_updates += 1
+                    for k, v in m.items():  # average over the updates of this step
+                        metrics[k] = metrics.get(k, 0.0) + (v - metrics.get(k, 0.0)) / n_updates
+                metrics.update(getattr(self.task, "last_step_metrics", {}) or {})
+                self.scheduler.step()
+                self.step += 1
+                metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+                metrics["train/epoch"] = self.step / self.steps_per_epoch
+                metrics["time/step_s"] = time.perf_counter() - t0
+                metrics.update(self.task.on_step_end(self.step, metrics))
+                last = metrics
+                if self.step % cfg.log.every == 0 or self.step == self.total_steps:
+                    self.logger.log(self.step, metrics)
+                self.logger.advance(self.step, metrics)
+                if self.eval_items and cfg.log.eval_every and self.step % cfg.log.eval_every == 0 \
+                        and self.step < self.total_steps:
+                    self.evaluate()
+                if cfg.log.save_every and self.step % cfg.log.save_every == 0:
+                    self._save()
+        finally:
+            self.logger.stop()
+        final = dict(last)
+        if self.eval_items:
+            final.update(self.evaluate())
+        return final
+
+    def evaluate(self) -> Dict[str, float]:
+        model = self.acc.unwrap_model(self.model)
+        was = model.training
+        model.eval()
+        with torch.no_grad(), self.acc.autocast():
+            res = self.task.evaluate(model, self.eval_items, self.micro)
+        model.train(was)
+        res = {k if k.startswith("eval/") else f"eval/{k}": float(v) for k, v in res.items()}
+        self.logger.log(self.step, res)
+        return res
+
+    def unwrapped(self):
+        return self.acc.unwrap_model(self.model)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False

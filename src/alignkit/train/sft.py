@@ -1,0 +1,69 @@
+"""Supervised fine-tuning: next-token NLL on response tokens only."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Union
+
+import torch
+
+from alignkit.config import SFTConfig, as_config
+from alignkit.data import prepare
+from alignkit.data.collate import SeqBatch, collate_sft
+from alignkit.ops.logprobs import token_logprobs
+from alignkit.train.loop import Task, Trainer
+
+
+class SFTTask(Task):
+    name = "sft"
+
+    def __init__(self, pad_id: int, reduction: str = "token"):
+        self.pad_id, self.reduction = pad_id, reduction
+
+    def collate(self, items: List[Dict[str, Any]]) -> SeqBatch:
+        return collate_sft(items, self.pad_id)
+
+    def units(self, batch: SeqBatch) -> float:
+        return float(batch.num_label_tokens) if self.reduction == "token" else float(len(batch))
+
+    def loss(self, model, batch: SeqBatch):
+        tl = token_logprobs(model, batch)
+        nll = -tl.logps  # (B, T-1), 0 off the labels
+        if self.reduction == "token":
+            total = nll.sum()
+        else:
+            total = (nll.sum(-1) / tl.lengths().clamp(min=1)).sum()
+        return total, {"train/tokens": tl.lengths().sum().detach() / max(len(batch), 1)}
+
+    @torch.no_grad()
+    def evaluate(self, model, items, batch_size: int) -> Dict[str, float]:
+        nll, tokens = 0.0, 0.0
+        for i in range(0, len(items), batch_size):
+            b = self.collate(items[i:i + batch_size]).to(next(model.parameters()).device)
+            tl = token_logprobs(model, b)
+            nll += float(-tl.logps.sum())
+            tokens += float(tl.mask.sum())
+        loss = nll / max(tokens, 1.0)
+        return {"eval/loss": loss, "eval/perplexity": float(torch.exp(torch.tensor(loss)))}
+
+
+def train_sft(config: Union[SFTConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
+    """Run SFT; the Python twin of ``alignkit sft``. Returns the summary (final metrics, paths)."""
+    from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
+    from alignkit.train.common import finish_run, report_data, start_run
+
+    cfg = as_config(SFTConfig, config, overrides)
+    acc = start_run(cfg)
+    tok = load_tokenizer(cfg.model)
+    data = prepare("sft", cfg.data, tok, seed=cfg.train.seed)
+    report_data(data, cfg.output, acc.is_main_process)
+    model = load_causal_lm(cfg.model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    task = SFTTask(tok.pad_token_id, cfg.sft.loss_reduction)
+    trainer = Trainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
+    before = trainer.evaluate() if data.eval else {}
+    final = trainer.fit()
+    summary = {**final, **{f"{k}_before": v for k, v in before.items()}}
+    summary["model_dir"] = str(finish_run(trainer, tok, cfg, summary))
+    return summary
+
