@@ -2,8 +2,8 @@
 
 import math
 
+import numpy as np
 import pytest
-import torch
 
 from alignkit.eval.metrics import (
     calibration,
@@ -67,7 +67,7 @@ def test_pearson_and_reward_length_correlation():
     assert pearson([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
     assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))  # constant -> undefined
     assert math.isnan(pearson([1], [2]))
-    assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0])) == pytest.approx(0.5)
+    assert pearson(np.array([1.0, 2.0, 3.0]), np.array([1.0, 3.0, 2.0])) == pytest.approx(0.5)
     assert reward_length_correlation([0.1, 0.2, 0.3], [10, 20, 30]) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         pearson([1, 2], [1, 2, 3])
@@ -94,7 +94,7 @@ def test_win_rate_and_pairwise_accuracy():
     assert win_rate([2, 2, 2, 0], [1, 1, 1, 1]) == pytest.approx(0.75)
     # chosen [2, 0, 1] vs rejected [1, 1, 1]: right, wrong, tie -> 1.5 / 3 = 0.5
     assert pairwise_accuracy([2, 0, 1], [1, 1, 1]) == pytest.approx(0.5)
-    assert pairwise_accuracy(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])) == 1.0
+    assert pairwise_accuracy(np.array([1.0, 2.0]), np.array([0.0, 0.0])) == 1.0
     assert math.isnan(win_rate([], []))
     with pytest.raises(ValueError):
         win_rate([1], [1, 2])
@@ -103,7 +103,7 @@ def test_win_rate_and_pairwise_accuracy():
 def test_eos_rate():
     # 3 of 4 generations ended with EOS -> 0.75
     assert eos_rate([True, True, False, True]) == 0.75
-    assert eos_rate(torch.tensor([True, False])) == 0.5
+    assert eos_rate(np.array([True, False])) == 0.5
     assert math.isnan(eos_rate([]))
 
 
@@ -149,7 +149,7 @@ def test_sequence_kl_stats():
     assert s["sequence_mean"] == pytest.approx(0.3)
     assert s["sequence_max"] == pytest.approx(0.4)
     assert (s["num_tokens"], s["num_sequences"]) == (3.0, 2.0)
-    t = sequence_kl_stats([torch.tensor([1.0, 1.0]), torch.tensor([])])
+    t = sequence_kl_stats([np.array([1.0, 1.0]), np.array([])])  # 1-D arrays or tensors
     # sums 2 and 0 over 2 tokens: token mean 1.0, sequence mean 1.0
     assert t["token_mean"] == pytest.approx(1.0) and t["sequence_mean"] == pytest.approx(1.0)
     empty = sequence_kl_stats([])

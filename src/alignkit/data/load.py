@@ -132,13 +132,30 @@ def _read_dataset(ds) -> Iterator[Tuple[int, Dict[str, Any]]]:
         yield i, dict(row)
 
 
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_data_path(source: str) -> Path:
+    """``builtin:NAME`` names a small dataset shipped in alignkit/resources (NAME.jsonl)."""
+    if source.startswith(BUILTIN_PREFIX):
+        from importlib.resources import files
+
+        name = source[len(BUILTIN_PREFIX):]
+        path = Path(str(files("alignkit") / "resources" / f"{name}.jsonl"))
+        if not path.exists():
+            known = sorted(p.name[:-6] for p in path.parent.glob("*.jsonl"))
+            raise DataError(f"{source}: no such built-in dataset (have: {', '.join(known)})")
+        return path
+    return Path(source).expanduser()
+
+
 def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None) -> Tuple[str, List[Tuple[int, Dict[str, Any]]]]:
     """Return (display name, [(row number, row dict)]) for a file, a dataset directory or a hub name.
 
     Row numbers are 1-based line numbers for JSONL/CSV and 0-based indices otherwise, so the number
     in an error message is the one a user finds in the file.
     """
-    path = Path(source).expanduser()
+    path = resolve_data_path(source)
     if path.is_dir():
         from datasets import DatasetDict, load_from_disk
 

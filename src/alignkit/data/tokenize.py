@@ -96,6 +96,8 @@ class Encoder:
                 resp, tail = resp[:cut], resp[cut:]
             else:
                 tail = []
+            if i == len(messages) - 1:
+                tail = []  # nothing follows the last turn: end the sequence at its EOS
             ids += ctx + resp + tail
             mask += [0] * len(ctx) + [1] * len(resp) + [0] * len(tail)
             done = full

@@ -2,7 +2,8 @@
 
 Feed :class:`Diagnostics` one step of logged metrics at a time; it returns the alerts that became
 true at that step. Each alert kind fires once, then stays quiet until its condition has cleared
-(so a run that hacks its reward for 500 steps produces one alert, not 500).
+(false for ``clear_after`` consecutive evaluations), so a run that hacks its reward for 500
+steps produces one alert, not 500.
 
 Checks (a check whose metric keys never appear is skipped):
 
@@ -10,27 +11,30 @@ Checks (a check whose metric keys never appear is skipped):
     ``kl/ref`` (KL to the reference, nats per sequence), averaged over the last ``window``
     observations, exceeds ``kl_budget``, or is not finite.
 ``verbosity``
-    ``rollout/length_mean`` rises by more than ``length_growth`` (relative) over the window while
-    ``rewards/mean`` rises too: the policy is buying reward with length (reward hacking through
-    the reward model's length bias).
+    ``rollout/length_mean`` rises by more than ``length_growth`` (relative) over a trend horizon
+    while ``rewards/mean`` rises too: the policy is buying reward with length (reward hacking
+    through the reward model's length bias).
 ``mode_collapse``
     ``diversity/distinct_2`` averaged over the window falls below ``(1 - diversity_drop)`` times
     its first observed value.
 ``overoptimization``
     Proxy reward ``rewards/mean`` rises while the gold reward ``rewards/gold`` (or
-    ``eval/rewards/gold``) falls by more than ``gold_drop`` over the last ``window`` gold
-    observations: Goodhart's law as measured by Gao et al. 2022, "Scaling Laws for Reward Model
+    ``eval/rewards/gold``) falls by more than ``gold_drop`` over a horizon of gold observations:
+    Goodhart's law as measured by Gao et al. 2022, "Scaling Laws for Reward Model
     Overoptimization".
 ``likelihood_displacement``
     DPO ``rewards/margin`` rises while ``logps/chosen`` falls by more than ``logp_drop``
-    (relative) over the window:
-    the preferred responses themselves lose probability (Razin et al. 2024, "Unintentional
-    Unalignment: Likelihood Displacement in DPO"; Pal et al. 2024, "Smaug: Fixing Failure Modes
-    of Preference Optimisation with DPO-Positive").
+    (relative) over a trend horizon: the preferred responses themselves lose probability
+    (Razin et al. 2024, "Unintentional Unalignment: Likelihood Displacement in Direct Preference
+    Optimization"; Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference Optimisation with
+    DPO-Positive").
 
-Trends are least-squares slopes over the window, required to be both large enough (the fitted
-change across the window passes the threshold) and significant (slope / standard error >=
-``trend_t``), so step-to-step noise does not trigger alerts the way first-versus-last would.
+Trends are least-squares lines (:func:`fit_trend`) over two horizons of the main metric: its
+last ``window`` observations (sudden changes) and its last ``long_window`` (slow drifts); the
+partner metric is fitted over the same steps. A trend counts only when it is large enough (the
+fitted change across the horizon passes the threshold) and significant (slope / standard error
+>= ``trend_t``), and a condition must hold on ``patience`` consecutive evaluations, so
+step-to-step noise does not trigger alerts the way a first-versus-last comparison would.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ MARGIN_KEY = "rewards/margin"
 CHOSEN_LOGP_KEY = "logps/chosen"
 
 
+class _Urgent(str):
+    """A check message that fires without waiting for ``patience`` (e.g. a nan KL)."""
+
+
 @dataclass(frozen=True)
 class Alert:
     """One detected failure mode: at which step, which check (``kind``) and what to do about it."""
@@ -67,30 +75,37 @@ class Alert:
 
 @dataclass
 class DiagnosticsConfig:
-    """Thresholds of the live checks. Defaults suit per-step logging of a typical RLHF run."""
+    """Thresholds of the live checks (a plain dataclass, no pydantic, so it is cheap to build
+    inside a training loop). Defaults suit per-step logging of a typical RLHF run."""
 
     kl_budget: float = 10.0
     """Largest acceptable KL to the reference, in nats per sequence (``kl/ref``)."""
     window: int = 5
     """Number of most recent observations each trend / average is computed over (>= 3)."""
+    long_window: int = 50
+    """A second, longer trend horizon (observations) that catches slow drifts; <= window disables."""
     length_growth: float = 0.2
-    """Relative rise of ``rollout/length_mean`` over the window that counts as growth (0.2 = 20%)."""
+    """Relative rise of ``rollout/length_mean`` over a trend horizon that counts as growth (0.2 = 20%)."""
     diversity_drop: float = 0.5
     """Relative fall of distinct-2 from its first observed value that counts as collapse."""
     gold_drop: float = 0.05
-    """Absolute fall of the gold reward over the window (fitted) that counts as a decline."""
+    """Absolute fall of the (fitted) gold reward over a trend horizon that counts as a decline."""
     logp_drop: float = 0.1
-    """Relative fall of ``logps/chosen`` over the window that counts as displacement (0.1: a
+    """Relative fall of ``logps/chosen`` over a trend horizon that counts as displacement (0.1: a
     chosen log-prob going from -100 to below -110 nats); relative so that summed and
     length-normalized log-probs both work."""
     trend_t: float = 3.0
     """Minimum |slope / standard error| for a least-squares trend to count as real, not noise."""
     patience: int = 2
-    """Consecutive updates a condition must hold before its alert fires (filters one-off noise)."""
+    """Consecutive evaluations a condition must hold before its alert fires (filters noise)."""
+    clear_after: int = 20
+    """Consecutive evaluations a fired condition must be false before it clears and may fire
+    again (stops a borderline, flickering condition from repeating its alert)."""
 
     def __post_init__(self) -> None:
-        if self.patience < 1:
-            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.patience < 1 or self.clear_after < 1:
+            raise ValueError(f"patience and clear_after must be >= 1, got {self.patience} and "
+                             f"{self.clear_after}")
         if self.window < 3:
             raise ValueError(f"window must be >= 3 to fit a trend with an error estimate, got {self.window}")
 
@@ -163,44 +178,54 @@ class Diagnostics:
         self.history: Dict[str, List[Point]] = {}
         self.alerts: List[Alert] = []  # every alert emitted so far
         self._active: set = set()
-        self._streak: Dict[str, int] = {}  # consecutive updates each condition has held
-        self._checks: Dict[str, Callable[[], Optional[str]]] = {
-            "kl_blowup": self._check_kl,
-            "verbosity": self._check_verbosity,
-            "mode_collapse": self._check_mode_collapse,
-            "overoptimization": self._check_overoptimization,
-            "likelihood_displacement": self._check_likelihood_displacement,
+        self._streak: Dict[str, int] = {}  # consecutive evaluations each condition has held
+        self._quiet: Dict[str, int] = {}  # consecutive evaluations each condition has been false
+        # kind -> (metric keys whose arrival triggers the check, check)
+        self._checks: Dict[str, Tuple[Tuple[str, ...], Callable[[], Optional[str]]]] = {
+            "kl_blowup": ((KL_KEY,), self._check_kl),
+            "verbosity": ((LENGTH_KEY,), self._check_verbosity),
+            "mode_collapse": ((DIVERSITY_KEY,), self._check_mode_collapse),
+            "overoptimization": (GOLD_KEYS, self._check_overoptimization),
+            "likelihood_displacement": ((CHOSEN_LOGP_KEY,), self._check_likelihood_displacement),
         }
 
     @property
     def active(self) -> frozenset:
-        """Alert kinds whose condition held at the last evaluation (they will not fire again)."""
+        """Alert kinds that fired and whose condition has not cleared since."""
         return frozenset(self._active)
 
     def update(self, step: int, metrics: Dict[str, float]) -> List[Alert]:
         """Record ``metrics`` for ``step`` and return the alerts that are new at this step.
 
-        A check returns a message (condition holds), ``""`` (it does not: the kind clears and may
-        fire again later) or None (not enough data: the state is left as it is). An alert fires
-        once its condition has held for ``patience`` consecutive evaluations.
+        A check runs when its main metric is in ``metrics`` (so a sparse eval metric is judged
+        once per new value). It returns a message (condition holds), ``""`` (it does not: the
+        kind clears after ``clear_after`` such answers in a row and may then fire again) or None
+        (not enough data: state unchanged). An alert fires once its condition has held for
+        ``patience`` consecutive evaluations, or at once for an urgent one such as a nan KL.
         """
         for key, value in metrics.items():
             if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             self.history.setdefault(key, []).append((float(step), float(value)))
         new: List[Alert] = []
-        for kind, check in self._checks.items():
+        for kind, (keys, check) in self._checks.items():
+            if not any(k in metrics for k in keys):
+                continue
             message = check()
             if message is None:
                 continue
             if not message:
-                self._active.discard(kind)
                 self._streak[kind] = 0
+                self._quiet[kind] = self._quiet.get(kind, 0) + 1
+                if self._quiet[kind] >= self.config.clear_after:
+                    self._active.discard(kind)
                 continue
+            self._quiet[kind] = 0
             self._streak[kind] = self._streak.get(kind, 0) + 1
-            if kind not in self._active and self._streak[kind] >= self.config.patience:
+            ready = self._streak[kind] >= self.config.patience or isinstance(message, _Urgent)
+            if kind not in self._active and ready:
                 self._active.add(kind)
-                new.append(Alert(int(step), kind, message))
+                new.append(Alert(int(step), kind, str(message)))
         self.alerts.extend(new)
         return new
 
@@ -212,14 +237,35 @@ class Diagnostics:
         return out
 
     # ------------------------------------------------------------------ helpers
-    def _tail(self, key: str) -> List[Point]:
-        """The last ``window`` finite observations of ``key``."""
-        pts = [p for p in self.history.get(key, ()) if math.isfinite(p[1])]
-        return pts[-self.config.window:]
+    def _last(self, key: str, k: int) -> List[Point]:
+        """The last ``k`` finite observations of ``key`` (scans back from the end: O(k))."""
+        out: List[Point] = []
+        for p in reversed(self.history.get(key, ())):
+            if len(out) >= k:
+                break
+            if math.isfinite(p[1]):
+                out.append(p)
+        return out[::-1]
 
     def _span(self, key: str, lo: float, hi: float) -> List[Point]:
-        """Finite observations of ``key`` with lo <= step <= hi."""
-        return [p for p in self.history.get(key, ()) if lo <= p[0] <= hi and math.isfinite(p[1])]
+        """Finite observations of ``key`` with lo <= step <= hi (steps assumed non-decreasing)."""
+        out: List[Point] = []
+        for p in reversed(self.history.get(key, ())):
+            if p[0] < lo:
+                break
+            if p[0] <= hi and math.isfinite(p[1]):
+                out.append(p)
+        return out[::-1]
+
+    def _horizons(self, key: str) -> List[List[Point]]:
+        """Stretches of ``key`` to fit trends on: the last ``window`` observations (sudden
+        changes) and the last ``long_window`` (slow drifts). Empty until ``window`` exist."""
+        cfg = self.config
+        longest = self._last(key, max(cfg.window, cfg.long_window))
+        if len(longest) < cfg.window:
+            return []
+        short = longest[-cfg.window:]
+        return [short, longest] if len(longest) > cfg.window else [short]
 
     def _gold_key(self) -> Optional[str]:
         return next((k for k in GOLD_KEYS if k in self.history), None)
@@ -232,10 +278,10 @@ class Diagnostics:
         budget = self.config.kl_budget
         step, last = pts[-1]
         if not math.isfinite(last):
-            return (f"KL to the reference is {last} at step {int(step)}: training diverged "
-                    f"numerically; lower the learning rate, check for fp16 overflow, or resume "
-                    f"from an earlier checkpoint.")
-        recent = self._tail(KL_KEY)
+            return _Urgent(f"KL to the reference is {last} at step {int(step)}: training "
+                           f"diverged numerically; lower the learning rate, check for fp16 "
+                           f"overflow, or resume from an earlier checkpoint.")
+        recent = self._last(KL_KEY, self.config.window)
         mean = sum(v for _, v in recent) / len(recent)
         if mean <= budget:
             return ""
@@ -245,32 +291,30 @@ class Diagnostics:
 
     def _check_verbosity(self) -> Optional[str]:
         cfg = self.config
-        lengths = self._tail(LENGTH_KEY)
-        if len(lengths) < cfg.window:
+        horizons = self._horizons(LENGTH_KEY)
+        if not horizons:
             return None
-        lo, hi = lengths[0][0], lengths[-1][0]
-        length, reward = fit_trend(lengths), fit_trend(self._span(PROXY_KEY, lo, hi))
-        if length is None or reward is None or length.start <= 0:
-            return None
-        growth = length.change / length.start
-        if not (growth > cfg.length_growth and length.t >= cfg.trend_t
-                and reward.rising(0.0, cfg.trend_t)):
-            return ""
-        return (f"Completion length rose {growth:.0%} over steps {int(lo)}-{int(hi)} "
-                f"({length.start:.0f} -> {length.end:.0f} tokens) while the reward rose by "
-                f"{reward.change:.3g}: the policy may be exploiting a length bias in the reward "
-                f"model (verbosity). Check the reward-length correlation, add a length penalty, "
-                f"or raise the KL coefficient.")
+        for pts in horizons:
+            lo, hi = pts[0][0], pts[-1][0]
+            length, reward = fit_trend(pts), fit_trend(self._span(PROXY_KEY, lo, hi))
+            if length is None or reward is None or length.start <= 0:
+                continue
+            growth = length.change / length.start
+            if growth > cfg.length_growth and length.t >= cfg.trend_t and reward.rising(0.0, cfg.trend_t):
+                return (f"Completion length rose {growth:.0%} over steps {int(lo)}-{int(hi)} "
+                        f"({length.start:.0f} -> {length.end:.0f} tokens) while the reward rose "
+                        f"by {reward.change:.3g}: the policy may be exploiting a length bias in "
+                        f"the reward model (verbosity). Check the reward-length correlation, add "
+                        f"a length penalty, or raise the KL coefficient.")
+        return ""
 
     def _check_mode_collapse(self) -> Optional[str]:
         cfg = self.config
-        pts = [p for p in self.history.get(DIVERSITY_KEY, ()) if math.isfinite(p[1])]
-        if len(pts) < cfg.window:
+        first = next((p for p in self.history.get(DIVERSITY_KEY, ()) if math.isfinite(p[1])), None)
+        recent = self._last(DIVERSITY_KEY, cfg.window)
+        if first is None or len(recent) < cfg.window or first[1] <= 0:
             return None
-        base_step, base = pts[0]
-        if base <= 0:
-            return None
-        recent = pts[-cfg.window:]
+        base_step, base = first
         current = sum(v for _, v in recent) / len(recent)
         drop = 1.0 - current / base
         if drop <= cfg.diversity_drop:
@@ -283,40 +327,42 @@ class Diagnostics:
     def _check_overoptimization(self) -> Optional[str]:
         cfg = self.config
         gold_key = self._gold_key()
-        if gold_key is None:
+        horizons = self._horizons(gold_key) if gold_key else []
+        if not horizons:
             return None
-        golds = self._tail(gold_key)
-        if len(golds) < cfg.window:
-            return None
-        lo, hi = golds[0][0], golds[-1][0]
-        gold, proxy = fit_trend(golds), fit_trend(self._span(PROXY_KEY, lo, hi))
-        if gold is None or proxy is None:
-            return None
-        if not (gold.falling(cfg.gold_drop, cfg.trend_t) and proxy.rising(0.0, cfg.trend_t)):
-            return ""
-        best_step, best = max(
-            (p for p in self.history[gold_key] if math.isfinite(p[1])), key=lambda p: p[1])
-        return (f"Proxy reward rose by {proxy.change:.3g} over steps {int(lo)}-{int(hi)} while "
-                f"the gold reward fell by {-gold.change:.3g} ({gold.start:.3f} -> "
-                f"{gold.end:.3f}): the policy is over-optimizing the reward model (Gao et al. "
-                f"2022). Stop here or roll back to the best gold reward ({best:.3f} at step "
-                f"{int(best_step)}); a larger KL penalty or a better reward model delays this.")
+        for pts in horizons:
+            lo, hi = pts[0][0], pts[-1][0]
+            gold, proxy = fit_trend(pts), fit_trend(self._span(PROXY_KEY, lo, hi))
+            if gold is None or proxy is None:
+                continue
+            if gold.falling(cfg.gold_drop, cfg.trend_t) and proxy.rising(0.0, cfg.trend_t):
+                best_step, best = max(
+                    (p for p in self.history[gold_key] if math.isfinite(p[1])), key=lambda p: p[1])
+                return (f"Proxy reward rose by {proxy.change:.3g} over steps {int(lo)}-{int(hi)} "
+                        f"while the gold reward fell by {-gold.change:.3g} ({gold.start:.3f} -> "
+                        f"{gold.end:.3f}): the policy is over-optimizing the reward model (Gao et "
+                        f"al. 2022). Stop here or roll back to the best gold reward ({best:.3f} at "
+                        f"step {int(best_step)}); a larger KL penalty or a better reward model "
+                        f"delays this.")
+        return ""
 
     def _check_likelihood_displacement(self) -> Optional[str]:
         cfg = self.config
-        logps = self._tail(CHOSEN_LOGP_KEY)
-        if len(logps) < cfg.window:
+        horizons = self._horizons(CHOSEN_LOGP_KEY)
+        if not horizons:
             return None
-        lo, hi = logps[0][0], logps[-1][0]
-        chosen, margin = fit_trend(logps), fit_trend(self._span(MARGIN_KEY, lo, hi))
-        if chosen is None or margin is None:
-            return None
-        drop = cfg.logp_drop * max(abs(chosen.start), 1e-6)  # relative -> nats
-        if not (chosen.falling(drop, cfg.trend_t) and margin.rising(0.0, cfg.trend_t)):
-            return ""
-        return (f"The preference margin rose by {margin.change:.3g} over steps {int(lo)}-{int(hi)} "
-                f"while the chosen log-probability fell by {-chosen.change:.3g} nats "
-                f"({chosen.start:.1f} -> {chosen.end:.1f}): probability is leaving the preferred "
-                f"responses too (likelihood displacement; Razin et al. 2024, Pal et al. 2024 "
-                f"'Smaug'). Consider DPO-Positive, an SFT term on the chosen responses (RPO), a "
-                f"larger beta, or fewer epochs.")
+        for pts in horizons:
+            lo, hi = pts[0][0], pts[-1][0]
+            chosen, margin = fit_trend(pts), fit_trend(self._span(MARGIN_KEY, lo, hi))
+            if chosen is None or margin is None:
+                continue
+            drop = cfg.logp_drop * max(abs(chosen.start), 1e-6)  # relative -> nats
+            if chosen.falling(drop, cfg.trend_t) and margin.rising(0.0, cfg.trend_t):
+                return (f"The preference margin rose by {margin.change:.3g} over steps "
+                        f"{int(lo)}-{int(hi)} while the chosen log-probability fell by "
+                        f"{-chosen.change:.3g} nats ({chosen.start:.1f} -> {chosen.end:.1f}): "
+                        f"probability is leaving the preferred responses too (likelihood "
+                        f"displacement; Razin et al. 2024, Pal et al. 2024 'Smaug'). Consider "
+                        f"DPO-Positive, an SFT term on the chosen responses (RPO), a larger beta, "
+                        f"or fewer epochs.")
+        return ""

@@ -31,7 +31,7 @@ from alignkit.eval.svg import line_plot, scatter_plot
 __all__ = ["RunData", "compare_runs", "load_run", "metric_series", "write_report"]
 
 Series = Dict[str, List[Tuple[float, float]]]
-# namespaces in reading order; others follow alphabetically, eval/ namespaces after train ones
+# namespaces in reading order; others follow alphabetically, eval last
 NAMESPACE_ORDER = ["train", "loss", "rewards", "kl", "logps", "rollout", "diversity", "policy",
                    "value", "optim", "lr", "perf"]
 # reward keys for reward-versus-KL plots, most trustworthy first
@@ -44,7 +44,7 @@ h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;
 text-align:left;vertical-align:top}th{background:#f5f5f5}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
-figure{margin:0;border:1px solid #eee;padding:4px}
+figure{margin:0;border:1px solid #eee;padding:4px}.grid h3{grid-column:1/-1;margin:8px 0 0}
 .alert{background:#fff4e5;border-left:5px solid #d9480f;padding:8px 12px;margin:6px 0}
 .alert b{color:#d9480f}.ok{color:#2b8a3e}.note{color:#666;font-size:13px}
 pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px}
@@ -149,21 +149,21 @@ def metric_series(metrics: Sequence[Dict[str, Any]]) -> Series:
 
 
 def _namespace(key: str) -> str:
-    return key.rsplit("/", 1)[0] if "/" in key else ""
+    """Top-level namespace: ``train/loss`` -> ``train``, ``eval/rewards/gold`` -> ``eval``."""
+    return key.split("/", 1)[0] if "/" in key else ""
 
 
 def _ordered_groups(keys: Sequence[str]) -> List[Tuple[str, List[str]]]:
-    """Group keys by namespace: namespaces holding a loss first, eval/ after train, loss keys first."""
+    """Group keys by top-level namespace: groups holding a loss first (train before eval), then
+    the usual RLHF reading order; inside a group, loss keys first, then alphabetical."""
     groups: Dict[str, List[str]] = {}
     for key in keys:
         groups.setdefault(_namespace(key), []).append(key)
 
     def ns_rank(ns: str) -> Tuple[Any, ...]:
         has_loss = any("loss" in k.rsplit("/", 1)[-1] for k in groups[ns])
-        base = ns[5:] if ns.startswith("eval/") else ("" if ns == "eval" else ns)
-        head = base.split("/")[0]
-        pref = NAMESPACE_ORDER.index(head) if head in NAMESPACE_ORDER else len(NAMESPACE_ORDER)
-        return (not has_loss, ns.startswith("eval"), pref, ns)
+        pref = NAMESPACE_ORDER.index(ns) if ns in NAMESPACE_ORDER else len(NAMESPACE_ORDER)
+        return (not has_loss, ns == "eval", pref, ns)
 
     return [(ns, sorted(groups[ns], key=lambda k: ("loss" not in k.rsplit("/", 1)[-1], k)))
             for ns in sorted(groups, key=ns_rank)]
@@ -277,10 +277,11 @@ def write_report(run_dir: Path, *, out: Optional[Path] = None, max_prompts: int 
     body.append("<h2>Metrics</h2>")
     if not series:
         body.append('<p class="note">metrics.jsonl has no numeric metrics.</p>')
+    body.append('<div class="grid">')
     for ns, keys in _ordered_groups(list(series)):
-        body += [f"<h3>{escape(ns or 'other')}</h3>", '<div class="grid">']
+        body.append(f"<h3>{escape(ns or 'other')}</h3>")
         body += [_figure(k, line_plot({k: series[k]}, k, "step", k.rsplit("/", 1)[-1])) for k in keys]
-        body.append("</div>")
+    body.append("</div>")
     body += _samples_html(run.samples, max_prompts)
     if run.config_text is not None:
         body.append(f"<h2>Config</h2><details><summary>config.yaml</summary>"
@@ -352,12 +353,13 @@ def compare_runs(run_dirs: List[Path], out: Path) -> Path:
     body.append("<h2>Shared metrics</h2>")
     if not shared:
         body.append('<p class="note">The runs share no metric.</p>')
+    body.append('<div class="grid">')
     for ns, keys in _ordered_groups(shared):
-        body += [f"<h3>{escape(ns or 'other')}</h3>", '<div class="grid">']
+        body.append(f"<h3>{escape(ns or 'other')}</h3>")
         for k in keys:
             curves = {label: s[k] for label, s in zip(labels, all_series) if k in s}
             body.append(_figure(k, line_plot(curves, k, "step", k.rsplit("/", 1)[-1])))
-        body.append("</div>")
+    body.append("</div>")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(_page(title, body), encoding="utf-8")

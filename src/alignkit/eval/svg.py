@@ -42,6 +42,8 @@ def _nice_ticks(lo: float, hi: float, target: int = 5) -> Tuple[float, float, Li
     """Round axis limits outward to multiples of a 1/2/5·10^k step; returns (lo, hi, ticks)."""
     if hi < lo:
         lo, hi = hi, lo
+    if not math.isfinite(hi - lo):  # a range beyond float: no rounding possible
+        return lo, hi, [lo, hi]
     if hi == lo:  # constant data: pad so the line sits in the middle
         pad = abs(lo) * 0.1 or 1.0
         lo, hi = lo - pad, hi + pad
@@ -54,10 +56,8 @@ def _nice_ticks(lo: float, hi: float, target: int = 5) -> Tuple[float, float, Li
 
 
 def _fmt(v: float) -> str:
-    if v == 0:
+    if abs(v) < 1e-12 * (1 + abs(v)):  # a tick at zero computed as 1e-17
         return "0"
-    if abs(v) >= 1e5 or abs(v) < 1e-3:
-        return f"{v:.1e}"
     return f"{v:.4g}"
 
 
@@ -84,7 +84,7 @@ class _Frame:
         allpts = [p for pts in series.values() for p in pts]
         self.labels = list(series)
         self.legend_rows = self._legend_layout() if len(series) > 1 else []
-        self.height = HEIGHT + LEGEND_ROW * len(self.legend_rows)
+        self.height = HEIGHT + (LEGEND_ROW * len(self.legend_rows) + 4 if self.legend_rows else 0)
         self.plot_bottom = HEIGHT - BOTTOM
         if allpts:
             self.x0, self.x1, self.xticks = _nice_ticks(min(p[0] for p in allpts), max(p[0] for p in allpts))
@@ -98,7 +98,7 @@ class _Frame:
         rows: List[List[Tuple[int, str]]] = [[]]
         used = LEFT
         for i, label in enumerate(self.labels):
-            w = 22 + 6.5 * min(len(label), 40)
+            w = 22 + 7 * min(len(label), 40)
             if rows[-1] and used + w > WIDTH - RIGHT:
                 rows.append([])
                 used = LEFT
@@ -146,14 +146,14 @@ class _Frame:
     def close(self) -> List[str]:
         parts = []
         for r, row in enumerate(self.legend_rows):
-            y = HEIGHT - 4 + r * LEGEND_ROW
+            y = HEIGHT + 8 + r * LEGEND_ROW  # below the x-axis label
             x = float(LEFT)
             for i, label in row:
                 colour = PALETTE[i % len(PALETTE)]
                 short = label if len(label) <= 40 else label[:39] + "…"
                 parts.append(f'<rect x="{x:.1f}" y="{y - 9}" width="14" height="9" fill="{colour}"/>')
                 parts.append(f'<text x="{x + 18:.1f}" y="{y}">{escape(short)}</text>')
-                x += 22 + 6.5 * len(short)
+                x += 22 + 7 * len(short)
         parts.append("</svg>")
         return parts
 

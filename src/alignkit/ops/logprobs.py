@@ -56,20 +56,29 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return logp, ent
 
 
+def _unwrap(model):
+    """The module under DDP/compile wrappers (peft wrappers stay: they route to the adapters)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
 def _output_layer(model):
-    head = model.get_output_embeddings()
-    if head is None or not isinstance(head, torch.nn.Linear):
-        return None
+    head = _unwrap(model).get_output_embeddings()
+    if head is None or not isinstance(head, torch.nn.Linear) or head.weight.dim() != 2:
+        return None  # sharded (FSDP) or unusual heads: fall back to full logits
     return head
 
 
-def _backbone(model):
-    """The transformer without its LM head (works through peft wrappers)."""
-    inner = model
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    prefix = getattr(inner, "base_model_prefix", None)
-    return getattr(inner, prefix, None) if prefix else None
+def _hidden_states(model, batch: SeqBatch, pos: torch.Tensor) -> Optional[torch.Tensor]:
+    """Final hidden states (B, T, H) from the *wrapped* model's forward, so DDP/accelerate hooks run,
+    with the LM head applied to one position only (logits_to_keep=1)."""
+    try:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    except TypeError:  # a model without logits_to_keep
+        return None
+    return out.hidden_states[-1]
 
 
 def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_entropy: bool = False,
@@ -83,8 +92,8 @@ def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_ent
     mask = batch.loss_mask[:, 1:].float()
     pos = position_ids(batch.attention_mask)
     head = _output_layer(model)
-    body = _backbone(model)
-    if head is None or body is None or chunk_size <= 0:
+    hidden = _hidden_states(model, batch, pos) if head is not None and chunk_size > 0 else None
+    if hidden is None:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
                        use_cache=False).logits
         logits = logits[:, :-1].float() / temperature
@@ -92,8 +101,6 @@ def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_ent
         logps = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
         return TokenLogprobs(logps * mask, mask, ent)
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
-                  use_cache=False).last_hidden_state
     B, T1 = labels.shape
     h = hidden[:, :-1].reshape(B * T1, -1)  # (B*(T-1), H)
     flat_labels = labels.reshape(-1)

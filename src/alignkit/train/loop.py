@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -140,7 +141,13 @@ class Trainer:
         return [self.train_items[i] for i in mine]
 
     # ------------------------------------------------------------------ one update
-    def _update(self, micro_batches: List[Any]) -> Dict[str, float]:
+    def accumulate(self, micro_batches: List[Any]):
+        """Backward every micro-batch with the loss scaled by the *global* unit count.
+
+        Each process adds sum(loss) * world / total_units; DDP averages gradients over processes, so
+        the result is sum over all units / total_units whatever the split into micro-batches and
+        processes. Returns (metric sums, local units, global units, saw a non-finite loss).
+        """
         acc, model = self.acc, self.model
         local_units = sum(self.task.units(mb) for mb in micro_batches)
         total = acc.reduce(torch.tensor(float(local_units), device=acc.device), reduction="sum").item()
@@ -161,6 +168,11 @@ class Trainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean()) * w
             sums["train/loss"] = sums.get("train/loss", 0.0) + float(loss_sum.detach())
+        return sums, local_units, total, bad
+
+    def _update(self, micro_batches: List[Any]) -> Dict[str, float]:
+        acc, model = self.acc, self.model
+        sums, local_units, total, bad = self.accumulate(micro_batches)
         max_norm = self.cfg.optim.max_grad_norm
         grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -218,7 +230,9 @@ class Trainer:
                     for k, v in m.items():  # average over the updates of this step
                         metrics[k] = metrics.get(k, 0.0) + (v - metrics.get(k, 0.0)) / n_updates
                 metrics.update(getattr(self.task, "last_step_metrics", {}) or {})
-                self.scheduler.step()
+                with warnings.catch_warnings():  # a skipped (NaN) update still advances the schedule
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.scheduler.step()
                 self.step += 1
                 metrics["train/lr"] = self.scheduler.get_last_lr()[0]
                 metrics["train/epoch"] = self.step / self.steps_per_epoch

@@ -1,0 +1,35 @@
+"""Two CPU processes (gloo) with the same global batch give the same model as one process."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from tests.test_loop import sft_rows
+
+
+def _run(args, nproc, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "alignkit.cli"] + args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29533",
+               "-m", "alignkit.cli"] + args
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_two_processes_equal_one(tmp_path, tiny_model, jsonl):
+    data = jsonl("d.jsonl", sft_rows(32))
+    common = ["sft", "--model", str(tiny_model), "--data", str(data), "--max-steps", "3", "optim.lr=1e-3",
+              "log.progress=false"]
+    _run(common + ["--output", str(tmp_path / "one"), "train.batch_size=8"], 1, tmp_path)
+    _run(common + ["--output", str(tmp_path / "two"), "train.batch_size=4"], 2, tmp_path)
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    start = load_file(str(tiny_model / "model.safetensors"))
+    for k in a:
+        assert not torch.equal(a[k], start[k]) or "norm" in k  # it trained
+        assert torch.allclose(a[k], b[k], atol=2e-6, rtol=1e-5), k
