@@ -27,6 +27,8 @@ def test_help_documents_every_field():
 def test_every_field_of_every_command_has_a_docstring():
     from alignkit.cli import COMMANDS, _leaf_fields, _load
 
+    build_cli()
+    assert {"sft", "rm", "score"} <= {c.name for c in COMMANDS}
     for cmd in COMMANDS:
         for name, f in _leaf_fields(_load(cmd.config)):
             assert (f.description or "").strip(), f"{cmd.name}: {name}"

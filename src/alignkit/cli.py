@@ -26,24 +26,20 @@ class Command:
     runner: str  # "module:function" taking the config, returning a summary dict
     help: str
     flags: Dict[str, str]  # convenience flag -> dotted field
+    defaults: Optional[Dict[str, Any]] = None  # dotted field -> value preset by an alias (e.g. kto)
 
 
 TRAIN_FLAGS = {"model": "model.name_or_path", "data": "data.path", "output": "output",
                "max_steps": "train.max_steps", "resume": "resume"}
 
-COMMANDS: List[Command] = [
-    Command("sft", "alignkit.config:SFTConfig", "alignkit.train.sft:train_sft",
-            "Supervised fine-tuning on {prompt, completion}, {messages} or {text} rows.", TRAIN_FLAGS),
-    Command("rm", "alignkit.config:RMConfig", "alignkit.train.reward:train_rm",
-            "Train a Bradley-Terry reward model on preference pairs or rankings.", TRAIN_FLAGS),
-    Command("score", "alignkit.config:ScoreConfig", "alignkit.score:score",
-            "Score rows with a reward model (one score per response).",
-            {"reward_model": "reward_model", "data": "data.path", "output": "output"}),
-]
+# filled by the modules of alignkit.commands, each registering its own commands
+COMMANDS: List[Command] = []
 
 
 def register_command(cmd: Command) -> None:
-    """Later modules (dpo, ppo, ...) add their commands here."""
+    """Called by the modules of alignkit.commands; a name may be registered once."""
+    if any(c.name == cmd.name for c in COMMANDS):
+        return  # a module imported twice (e.g. by tests) registers nothing new
     COMMANDS.append(cmd)
 
 
@@ -96,7 +92,8 @@ class CommandWithRawEpilog(click.Command):
 def _make(cmd: Command) -> click.Command:
     def callback(config_path, overrides, lora, **flags):
         cls = _load(cmd.config)
-        flat = {cmd.flags[k]: v for k, v in flags.items() if v is not None}
+        flat = dict(cmd.defaults or {})
+        flat.update({cmd.flags[k]: v for k, v in flags.items() if v is not None})
         if lora:
             flat["lora.enabled"] = True
         try:
@@ -152,13 +149,13 @@ def _print_summary(summary: Dict[str, Any]) -> None:
 
 
 def build_cli() -> click.Group:
-    # importing these modules lets them register their commands
-    for mod in ("alignkit.commands",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+    # every module of alignkit.commands registers its commands on import
+    import pkgutil
+
+    import alignkit.commands as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
 
     @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
     @click.version_option(package_name="alignkit")

@@ -135,6 +135,27 @@ class LogConfig(Section):
     """Show a progress bar with ETA and live metrics."""
     run_name: Optional[str] = None
     """Run name for trackers (default: the output directory name)."""
+    samples: int = Field(4, ge=0)
+    """Held-out prompts answered (greedy) before and after training, shown in report.html."""
+    sample_tokens: int = Field(48, gt=0)
+    """Longest sample answer, in tokens."""
+
+
+class DiagnosticsSection(Section):
+    enabled: bool = True
+    """Watch the logged metrics for failure modes and warn (log, alerts.jsonl, report.html)."""
+    kl_budget: float = Field(10.0, gt=0)
+    """Warn when the KL to the reference (nats per sequence, kl/ref) exceeds this."""
+    length_growth: float = Field(0.2, gt=0)
+    """Warn when response length rises by this fraction while the reward rises (verbosity bias)."""
+    diversity_drop: float = Field(0.5, gt=0, lt=1)
+    """Warn when distinct-2 falls below (1 - this) of its first value (mode collapse)."""
+    gold_drop: float = Field(0.05, gt=0)
+    """Warn when the gold reward falls by this much while the proxy reward rises (over-optimization)."""
+    logp_drop: float = Field(0.1, gt=0)
+    """Warn when chosen log-probs fall by this fraction while DPO margins grow (likelihood displacement)."""
+    window: int = Field(5, ge=2)
+    """Observations in the short trend window."""
 
 
 class RunConfig(Section):
@@ -156,6 +177,8 @@ class RunConfig(Section):
     """Optimizer and learning-rate schedule."""
     log: LogConfig = LogConfig()
     """Logging, evaluation and checkpoints."""
+    diagnostics: DiagnosticsSection = DiagnosticsSection()
+    """Live failure-mode warnings."""
     resume: Optional[str] = None
     """Resume from a checkpoint directory, or 'latest' for OUTPUT's newest checkpoint."""
 
@@ -163,8 +186,6 @@ class RunConfig(Section):
 class SFTOptions(Section):
     loss_reduction: Literal["token", "sequence"] = "token"
     """token: mean over all response tokens of the global batch; sequence: mean of per-sequence means."""
-    eval_generate: int = Field(0, ge=0)
-    """Write this many held-out generations to OUTPUT/samples.jsonl at the end."""
 
 
 class SFTConfig(RunConfig):

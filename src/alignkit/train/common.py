@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from alignkit.config import RunConfig, to_yaml
 from alignkit.data import Prepared
@@ -60,5 +60,63 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
         summary = {"command": cfg.command, "steps": trainer.step, **summary}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         console().print(f"saved {model_dir}", style="green")
+        write_run_report(out)
     acc.wait_for_everyone()
     return model_dir
+
+
+def write_run_report(out: Path) -> Optional[Path]:
+    """OUTPUT/report.html; a failure here never fails the run that produced the data."""
+    from alignkit.eval.report import write_report
+
+    try:
+        path = write_report(Path(out))
+    except Exception as e:  # noqa: BLE001
+        console().print(f"could not write report.html: {e}", style="yellow")
+        return None
+    console().print(f"report: {path}", style="green")
+    return path
+
+
+def write_samples(out: Path, tag: str, prompts, completions, rewards=None) -> None:
+    """Append sample completions (tag "before"/"after"/...) to OUTPUT/samples.jsonl for the report."""
+    path = Path(out) / "samples.jsonl"
+    with path.open("a") as f:
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            row = {"tag": tag, "prompt": p, "completion": c}
+            if rewards is not None:
+                row["reward"] = float(rewards[i])
+            f.write(json.dumps(row) + "\n")
+
+
+def prompt_ids_of(item: Dict[str, Any]) -> List[int]:
+    """The prompt part of an encoded item (SFT items: the tokens before the first label)."""
+    if "prompt_ids" in item:
+        return item["prompt_ids"]
+    mask = item["loss_mask"]
+    first = mask.index(1) if 1 in mask else len(mask)
+    return item["input_ids"][:first]
+
+
+def sample_report_prompts(trainer, tokenizer, items, tag: str) -> None:
+    """Greedy answers to the first ``log.samples`` held-out prompts, appended to samples.jsonl."""
+    cfg = trainer.cfg
+    n = cfg.log.samples
+    if not n or not items or not trainer.acc.is_main_process:
+        return
+    from alignkit.rollout.generate import GenerationConfig, generate
+
+    seen, prompts = set(), []
+    for it in items:
+        p = tuple(prompt_ids_of(it))
+        if p and p not in seen:
+            seen.add(p)
+            prompts.append(list(p))
+        if len(prompts) == n:
+            break
+    if not prompts:
+        return
+    gen = GenerationConfig(max_new_tokens=cfg.log.sample_tokens, temperature=0.0, batch_size=n)
+    ro = generate(trainer.unwrapped(), tokenizer, prompts, gen, compute_logprobs=False)
+    texts = tokenizer.batch_decode(prompts, skip_special_tokens=False)
+    write_samples(cfg.output, tag, texts, ro.texts)

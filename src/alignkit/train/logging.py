@@ -49,6 +49,10 @@ class MetricLogger:
             lines = [l for l in self.path.read_text().splitlines() if l.strip()]
             kept = [l for l in lines if json.loads(l).get("step", 0) <= step]
             self.path.write_text("".join(l + "\n" for l in kept))
+        alerts = self.out / "alerts.jsonl"
+        if self.is_main and alerts.exists():
+            lines = [l for l in alerts.read_text().splitlines() if l.strip()]
+            alerts.write_text("".join(l + "\n" for l in lines if json.loads(l).get("step", 0) <= step))
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.is_main:
@@ -59,6 +63,17 @@ class MetricLogger:
             f.write(json.dumps(row, allow_nan=True) + "\n")
         for t in self.trackers:
             t(step, {k: v for k, v in clean.items() if v is not None and math.isfinite(v)})
+
+    def alert(self, alert) -> None:
+        """A diagnostics warning: to alerts.jsonl and, visibly, to the console."""
+        if not self.is_main:
+            return
+        with (self.out / "alerts.jsonl").open("a") as f:
+            f.write(json.dumps(alert.to_dict()) + "\n")
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold yellow]warning[/] step {alert.step} {alert.kind}: {alert.message}",
+                                   highlight=False)
 
     def start(self, total: int, done: int) -> None:
         if not (self.is_main and self.cfg.log.progress):

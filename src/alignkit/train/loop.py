@@ -91,6 +91,17 @@ def make_accelerator(cfg: RunConfig):
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
 
 
+def make_diagnostics(cfg: RunConfig):
+    d = getattr(cfg, "diagnostics", None)
+    if d is None or not d.enabled:
+        return None
+    from alignkit.eval.diagnostics import Diagnostics, DiagnosticsConfig
+
+    return Diagnostics(DiagnosticsConfig(kl_budget=d.kl_budget, window=d.window, length_growth=d.length_growth,
+                                         diversity_drop=d.diversity_drop, gold_drop=d.gold_drop,
+                                         logp_drop=d.logp_drop))
+
+
 class Trainer:
     """Runs a :class:`Task` over ``train_items`` with the shared loop."""
 
@@ -124,6 +135,7 @@ class Trainer:
         self.skipped = 0
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.acc, cfg.log.save_total_limit)
         self.logger = MetricLogger(self.out, cfg, self.acc.is_main_process)
+        self.diagnostics = make_diagnostics(cfg)
 
     # ------------------------------------------------------------------ data order
     def _epoch_order(self, epoch: int) -> List[int]:
@@ -241,6 +253,7 @@ class Trainer:
                 last = metrics
                 if self.step % cfg.log.every == 0 or self.step == self.total_steps:
                     self.logger.log(self.step, metrics)
+                    self._diagnose(metrics)
                 self.logger.advance(self.step, metrics)
                 if self.eval_items and cfg.log.eval_every and self.step % cfg.log.eval_every == 0 \
                         and self.step < self.total_steps:
@@ -263,7 +276,14 @@ class Trainer:
         model.train(was)
         res = {k if k.startswith("eval/") else f"eval/{k}": float(v) for k, v in res.items()}
         self.logger.log(self.step, res)
+        self._diagnose(res)
         return res
+
+    def _diagnose(self, metrics: Dict[str, float]) -> None:
+        if self.diagnostics is None:
+            return
+        for alert in self.diagnostics.update(self.step, metrics):
+            self.logger.alert(alert)
 
     def unwrapped(self):
         return self.acc.unwrap_model(self.model)

@@ -1,0 +1,145 @@
+"""Rollout engine: batched sampling from the policy.
+
+Prompts are left-padded for generation (position ids follow the attention mask, so padding does not
+shift them); the result is re-packed right-padded as prompt + response with a response mask, ready
+for :func:`alignkit.ops.logprobs.token_logprobs`. Responses stop at EOS; a response that hits
+``max_new_tokens`` first is marked as not ended (``ended=False``) and carries no EOS.
+
+``logprobs`` are the behaviour policy's log-probs of the sampled tokens from a forward pass at the
+sampling temperature (full softmax: top-p/top-k truncation is not reflected, as in TRL and OpenRLHF).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Literal, Optional, Sequence
+
+import torch
+from pydantic import Field
+
+from alignkit.config import Section
+from alignkit.data.collate import SeqBatch, pad_sequences
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(64, gt=0)
+    """Longest response in tokens; longer ones are cut and marked as not ended."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature (0: greedy)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: keep the smallest token set with this much probability."""
+    top_k: int = Field(0, ge=0)
+    """Keep only the k most likely tokens (0: all)."""
+    batch_size: int = Field(16, gt=0)
+    """Sequences generated per forward batch."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """hf: transformers generate (CPU or GPU); vllm: vLLM on a GPU (optional extra, alignkit[vllm])."""
+
+
+@dataclass
+class Rollout:
+    """N sampled responses. Row i answers prompt ``prompt_index[i]``."""
+
+    sequences: SeqBatch  # (N, T) prompt + response, right-padded; loss_mask = response tokens (+EOS)
+    prompt_lengths: List[int]
+    response_ids: List[List[int]]
+    texts: List[str]  # decoded responses without special tokens
+    ended: torch.Tensor  # (N,) bool: the response reached EOS
+    prompt_index: List[int]
+    logprobs: Optional[torch.Tensor] = None  # (N, T-1) behaviour log-probs on the response mask
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return torch.tensor([len(r) for r in self.response_ids], dtype=torch.float32)
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _left_pad(prompts: Sequence[List[int]], pad_id: int, device):
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[i, T - len(p):] = 1
+    return ids.to(device), attn.to(device)
+
+
+def _cut_at_eos(tokens: List[int], eos_ids: set) -> tuple:
+    for j, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: j + 1], True
+    return tokens, False
+
+
+@torch.no_grad()
+def hf_generate(model, tokenizer, prompts: Sequence[List[int]], cfg: GenerationConfig) -> List[List[int]]:
+    """Sampled response token lists (raw, up to max_new_tokens, possibly past EOS)."""
+    model = _unwrap(model)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    out: List[List[int]] = []
+    try:
+        for start in range(0, len(prompts), cfg.batch_size):
+            chunk = prompts[start:start + cfg.batch_size]
+            ids, attn = _left_pad(chunk, pad_id, device)
+            kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
+                          eos_token_id=tokenizer.eos_token_id, use_cache=True)
+            if cfg.temperature > 0:
+                kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+            else:
+                kwargs.update(do_sample=False)
+            gen = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+            for row in gen[:, ids.shape[1]:].tolist():
+                out.append(row)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def generate(model, tokenizer, prompts: Sequence[List[int]], cfg: GenerationConfig, *, n: int = 1,
+             engine=None, compute_logprobs: bool = True) -> Rollout:
+    """Sample ``n`` responses for each prompt (token-id lists). Returns a :class:`Rollout`."""
+    expanded = [p for p in prompts for _ in range(n)]
+    index = [i for i in range(len(prompts)) for _ in range(n)]
+    raw = engine.generate(expanded, cfg) if engine is not None else hf_generate(model, tokenizer, expanded, cfg)
+    eos = {tokenizer.eos_token_id}
+    responses, ended = [], []
+    for toks in raw:
+        r, e = _cut_at_eos(toks, eos)
+        if not r:  # an empty generation still needs one token to score; use EOS
+            r, e = [tokenizer.eos_token_id], True
+        responses.append(r)
+        ended.append(e)
+    seqs = [p + r for p, r in zip(expanded, responses)]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(expanded, responses)]
+    batch = pad_sequences(seqs, masks, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    ro = Rollout(batch, [len(p) for p in expanded], responses, texts, torch.tensor(ended), index)
+    if compute_logprobs:
+        ro.logprobs = batched_logprobs(model, batch, temperature=cfg.temperature or 1.0, batch_size=cfg.batch_size)
+    return ro
+
+
+@torch.no_grad()
+def batched_logprobs(model, batch: SeqBatch, temperature: float = 1.0, batch_size: int = 16) -> torch.Tensor:
+    """(N, T-1) log-probs of ``batch`` under ``model`` without gradients, in chunks of rows."""
+    from alignkit.ops.logprobs import token_logprobs
+
+    model_u = _unwrap(model)
+    device = next(model_u.parameters()).device
+    parts = []
+    for s in range(0, len(batch), batch_size):
+        sub = SeqBatch(batch.input_ids[s:s + batch_size], batch.attention_mask[s:s + batch_size],
+                       batch.loss_mask[s:s + batch_size]).to(device)
+        parts.append(token_logprobs(model_u, sub, temperature=temperature).logps.float().cpu())
+    return torch.cat(parts)
