@@ -27,6 +27,7 @@ class Command:
     help: str
     flags: Dict[str, str]  # convenience flag -> dotted field
     defaults: Optional[Dict[str, Any]] = None  # dotted field -> value preset by an alias (e.g. kto)
+    choices: Optional[Dict[str, str]] = None  # flag -> "module:REGISTRY" whose names() are the choices
 
 
 TRAIN_FLAGS = {"model": "model.name_or_path", "data": "data.path", "output": "output",
@@ -128,6 +129,8 @@ def _make(cmd: Command) -> click.Command:
             params.append(click.Option(["--resume"], is_flag=False, flag_value="latest", default=None,
                                        help="Resume from OUTPUT's latest checkpoint, or from a given one."))
             continue
+        if cmd.choices and flag in cmd.choices:
+            opt_type = click.Choice(_load(cmd.choices[flag]).names())
         params.append(click.Option([f"--{flag.replace('_', '-')}", flag], type=opt_type, default=None,
                                    help=f"Shorthand for {dotted}=VALUE."))
     epilog = "Overrides: KEY=VALUE (dotted, YAML values), e.g. optim.lr=1e-5 train.batch_size=4\n\nFields:\n" \

@@ -91,7 +91,10 @@ def collate_pairs(items: List[Dict[str, Any]], pad_id: int) -> PairBatch:
 
 @dataclass
 class UnpairedBatch:
-    """KTO batch: the examples plus mismatched (prompt_i, completion_{i+1}) pairs for the KL estimate."""
+    """KTO batch: the examples plus mismatched (prompt, other completion) pairs for the KL estimate.
+
+    The partner completion is the item's ``kl_completion_ids`` when set (fixed per item), else the
+    next item's in the batch."""
 
     seq: SeqBatch
     kl_seq: SeqBatch
@@ -111,7 +114,9 @@ def collate_unpaired(items: List[Dict[str, Any]], pad_id: int) -> UnpairedBatch:
     n = len(items)
     main = [_prompt_response(x["prompt_ids"], x["completion_ids"]) for x in items]
     # shift completions by one so no example is paired with its own completion
-    mism = [_prompt_response(items[i]["prompt_ids"], items[(i + 1) % n]["completion_ids"]) for i in range(n)]
+    mism = [_prompt_response(items[i]["prompt_ids"],
+                             items[i].get("kl_completion_ids", items[(i + 1) % n]["completion_ids"]))
+            for i in range(n)]
     ref = {}
     if "ref_logps" in items[0]:
         ref = {k: torch.tensor([x[k] for x in items], dtype=torch.float32) for k in ("ref_logps", "ref_kl_logps")}

@@ -1,0 +1,238 @@
+"""Direct preference optimization and its family (``alignkit dpo --loss NAME``).
+
+The losses live in :mod:`alignkit.losses.preference` (one registry). This module is the trainer:
+one forward pass over chosen and rejected together, the reference log-probs from one of three
+sources (a frozen model, the LoRA adapter switched off, or precomputed once), and the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from alignkit.config import RunConfig, Section, as_config
+from alignkit.data.collate import PairBatch, SeqBatch, UnpairedBatch, collate_pairs, collate_unpaired
+from alignkit.losses.preference import PREFERENCE_LOSSES, combine, loss_hparams, nll_term
+from alignkit.ops.logprobs import TokenLogprobs, token_logprobs
+from alignkit.train.loop import Task, Trainer
+from alignkit.train.reference import Reference, make_reference
+
+HPARAMS = ("beta", "label_smoothing", "gamma", "desirable_weight", "undesirable_weight")
+
+
+class DPOOptions(Section):
+    loss: str = Field("dpo", description="Preference loss, one of: " + ", ".join(PREFERENCE_LOSSES.names())
+                      + " (the equations are in docs/preference.md).")
+    beta: Optional[float] = None
+    """Strength (beta; tau for ipo, lambda for orpo). Empty: the loss's own default."""
+    label_smoothing: Optional[float] = None
+    """Assumed label-noise rate for cdpo/robust (and dpo's label smoothing)."""
+    gamma: Optional[float] = None
+    """SimPO target reward margin."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """KTO weight of desirable examples (lambda_D)."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """KTO weight of undesirable examples (lambda_U)."""
+    extra_losses: Dict[str, float] = {}
+    """More paired losses added with weights, e.g. {hinge: 0.5}; they share beta and the other knobs."""
+    sft_weight: float = Field(0.0, ge=0)
+    """Weight of an NLL term on the chosen response (length-averaged), as in RPO / DPO+SFT."""
+    reference: Literal["auto", "model", "adapter", "precomputed"] = "auto"
+    """Reference log-probs: model (a frozen copy), adapter (LoRA off, no second copy), precomputed
+    (one pass before training, nothing in memory while training); auto = adapter with LoRA, else model."""
+    ref_model: Optional[str] = None
+    """Reference model path or id (default: the starting policy)."""
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        PREFERENCE_LOSSES.get(v)  # raises with the list of choices
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in self.extra_losses:
+            spec = PREFERENCE_LOSSES.get(name)
+            if not spec.paired or not PREFERENCE_LOSSES.get(self.loss).paired:
+                raise ValueError(f"extra_losses: {name!r} cannot be combined with {self.loss!r} "
+                                 "(kto is unpaired; combine paired losses only)")
+        return self
+
+    def hparams_for(self, name: str) -> Dict[str, Any]:
+        """The hyper-parameters this loss accepts, from the fields that are set."""
+        accepted = loss_hparams(name)
+        return {k: getattr(self, k) for k in HPARAMS if k in accepted and getattr(self, k) is not None}
+
+    def losses(self) -> List[Tuple[str, float]]:
+        return [(self.loss, 1.0)] + list(self.extra_losses.items())
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(PREFERENCE_LOSSES.get(n).needs_reference for n, _ in self.losses())
+
+    @property
+    def paired(self) -> bool:
+        return PREFERENCE_LOSSES.get(self.loss).paired
+
+
+class DPOConfig(RunConfig):
+    """Direct preference optimization and its family."""
+
+    command: Literal["dpo"] = "dpo"
+    dpo: DPOOptions = DPOOptions()
+    """Loss and reference options."""
+
+
+def _split(tl: TokenLogprobs, B: int):
+    logps, lengths = tl.sum(), tl.lengths()
+    return logps[:B], logps[B:], lengths[:B], lengths[B:]
+
+
+class PreferenceTask(Task):
+    name = "dpo"
+
+    def __init__(self, opts: DPOOptions, pad_id: int, reference: Optional[Reference]):
+        self.opts, self.pad_id, self.ref = opts, pad_id, reference
+        self.specs = [(PREFERENCE_LOSSES.get(n), w) for n, w in opts.losses()]
+
+    # ------------------------------------------------------------------ batching
+    def collate(self, items: List[Dict[str, Any]]):
+        return collate_pairs(items, self.pad_id) if self.opts.paired else collate_unpaired(items, self.pad_id)
+
+    def units(self, batch) -> float:
+        return float(len(batch))
+
+    # ------------------------------------------------------------------ loss
+    def _paired(self, model, batch: PairBatch):
+        B = batch.num_pairs
+        pc, pr, lc, lr = _split(token_logprobs(model, batch.seq), B)
+        rc = rr = None
+        if self.ref is not None:
+            rc, rr = self.ref.pair_logps(model, batch)
+        outs = []
+        for spec, w in self.specs:
+            out = spec.fn(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr, labels=batch.soft_label,
+                          **self.opts.hparams_for(spec.name))
+            outs.append((w, out, spec.name))
+        primary = outs[0][1]
+        total = combine([(w, o) for w, o, _ in outs], names=[n for _, _, n in outs]) if len(outs) > 1 else primary
+        losses = total.losses
+        metrics = dict(primary.metrics)
+        metrics.update({k: v for k, v in total.metrics.items() if k.endswith("/loss")})
+        if self.opts.sft_weight:
+            nll = nll_term(pc, lc)
+            losses = losses + self.opts.sft_weight * nll.losses
+            metrics.update(nll.metrics)
+        metrics.update({"logps/chosen": pc.detach(), "logps/rejected": pr.detach(),
+                        "lengths/chosen": lc.detach(), "lengths/rejected": lr.detach()})
+        return losses, metrics, (pc, pr, lc, lr, rc, rr)
+
+    def _unpaired(self, model, batch: UnpairedBatch):
+        tl = token_logprobs(model, batch.seq)
+        with torch.no_grad():  # the KL reference point carries no gradient (KTO eq. 8)
+            kl_tl = token_logprobs(model, batch.kl_seq)
+        ref, ref_kl = self.ref.unpaired_logps(model, batch)
+        out = PREFERENCE_LOSSES.get("kto").fn(tl.sum(), ref, batch.label, kl_policy_logps=kl_tl.sum(),
+                                             kl_ref_logps=ref_kl, **self.opts.hparams_for("kto"))
+        metrics = dict(out.metrics)
+        lab = batch.label.float()
+        metrics["logps/desirable"] = (tl.sum().detach() * lab).sum() / lab.sum().clamp(min=1)
+        metrics["lengths/completion"] = tl.lengths().detach()
+        return out.losses, metrics, (tl.sum(), ref, batch.label)
+
+    def loss(self, model, batch):
+        losses, metrics, _ = self._paired(model, batch) if self.opts.paired else self._unpaired(model, batch)
+        return losses.sum(), metrics
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, model, items, batch_size: int) -> Dict[str, float]:
+        """Held-out loss, metrics and preference accuracy.
+
+        ``eval/accuracy`` is the share of pairs ranked right by the implicit reward (policy minus
+        reference log-ratio) or, for reference-free losses, by the length-normalized log-probs.
+        """
+        device = next(model.parameters()).device
+        sums: Dict[str, float] = {}
+        n = 0
+        by_row: Dict[int, Dict[bool, List[float]]] = {}
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            b = self.collate(chunk).to(device)
+            if self.opts.paired:
+                losses, metrics, (pc, pr, lc, lr, rc, rr) = self._paired(model, b)
+                if rc is not None:
+                    sc, sr = pc - rc, pr - rr  # implicit rewards (up to beta)
+                else:
+                    sc, sr = pc / lc.clamp(min=1), pr / lr.clamp(min=1)
+                # ties count half: before training policy == reference and every pair ties
+                metrics = dict(metrics, accuracy=(sc > sr).float() + 0.5 * (sc == sr).float())
+            else:
+                losses, metrics, (pol, ref, labels) = self._unpaired(model, b)
+                reward = (pol - ref).tolist()
+                for it, r, lab in zip(chunk, reward, labels.tolist()):
+                    by_row.setdefault(it["row"], {True: [], False: []})[bool(lab)].append(r)
+            k = len(b)
+            n += k
+            sums["loss"] = sums.get("loss", 0.0) + float(losses.sum())
+            for key, v in metrics.items():
+                v = v.float()
+                sums[key] = sums.get(key, 0.0) + (float(v.sum()) if v.dim() else float(v) * k)
+        out = {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
+        if not self.opts.paired:
+            pairs = [(d, u) for g in by_row.values() for d in g[True] for u in g[False]]
+            if pairs:  # rows that were pairs split into desirable/undesirable halves
+                out["eval/accuracy"] = sum(1.0 if d > u else 0.5 if d == u else 0.0 for d, u in pairs) / len(pairs)
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+
+def assign_kl_partners(items: List[Dict[str, Any]], seed: int) -> None:
+    """Give each unpaired item a fixed mismatched completion for KTO's KL reference point.
+
+    Fixed per item (not per batch), so the reference log-probs of the mismatched pair can be
+    precomputed and the estimate does not depend on how batches happen to be drawn.
+    """
+    if len(items) < 2:
+        raise ValueError("kto needs at least two examples (the KL reference point pairs each prompt with "
+                         "another example's completion)")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    for a, b in zip(order, order[1:] + order[:1]):
+        items[a]["kl_completion_ids"] = items[b]["completion_ids"]
+
+
+def train_dpo(config: Union[DPOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
+    """Train with a preference loss; the Python twin of ``alignkit dpo``."""
+    from alignkit.data import prepare
+    from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
+    from alignkit.train.common import finish_run, report_data, sample_report_prompts, start_run
+
+    cfg = as_config(DPOConfig, config, overrides)
+    opts = cfg.dpo
+    acc = start_run(cfg)
+    tok = load_tokenizer(cfg.model)
+    kind = "preference" if opts.paired else "unpaired"
+    data = prepare(kind, cfg.data, tok, seed=cfg.train.seed)
+    report_data(data, cfg.output, acc.is_main_process)
+    if not opts.paired:
+        assign_kl_partners(data.train, cfg.train.seed)
+        if data.eval:
+            assign_kl_partners(data.eval, cfg.train.seed)
+    model = load_causal_lm(cfg.model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    reference = make_reference(cfg, model, data, tok, acc) if opts.needs_reference else None
+    task = PreferenceTask(opts, tok.pad_token_id, reference)
+    trainer = Trainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
+    before = trainer.evaluate() if data.eval else {}
+    sample_report_prompts(trainer, tok, data.eval, "before")
+    final = trainer.fit()
+    sample_report_prompts(trainer, tok, data.eval, "after")
+    summary = {**final, **{f"{k}_before": v for k, v in before.items()}, "loss": opts.loss,
+               "reference": reference.mode if reference else "none"}
+    summary["model_dir"] = str(finish_run(trainer, tok, cfg, summary))
+    return summary

@@ -1,0 +1,118 @@
+"""Reference log-probs for preference training, three ways that give the same numbers.
+
+- ``model``: a separate frozen model (default: the starting policy, or ``dpo.ref_model``).
+- ``adapter``: with LoRA, the policy's own weights with the adapter switched off (no second copy).
+- ``precomputed``: one pass over the data before training; nothing extra in memory afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from alignkit.data.collate import PairBatch, SeqBatch, UnpairedBatch, collate_pairs, collate_unpaired
+from alignkit.ops.logprobs import token_logprobs
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+class Reference:
+    mode = "base"
+
+    def seq_logps(self, policy, seq: SeqBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pair_logps(self, policy, batch: PairBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+        B = batch.num_pairs
+        lp = self.seq_logps(policy, batch.seq)
+        return lp[:B], lp[B:]
+
+    def unpaired_logps(self, policy, batch: UnpairedBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.seq_logps(policy, batch.seq), self.seq_logps(policy, batch.kl_seq)
+
+
+class ModelReference(Reference):
+    mode = "model"
+
+    def __init__(self, model):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def seq_logps(self, policy, seq: SeqBatch) -> torch.Tensor:
+        return token_logprobs(self.model, seq).sum()
+
+
+class AdapterReference(Reference):
+    mode = "adapter"
+
+    @torch.no_grad()
+    def seq_logps(self, policy, seq: SeqBatch) -> torch.Tensor:
+        peft_model = _unwrap(policy)
+        with peft_model.disable_adapter():
+            return token_logprobs(peft_model, seq).sum()
+
+
+class PrecomputedReference(Reference):
+    mode = "precomputed"
+
+    def pair_logps(self, policy, batch: PairBatch):
+        if batch.ref_chosen_logps is None:
+            raise RuntimeError("precomputed reference: batch has no reference log-probs")
+        return batch.ref_chosen_logps, batch.ref_rejected_logps
+
+    def unpaired_logps(self, policy, batch: UnpairedBatch):
+        if batch.ref_logps is None:
+            raise RuntimeError("precomputed reference: batch has no reference log-probs")
+        return batch.ref_logps, batch.ref_kl_logps
+
+
+@torch.no_grad()
+def precompute(ref: Reference, items: List[Dict[str, Any]], pad_id: int, paired: bool, device,
+               batch_size: int = 8) -> None:
+    """Store reference log-probs in each item (``ref_chosen_logps``/``ref_rejected_logps`` or
+    ``ref_logps``/``ref_kl_logps``), computed by ``ref`` in one pass."""
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        if paired:
+            b = collate_pairs(chunk, pad_id).to(device)
+            rc, rr = ref.pair_logps(None, b)
+            for it, c, r in zip(chunk, rc.tolist(), rr.tolist()):
+                it["ref_chosen_logps"], it["ref_rejected_logps"] = c, r
+        else:
+            b = collate_unpaired(chunk, pad_id).to(device)
+            lp, kl = ref.unpaired_logps(None, b)
+            for it, a, k in zip(chunk, lp.tolist(), kl.tolist()):
+                it["ref_logps"], it["ref_kl_logps"] = a, k
+
+
+def make_reference(cfg, policy, data, tokenizer, accelerator) -> Reference:
+    """Build the reference that ``cfg.dpo.reference`` asks for (see the module docstring)."""
+    from alignkit.models.loading import is_peft, load_causal_lm
+
+    opts = cfg.dpo
+    mode = opts.reference
+    if mode == "auto":
+        mode = "adapter" if cfg.lora.enabled and not opts.ref_model else "model"
+    if mode == "adapter":
+        if not is_peft(policy):
+            raise ValueError("dpo.reference=adapter needs LoRA (--lora): without an adapter there is nothing "
+                             "to switch off")
+        if opts.ref_model:
+            raise ValueError("dpo.reference=adapter uses the policy's base weights; it cannot use dpo.ref_model")
+        return AdapterReference()
+    ref_cfg = cfg.model.model_copy(update={"name_or_path": opts.ref_model or cfg.model.name_or_path,
+                                           "gradient_checkpointing": False})
+    ref = ModelReference(load_causal_lm(ref_cfg).to(accelerator.device))
+    if mode == "model":
+        return ref
+    precompute(ref, data.train, tokenizer.pad_token_id, opts.paired, accelerator.device, cfg.train.batch_size)
+    precompute(ref, data.eval, tokenizer.pad_token_id, opts.paired, accelerator.device, cfg.train.batch_size)
+    del ref  # nothing of the reference stays in memory while training
+    return PrecomputedReference()
