@@ -90,7 +90,9 @@ def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
 
     pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=cfg.target_modules, task_type=task_type, bias="none")
-    if getattr(model, "is_gradient_checkpointing", False):
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    if getattr(model, flag, False):  # checkpointed layers need inputs that require grad
         model.enable_input_require_grads()
     return get_peft_model(model, pcfg)
 
