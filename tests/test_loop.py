@@ -30,8 +30,10 @@ def sft_data(jsonl):
 
 
 def make_trainer(tmp_path, model_dir, data, **over):
+    # fp32 math (also on a GPU), so the invariance tests compare exact arithmetic, not bf16 rounding
     cfg = as_config(SFTConfig, {"model": {"name_or_path": str(model_dir)}, "data": {"path": str(data)},
-                                "output": str(tmp_path / "run"), "log": {"progress": False}}, over)
+                                "output": str(tmp_path / "run"), "log": {"progress": False},
+                                "train": {"precision": "fp32"}}, over)
     acc = start_run(cfg)
     tok = load_tokenizer(cfg.model)
     prep = prepare("sft", cfg.data, tok)

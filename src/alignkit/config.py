@@ -31,7 +31,8 @@ class ModelConfig(Section):
     name_or_path: Optional[str] = None
     """Hugging Face model id or local directory. Empty: the embedded default (SmolLM2-135M-Instruct)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype. auto: float32 on CPU, bfloat16 on a GPU that supports it."""
+    """Weight dtype. auto: float32 for trained weights (bf16 autocast on a GPU), bfloat16 for frozen
+    models (references, scorers) on a GPU."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the model repository (off unless you ask)."""
     attn_implementation: Optional[str] = None
@@ -95,6 +96,9 @@ class TrainConfig(Section):
     """Seed for weights init, data order and sampling."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Mixed precision: auto is fp32 on CPU and bf16 on a GPU."""
+    logprob_chunk: int = Field(1024, ge=0)
+    """Label positions per chunk when computing log-probs (never a full [B, T, V] logits tensor);
+    0 computes full logits: faster on a GPU, far more memory (see bench/logprobs_memory.py)."""
     max_bad_steps: int = Field(5, gt=0)
     """Abort after this many consecutive steps with a NaN/Inf loss or gradient (each is skipped)."""
 

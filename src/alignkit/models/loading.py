@@ -16,9 +16,13 @@ log = logging.getLogger("alignkit")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str, device: Optional[torch.device] = None) -> torch.dtype:
+def resolve_dtype(name: str, device: Optional[torch.device] = None, trainable: bool = False) -> torch.dtype:
+    """auto: float32 for weights we train (bf16 autocast does the fast math, the optimizer updates
+    fp32 master weights, so small updates are not rounded away), bfloat16 for frozen models on a GPU."""
     if name != "auto":
         return _DTYPES[name]
+    if trainable:
+        return torch.float32
     on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
     return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
 
@@ -45,11 +49,12 @@ def _common_kwargs(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return kw
 
 
-def load_causal_lm(cfg: ModelConfig, dtype: Optional[torch.dtype] = None):
+def load_causal_lm(cfg: ModelConfig, dtype: Optional[torch.dtype] = None, trainable: bool = True):
+    """A causal LM; ``trainable=False`` (references, scorers) lets dtype=auto pick bf16 on a GPU."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg.name_or_path)
-    dtype = dtype or resolve_dtype(cfg.dtype)
+    dtype = dtype or resolve_dtype(cfg.dtype, trainable=trainable)
     model = AutoModelForCausalLM.from_pretrained(path, **_common_kwargs(cfg, dtype))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -62,7 +67,7 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: Optional[int] = None, dtyp
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(cfg.name_or_path)
-    dtype = dtype or resolve_dtype(cfg.dtype)
+    dtype = dtype or resolve_dtype(cfg.dtype, trainable=True)
     import transformers
 
     # a causal-LM checkpoint has no score head: silence the "newly initialized" warning, we init it.

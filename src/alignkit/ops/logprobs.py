@@ -17,7 +17,13 @@ from torch.utils.checkpoint import checkpoint
 
 from alignkit.data.collate import SeqBatch
 
-DEFAULT_CHUNK = 1024  # positions (rows x tokens) per chunk
+DEFAULT_CHUNK = 1024  # label positions per chunk; set per run from train.logprob_chunk
+
+
+def set_chunk_size(n: int) -> None:
+    """Run-wide chunk size (0: full logits, faster on a GPU but O(B x T x V) memory)."""
+    global DEFAULT_CHUNK
+    DEFAULT_CHUNK = int(n)
 
 
 @dataclass
@@ -82,12 +88,13 @@ def _hidden_states(model, batch: SeqBatch, pos: torch.Tensor) -> Optional[torch.
 
 
 def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_entropy: bool = False,
-                   chunk_size: int = DEFAULT_CHUNK) -> TokenLogprobs:
+                   chunk_size: Optional[int] = None) -> TokenLogprobs:
     """Log-probs of ``batch.input_ids[:, 1:]`` under ``model``, masked by ``batch.loss_mask[:, 1:]``.
 
     Falls back to full logits when the model is wrapped in a way that hides its head (FSDP, custom
     code): correct, just without the memory saving.
     """
+    chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     labels = batch.input_ids[:, 1:]  # (B, T-1)
     mask = batch.loss_mask[:, 1:].float()
     pos = position_ids(batch.attention_mask)
