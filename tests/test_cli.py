@@ -75,3 +75,17 @@ def test_lora_adapter_save(tmp_path, tiny_model, jsonl):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "model" / "adapter_config.json").exists()
     assert RMConfig().lora.save == "merged"
+
+
+def test_tensorboard_tracker_writes_events(tmp_path, tiny_model, jsonl):
+    data = jsonl("d.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
+    res = run(["sft", "--model", str(tiny_model), "--data", str(data), "--output", str(tmp_path / "run"),
+               "--max-steps", "2", "log.report_to=[tensorboard]", "log.progress=false"])
+    assert res.exit_code == 0, res.output
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    ea.Reload()
+    losses = [e.value for e in ea.Scalars("train/loss")]
+    metrics = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "train/loss" in l]
+    assert len(losses) == len(metrics) == 2

@@ -33,3 +33,40 @@ def test_two_processes_equal_one(tmp_path, tiny_model, jsonl):
     for k in a:
         assert not torch.equal(a[k], start[k]) or "norm" in k  # it trained
         assert torch.allclose(a[k], b[k], atol=2e-6, rtol=1e-5), k
+
+
+FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: true
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_reshard_after_forward: true
+  fsdp_cpu_ram_efficient_loading: false
+"""
+
+
+def test_fsdp_through_an_accelerate_config_equals_one_process(tmp_path, tiny_model, jsonl):
+    data = jsonl("d.jsonl", sft_rows(32))
+    cfg = tmp_path / "fsdp.yaml"
+    cfg.write_text(FSDP_CONFIG)
+    common = ["sft", "--model", str(tiny_model), "--data", str(data), "--max-steps", "3", "optim.lr=1e-3",
+              "log.progress=false", "log.save_every=2"]
+    _run(common + ["--output", str(tmp_path / "one"), "train.batch_size=8"], 1, tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg),
+                          "--main_process_port", "29544", "-m", "alignkit"] + common
+                         + ["--output", str(tmp_path / "fsdp"), "train.batch_size=4"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-6, rtol=1e-5), k
+    assert (tmp_path / "fsdp" / "checkpoints" / "step-00000002").is_dir()

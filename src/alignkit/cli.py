@@ -183,4 +183,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    # `python -m alignkit.cli`: run the imported module, where the command modules register
+    from alignkit.cli import main as _main
+
+    _main(sys.argv[1:])

@@ -24,6 +24,7 @@ class MetricLogger:
         self.progress = None
         self.task_id = None
         self.trackers = []
+        self._closers = []
         self.t_start = time.time()
         if is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -37,6 +38,7 @@ class MetricLogger:
 
                 w = SummaryWriter(str(self.out / "tensorboard"))
                 self.trackers.append(lambda step, m, w=w: [w.add_scalar(k, v, step) for k, v in m.items()])
+                self._closers.append(w.flush)
             elif kind == "wandb":
                 import wandb
 
@@ -94,6 +96,8 @@ class MetricLogger:
         self.progress.update(self.task_id, completed=step, live=live)
 
     def stop(self) -> None:
+        for close in self._closers:
+            close()
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
