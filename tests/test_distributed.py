@@ -7,7 +7,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from tests.test_loop import sft_rows
+from tests.helpers import sft_rows
 
 
 def _run(args, nproc, tmp_path):

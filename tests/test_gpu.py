@@ -11,8 +11,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_bf16_sft_and_dpo_train_on_gpu(tmp_path, tiny_model, jsonl):
     from alignkit.train.preference import train_dpo
     from alignkit.train.sft import train_sft
-    from tests.test_loop import sft_rows
-    from tests.test_preference_training import pref_rows
+    from tests.helpers import sft_rows
+    from tests.helpers import pref_rows
 
     data = jsonl("sft.jsonl", sft_rows(64))
     s = train_sft(**{"model.name_or_path": str(tiny_model), "data.path": str(data), "data.eval_fraction": 0.25,

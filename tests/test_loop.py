@@ -1,7 +1,6 @@
 """The shared loop: accumulation invariance, exact resume, atomic checkpoints, NaN handling."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -13,15 +12,7 @@ from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.train.common import start_run
 from alignkit.train.loop import Trainer, TrainingAborted
 from alignkit.train.sft import SFTTask, train_sft
-
-
-def sft_rows(n=48, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        k = rng.randint(1, 6)
-        rows.append({"prompt": f"n={k}:", "completion": " " + "xy" * k})
-    return rows
+from tests.helpers import sft_rows
 
 
 @pytest.fixture

@@ -13,17 +13,7 @@ from alignkit.losses.preference import PREFERENCE_LOSSES
 from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from alignkit.train.preference import DPOOptions, PreferenceTask, train_dpo
 from alignkit.train.reference import AdapterReference, ModelReference, PrecomputedReference, precompute
-
-
-def pref_rows(n, seed):
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        prompt = "say:" + "".join(rng.choice("mnop") for _ in range(rng.randint(1, 4)))
-        good = "".join(rng.choice("aeiou") for _ in range(rng.randint(2, 8)))
-        bad = "".join(rng.choice("xyzqw") for _ in range(rng.randint(2, 8)))
-        out.append({"prompt": prompt, "chosen": good, "rejected": bad})
-    return out
+from tests.helpers import pref_rows
 
 
 @pytest.fixture(scope="module")

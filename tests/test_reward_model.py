@@ -1,7 +1,6 @@
 """Reward model: learns a preference set, reads the last real token, `alignkit score` writes scores."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -9,17 +8,7 @@ import torch
 from alignkit.data.collate import SeqBatch, pad_sequences
 from alignkit.models.reward import last_token_index, reward_scores
 from alignkit.train.reward import train_rm
-
-
-def pref_rows(n, seed):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = "say:" + "".join(rng.choice("mnop") for _ in range(rng.randint(1, 4)))
-        good = "".join(rng.choice("aeiou") for _ in range(rng.randint(2, 8)))
-        bad = "".join(rng.choice("xyzqw") for _ in range(rng.randint(2, 8)))
-        rows.append({"prompt": prompt, "chosen": good, "rejected": bad})
-    return rows
+from tests.helpers import pref_rows
 
 
 def test_last_token_index_any_padding():

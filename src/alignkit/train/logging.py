@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 SHOWN = ("train/loss", "rewards/accuracy", "rewards/margin", "rewards/mean", "kl/ref", "train/lr")
 

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import RunConfig, Section, as_config
-from alignkit.data.collate import PairBatch, SeqBatch, UnpairedBatch, collate_pairs, collate_unpaired
+from alignkit.data.collate import PairBatch, UnpairedBatch, collate_pairs, collate_unpaired
 from alignkit.losses.preference import PREFERENCE_LOSSES, combine, loss_hparams, nll_term
 from alignkit.ops.logprobs import TokenLogprobs, token_logprobs
 from alignkit.train.loop import Task, Trainer

@@ -1,0 +1,25 @@
+"""Small learnable datasets shared by the tests."""
+
+import random
+
+
+def pref_rows(n, seed):
+    """Preference pairs a tiny model learns in seconds: vowels are preferred over consonants."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = "say:" + "".join(rng.choice("mnop") for _ in range(rng.randint(1, 4)))
+        good = "".join(rng.choice("aeiou") for _ in range(rng.randint(2, 8)))
+        bad = "".join(rng.choice("xyzqw") for _ in range(rng.randint(2, 8)))
+        out.append({"prompt": prompt, "chosen": good, "rejected": bad})
+    return out
+
+
+def sft_rows(n=48, seed=0):
+    """SFT rows with a learnable pattern: "n=k:" -> " " + "xy" * k."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.randint(1, 6)
+        rows.append({"prompt": f"n={k}:", "completion": " " + "xy" * k})
+    return rows
