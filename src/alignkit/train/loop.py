@@ -88,6 +88,11 @@ def make_accelerator(cfg: RunConfig):
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one global state per process; a second run in the same process (notebooks,
+    # pipelines, tests) may want another precision, so start from a clean one (the process group stays)
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
 
 
@@ -125,7 +130,11 @@ class Trainer:
         if not params:
             raise ValueError("the model has no trainable parameters")
         o = cfg.optim
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        model.to(self.acc.device)  # before the optimizer, so a fused (single-kernel) AdamW can be used on GPU
+        fused = self.acc.device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                                                       for p in params)
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                      fused=True if fused else None)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # the scheduler is stepped by us once per update (accelerate's wrapper would step it per process)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, o)

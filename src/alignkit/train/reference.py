@@ -109,10 +109,12 @@ def make_reference(cfg, policy, data, tokenizer, accelerator) -> Reference:
         return AdapterReference()
     ref_cfg = cfg.model.model_copy(update={"name_or_path": opts.ref_model or cfg.model.name_or_path,
                                            "gradient_checkpointing": False})
-    ref = ModelReference(load_causal_lm(ref_cfg, trainable=False).to(accelerator.device))
+    # same dtype as the policy and run under the same autocast, so at step 0 reference == policy exactly
+    ref = ModelReference(load_causal_lm(ref_cfg).to(accelerator.device))
     if mode == "model":
         return ref
-    precompute(ref, data.train, tokenizer.pad_token_id, opts.paired, accelerator.device, cfg.train.batch_size)
-    precompute(ref, data.eval, tokenizer.pad_token_id, opts.paired, accelerator.device, cfg.train.batch_size)
+    with accelerator.autocast():
+        precompute(ref, data.train, tokenizer.pad_token_id, opts.paired, accelerator.device, cfg.train.batch_size)
+        precompute(ref, data.eval, tokenizer.pad_token_id, opts.paired, accelerator.device, cfg.train.batch_size)
     del ref  # nothing of the reference stays in memory while training
     return PrecomputedReference()
