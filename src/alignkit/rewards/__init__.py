@@ -8,6 +8,7 @@ Shorthand ``KIND:ARG@WEIGHT`` (weight optional, parsed only from a trailing ``@<
     regex:PATTERN                                1 if the pattern matches (DOTALL)
     length:target=N|max=N|min=N[,unit=chars]     length shaping
     python:MODULE:FN | python:FILE.py:FN         any callable
+    judge:MODEL[;reference_field=F,...]          LLM judge vs a reference answer (alignkit.feedback)
 
 ``build_reward(["match:answer", "regex:<answer>.*</answer>@0.2"])`` returns a
 :class:`CompositeReward`; call it as ``reward(prompts, completions, rows)``.
@@ -17,6 +18,7 @@ from alignkit.rewards.base import (REWARD_KINDS, FunctionSource, RewardKind, Rew
                                    check_scores, register_reward_kind)
 # importing the kind modules registers them
 from alignkit.rewards import pyfunc, rules, scorers  # noqa: E402,F401  (registration side effect)
+from alignkit.feedback import judge_reward  # noqa: E402,F401  (registers judge:, see alignkit.feedback)
 from alignkit.rewards.answer import answers_match, extract_answer, parse_number
 from alignkit.rewards.composite import CompositeReward, build_reward, build_source
 from alignkit.rewards.scorers import EnsembleReward, ModelReward, combine_scores

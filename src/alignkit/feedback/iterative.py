@@ -1,0 +1,290 @@
+"""Iterative (online) DPO: sample with the current policy, score, pair best vs worst, a DPO round, repeat.
+
+Xu et al. 2023 ("Some things are more CRINGE than others: Iterative preference optimization with the
+pairwise Cringe loss") and Xiong et al. 2024 ("Iterative Preference Learning from Human Feedback:
+Bridging Theory and Practice for RLHF under KL-Constraint", online iterative DPO): offline DPO learns
+from responses of some other policy; re-sampling from the current policy each round keeps the pairs
+on-policy. Round K (``OUTPUT/round-K/``):
+
+1. sample ``samples_per_prompt`` responses per prompt with the current policy (``generation``);
+2. score them with ``iterative.reward`` (any reward source, ``judge:`` included);
+3. per prompt, the best versus the worst response is a pair; prompts whose best and worst rewards
+   are within ``min_gap`` are ties and are dropped (counted), as are empty samples;
+4. train one DPO round (:func:`alignkit.train.preference.train_dpo`) on the pairs, the reference being
+   the previous round's policy or the original one (``iterative.reference``);
+5. evaluate: the mean reward (``eval_reward``, default the training reward) of the new policy's
+   samples on held-out prompts (``data.eval_path`` / ``data.eval_fraction``; without either, the
+   training prompts, flagged in the summary).
+
+Round 0 evaluates the starting policy, so ``summary.json``'s ``reward_per_round`` starts with it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from alignkit.config import RunConfig, Section, as_config, to_yaml
+from alignkit.rewards import RewardSpec, build_reward
+from alignkit.rollout.generate import GenerationConfig
+from alignkit.train.preference import DPOConfig, DPOOptions
+
+RewardList = List[Union[str, Dict[str, Any]]]
+
+
+def _reward_list(v):
+    if v is None:
+        return v
+    v = [v] if isinstance(v, (str, dict)) else list(v)
+    if not v:
+        raise ValueError("at least one reward spec is needed (e.g. python:alignkit.rewards.toy:char_share)")
+    for s in v:
+        RewardSpec.coerce(s)  # unknown kinds and bad weights fail here, naming the spec
+    return v
+
+
+class RoundOptions(Section):
+    rounds: int = Field(3, gt=0)
+    """Rounds of sample -> pair -> DPO."""
+    reference: Literal["previous", "original"] = "previous"
+    """DPO reference of each round: the policy the round starts from, or the original model."""
+    prompts_per_round: Optional[int] = Field(None, gt=0)
+    """Prompts used per round, a fresh slice each round (cycling through the data). Empty: all."""
+    keep_round_models: bool = True
+    """Keep every round's OUTPUT/round-K/model; false deletes a round's model once the next one exists."""
+
+
+class IterativeOptions(RoundOptions):
+    reward: RewardList = Field(description="Reward specs that score the samples (KIND:ARG@WEIGHT strings or "
+                                           "{kind, arg, weight, options} mappings), e.g. judge:MODEL or "
+                                           "python:alignkit.rewards.toy:char_share.")
+    eval_reward: Optional[RewardList] = None
+    """Reward for the per-round evaluation (a gold reward); empty: the training reward."""
+    samples_per_prompt: int = Field(4, ge=2)
+    """Responses sampled per prompt (k); the best and the worst form the pair."""
+    min_gap: float = Field(0.0, ge=0)
+    """Pairs whose best-minus-worst reward is at most this are ties: dropped and counted."""
+    eval_samples: int = Field(2, gt=0)
+    """Samples per held-out prompt in the evaluation."""
+    eval_temperature: Optional[float] = Field(None, ge=0)
+    """Sampling temperature of the evaluation (empty: generation.temperature; 0: greedy)."""
+
+    @field_validator("reward", "eval_reward", mode="before")
+    @classmethod
+    def _check_reward(cls, v):
+        return _reward_list(v)
+
+
+class IterativeDPOConfig(RunConfig):
+    """Iterative / online DPO: rounds of sampling, reward scoring, best-vs-worst pairs and DPO."""
+
+    command: Literal["iterative-dpo"] = "iterative-dpo"
+    dpo: DPOOptions = DPOOptions()
+    """Loss and reference options of each DPO round (dpo.ref_model is set per round)."""
+    iterative: IterativeOptions
+    """Rounds, sampling, reward and evaluation."""
+    generation: GenerationConfig = GenerationConfig()
+    """Sampling of the candidate responses."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _section_present(cls, data):
+        # a missing section should report the missing field inside it: "iterative.reward: Field required"
+        if isinstance(data, dict) and data.get("iterative") is None:
+            data = {**data, "iterative": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        check_round_config(self)
+        return self
+
+
+def check_round_config(cfg) -> None:
+    if not cfg.dpo.paired:
+        raise ValueError(f"dpo.loss={cfg.dpo.loss!r} is unpaired; {cfg.command} builds pairs, use a paired loss")
+    if cfg.dpo.ref_model:
+        raise ValueError(f"dpo.ref_model is set per round by {cfg.command}; choose "
+                         f"{cfg.command.split('-')[-1]}.reference=previous|original instead")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def best_vs_worst(texts: Sequence[str], rewards: Sequence[float], groups: Sequence[int], min_gap: float = 0.0
+                  ) -> Tuple[List[Tuple[int, str, str, float, float]], Dict[str, int]]:
+    """Per group (prompt): (group, best text, worst text, best reward, worst reward).
+
+    Empty texts are left out (the data layer cannot hold an empty response); groups with fewer than
+    two non-empty samples and ties (best - worst <= min_gap) are dropped; all three are counted.
+    The first of equally scored samples wins, so the result is deterministic.
+    """
+    by: Dict[int, List[Tuple[float, str]]] = {}
+    counts = {"empty_samples": 0, "too_few_samples": 0, "ties": 0}
+    for t, r, g in zip(texts, rewards, groups):
+        by.setdefault(g, [])
+        if t.strip():
+            by[g].append((r, t))
+        else:
+            counts["empty_samples"] += 1
+    pairs = []
+    for g, cands in by.items():
+        if len(cands) < 2:
+            counts["too_few_samples"] += 1
+            continue
+        best = max(cands, key=lambda x: x[0])
+        worst = min(cands, key=lambda x: x[0])
+        if best[0] - worst[0] <= min_gap:
+            counts["ties"] += 1
+            continue
+        pairs.append((g, best[1], worst[1], best[0], worst[0]))
+    return pairs, counts
+
+
+def sample_and_score(model, tok, items: List[Dict[str, Any]], reward, gen: GenerationConfig, n: int):
+    """(texts, rewards, group index per text, ended flags) for ``n`` samples per prompt item."""
+    from alignkit.feedback.common import sample_with_ended
+
+    texts, ended = sample_with_ended(model, tok, [it["prompt_ids"] for it in items], gen, n=n)
+    groups = [i for i in range(len(items)) for _ in range(n)]
+    rewards = reward([items[g]["prompt"] for g in groups], texts, [dict(items[g]["fields"]) for g in groups])
+    return texts, rewards, groups, ended
+
+
+def round_slice(items: List[Dict[str, Any]], k: int, per_round: Optional[int]) -> List[Dict[str, Any]]:
+    """Round k's prompts (1-based k): all, or the k-th slice of ``per_round`` items, cycling."""
+    if not per_round or per_round >= len(items):
+        return items
+    start = (k - 1) * per_round
+    return [items[(start + j) % len(items)] for j in range(per_round)]
+
+
+def dpo_round(cfg, start_model: Optional[str], original: Optional[str], pairs_path: Path, rdir: Path,
+              k: int, reference: str) -> Dict[str, Any]:
+    """One DPO run on ``pairs_path`` from ``start_model`` into ``rdir``; returns train_dpo's summary."""
+    from alignkit.train.preference import train_dpo
+
+    # previous: the round's starting weights (no ref_model, so LoRA can use the adapter-off reference)
+    ref_model = None if reference == "previous" else (original or "default")
+    inner = DPOConfig(
+        output=str(rdir), model=cfg.model.model_copy(update={"name_or_path": start_model}),
+        lora=cfg.lora.model_copy(update={"save": "merged"}),  # the next round loads a plain model
+        data=cfg.data.model_copy(update={"path": str(pairs_path), "eval_path": None, "eval_fraction": 0.0,
+                                         "max_rows": None}),
+        train=cfg.train.model_copy(update={"seed": cfg.train.seed + k}), optim=cfg.optim, log=cfg.log,
+        diagnostics=cfg.diagnostics, dpo=cfg.dpo.model_copy(update={"ref_model": ref_model}),
+        # --resume: a round interrupted mid-training continues from its latest checkpoint (log.save_every)
+        resume="latest" if cfg.resume and (rdir / "checkpoints").is_dir() and any((rdir / "checkpoints").glob("step-*"))
+        else None)
+    return train_dpo(inner)
+
+
+def drop_model(path: Optional[str], keep: Sequence[Optional[str]]) -> None:
+    """Delete a round's model directory (never the original or one still needed)."""
+    if path and path not in keep and Path(path).name == "model" and Path(path).parent.name.startswith("round-"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def run_iterative_dpo(config: Union[IterativeDPOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
+    """Iterative DPO; the Python twin of ``alignkit iterative-dpo``. Returns the summary."""
+    from accelerate.utils import set_seed
+
+    from alignkit.data import prepare
+    from alignkit.feedback.common import load_policy, write_jsonl, write_summary
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.train.common import console, report_data
+
+    cfg = as_config(IterativeDPOConfig, config, overrides)
+    opts = cfg.iterative
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    set_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg.model)
+    data = prepare("prompt", cfg.data, tok, seed=cfg.train.seed)
+    report_data(data, out, True)
+    eval_items, eval_split = (data.eval, "eval") if data.eval else (data.train, "train")
+    reward = build_reward(opts.reward)
+    gold = build_reward(opts.eval_reward) if opts.eval_reward else reward
+    eval_gen = cfg.generation if opts.eval_temperature is None else \
+        cfg.generation.model_copy(update={"temperature": opts.eval_temperature})
+    original = cfg.model.name_or_path
+    current, model = original, None
+    records: List[Dict[str, Any]] = []
+
+    def evaluate(k: int) -> Dict[str, Any]:
+        set_seed(cfg.train.seed + 7919 * k)
+        texts, rewards, _, _ = sample_and_score(model, tok, eval_items, gold, eval_gen, opts.eval_samples)
+        rec = {"round": k, "eval_reward": mean(rewards), "eval_length_chars": mean([len(t) for t in texts]),
+               "eval_split": eval_split, "model_dir": current}
+        if len(gold.names) > 1:  # each component's mean, unweighted
+            rec["eval_components"] = gold.metrics("")
+        console().print(f"round {k}: mean eval reward {rec['eval_reward']:.4f}", style="green")
+        return rec
+
+    for k in range(0, opts.rounds + 1):
+        rdir = out / f"round-{k}"
+        done = rdir / "round.json"
+        if cfg.resume and done.exists():  # --resume: skip the rounds that finished
+            rec = json.loads(done.read_text())
+            records.append(rec)
+            current = rec["model_dir"]
+            continue
+        if model is None:
+            model, _ = load_policy(current, cfg.model)
+        if k == 0:
+            rec = evaluate(0)
+        else:
+            items = round_slice(data.train, k, opts.prompts_per_round)
+            set_seed(cfg.train.seed + k)
+            texts, rewards, groups, ended = sample_and_score(model, tok, items, reward, cfg.generation,
+                                                             opts.samples_per_prompt)
+            unfinished = sum(1 for e in ended if not e)  # re-encoded for DPO, these get an EOS they never sampled
+            pairs, counts = best_vs_worst(texts, rewards, groups, opts.min_gap)
+            write_jsonl(rdir / "samples.jsonl", ({"prompt": items[g]["prompt"], "completion": t, "reward": r}
+                                                 for t, r, g in zip(texts, rewards, groups)))
+            write_jsonl(rdir / "pairs.jsonl", ({"prompt": items[g]["prompt"], "chosen": c, "rejected": j,
+                                                "reward_chosen": rc, "reward_rejected": rj}
+                                               for g, c, j, rc, rj in pairs))
+            previous = current
+            train_summary: Dict[str, Any] = {}
+            if pairs:
+                del model
+                model = None
+                train_summary = dpo_round(cfg, current, original, rdir / "pairs.jsonl", rdir, k, opts.reference)
+                current = train_summary["model_dir"]
+                model, _ = load_policy(current, cfg.model)
+            else:
+                console().print(f"round {k}: no pairs (all ties or empty samples); the policy is unchanged",
+                                style="yellow")
+            rec = evaluate(k)
+            rec.update({"prompts": len(items), "samples": len(texts), "unfinished_samples": unfinished,
+                        "pairs": len(pairs), "dropped": counts,
+                        "train_reward": mean(rewards), "pair_gap": mean([b - w for *_, b, w in pairs]),
+                        "dpo_loss": train_summary.get("train/loss"),
+                        "dpo_margin": train_summary.get("rewards/margin")})
+            if not opts.keep_round_models and current != previous:
+                drop_model(previous, keep=[original, current])
+        rdir.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(rec, indent=2, default=float))
+        records.append(rec)
+
+    with (out / "rounds.jsonl").open("w") as f:
+        f.writelines(json.dumps(r, default=float) + "\n" for r in records)
+    summary = {"command": "iterative-dpo", "rounds": opts.rounds,
+               "reward_per_round": [r["eval_reward"] for r in records],
+               "train_reward_per_round": [r.get("train_reward") for r in records[1:]],
+               "pairs_per_round": [r.get("pairs") for r in records[1:]],
+               "eval_split": records[-1]["eval_split"], "reference": opts.reference, "model_dir": current}
+    summary["reward_gain"] = summary["reward_per_round"][-1] - summary["reward_per_round"][0]
+    write_summary(out, summary)
+    return summary
