@@ -28,6 +28,7 @@ class Command:
     flags: Dict[str, str]  # convenience flag -> dotted field
     defaults: Optional[Dict[str, Any]] = None  # dotted field -> value preset by an alias (e.g. kto)
     choices: Optional[Dict[str, str]] = None  # flag -> "module:REGISTRY" whose names() are the choices
+    positional: Optional[str] = None  # dotted field filled by bare arguments (no "="), e.g. RUN_DIR
 
 
 TRAIN_FLAGS = {"model": "model.name_or_path", "data": "data.path", "output": "output",
@@ -94,9 +95,18 @@ def _make(cmd: Command) -> click.Command:
     def callback(config_path, overrides, lora, **flags):
         cls = _load(cmd.config)
         flat = dict(cmd.defaults or {})
-        flat.update({cmd.flags[k]: v for k, v in flags.items() if v is not None})
+        # a repeatable flag (list field) given zero times leaves the YAML value alone
+        flat.update({cmd.flags[k]: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()
+                     if v is not None and v != ()})
         if lora:
             flat["lora.enabled"] = True
+        if cmd.positional:  # bare arguments (no "=") fill one field: `alignkit report RUN_DIR`
+            bare = [o for o in overrides if "=" not in o]
+            overrides = [o for o in overrides if "=" in o]
+            if bare:
+                flat[cmd.positional] = bare if _is_list_field(cls, cmd.positional) else bare[0]
+                if len(bare) > 1 and not _is_list_field(cls, cmd.positional):
+                    raise click.UsageError(f"expected one {cmd.positional.upper()} argument, got {len(bare)}")
         try:
             cfg = load_config(cls, config_path, list(overrides), **flat)
         except ConfigError as e:
@@ -131,12 +141,40 @@ def _make(cmd: Command) -> click.Command:
             continue
         if cmd.choices and flag in cmd.choices:
             opt_type = click.Choice(_load(cmd.choices[flag]).names())
+        if _is_bool_field(cls, dotted):  # --quick sets quick=true
+            params.append(click.Option([f"--{flag.replace('_', '-')}", flag], is_flag=True, default=None,
+                                       help=f"Shorthand for {dotted}=true."))
+            continue
+        multiple = _is_list_field(cls, dotted)  # list fields take a repeatable flag
         params.append(click.Option([f"--{flag.replace('_', '-')}", flag], type=opt_type, default=None,
-                                   help=f"Shorthand for {dotted}=VALUE."))
+                                   multiple=multiple,
+                                   help=f"Add an item to {dotted} (repeatable; replaces the YAML list)."
+                                   if multiple else f"Shorthand for {dotted}=VALUE."))
     epilog = "Overrides: KEY=VALUE (dotted, YAML values), e.g. optim.lr=1e-5 train.batch_size=4\n\nFields:\n" \
         + config_help(cls)
     return CommandWithRawEpilog(cmd.name, callback=callback, params=params, help=cmd.help, epilog=epilog,
                                 context_settings={"max_content_width": 120})
+
+
+def _is_bool_field(cls: Type[BaseModel], dotted: str) -> bool:
+    node: Any = cls
+    for part in dotted.split("."):
+        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+            return False
+        node = node.model_fields[part].annotation
+    return node is bool
+
+
+def _is_list_field(cls: Type[BaseModel], dotted: str) -> bool:
+    """Whether the dotted field of ``cls`` is a list (then its flag may be given several times)."""
+    node: Any = cls
+    f = None
+    for part in dotted.split("."):
+        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+            return False
+        f = node.model_fields[part]
+        node = f.annotation
+    return f is not None and typing.get_origin(f.annotation) in (list, List)
 
 
 def _print_summary(summary: Dict[str, Any]) -> None:

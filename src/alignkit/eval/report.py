@@ -319,11 +319,29 @@ def _frontier(labels: List[str], all_series: List[Series]) -> Tuple[Series, str]
     return points, key
 
 
+def _summary_side_by_side(labels: List[str], runs: List[RunData]) -> List[str]:
+    """One row per numeric summary.json key that at least two runs (or the only run) report."""
+    counts: Dict[str, int] = {}
+    for run in runs:
+        for k, v in run.summary.items():
+            if _number(v) is not None:
+                counts[k] = counts.get(k, 0) + 1
+    keys = [k for k, c in counts.items() if c >= min(2, len(runs))]
+    if not keys:
+        return []
+    head = "".join(f"<th>{escape(label)}</th>" for label in labels)
+    rows = "".join(f"<tr><th>{escape(k)}</th>"
+                   + "".join(f"<td>{_fmt(_number(r.summary.get(k))) if k in r.summary else ''}</td>" for r in runs)
+                   + "</tr>" for k in keys)
+    return ["<h2>Final numbers</h2>", f'<table class="final"><tr><th>summary.json</th>{head}</tr>{rows}</table>']
+
+
 def compare_runs(run_dirs: List[Path], out: Path) -> Path:
     """Write an HTML comparing runs: overlaid curves and a reward-versus-KL frontier.
 
     Curves are drawn for every metric that at least two of the runs logged (all metrics for a
-    single run), one colour per run. The frontier scatter (as in Figure 2 of the DPO paper) shows
+    single run), one colour per run, and a table of the final numbers (summary.json) side by side. The
+    frontier scatter (as in Figure 2 of the DPO paper) shows
     each run's eval points when the reward is an ``eval/`` key, otherwise its final point; runs
     are labelled by name and, when ``config.yaml`` has one, ``command`` (the algorithm).
     """
@@ -345,6 +363,7 @@ def compare_runs(run_dirs: List[Path], out: Path) -> Path:
         body.append(f"<tr><td>{escape(label)}</td><td>{escape(str(run.path))}</td>"
                     f"<td>{escape(kinds)}</td></tr>")
     body.append("</table>")
+    body += _summary_side_by_side(labels, runs)
     frontier, key = _frontier(labels, all_series)
     if frontier:
         body += ["<h2>Reward versus KL frontier</h2>", '<div class="grid">', _figure(
