@@ -1,0 +1,345 @@
+"""``alignkit eval``: measure a policy against its reference on a prompt set.
+
+For each prompt the policy samples ``samples`` responses. Every sample is scored by the reward
+sources (``--reward``: the proxy, e.g. the reward model that was optimized; ``--gold``: the true task
+reward when there is one), and the run reports what the classic failure modes need:
+
+* mean reward per source, for the policy and for the reference's own samples;
+* win rate against the reference: policy sample j of prompt i versus reference sample j of prompt i,
+  judged by the gold reward (or the proxy without one), ties counting half;
+* KL to the reference estimated on the policy's own samples (Schulman 2020, k1 by default): per token
+  and per sequence, the quantity on the x-axis of the reward-versus-KL frontier of the DPO paper
+  (Rafailov et al. 2023, Figure 2);
+* response length statistics and the reward-length correlation (verbosity bias; Singhal et al. 2023,
+  "A Long Way to Go: Investigating Length Correlations in RLHF");
+* distinct-1/2 (Li et al. 2016) and self-similarity among the samples of one prompt (mode collapse;
+  Kirk et al. 2024, "Understanding the Effects of RLHF on LLM Generalisation and Diversity");
+* repetition rate and the share of responses that end with EOS.
+
+With ``--reward-model DIR`` the command evaluates a reward model on held-out pairs instead
+(:mod:`alignkit.eval.rm_eval`). Outputs: ``OUTPUT/eval.json``, ``OUTPUT/samples.jsonl``,
+``metrics.jsonl`` (one ``eval/``-prefixed line, so ``alignkit compare`` can plot the frontier),
+``summary.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+
+import torch
+from pydantic import Field, field_validator
+
+from alignkit.config import DataConfig, ModelConfig, Section, as_config
+from alignkit.eval import metrics as M
+from alignkit.ops.kl import KLKind, kl_estimate
+from alignkit.rewards import RewardSpec
+from alignkit.rollout.generate import GenerationConfig
+
+
+class EvalConfig(Section):
+    """Evaluate a policy (or, with reward_model, a reward model) on held-out prompts or pairs."""
+
+    command: Literal["eval"] = "eval"
+    output: str = "runs/eval"
+    """Directory for eval.json, samples.jsonl, metrics.jsonl, summary.json and report.html."""
+    name: Optional[str] = None
+    """Label of this evaluation in reports and comparisons (default: the output directory name)."""
+    model: ModelConfig = ModelConfig()
+    """The policy to evaluate (empty: the embedded default model)."""
+    reference: Optional[str] = None
+    """Reference model (path or id) for KL and win rate; it must share the policy's tokenizer.
+    Empty: the embedded default model."""
+    data: DataConfig = DataConfig()
+    """Prompt rows ({prompt, ...} or {messages}; extra fields reach python rewards). With
+    reward_model: preference pairs."""
+    samples: int = Field(4, gt=0)
+    """Responses sampled per prompt (diversity metrics need 2 or more)."""
+    generation: GenerationConfig = GenerationConfig(max_new_tokens=64, temperature=1.0)
+    """Sampling of the responses. KL is estimated with both models' log-probs at this temperature
+    (temperature 0, greedy: at temperature 1, and then it is the log-ratio of the greedy responses)."""
+    rewards: List[RewardSpec] = []
+    """Proxy reward sources (CLI: --reward KIND:ARG@W, repeatable), e.g. model:runs/rm/model; summed
+    with their weights and reported as rewards/proxy."""
+    gold: List[RewardSpec] = []
+    """Gold reward sources (CLI: --gold KIND:ARG@W, repeatable), e.g.
+    python:alignkit.rewards.sentiment:vader_compound; reported as rewards/gold."""
+    judge: Literal["auto", "gold", "proxy"] = "auto"
+    """Reward that judges the win rate against the reference; auto: gold when given, else proxy."""
+    reference_samples: Optional[str] = None
+    """samples.jsonl of an earlier eval whose policy was this reference: its responses are reused as
+    the reference's samples instead of generating them again."""
+    kl_estimator: KLKind = "k1"
+    """Per-token KL estimator (k1 = log-ratio, unbiased; k3 = non-negative, unbiased; k2)."""
+    repetition_n: int = Field(4, gt=0)
+    """n of the repetition rate: share of a response's n-grams that repeat an earlier one."""
+    batch_size: int = Field(16, gt=0)
+    """Sequences per forward pass when scoring log-probs (generation uses generation.batch_size)."""
+    seed: int = 0
+    """Sampling seed."""
+    reward_model: Optional[str] = None
+    """Evaluate this reward model (directory from `alignkit rm`) on the preference pairs of data.path
+    instead of a policy: pairwise accuracy and calibration."""
+    calibration_bins: int = Field(10, gt=0)
+    """Equal-width probability bins of the reward model's calibration (ECE)."""
+
+    @field_validator("rewards", "gold", mode="before")
+    @classmethod
+    def _coerce_specs(cls, v: Any) -> List[RewardSpec]:
+        if v is None:
+            return []
+        if isinstance(v, (str, dict, RewardSpec)):
+            v = [v]
+        return [RewardSpec.coerce(s) for s in v]
+
+
+# ---------------------------------------------------------------------------------- aggregation
+
+def per_token_kl(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                 estimator: KLKind = "k1") -> List[List[float]]:
+    """Per-sequence lists of per-token KL estimates on the response tokens.
+
+    ``policy_logps``, ``ref_logps``: (N, T) log-probs of the policy's sampled tokens under the policy
+    and the reference; ``mask``: (N, T) 1 on response tokens. Row i of the result holds the estimate
+    at each masked position of row i, in order. k1 at a token is log pi(y_t) - log pi_ref(y_t).
+    """
+    kl = kl_estimate(policy_logps.float(), ref_logps.float(), estimator)  # (N, T)
+    m = mask.bool()
+    return [kl[i][m[i]].tolist() for i in range(kl.shape[0])]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _by_prompt(values: Sequence[Any], prompt_index: Sequence[int]) -> Dict[int, List[Any]]:
+    groups: Dict[int, List[Any]] = {}
+    for v, i in zip(values, prompt_index):
+        groups.setdefault(i, []).append(v)
+    return groups
+
+
+def summarize(texts: List[str], lengths: Sequence[float], ended: Sequence[bool], prompt_index: Sequence[int],
+              kl_tokens: Optional[List[List[float]]], rewards: Dict[str, List[float]],
+              ref_rewards: Optional[Dict[str, List[float]]] = None, ref_prompt_index: Optional[Sequence[int]] = None,
+              judge: Optional[str] = None, repetition_n: int = 4) -> Dict[str, float]:
+    """The flat metric dict of an evaluation (keys as in docs/evaluation.md).
+
+    ``texts``/``lengths``/``ended``/``prompt_index`` describe the policy's N samples; ``rewards`` maps a
+    source name (``proxy``, ``gold``) to N scores; ``ref_rewards`` the same for the reference's samples
+    (grouped by ``ref_prompt_index``). Win rate pairs the j-th policy sample of a prompt with the
+    j-th reference sample of that prompt (modulo the reference's count) and compares ``judge`` scores.
+    """
+    out: Dict[str, float] = {"num_prompts": float(len(set(prompt_index))), "num_samples": float(len(texts))}
+    for name, scores in rewards.items():
+        stats = M.length_stats(scores)
+        out[f"rewards/{name}"] = stats["mean"]
+        out[f"rewards/{name}_std"] = stats["std"]
+        out[f"length/reward_corr_{name}"] = M.reward_length_correlation(scores, lengths)
+        if ref_rewards and name in ref_rewards:
+            out[f"reference/rewards/{name}"] = _mean(ref_rewards[name])
+    if judge and ref_rewards and judge in rewards and judge in ref_rewards:
+        pol = _by_prompt(rewards[judge], prompt_index)
+        ref = _by_prompt(ref_rewards[judge], ref_prompt_index if ref_prompt_index is not None else prompt_index)
+        a, b = [], []
+        for i, scores in pol.items():
+            if i not in ref:
+                raise ValueError(f"win rate: the reference has no sample for prompt {i}")
+            r = ref[i]
+            a += scores
+            b += [r[j % len(r)] for j in range(len(scores))]
+        out[f"win_rate/{judge}"] = M.win_rate(a, b)
+    if kl_tokens is not None:
+        kl = M.sequence_kl_stats(kl_tokens)
+        out["kl/ref"] = kl["sequence_mean"]
+        out["kl/ref_token"] = kl["token_mean"]
+        out["kl/ref_max"] = kl["sequence_max"]
+    for k, v in M.length_stats(lengths).items():
+        out[f"length/{k}"] = v
+    groups = _by_prompt(texts, prompt_index).values()
+    out["diversity/distinct_1"] = _mean([M.distinct_n(g, 1) for g in groups])
+    out["diversity/distinct_2"] = _mean([M.distinct_n(g, 2) for g in groups])
+    out["diversity/self_similarity"] = _mean([M.self_similarity(g) for g in groups])
+    out["text/repetition_rate"] = _mean([M.repetition_rate(t, repetition_n) for t in texts])
+    out["text/eos_rate"] = M.eos_rate(list(ended))
+    return out
+
+
+# ---------------------------------------------------------------------------------- running
+
+def display_prompt(prompt: Any) -> str:
+    """A readable one-string form of a prompt: the last user turn of a message list."""
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+        return users[-1] if users else str(prompt[-1].get("content", ""))
+    return str(prompt)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_lm(name: Optional[str], base: ModelConfig):
+    from alignkit.models.loading import load_causal_lm
+
+    cfg = base.model_copy(update={"name_or_path": name, "gradient_checkpointing": False})
+    return load_causal_lm(cfg, trainable=False).to(_device()).eval()
+
+
+def read_reference_samples(path: str, prompts: List[str]) -> tuple:
+    """(texts, prompt_index) of the rows tagged ``policy`` in an earlier eval's samples.jsonl, matched
+    to ``prompts`` (display strings) by prompt; every prompt needs at least one sample."""
+    by_prompt: Dict[str, List[str]] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row.get("tag", "policy") == "policy":
+                by_prompt.setdefault(row["prompt"], []).append(row["completion"])
+    texts, index = [], []
+    for i, p in enumerate(prompts):
+        if p not in by_prompt:
+            raise ValueError(f"reference_samples {path}: no sample for prompt {p!r} (evaluate the reference on "
+                             "the same prompts first)")
+        texts += by_prompt[p]
+        index += [i] * len(by_prompt[p])
+    return texts, index
+
+
+def _score(specs: List[RewardSpec], prompts: List[Any], texts: List[str], rows: List[Dict[str, Any]]):
+    from alignkit.rewards import build_reward
+
+    return build_reward(specs)(prompts, texts, rows) if specs else None
+
+
+def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
+    """Run ``alignkit eval``; returns the flat metrics (``eval.json`` holds them with the context)."""
+    from alignkit.data import prepare
+    from alignkit.models.default import resolve_model_path
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.rollout.generate import batched_logprobs, generate
+
+    cfg = as_config(EvalConfig, config, overrides)
+    if cfg.reward_model:
+        from alignkit.eval.rm_eval import evaluate_reward_model
+
+        return evaluate_reward_model(cfg)
+    if not cfg.data.path:
+        from alignkit.data.load import DataError
+
+        raise DataError("no prompts to evaluate on: pass --data FILE (rows {prompt, ...})")
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(cfg.model)
+    items = prepare("prompt", cfg.data, tok).train
+    prompts = [it["prompt"] for it in items]
+    shown = [display_prompt(p) for p in prompts]
+    policy = _load_lm(cfg.model.name_or_path, cfg.model)
+    torch.manual_seed(cfg.seed)
+    ro = generate(policy, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples,
+                  compute_logprobs=False)
+    temp = cfg.generation.temperature or 1.0
+    lp = batched_logprobs(policy, ro.sequences, temperature=temp, batch_size=cfg.batch_size)
+    same = resolve_model_path(cfg.reference) == resolve_model_path(cfg.model.name_or_path)
+    ref_model = None
+    if same:  # the policy is its own reference: KL 0, every comparison a tie
+        ref_lp = lp
+    else:
+        ref_tok = load_tokenizer(cfg.model.model_copy(update={"name_or_path": cfg.reference}))
+        if ref_tok.get_vocab() != tok.get_vocab():
+            raise ValueError(f"reference {cfg.reference or 'default'} has a different tokenizer than the policy: "
+                             "KL needs both models' log-probs of the same tokens")
+        del policy
+        ref_model = _load_lm(cfg.reference, cfg.model)
+        ref_lp = batched_logprobs(ref_model, ro.sequences, temperature=temp, batch_size=cfg.batch_size)
+    kl_tokens = per_token_kl(lp, ref_lp, ro.sequences.loss_mask[:, 1:], cfg.kl_estimator)
+    if same:
+        ref_texts, ref_index = ro.texts, ro.prompt_index
+    elif cfg.reference_samples:
+        ref_texts, ref_index = read_reference_samples(cfg.reference_samples, shown)
+    else:
+        torch.manual_seed(cfg.seed)
+        rro = generate(ref_model, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples,
+                       compute_logprobs=False)
+        ref_texts, ref_index = rro.texts, rro.prompt_index
+    del ref_model
+    rows = [dict(items[i]["fields"]) for i in ro.prompt_index]
+    ref_rows = [dict(items[i]["fields"]) for i in ref_index]
+    rewards, ref_rewards = {}, {}
+    for name, specs in (("proxy", cfg.rewards), ("gold", cfg.gold)):
+        if specs:
+            rewards[name] = _score(specs, [prompts[i] for i in ro.prompt_index], ro.texts, rows)
+            ref_rewards[name] = rewards[name] if same else \
+                _score(specs, [prompts[i] for i in ref_index], ref_texts, ref_rows)
+    judge = cfg.judge if cfg.judge != "auto" else ("gold" if cfg.gold else "proxy" if cfg.rewards else None)
+    lengths = ro.response_lengths.tolist()
+    metrics = summarize(ro.texts, lengths, ro.ended.tolist(), ro.prompt_index, kl_tokens, rewards, ref_rewards,
+                        ref_index, judge, cfg.repetition_n)
+    samples = []
+    for tag, texts, index, scores in (("reference", ref_texts, ref_index, ref_rewards),
+                                      ("policy", ro.texts, ro.prompt_index, rewards)):
+        if tag == "reference" and same:
+            continue
+        for n, (text, i) in enumerate(zip(texts, index)):
+            row = {"tag": tag, "prompt": shown[i], "prompt_index": i, "completion": text,
+                   "rewards": {k: v[n] for k, v in scores.items()}}
+            if judge in scores:
+                row["reward"] = scores[judge][n]
+            if tag == "policy":
+                row.update(tokens=int(lengths[n]), ended=bool(ro.ended[n]), kl=sum(kl_tokens[n]),
+                           response_ids=ro.response_ids[n])
+            samples.append(row)
+    context = {"policy": cfg.model.name_or_path or "default", "reference": cfg.reference or "default",
+               "reference_is_policy": same, "judge": judge, "samples_per_prompt": cfg.samples,
+               "generation": cfg.generation.model_dump(), "kl_estimator": cfg.kl_estimator,
+               "rewards": [s.shorthand() for s in cfg.rewards], "gold": [s.shorthand() for s in cfg.gold],
+               "reference_samples": cfg.reference_samples}
+    write_eval_run(out, cfg, metrics, context, samples)
+    print_table(metrics, f"eval: {cfg.name or out.name}")
+    return metrics
+
+
+def write_eval_run(out: Path, cfg: EvalConfig, metrics: Dict[str, float], context: Dict[str, Any],
+                   samples: List[Dict[str, Any]], extra: Optional[Dict[str, Any]] = None) -> None:
+    """eval.json, samples.jsonl, config.yaml, metrics.jsonl (one eval/ line), summary.json, report.html."""
+    from alignkit.config import to_yaml
+    from alignkit.train.common import write_run_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"metrics": metrics, **context, **(extra or {})}
+    (out / "eval.json").write_text(json.dumps(doc, indent=2, default=float))
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (out / "config.yaml").write_text(to_yaml(cfg))  # its name and command label the run in reports
+    line = {"step": 0, **{f"eval/{k}": v for k, v in metrics.items()}}
+    (out / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    (out / "summary.json").write_text(json.dumps({"command": "eval", **metrics}, indent=2, default=float))
+    write_run_report(out)
+
+
+def print_table(metrics: Dict[str, float], title: str) -> None:
+    """The metrics as a two- or three-column table on stderr (policy | reference where known)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("policy", justify="right")
+    table.add_column("reference", justify="right")
+    for k, v in metrics.items():
+        if k.startswith("reference/"):
+            continue
+        ref = metrics.get(f"reference/{k}")
+        table.add_row(k, _fmt(v), _fmt(ref) if ref is not None else "")
+    Console(stderr=True).print(table)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def run_eval_command(cfg: EvalConfig) -> Dict[str, Any]:
+    """The CLI runner: the table is printed by :func:`evaluate`; the summary names the files."""
+    evaluate(cfg)
+    return {"eval": str(Path(cfg.output) / "eval.json"), "report": str(Path(cfg.output) / "report.html")}

@@ -1,0 +1,54 @@
+"""``alignkit report RUN_DIR`` and ``alignkit compare RUN... --output compare.html``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import Field
+
+from alignkit.config import Section, as_config
+
+
+class ReportConfig(Section):
+    """Regenerate a run's report.html from its files."""
+
+    command: Literal["report"] = "report"
+    run_dir: str
+    """Run directory (it needs metrics.jsonl; config.yaml, alerts.jsonl, samples.jsonl and summary.json
+    are used when present)."""
+    output: Optional[str] = None
+    """Where to write the HTML (default: RUN_DIR/report.html)."""
+
+
+class CompareConfig(Section):
+    """Put several runs side by side in one HTML file."""
+
+    command: Literal["compare"] = "compare"
+    runs: List[str] = Field(min_length=1)
+    """Run directories (training runs and/or `alignkit eval` outputs)."""
+    output: str = "compare.html"
+    """Where to write the comparison: an .html file, or a directory (then DIR/compare.html)."""
+
+
+def report(config: Union[ReportConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
+    """Write RUN_DIR/report.html (or ``output``) and return its path."""
+    from alignkit.eval.report import write_report
+
+    cfg = as_config(ReportConfig, config, overrides)
+    path = write_report(Path(cfg.run_dir), out=Path(cfg.output) if cfg.output else None)
+    print(f"report: {path}")
+    return {"report": str(path)}
+
+
+def compare(config: Union[CompareConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
+    """Write the comparison of ``runs`` to ``output`` and return its path."""
+    from alignkit.eval.report import compare_runs
+
+    cfg = as_config(CompareConfig, config, overrides)
+    out = Path(cfg.output)
+    if out.suffix.lower() not in (".html", ".htm"):
+        out = out / "compare.html"
+    path = compare_runs([Path(r) for r in cfg.runs], out)
+    print(f"comparison: {path}")
+    return {"compare": str(path), "runs": len(cfg.runs)}

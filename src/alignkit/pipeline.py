@@ -1,0 +1,339 @@
+"""``alignkit pipeline pipeline.yaml``: multi-stage runs where each stage's output feeds the next.
+
+A pipeline file lists stages that run in order; each is ``{name, command, config}`` where ``command``
+is any alignkit command (sft, rm, dpo, ppo, grpo, eval, compare, ...) or a data stage (sample_pairs,
+label) and ``config`` is that command's configuration, as in its own YAML file::
+
+    output: runs/sft-dpo
+    vars: {model: null}                 # CLI: vars.model=HuggingFaceTB/SmolLM2-360M-Instruct
+    stages:
+      - name: sft
+        command: sft
+        config: {model: {name_or_path: "${vars.model}"}, data: {path: sft.jsonl}, lora: {enabled: true}}
+      - name: dpo
+        command: dpo
+        config: {model: {name_or_path: "${stages.sft.model}"}, data: {path: prefs.jsonl}}
+
+References (resolved just before a stage runs; only earlier stages can be named):
+``${stages.NAME.output}`` the stage's directory, ``${stages.NAME.model}`` its ``model/`` directory,
+``${stages.NAME.summary.KEY}`` a value from its summary.json, ``${vars.KEY}`` a variable,
+``${output}`` the pipeline's directory. A value that is exactly one reference keeps its type (a null
+variable stays null); inside a longer string it is formatted as text.
+
+Each stage writes to ``OUTPUT/NAME`` unless its config sets ``output``. When a stage finishes, a
+``DONE`` file records a hash of its resolved config. On the next invocation a stage is skipped when its
+DONE matches its config and no earlier stage ran; a stage without DONE whose ``checkpoints/`` holds a
+checkpoint of the same config is resumed (``resume=latest``); anything else starts afresh. Every
+decision is appended to ``OUTPUT/pipeline.jsonl``.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import json
+import pkgutil
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from alignkit.config import ConfigError, Section, apply_overrides, as_config, build_config
+
+DONE = "DONE"
+STAGE_MARKER = ".alignkit-stage.json"  # written when a stage starts: we own the directory
+_REF = re.compile(r"\$\{([^}]+)\}")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class StageSpec(BaseModel):
+    """One stage: a name (its directory), the command it runs and that command's config."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Stage name: unique, used for its output directory and in references.")
+    command: str = Field(description="An alignkit command (sft, rm, dpo, ppo, eval, compare, ...) or a data "
+                                     "stage (sample_pairs, label).")
+    config: Dict[str, Any] = Field(default_factory=dict, description="The command's configuration.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"stage name {v!r}: use letters, digits, '_', '-' and '.' (it names a directory)")
+        return v
+
+
+class PipelineSpec(BaseModel):
+    """The pipeline file."""
+
+    model_config = ConfigDict(extra="forbid")
+    output: str = Field("runs/pipeline", description="Directory holding one subdirectory per stage.")
+    vars: Dict[str, Any] = Field(default_factory=dict, description="Variables for ${vars.KEY}.")
+    presets: Dict[str, Dict[str, Any]] = Field(default_factory=dict,
+                                               description="Named sets of variable values (preset=NAME).")
+    stages: List[StageSpec] = Field(min_length=1, description="Stages, run in order.")
+
+
+class PipelineConfig(Section):
+    """Run the stages of a pipeline file in order, skipping finished ones and resuming an interrupted one."""
+
+    command: Literal["pipeline"] = "pipeline"
+    file: str
+    """Pipeline YAML file (or builtin:NAME for one shipped with alignkit, e.g. builtin:demo_pipeline)."""
+    output: Optional[str] = None
+    """Pipeline directory (default: the file's `output`)."""
+    vars: Dict[str, Any] = {}
+    """Variable values that override the file's `vars` (e.g. vars.model=PATH)."""
+    preset: Optional[str] = None
+    """Apply a named preset of variable values from the file's `presets` (before `vars`)."""
+    force: bool = False
+    """Run every stage again, ignoring DONE markers and checkpoints."""
+    stop_after: Optional[str] = None
+    """Stop after this stage (the later ones are left for a later invocation)."""
+
+
+class PipelineError(RuntimeError):
+    """A stage failed or the pipeline file is invalid; the message names the stage."""
+
+
+# ------------------------------------------------------------------------------------ loading
+
+def resolve_pipeline_path(path: str) -> Path:
+    if path.startswith("builtin:"):
+        from importlib.resources import files
+
+        p = Path(str(files("alignkit") / "resources" / f"{path[len('builtin:'):]}.yaml"))
+    else:
+        p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"pipeline file {path} not found")
+    return p
+
+
+def load_spec(cfg: PipelineConfig) -> PipelineSpec:
+    """Read and validate the file; apply preset, vars and output overrides; check every reference."""
+    p = resolve_pipeline_path(cfg.file)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+        spec = PipelineSpec.model_validate(raw)
+    except (yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"pipeline file {p}: {e}") from None
+    if cfg.preset:
+        if cfg.preset not in spec.presets:
+            raise ConfigError(f"pipeline {p}: no preset {cfg.preset!r} (have: {', '.join(spec.presets) or 'none'})")
+        spec.vars.update(spec.presets[cfg.preset])
+    spec.vars.update(cfg.vars)
+    if cfg.output:
+        spec.output = cfg.output
+    names: List[str] = []
+    for st in spec.stages:
+        if st.name in names:
+            raise ConfigError(f"pipeline {p}: two stages are named {st.name!r}")
+        command_for(st.command)  # raises for an unknown command
+        for ref in _refs(st.config):
+            _check_ref(ref, st.name, names, spec.vars)
+        names.append(st.name)
+    return spec
+
+
+def _refs(value: Any) -> List[str]:
+    if isinstance(value, str):
+        return _REF.findall(value)
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in _refs(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _refs(v)]
+    return []
+
+
+def _check_ref(ref: str, stage: str, earlier: List[str], variables: Dict[str, Any]) -> None:
+    parts = ref.strip().split(".")
+    where = f"stage {stage!r}: ${{{ref}}}"
+    if parts[0] == "output" and len(parts) == 1:
+        return
+    if parts[0] == "vars" and len(parts) == 2:
+        if parts[1] not in variables:
+            raise ConfigError(f"{where}: no variable {parts[1]!r} (have: {', '.join(variables) or 'none'})")
+        return
+    if parts[0] == "stages" and len(parts) >= 3:
+        if parts[1] not in earlier:
+            raise ConfigError(f"{where}: {parts[1]!r} is not an earlier stage (earlier: {', '.join(earlier) or 'none'})")
+        if parts[2] in ("output", "model") and len(parts) == 3 or parts[2] == "summary" and len(parts) == 4:
+            return
+    raise ConfigError(f"{where}: unknown reference; use stages.NAME.output, stages.NAME.model, "
+                      "stages.NAME.summary.KEY, vars.KEY or output")
+
+
+# ------------------------------------------------------------------------------------ commands
+
+def load_commands():
+    """Import every module of alignkit.commands (each registers its commands) and return the registry."""
+    import alignkit.commands as pkg
+    from alignkit.cli import COMMANDS
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    return COMMANDS
+
+
+def command_for(name: str):
+    """The registered command ``name`` (``sample_pairs`` and ``sample-pairs`` are the same)."""
+    commands = {c.name: c for c in load_commands()}
+    for candidate in (name, name.replace("_", "-")):
+        if candidate in commands and candidate not in ("pipeline", "demo"):
+            return commands[candidate]
+    raise ConfigError(f"unknown pipeline command {name!r}; known: "
+                      + ", ".join(sorted(n for n in commands if n not in ("pipeline", "demo"))))
+
+
+# ------------------------------------------------------------------------------------ resolving
+
+def _lookup(ref: str, spec: PipelineSpec, outputs: Dict[str, Path]) -> Any:
+    parts = ref.strip().split(".")
+    if parts[0] == "output":
+        return str(Path(spec.output))
+    if parts[0] == "vars":
+        return spec.vars[parts[1]]
+    out = outputs[parts[1]]
+    if parts[2] == "output":
+        return str(out)
+    if parts[2] == "model":
+        return str(out / "model")
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if parts[3] not in summary:
+        raise PipelineError(f"${{{ref}}}: {summary_path} has no key {parts[3]!r}")
+    return summary[parts[3]]
+
+
+def resolve(value: Any, spec: PipelineSpec, outputs: Dict[str, Path]) -> Any:
+    """Substitute the ${...} references in a config value (recursively)."""
+    if isinstance(value, dict):
+        return {k: resolve(v, spec, outputs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, spec, outputs) for v in value]
+    if not isinstance(value, str):
+        return value
+    whole = _REF.fullmatch(value.strip())
+    if whole:  # exactly one reference: keep the value's type (null, number, list)
+        return _lookup(whole.group(1), spec, outputs)
+    return _REF.sub(lambda m: str(_lookup(m.group(1), spec, outputs)), value)
+
+
+def config_hash(command: str, data: Dict[str, Any]) -> str:
+    text = json.dumps({"command": command, "config": data}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _has_checkpoint(out: Path) -> bool:
+    ck = out / "checkpoints"
+    return ck.is_dir() and any(p.is_dir() and p.name.startswith("step-") for p in ck.iterdir())
+
+
+# ------------------------------------------------------------------------------------ running
+
+def run_pipeline(config: Union[PipelineConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
+    """Run the pipeline; returns ``{"output", "stages": {name: action}, "seconds"}`` where action is
+    ``skipped``, ``ran`` or ``resumed``."""
+    from alignkit.cli import _load
+    from alignkit.train.common import console
+
+    cfg = as_config(PipelineConfig, config, overrides)
+    spec = load_spec(cfg)
+    root = Path(spec.output)
+    root.mkdir(parents=True, exist_ok=True)
+    con = console()
+    outputs: Dict[str, Path] = {}
+    actions: Dict[str, str] = {}
+    upstream_ran = False
+    t_all = time.perf_counter()
+    for st in spec.stages:
+        cmd = command_for(st.command)
+        data = resolve(dict(st.config), spec, outputs)
+        out = Path(data["output"]) if data.get("output") else root / st.name
+        outputs[st.name] = out
+        data["output"] = str(out)
+        h = config_hash(cmd.name, data)
+        done = _read_json(out / DONE)
+        if not cfg.force and not upstream_ran and done and done.get("config_hash") == h:
+            actions[st.name] = "skipped"
+            _event(root, st.name, "skipped", hash=h)
+            con.print(f"[pipeline] {st.name}: done earlier, skipped", style="dim", highlight=False, markup=False)
+            if st.name == cfg.stop_after:
+                break
+            continue
+        cls = _load(cmd.config)
+        started = _read_json(out / STAGE_MARKER)
+        resume = (not cfg.force and done is None and "resume" in cls.model_fields and _has_checkpoint(out)
+                  and started is not None and started.get("config_hash") == h)
+        if resume:
+            data["resume"] = "latest"
+        else:
+            _clear(out, con)
+        for k, v in (cmd.defaults or {}).items():  # e.g. the kto alias presets dpo.loss
+            apply_overrides(data, [f"{k}={json.dumps(v)}"])
+        try:
+            stage_cfg = build_config(cls, data)
+        except ConfigError as e:
+            raise PipelineError(f"stage {st.name!r} ({cmd.name}): {e}") from None
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STAGE_MARKER).write_text(json.dumps({"stage": st.name, "command": cmd.name, "config_hash": h}))
+        action = "resumed" if resume else "ran"
+        con.print(f"[pipeline] {st.name}: {'resuming' if resume else 'running'} {cmd.name} -> {out}",
+                  style="bold cyan", highlight=False, markup=False)
+        t0 = time.perf_counter()
+        try:
+            summary = _load(cmd.runner)(stage_cfg)
+        except Exception as e:
+            _event(root, st.name, "failed", error=f"{type(e).__name__}: {e}")
+            con.print(f"[pipeline] stage {st.name!r} ({cmd.name}) failed; rerun the pipeline to resume it",
+                      style="bold red", highlight=False, markup=False)
+            raise
+        finally:
+            gc.collect()
+        seconds = time.perf_counter() - t0
+        if not (out / "summary.json").exists() and isinstance(summary, dict):
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (out / DONE).write_text(json.dumps({"stage": st.name, "command": cmd.name, "config_hash": h,
+                                            "seconds": round(seconds, 2), "finished": time.time()}))
+        actions[st.name] = action
+        upstream_ran = True
+        _event(root, st.name, action, hash=h, seconds=round(seconds, 2))
+        if st.name == cfg.stop_after:
+            break
+    total = time.perf_counter() - t_all
+    return {"output": str(root), "stages": actions, "seconds": round(total, 2)}
+
+
+def _clear(out: Path, con) -> None:
+    """Start a stage afresh: remove what an earlier run of this stage left (only in directories the
+    pipeline created, recognised by their marker file)."""
+    if (out / STAGE_MARKER).exists():
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        con.print(f"[pipeline] {out} exists and was not made by a pipeline stage; writing into it",
+                  style="yellow", highlight=False, markup=False)
+
+
+def _event(root: Path, stage: str, action: str, **info: Any) -> None:
+    with (root / "pipeline.jsonl").open("a") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), "stage": stage, "action": action, **info}) + "\n")
+
+
+def run_pipeline_command(cfg: PipelineConfig) -> Dict[str, Any]:
+    """The CLI runner: a flat summary for the table."""
+    res = run_pipeline(cfg)
+    return {"output": res["output"], **{f"stage {k}": v for k, v in res["stages"].items()},
+            "seconds": res["seconds"]}

@@ -1,0 +1,199 @@
+"""`alignkit eval`: the aggregation against hand-computed values, and the wiring on tiny models."""
+
+import json
+import math
+
+import pytest
+
+from tests.gold_toy import SPEC
+import torch
+
+from alignkit.eval.evaluate import per_token_kl, summarize
+from alignkit.eval.rm_eval import pair_metrics, score_pairs
+
+
+def test_per_token_kl_k1_and_k3_by_hand():
+    # two sequences: 2 response tokens, then 1 (the third column is padding / prompt)
+    lp = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -7.0, -7.0]])
+    ref = torch.tensor([[-1.5, -2.5, -1.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    k1 = per_token_kl(lp, ref, mask, "k1")
+    assert k1 == [[0.5, 0.5], [0.5]]  # log pi - log pi_ref on the masked tokens only
+    k3 = per_token_kl(lp, ref, mask, "k3")
+    # k3 = exp(r) - r - 1 with r = ref - lp = -0.5: 0.60653 + 0.5 - 1 = 0.10653
+    assert k3[0][0] == pytest.approx(math.exp(-0.5) - 0.5, abs=1e-6)
+    m = summarize(["a b", "c"], [2, 1], [True, False], [0, 1], k1, {})
+    assert m["kl/ref"] == pytest.approx((1.0 + 0.5) / 2)  # per-sequence sums, averaged
+    assert m["kl/ref_token"] == pytest.approx(1.5 / 3)  # all tokens pooled
+    assert m["kl/ref_max"] == pytest.approx(1.0)
+
+
+def test_summarize_every_metric_by_hand():
+    # prompt 0 has two samples, prompt 1 two samples
+    texts = ["a b c", "a b d", "x y x y x y", "z"]
+    index = [0, 0, 1, 1]
+    lengths = [4, 4, 7, 2]
+    ended = [True, True, False, True]
+    gold = [0.5, 0.1, -0.2, 0.9]
+    ref_gold = [0.3, 0.3, 0.0, 0.9]  # wins: 0.5>0.3, 0.1<0.3, -0.2<0.0, tie -> (1 + 0 + 0 + 0.5) / 4
+    m = summarize(texts, lengths, ended, index, None, {"gold": gold}, {"gold": ref_gold}, index, "gold",
+                  repetition_n=2)
+    assert m["rewards/gold"] == pytest.approx(0.325)
+    assert m["reference/rewards/gold"] == pytest.approx(0.375)
+    assert m["rewards/gold_std"] == pytest.approx(math.sqrt(((0.175) ** 2 + 0.225 ** 2 + 0.525 ** 2 + 0.575 ** 2) / 4))
+    assert m["win_rate/gold"] == pytest.approx(0.375)
+    assert "kl/ref" not in m
+    assert m["length/mean"] == pytest.approx(4.25) and m["length/max"] == 7 and m["length/p50"] == 4
+    # pearson(gold, lengths) computed by hand
+    mx, my = 0.325, 4.25
+    dx = [g - mx for g in gold]
+    dy = [v - my for v in lengths]
+    r = sum(a * b for a, b in zip(dx, dy)) / math.sqrt(sum(a * a for a in dx) * sum(b * b for b in dy))
+    assert m["length/reward_corr_gold"] == pytest.approx(r)
+    # distinct-1 per prompt: {a,b,c,d}/6 = 0.6667; {x,y,z}/7 = 0.4286 -> mean
+    assert m["diversity/distinct_1"] == pytest.approx((4 / 6 + 3 / 7) / 2)
+    # distinct-2: {ab,bc,bd}/4 = 0.75; {xy,yx}/5 = 0.4 ("z" has no bigram)
+    assert m["diversity/distinct_2"] == pytest.approx((0.75 + 0.4) / 2)
+    # self-similarity: jaccard({ab,bc},{ab,bd}) = 1/3; ({xy,yx}, {}) = 0
+    assert m["diversity/self_similarity"] == pytest.approx((1 / 3 + 0.0) / 2)
+    # repetition (n=2): "x y x y x y" repeats 3 of 5 bigrams, the others 0
+    assert m["text/repetition_rate"] == pytest.approx(0.6 / 4)
+    assert m["text/eos_rate"] == pytest.approx(0.75)
+    assert m["num_prompts"] == 2 and m["num_samples"] == 4
+
+
+def test_win_rate_pairs_sample_j_with_reference_sample_j_mod_count():
+    # the reference has one sample per prompt: every policy sample of a prompt meets it
+    m = summarize(["a", "b", "c"], [1, 1, 1], [True] * 3, [0, 0, 1], None, {"proxy": [1.0, -1.0, 2.0]},
+                  {"proxy": [0.0, 3.0]}, [0, 1], "proxy")
+    assert m["win_rate/proxy"] == pytest.approx((1 + 0 + 0) / 3)
+
+
+def test_reward_model_calibration_by_hand(tmp_path):
+    """A handcrafted scorer: pair score differences +2, -1 and 0."""
+    from alignkit.eval.evaluate import EvalConfig
+    from alignkit.eval.rm_eval import evaluate_reward_model
+
+    table = {"great": 2.0, "meh": 0.0, "bad": 0.0, "ok": 1.0, "same1": 1.0, "same2": 1.0}
+    scorer = lambda prompts, texts: [table[t] for t in texts]  # noqa: E731
+    rows = [{"prompt": "p1", "chosen": "great", "rejected": "meh"},
+            {"prompt": "p2", "chosen": "bad", "rejected": "ok"},
+            {"prompt": "p3", "chosen": "same1", "rejected": "same2"}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = EvalConfig(reward_model="handmade", data={"path": str(data)}, output=str(tmp_path / "out"))
+    res = evaluate_reward_model(cfg, scorer=scorer)
+    s = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    assert res["rm/accuracy"] == pytest.approx(0.5)  # right, wrong, tie
+    assert res["rm/margin"] == pytest.approx(1 / 3)
+    assert res["rm/prob_chosen"] == pytest.approx((s(2) + s(-1) + 0.5) / 3)
+    # predictions both ways: (.8808, 1) (.1192, 0) (.2689, 1) (.7311, 0) (.5, 1) (.5, 0); the two 0.5s share a
+    # bin whose mean prediction equals its observed rate, so ECE = (2 * (1 - s(2)) + 2 * s(1)) / 6
+    assert res["rm/ece"] == pytest.approx((2 * (1 - s(2)) + 2 * s(1)) / 6)
+    doc = json.loads((tmp_path / "out" / "eval.json").read_text())
+    bins = {round(b["lo"], 1): b for b in doc["calibration"] if b["count"]}
+    assert set(bins) == {0.1, 0.2, 0.5, 0.7, 0.8}
+    assert bins[0.5]["count"] == 2 and bins[0.5]["observed"] == 0.5
+    assert bins[0.8]["mean_predicted"] == pytest.approx(s(2)) and bins[0.8]["observed"] == 1.0
+    scored = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [r["score_chosen"] for r in scored] == [2.0, 0.0, 1.0]
+    assert (tmp_path / "out" / "report.html").is_file()
+    assert pair_metrics([1.0], [0.0])["rm/accuracy"] == 1.0
+    assert score_pairs(scorer, ["p"], ["great"], ["ok"]) == ([2.0], [1.0])
+
+
+GOLD = SPEC  # continuous toy gold reward (tests/gold_toy.py)
+
+
+def _gold_spec():
+    return GOLD
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tmp_path_factory):
+    from alignkit.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("ref") / "model", seed=1)
+
+
+def test_eval_on_tiny_models_matches_recomputation(tiny_model, tiny_ref, tmp_path, jsonl):
+    """Every aggregate in eval.json is recomputed from samples.jsonl and an independent log-prob pass."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.config import DataConfig, ModelConfig
+    from alignkit.data.collate import pad_sequences
+    from alignkit.data.tokenize import Encoder
+    from alignkit.eval.evaluate import evaluate
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.ops.logprobs import reference_logprobs
+
+    prompts = jsonl("p.jsonl", [{"prompt": [{"role": "user", "content": f"q{i} e"}]} for i in range(3)])
+    out = tmp_path / "ev"
+    m = evaluate({"model": {"name_or_path": str(tiny_model)}, "reference": str(tiny_ref),
+                  "data": {"path": str(prompts)}, "samples": 3, "gold": [_gold_spec()],
+                  "rewards": ["length:max=4"], "generation": {"max_new_tokens": 12}, "output": str(out)})
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    pol = [r for r in rows if r["tag"] == "policy"]
+    ref = [r for r in rows if r["tag"] == "reference"]
+    assert len(pol) == len(ref) == 9
+    gold = [r["rewards"]["gold"] for r in pol]
+    assert m["rewards/gold"] == pytest.approx(sum(gold) / 9)
+    assert m["reference/rewards/gold"] == pytest.approx(sum(r["rewards"]["gold"] for r in ref) / 9)
+    wins = [1.0 if a["reward"] > b["reward"] else 0.5 if a["reward"] == b["reward"] else 0.0 for a, b in zip(pol, ref)]
+    assert m["win_rate/gold"] == pytest.approx(sum(wins) / 9)
+    assert m["length/mean"] == pytest.approx(sum(r["tokens"] for r in pol) / 9)
+    assert m["text/eos_rate"] == pytest.approx(sum(r["ended"] for r in pol) / 9)
+    # KL from scratch: full-softmax log-probs of each response under both models
+    enc = Encoder(load_tokenizer(ModelConfig(name_or_path=str(tiny_model))), DataConfig())
+    pm = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    rm = AutoModelForCausalLM.from_pretrained(tiny_ref).eval()
+    kls = []
+    for r in pol:
+        p_ids = enc.encode_prompt_ids([{"role": "user", "content": r["prompt"]}])
+        b = pad_sequences([p_ids + r["response_ids"]], [[0] * len(p_ids) + [1] * len(r["response_ids"])], 0)
+        with torch.no_grad():
+            kls.append(float((reference_logprobs(pm, b).logps - reference_logprobs(rm, b).logps).sum()))
+        assert r["kl"] == pytest.approx(kls[-1], abs=1e-4)
+    assert m["kl/ref"] == pytest.approx(sum(kls) / 9, abs=1e-5)
+    assert m["kl/ref_token"] == pytest.approx(sum(kls) / sum(r["tokens"] for r in pol), abs=1e-5)
+    doc = json.loads((out / "eval.json").read_text())
+    assert doc["judge"] == "gold" and doc["reference_is_policy"] is False
+    line = json.loads((out / "metrics.jsonl").read_text())
+    assert line["eval/rewards/gold"] == m["rewards/gold"] and line["eval/kl/ref"] == m["kl/ref"]
+
+    # the same evaluation reusing these reference samples gives the same reference numbers
+    out2 = tmp_path / "ev2"
+    base = tmp_path / "base"
+    mb = evaluate({"model": {"name_or_path": str(tiny_ref)}, "reference": str(tiny_ref), "data": {"path": str(prompts)},
+                   "samples": 3, "gold": [_gold_spec()], "generation": {"max_new_tokens": 12}, "output": str(base)})
+    assert mb["kl/ref"] == 0.0 and mb["win_rate/gold"] == 0.5  # the policy is its own reference
+    m2 = evaluate({"model": {"name_or_path": str(tiny_model)}, "reference": str(tiny_ref),
+                   "reference_samples": str(base / "samples.jsonl"), "data": {"path": str(prompts)}, "samples": 3,
+                   "gold": [_gold_spec()], "generation": {"max_new_tokens": 12}, "output": str(out2)})
+    assert m2["reference/rewards/gold"] == pytest.approx(mb["rewards/gold"])
+    assert m2["rewards/gold"] == pytest.approx(m["rewards/gold"])  # same seed, same policy samples
+
+
+def test_eval_cli_prints_table_and_writes_files(tiny_model, tmp_path, jsonl):
+    from click.testing import CliRunner
+
+    from alignkit.cli import build_cli
+
+    prompts = jsonl("p.jsonl", [{"prompt": "hello"}, {"prompt": "world"}])
+    res = CliRunner().invoke(build_cli(), ["eval", "--model", str(tiny_model), "--reference", str(tiny_model),
+                                           "--data", str(prompts), "--gold", GOLD, "--samples", "2",
+                                           "--output", str(tmp_path / "e"), "generation.max_new_tokens=6"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "rewards/gold" in res.output and "diversity/distinct_2" in res.output
+    doc = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert doc["gold"] == [SPEC + "@1"] and doc["metrics"]["num_samples"] == 4.0
+
+
+def test_vader_gold_reward_values():
+    pytest.importorskip("vaderSentiment", reason="the demo's gold reward needs vaderSentiment (alignkit[demo])")
+    from alignkit.rewards import build_reward
+
+    gold = build_reward("python:alignkit.rewards.sentiment:vader_compound")
+    scores = gold(["p"] * 4, ["What a wonderful day!", "This is a table.", "I hate rain.", "   "])
+    assert scores == pytest.approx([0.6114, 0.0, -0.5719, 0.0])
