@@ -2,6 +2,9 @@
 
 import random
 
+import pytest
+import torch
+
 
 def pref_rows(n, seed):
     """Preference pairs a tiny model learns in seconds: vowels are preferred over consonants."""
@@ -23,3 +26,13 @@ def sft_rows(n=48, seed=0):
         k = rng.randint(1, 6)
         rows.append({"prompt": f"n={k}:", "completion": " " + "xy" * k})
     return rows
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second thread costs more than it saves, and on a busy machine spinning threads
+    slow these tests down tenfold."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,14 +14,7 @@ from tests.test_online_rl import prompt_rows
 CHAR = "python:alignkit.rewards.toy:char_share"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: a second thread costs more than it saves, and on a busy machine spinning threads
-    slow these tests down tenfold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers import one_thread as _one_thread  # noqa: E402,F401  (autouse: one thread per module)
 
 
 @pytest.fixture(scope="module")
