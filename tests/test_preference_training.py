@@ -45,9 +45,14 @@ def test_three_reference_modes_give_equal_losses(tiny_model, pref_files):
     precompute(model_ref, pre_items, tok.pad_token_id, True, torch.device("cpu"))
     losses["precomputed"] = PreferenceTask(opts, tok.pad_token_id, PrecomputedReference()).loss(
         policy, collate_pairs(pre_items, tok.pad_token_id))[0]
+    adapter_items = [dict(x) for x in items]  # precomputed by the policy with its adapter off
+    precompute(AdapterReference(), adapter_items, tok.pad_token_id, True, torch.device("cpu"), policy=policy)
+    losses["precomputed_adapter"] = PreferenceTask(opts, tok.pad_token_id, PrecomputedReference()).loss(
+        policy, collate_pairs(adapter_items, tok.pad_token_id))[0]
     assert losses["model"].item() != pytest.approx(6 * 0.6931, abs=1e-3)  # not the trivial log 2 per pair
     assert losses["adapter"].item() == pytest.approx(losses["model"].item(), rel=1e-5)
     assert losses["precomputed"].item() == pytest.approx(losses["model"].item(), rel=1e-5)
+    assert losses["precomputed_adapter"].item() == pytest.approx(losses["model"].item(), rel=1e-5)
 
 
 # per loss: (lr, epochs, extra overrides). Hinge/IPO saturate at their targets, so a larger beta helps.

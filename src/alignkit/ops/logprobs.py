@@ -30,7 +30,7 @@ def set_chunk_size(n: int) -> None:
 class TokenLogprobs:
     logps: torch.Tensor  # (B, T-1) log p(x_{t+1} | x_<=t), 0 where mask is 0
     mask: torch.Tensor  # (B, T-1) float, 1 on label tokens
-    entropy: Optional[torch.Tensor] = None  # (B, T-1) when asked for
+    entropy: Optional[torch.Tensor] = None  # (B, T-1) when asked for; 0 where mask is 0 (chunked path)
 
     def sum(self) -> torch.Tensor:
         """(B,) summed log-prob of each sequence's label tokens."""
@@ -112,8 +112,9 @@ def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_ent
     h = hidden[:, :-1].reshape(B * T1, -1)  # (B*(T-1), H)
     flat_labels = labels.reshape(-1)
     flat_mask = mask.reshape(-1).bool()
-    # only label positions need the head: prompts and padding are skipped entirely
-    idx = flat_mask.nonzero(as_tuple=True)[0] if not with_entropy else torch.arange(B * T1, device=h.device)
+    # only label positions need the head: prompts and padding are skipped entirely (entropy too: it is
+    # 0 off the labels, where nothing reads it)
+    idx = flat_mask.nonzero(as_tuple=True)[0]
     out_lp = torch.zeros(B * T1, dtype=torch.float32, device=h.device)
     out_ent = torch.zeros(B * T1, dtype=torch.float32, device=h.device) if with_entropy else None
     need_grad = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)

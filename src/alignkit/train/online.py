@@ -239,10 +239,10 @@ class OnlineTask(Task):
     def ref_logps(self, model, seq: SeqBatch) -> torch.Tensor:
         """(B, T-1) reference log-probs: the frozen model, or the policy with its LoRA adapter off."""
         if self.ref_model is not None:
-            return token_logprobs(self.ref_model, seq, temperature=self.temperature, with_entropy=True).logps
+            return token_logprobs(self.ref_model, seq, temperature=self.temperature, with_entropy=False).logps
         policy = policy_of(model)
         with policy.disable_adapter():
-            return token_logprobs(policy, seq, temperature=self.temperature, with_entropy=True).logps
+            return token_logprobs(policy, seq, temperature=self.temperature, with_entropy=False).logps
 
     @torch.no_grad()
     def rollout_stats(self, model, ro: Rollout, first_epoch: List[List[List[int]]], *, ref: bool

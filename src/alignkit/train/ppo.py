@@ -77,18 +77,19 @@ class PolicyWithValue(nn.Module):
             nn.init.zeros_(self.value_head.weight)  # values start at 0: no random noise in the first advantages
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, loss_mask):
+    def forward(self, input_ids, attention_mask, loss_mask, with_entropy: bool = True):
         seq = SeqBatch(input_ids, attention_mask, loss_mask)
         chunk = lp.DEFAULT_CHUNK if lp.DEFAULT_CHUNK and lp.DEFAULT_CHUNK > 0 else 1024
         if self.value_head is None:
-            tl = lp.token_logprobs(self.policy, seq, temperature=self.temperature, with_entropy=True, chunk_size=chunk)
+            tl = lp.token_logprobs(self.policy, seq, temperature=self.temperature, with_entropy=with_entropy,
+                                   chunk_size=chunk)
             return tl, critic_values(self.critic, seq)
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=lp.position_ids(attention_mask), output_hidden_states=True,
                           logits_to_keep=1, use_cache=False)
         hidden = out.hidden_states[-1]  # (B, T, H) final hidden states, shared by both heads
-        tl = lp.token_logprobs(_Forwarded(self.policy, out), seq, temperature=self.temperature, with_entropy=True,
-                               chunk_size=chunk)
+        tl = lp.token_logprobs(_Forwarded(self.policy, out), seq, temperature=self.temperature,
+                               with_entropy=with_entropy, chunk_size=chunk)
         values = self.value_head(hidden[:, :-1].to(self.value_head.weight.dtype)).squeeze(-1).float()
         return tl, values
 
@@ -107,8 +108,9 @@ class PPOTask(OnlineTask):
     def update_shape(self) -> Tuple[int, int]:
         return self.opts.epochs, self.opts.num_minibatches
 
-    def forward(self, model, seq: SeqBatch):
-        return model(input_ids=seq.input_ids, attention_mask=seq.attention_mask, loss_mask=seq.loss_mask)
+    def forward(self, model, seq: SeqBatch, with_entropy: bool = True):
+        return model(input_ids=seq.input_ids, attention_mask=seq.attention_mask, loss_mask=seq.loss_mask,
+                     with_entropy=with_entropy)
 
     def units(self, mb) -> float:
         return float(mb.mask.sum())  # token-mean over the whole update
@@ -165,7 +167,7 @@ class PPOTask(OnlineTask):
     # ------------------------------------------------------------------ loss
     def loss(self, model, mb):
         o = self.opts
-        tl, values = self.forward(model, mb.seq)
+        tl, values = self.forward(model, mb.seq, with_entropy=o.ent_coef > 0)  # the softmax costs; skip it unused
         mask = mb.mask
         pg = ppo_loss(tl.logps, mb.old_logps, mb.advantages, mask, clip_eps=o.clip_eps, aggregation="sum")
         vf = value_loss(values, mb.old_values, mb.returns, mask, clip_range=o.vf_clip, aggregation="sum")

@@ -2,7 +2,9 @@
 
 - ``model``: a separate frozen model (default: the starting policy, or ``dpo.ref_model``).
 - ``adapter``: with LoRA, the policy's own weights with the adapter switched off (no second copy).
-- ``precomputed``: one pass over the data before training; nothing extra in memory afterwards.
+- ``precomputed``: one pass over the data before training; nothing extra in memory afterwards. With
+  LoRA (and no ``dpo.ref_model``) the pass uses the policy with its adapter off, so no second copy is
+  ever loaded; otherwise a frozen copy is loaded for the pass and freed.
 """
 
 from __future__ import annotations
@@ -75,19 +77,19 @@ class PrecomputedReference(Reference):
 
 @torch.no_grad()
 def precompute(ref: Reference, items: List[Dict[str, Any]], pad_id: int, paired: bool, device,
-               batch_size: int = 8) -> None:
+               batch_size: int = 8, policy=None) -> None:
     """Store reference log-probs in each item (``ref_chosen_logps``/``ref_rejected_logps`` or
-    ``ref_logps``/``ref_kl_logps``), computed by ``ref`` in one pass."""
+    ``ref_logps``/``ref_kl_logps``), computed by ``ref`` in one pass (``policy``: for an adapter reference)."""
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         if paired:
             b = collate_pairs(chunk, pad_id).to(device)
-            rc, rr = ref.pair_logps(None, b)
+            rc, rr = ref.pair_logps(policy, b)
             for it, c, r in zip(chunk, rc.tolist(), rr.tolist()):
                 it["ref_chosen_logps"], it["ref_rejected_logps"] = c, r
         else:
             b = collate_unpaired(chunk, pad_id).to(device)
-            lp, kl = ref.unpaired_logps(None, b)
+            lp, kl = ref.unpaired_logps(policy, b)
             for it, a, k in zip(chunk, lp.tolist(), kl.tolist()):
                 it["ref_logps"], it["ref_kl_logps"] = a, k
 
@@ -98,8 +100,9 @@ def make_reference(cfg, policy, data, tokenizer, accelerator) -> Reference:
 
     opts = cfg.dpo
     mode = opts.reference
+    use_adapter = cfg.lora.enabled and not opts.ref_model and is_peft(policy)
     if mode == "auto":
-        mode = "adapter" if cfg.lora.enabled and not opts.ref_model else "model"
+        mode = "adapter" if use_adapter else "model"
     if mode == "adapter":
         if not is_peft(policy):
             raise ValueError("dpo.reference=adapter needs LoRA (--lora): without an adapter there is nothing "
@@ -107,14 +110,19 @@ def make_reference(cfg, policy, data, tokenizer, accelerator) -> Reference:
         if opts.ref_model:
             raise ValueError("dpo.reference=adapter uses the policy's base weights; it cannot use dpo.ref_model")
         return AdapterReference()
-    ref_cfg = cfg.model.model_copy(update={"name_or_path": opts.ref_model or cfg.model.name_or_path,
-                                           "gradient_checkpointing": False})
-    # same dtype as the policy and run under the same autocast, so at step 0 reference == policy exactly
-    ref = ModelReference(load_causal_lm(ref_cfg).to(accelerator.device))
-    if mode == "model":
-        return ref
+    if mode == "precomputed" and use_adapter:
+        ref: Reference = AdapterReference()  # the policy with its adapter off: no second copy to load
+        policy.to(accelerator.device)  # the trainer would move it there anyway
+    else:
+        ref_cfg = cfg.model.model_copy(update={"name_or_path": opts.ref_model or cfg.model.name_or_path,
+                                               "gradient_checkpointing": False})
+        # same dtype as the policy and run under the same autocast, so at step 0 reference == policy exactly
+        ref = ModelReference(load_causal_lm(ref_cfg).to(accelerator.device))
+        if mode == "model":
+            return ref
     with accelerator.autocast():
-        precompute(ref, data.train, tokenizer.pad_token_id, opts.paired, accelerator.device, cfg.train.batch_size)
-        precompute(ref, data.eval, tokenizer.pad_token_id, opts.paired, accelerator.device, cfg.train.batch_size)
+        for items in (data.train, data.eval):
+            precompute(ref, items, tokenizer.pad_token_id, opts.paired, accelerator.device, cfg.train.batch_size,
+                       policy=policy)
     del ref  # nothing of the reference stays in memory while training
     return PrecomputedReference()
