@@ -5,7 +5,6 @@ rises with N. The random tiny model starts near 1/96 (uniform over printable cha
 import json
 
 import pytest
-import torch
 
 from alignkit.train.grpo import train_grpo, train_rloo
 from alignkit.train.ppo import train_ppo

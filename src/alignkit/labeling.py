@@ -25,14 +25,6 @@ from alignkit.rewards import RewardSpec
 from alignkit.rollout.generate import GenerationConfig
 
 
-def _coerce_specs(v: Any) -> List[RewardSpec]:
-    if v is None:
-        return []
-    if isinstance(v, (str, dict, RewardSpec)):
-        v = [v]
-    return [RewardSpec.coerce(s) for s in v]
-
-
 class SamplePairsConfig(Section):
     """Sample n responses per prompt from a model (the raw material for labelled pairs)."""
 
@@ -71,7 +63,7 @@ class LabelConfig(Section):
     @field_validator("rewards", mode="before")
     @classmethod
     def _specs(cls, v: Any) -> List[RewardSpec]:
-        return _coerce_specs(v)
+        return RewardSpec.coerce_list(v)
 
 
 def sample_pairs(config: Union[SamplePairsConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:

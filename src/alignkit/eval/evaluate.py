@@ -88,11 +88,7 @@ class EvalConfig(Section):
     @field_validator("rewards", "gold", mode="before")
     @classmethod
     def _coerce_specs(cls, v: Any) -> List[RewardSpec]:
-        if v is None:
-            return []
-        if isinstance(v, (str, dict, RewardSpec)):
-            v = [v]
-        return [RewardSpec.coerce(s) for s in v]
+        return RewardSpec.coerce_list(v)
 
 
 # ---------------------------------------------------------------------------------- aggregation

@@ -177,6 +177,16 @@ class RewardSpec(BaseModel):
             return cls.model_validate(dict(value))
         raise TypeError(f"cannot make a RewardSpec from {type(value).__name__}: {value!r}")
 
+    @classmethod
+    def coerce_list(cls, value: Any) -> "List[RewardSpec]":
+        """A list of specs from strings (shorthand), mappings or specs; one item may be given bare,
+        None gives an empty list. Config fields holding reward lists validate through this."""
+        if value is None:
+            return []
+        if isinstance(value, (str, Mapping, RewardSpec)):
+            value = [value]
+        return [cls.coerce(v) for v in value]
+
     def shorthand(self) -> str:
         return f"{self.kind}:{self.arg}@{self.weight:g}"
 

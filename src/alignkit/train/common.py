@@ -101,6 +101,22 @@ def prompt_ids_of(item: Dict[str, Any]) -> List[int]:
     return item["input_ids"][:first]
 
 
+def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True, **extra) -> Dict[str, Any]:
+    """The shared end of every training command: held-out metrics before, report samples before and
+    after (``samples``: the model generates), ``trainer.fit()``, then save and write the summary.
+    Returns the summary: final metrics, ``KEY_before`` for the metrics before training, ``extra`` and
+    ``model_dir``."""
+    before = trainer.evaluate() if eval_items else {}
+    if samples:
+        sample_report_prompts(trainer, tokenizer, eval_items, "before")
+    final = trainer.fit()
+    if samples:
+        sample_report_prompts(trainer, tokenizer, eval_items, "after")
+    summary = {**final, **{f"{k}_before": v for k, v in before.items()}, **extra}
+    summary["model_dir"] = str(finish_run(trainer, tokenizer, cfg, summary))
+    return summary
+
+
 def sample_report_prompts(trainer, tokenizer, items, tag: str) -> None:
     """Greedy answers to the first ``log.samples`` held-out prompts, appended to samples.jsonl."""
     cfg = trainer.cfg

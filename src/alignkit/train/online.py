@@ -336,7 +336,7 @@ def run_online(cfg, build) -> Dict[str, Any]:
     from alignkit.models.default import resolve_model_path
     from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
     from alignkit.rewards import build_reward
-    from alignkit.train.common import finish_run, report_data, sample_report_prompts, start_run
+    from alignkit.train.common import fit_and_finish, report_data, start_run
 
     acc = start_run(cfg)
     tok = load_tokenizer(cfg.model)
@@ -356,10 +356,4 @@ def run_online(cfg, build) -> Dict[str, Any]:
     task, model = build(cfg, tok, policy, reward, gold, engine, acc)
     trainer = OnlineTrainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
     task.acc = trainer.acc
-    before = trainer.evaluate() if data.eval else {}
-    sample_report_prompts(trainer, tok, data.eval, "before")
-    final = trainer.fit()
-    sample_report_prompts(trainer, tok, data.eval, "after")
-    summary = {**final, **{f"{k}_before": v for k, v in before.items()}}
-    summary["model_dir"] = str(finish_run(trainer, tok, cfg, summary))
-    return summary
+    return fit_and_finish(trainer, tok, cfg, data.eval)

@@ -209,7 +209,7 @@ def train_dpo(config: Union[DPOConfig, Dict[str, Any], None] = None, **overrides
     """Train with a preference loss; the Python twin of ``alignkit dpo``."""
     from alignkit.data import prepare
     from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
-    from alignkit.train.common import finish_run, report_data, sample_report_prompts, start_run
+    from alignkit.train.common import fit_and_finish, report_data, start_run
 
     cfg = as_config(DPOConfig, config, overrides)
     opts = cfg.dpo
@@ -228,11 +228,5 @@ def train_dpo(config: Union[DPOConfig, Dict[str, Any], None] = None, **overrides
     reference = make_reference(cfg, model, data, tok, acc) if opts.needs_reference else None
     task = PreferenceTask(opts, tok.pad_token_id, reference)
     trainer = Trainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
-    before = trainer.evaluate() if data.eval else {}
-    sample_report_prompts(trainer, tok, data.eval, "before")
-    final = trainer.fit()
-    sample_report_prompts(trainer, tok, data.eval, "after")
-    summary = {**final, **{f"{k}_before": v for k, v in before.items()}, "loss": opts.loss,
-               "reference": reference.mode if reference else "none"}
-    summary["model_dir"] = str(finish_run(trainer, tok, cfg, summary))
-    return summary
+    return fit_and_finish(trainer, tok, cfg, data.eval, loss=opts.loss,
+                          reference=reference.mode if reference else "none")

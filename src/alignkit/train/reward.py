@@ -62,7 +62,7 @@ def train_rm(config: Union[RMConfig, Dict[str, Any], None] = None, **overrides) 
     """Train a reward model; the Python twin of ``alignkit rm``."""
     from alignkit.models.loading import apply_lora, load_reward_model, load_tokenizer
     from alignkit.models.reward import reward_pad_token
-    from alignkit.train.common import finish_run, report_data, start_run
+    from alignkit.train.common import fit_and_finish, report_data, start_run
 
     cfg = as_config(RMConfig, config, overrides)
     acc = start_run(cfg)
@@ -75,8 +75,4 @@ def train_rm(config: Union[RMConfig, Dict[str, Any], None] = None, **overrides) 
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     task = RewardTask(pad_id, cfg.rm.center_rewards_coef)
     trainer = Trainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
-    before = trainer.evaluate() if data.eval else {}
-    final = trainer.fit()
-    summary = {**final, **{f"{k}_before": v for k, v in before.items()}}
-    summary["model_dir"] = str(finish_run(trainer, tok, cfg, summary))
-    return summary
+    return fit_and_finish(trainer, tok, cfg, data.eval, samples=False)  # a reward model does not generate

@@ -19,15 +19,6 @@ from alignkit.rollout.generate import GenerationConfig
 RL_AGGREGATIONS = ("token_mean", "sequence_mean", "sum_norm", "sum")
 
 
-def _specs(value: Any) -> List[RewardSpec]:
-    """Strings (shorthand), mappings or specs -> a list of RewardSpec; one item may be given bare."""
-    if value is None:
-        return []
-    if isinstance(value, (str, dict, RewardSpec)):
-        value = [value]
-    return [RewardSpec.coerce(v) for v in value]
-
-
 class RewardsMixin(Section):
     rewards: List[RewardSpec] = []
     """Reward components to optimize, summed with their weights: KIND:ARG[@WEIGHT] strings (CLI: --reward,
@@ -40,7 +31,14 @@ class RewardsMixin(Section):
     @field_validator("rewards", "gold_reward", mode="before")
     @classmethod
     def _coerce_specs(cls, v: Any) -> List[RewardSpec]:
-        return _specs(v)
+        return RewardSpec.coerce_list(v)
+
+    @model_validator(mode="after")
+    def _need_reward(self):
+        if not self.rewards:
+            raise ValueError("no reward: pass --reward KIND:ARG[@WEIGHT] (repeatable) or a `rewards:` list; "
+                             "kinds: " + ", ".join(REWARD_KINDS.names()))
+        return self
 
 
 class OnlineRLConfig(RunConfig, RewardsMixin):
@@ -57,13 +55,6 @@ class OnlineRLConfig(RunConfig, RewardsMixin):
     """Subtracted from the reward of responses that hit generation.max_new_tokens without EOS."""
     eval_samples: int = Field(1, gt=0)
     """Samples per held-out prompt when evaluating (eval/rewards/*), drawn with a fixed seed."""
-
-    @model_validator(mode="after")
-    def _need_reward(self):
-        if not self.rewards:
-            raise ValueError("no reward: pass --reward KIND:ARG[@WEIGHT] (repeatable) or a `rewards:` list; "
-                             "kinds: " + ", ".join(REWARD_KINDS.names()))
-        return self
 
 
 class PPOOptions(Section):
@@ -191,13 +182,6 @@ class SamplingConfig(RewardsMixin):
     """Write every sample with its scores here instead of OUTPUT/samples.jsonl."""
     seed: int = 42
     """Sampling seed."""
-
-    @model_validator(mode="after")
-    def _need_reward(self):
-        if not self.rewards:
-            raise ValueError("no reward: pass --reward KIND:ARG[@WEIGHT] (repeatable) or a `rewards:` list; "
-                             "kinds: " + ", ".join(REWARD_KINDS.names()))
-        return self
 
 
 class BoNConfig(SamplingConfig):

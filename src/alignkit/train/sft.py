@@ -49,7 +49,7 @@ class SFTTask(Task):
 def train_sft(config: Union[SFTConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run SFT; the Python twin of ``alignkit sft``. Returns the summary (final metrics, paths)."""
     from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
-    from alignkit.train.common import finish_run, report_data, sample_report_prompts, start_run
+    from alignkit.train.common import fit_and_finish, report_data, start_run
 
     cfg = as_config(SFTConfig, config, overrides)
     acc = start_run(cfg)
@@ -61,11 +61,5 @@ def train_sft(config: Union[SFTConfig, Dict[str, Any], None] = None, **overrides
         model = apply_lora(model, cfg.lora)
     task = SFTTask(tok.pad_token_id, cfg.sft.loss_reduction)
     trainer = Trainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
-    before = trainer.evaluate() if data.eval else {}
-    sample_report_prompts(trainer, tok, data.eval, "before")
-    final = trainer.fit()
-    sample_report_prompts(trainer, tok, data.eval, "after")
-    summary = {**final, **{f"{k}_before": v for k, v in before.items()}}
-    summary["model_dir"] = str(finish_run(trainer, tok, cfg, summary))
-    return summary
+    return fit_and_finish(trainer, tok, cfg, data.eval)
 
