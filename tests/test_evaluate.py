@@ -60,6 +60,13 @@ def test_summarize_every_metric_by_hand():
     assert m["text/repetition_rate"] == pytest.approx(0.6 / 4)
     assert m["text/eos_rate"] == pytest.approx(0.75)
     assert m["num_prompts"] == 2 and m["num_samples"] == 4
+    assert "rewards/proxy_gold_corr" not in m  # no proxy given
+    # with a proxy: its Pearson correlation with the gold over the N samples
+    proxy = [1.0, 0.0, 0.0, 1.0]  # mean 0.5; dx as above
+    mp = summarize(texts, lengths, ended, index, None, {"gold": gold, "proxy": proxy}, repetition_n=2)
+    dp = [p - 0.5 for p in proxy]
+    r = sum(a * b for a, b in zip(dx, dp)) / math.sqrt(sum(a * a for a in dx) * sum(b * b for b in dp))
+    assert mp["rewards/proxy_gold_corr"] == pytest.approx(r)
 
 
 def test_win_rate_pairs_sample_j_with_reference_sample_j_mod_count():
@@ -172,6 +179,21 @@ def test_eval_on_tiny_models_matches_recomputation(tiny_model, tiny_ref, tmp_pat
                    "gold": [_gold_spec()], "generation": {"max_new_tokens": 12}, "output": str(out2)})
     assert m2["reference/rewards/gold"] == pytest.approx(mb["rewards/gold"])
     assert m2["rewards/gold"] == pytest.approx(m["rewards/gold"])  # same seed, same policy samples
+
+    # the stored rewards are reused, not scored again: shift them in the file and the shift shows
+    rows = [json.loads(x) for x in (base / "samples.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["rewards"]["gold"] += 1.0
+    (base / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"model": {"name_or_path": str(tiny_model)}, "reference": str(tiny_ref), "samples": 3,
+              "reference_samples": str(base / "samples.jsonl"), "data": {"path": str(prompts)},
+              "generation": {"max_new_tokens": 12}}
+    m3 = evaluate({**common, "gold": [_gold_spec()], "output": str(tmp_path / "ev3")})
+    assert m3["reference/rewards/gold"] == pytest.approx(mb["rewards/gold"] + 1.0)
+    # a different gold spec than the one that scored the file: scored again
+    other = _gold_spec() + "@2"  # weight 2
+    m4 = evaluate({**common, "gold": [other], "output": str(tmp_path / "ev4")})
+    assert m4["reference/rewards/gold"] == pytest.approx(2.0 * mb["rewards/gold"])
 
 
 def test_eval_cli_prints_table_and_writes_files(tiny_model, tmp_path, jsonl):

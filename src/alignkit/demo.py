@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Union
 
 from alignkit.config import Section, as_config
 
-EVALS = (("eval_base", "starting model"), ("eval_dpo", "DPO"), ("eval_ppo", "PPO"))
+EVALS = (("eval_base", "base"), ("eval_dpo", "DPO"), ("eval_ppo", "PPO"))
 
 
 class DemoConfig(Section):
@@ -70,18 +70,19 @@ def print_results(results: Dict[str, Dict[str, float]], seconds: float, output: 
     from rich.table import Table
 
     con = Console(stderr=True)
-    table = Table(title="alignkit demo, held-out prompts", caption="gold: VADER sentiment in [-1, 1]; proxy: the "
-                  "reward model; KL to the starting model in nats; win: rate against the starting model's replies")
+    table = Table(title="alignkit demo, held-out prompts", caption="base: the starting model; gold: VADER sentiment in "
+                  "[-1, 1]; proxy: the reward model; KL to the base in nats; win: rate against the base's replies; "
+                  "len: reply tokens; r(p,g): correlation of proxy and gold over the samples")
     cols = [("gold", "rewards/gold"), ("proxy", "rewards/proxy"), ("KL/seq", "kl/ref"),
-            ("KL/tok", "kl/ref_token"), ("win", "win_rate/gold"), ("tokens", "length/mean"),
-            ("dist-2", "diversity/distinct_2")]
-    table.add_column("model")
+            ("KL/tok", "kl/ref_token"), ("win", "win_rate/gold"), ("len", "length/mean"),
+            ("dist-2", "diversity/distinct_2"), ("r(p,g)", "rewards/proxy_gold_corr")]
+    table.add_column("model", no_wrap=True)
     for name, _ in cols:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True)
     for label, m in results.items():
-        table.add_row(label, *[f"{m.get(k, float('nan')):.3f}" for _, k in cols])
+        table.add_row(label, *[f"{m.get(k, float('nan')):.2f}" for _, k in cols])
     con.print(table)
-    base = results.get("starting model", {}).get("rewards/gold")
+    base = results.get("base", {}).get("rewards/gold")
     for label in ("DPO", "PPO"):
         gold = results.get(label, {}).get("rewards/gold")
         if base is not None and gold is not None:

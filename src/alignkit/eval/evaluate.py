@@ -70,7 +70,9 @@ class EvalConfig(Section):
     """Reward that judges the win rate against the reference; auto: gold when given, else proxy."""
     reference_samples: Optional[str] = None
     """samples.jsonl of an earlier eval whose policy was this reference: its responses are reused as
-    the reference's samples instead of generating them again."""
+    the reference's samples instead of generating them again, and so are their rewards when that eval
+    used the same reward specs (a changed file behind the same model path is not detected: evaluate the
+    reference again after retraining a reward model)."""
     kl_estimator: KLKind = "k1"
     """Per-token KL estimator (k1 = log-ratio, unbiased; k3 = non-negative, unbiased; k2)."""
     repetition_n: int = Field(4, gt=0)
@@ -137,6 +139,8 @@ def summarize(texts: List[str], lengths: Sequence[float], ended: Sequence[bool],
         out[f"length/reward_corr_{name}"] = M.reward_length_correlation(scores, lengths)
         if ref_rewards and name in ref_rewards:
             out[f"reference/rewards/{name}"] = _mean(ref_rewards[name])
+    if "proxy" in rewards and "gold" in rewards:  # does the proxy still track the gold on these samples?
+        out["rewards/proxy_gold_corr"] = M.pearson(rewards["proxy"], rewards["gold"])
     if judge and ref_rewards and judge in rewards and judge in ref_rewards:
         pol = _by_prompt(rewards[judge], prompt_index)
         ref = _by_prompt(ref_rewards[judge], ref_prompt_index if ref_prompt_index is not None else prompt_index)
@@ -185,23 +189,35 @@ def _load_lm(name: Optional[str], base: ModelConfig):
     return load_causal_lm(cfg, trainable=False).to(_device()).eval()
 
 
-def read_reference_samples(path: str, prompts: List[str]) -> tuple:
-    """(texts, prompt_index) of the rows tagged ``policy`` in an earlier eval's samples.jsonl, matched
-    to ``prompts`` (display strings) by prompt; every prompt needs at least one sample."""
-    by_prompt: Dict[str, List[str]] = {}
+def read_reference_samples(path: str, prompts: List[str], specs: Optional[Dict[str, List[RewardSpec]]] = None
+                           ) -> tuple:
+    """(texts, prompt_index, scores) of the rows tagged ``policy`` in an earlier eval's samples.jsonl,
+    matched to ``prompts`` (display strings) by prompt; every prompt needs at least one sample.
+
+    ``scores`` holds the stored rewards (``{name: [float]}``) of every name in ``specs`` whose reward
+    sources the earlier eval (its eval.json, beside the file) scored with exactly the same specs, so
+    they need not be scored again; other names are left out (the caller scores them)."""
+    by_prompt: Dict[str, List[Dict[str, Any]]] = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
             if row.get("tag", "policy") == "policy":
-                by_prompt.setdefault(row["prompt"], []).append(row["completion"])
-    texts, index = [], []
+                by_prompt.setdefault(row["prompt"], []).append(row)
+    rows, index = [], []
     for i, p in enumerate(prompts):
         if p not in by_prompt:
             raise ValueError(f"reference_samples {path}: no sample for prompt {p!r} (evaluate the reference on "
                              "the same prompts first)")
-        texts += by_prompt[p]
+        rows += by_prompt[p]
         index += [i] * len(by_prompt[p])
-    return texts, index
+    scores: Dict[str, List[float]] = {}
+    meta = Path(path).parent / "eval.json"
+    context = json.loads(meta.read_text()) if meta.is_file() else {}
+    for name, key in (("proxy", "rewards"), ("gold", "gold")):
+        wanted = [s.shorthand() for s in (specs or {}).get(name, [])]
+        if wanted and context.get(key) == wanted and all(name in r.get("rewards", {}) for r in rows):
+            scores[name] = [float(r["rewards"][name]) for r in rows]
+    return [r["completion"] for r in rows], index, scores
 
 
 def _score(specs: List[RewardSpec], prompts: List[Any], texts: List[str], rows: List[Dict[str, Any]]):
@@ -251,10 +267,12 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
         ref_model = _load_lm(cfg.reference, cfg.model)
         ref_lp = batched_logprobs(ref_model, ro.sequences, temperature=temp, batch_size=cfg.batch_size)
     kl_tokens = per_token_kl(lp, ref_lp, ro.sequences.loss_mask[:, 1:], cfg.kl_estimator)
+    stored: Dict[str, List[float]] = {}
     if same:
         ref_texts, ref_index = ro.texts, ro.prompt_index
     elif cfg.reference_samples:
-        ref_texts, ref_index = read_reference_samples(cfg.reference_samples, shown)
+        ref_texts, ref_index, stored = read_reference_samples(cfg.reference_samples, shown,
+                                                              {"proxy": cfg.rewards, "gold": cfg.gold})
     else:
         torch.manual_seed(cfg.seed)
         rro = generate(ref_model, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples,
@@ -267,8 +285,12 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
     for name, specs in (("proxy", cfg.rewards), ("gold", cfg.gold)):
         if specs:
             rewards[name] = _score(specs, [prompts[i] for i in ro.prompt_index], ro.texts, rows)
-            ref_rewards[name] = rewards[name] if same else \
-                _score(specs, [prompts[i] for i in ref_index], ref_texts, ref_rows)
+            if same:
+                ref_rewards[name] = rewards[name]
+            elif name in stored:  # scored by the earlier eval with the same specs: not again
+                ref_rewards[name] = stored[name]
+            else:
+                ref_rewards[name] = _score(specs, [prompts[i] for i in ref_index], ref_texts, ref_rows)
     judge = cfg.judge if cfg.judge != "auto" else ("gold" if cfg.gold else "proxy" if cfg.rewards else None)
     lengths = ro.response_lengths.tolist()
     metrics = summarize(ro.texts, lengths, ro.ended.tolist(), ro.prompt_index, kl_tokens, rewards, ref_rewards,
