@@ -1,8 +1,9 @@
-import json
 import os
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import write_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -19,12 +20,6 @@ def tiny_tok():
     from alignkit.testing import tiny_tokenizer
 
     return tiny_tokenizer()
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path = Path(path)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture

@@ -1,9 +1,18 @@
 """Small learnable datasets shared by the tests."""
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
+
+
+def write_jsonl(path, rows) -> Path:
+    """Write ``rows`` as JSON Lines to ``path``; returns the path."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def pref_rows(n, seed):

@@ -8,6 +8,7 @@ from alignkit.config import DataConfig
 from alignkit.data import DataError, prepare
 from alignkit.data.formats import parse_rows
 from alignkit.data.load import DataReport, read_rows
+from tests.helpers import write_jsonl
 
 
 def parse(kind, rows, **kw):
@@ -88,7 +89,7 @@ def test_bad_rows_are_reported_with_row_and_field(kind, row, reason, field):
 
 def test_file_formats_roundtrip(tmp_path):
     rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(tmp_path / "a.jsonl", rows)
     (tmp_path / "a.json").write_text(json.dumps(rows))
     (tmp_path / "a.csv").write_text("prompt,completion\n" + "".join(f"p{i},c{i}\n" for i in range(3)))
     from datasets import Dataset

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from tests.gold_toy import SPEC
+from tests.helpers import write_jsonl
 import torch
 
 from alignkit.eval.evaluate import per_token_kl, summarize
@@ -87,7 +88,7 @@ def test_reward_model_calibration_by_hand(tmp_path):
             {"prompt": "p2", "chosen": "bad", "rejected": "ok"},
             {"prompt": "p3", "chosen": "same1", "rejected": "same2"}]
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     cfg = EvalConfig(reward_model="handmade", data={"path": str(data)}, output=str(tmp_path / "out"))
     res = evaluate_reward_model(cfg, scorer=scorer)
     s = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
@@ -184,7 +185,7 @@ def test_eval_on_tiny_models_matches_recomputation(tiny_model, tiny_ref, tmp_pat
     rows = [json.loads(x) for x in (base / "samples.jsonl").read_text().splitlines()]
     for r in rows:
         r["rewards"]["gold"] += 1.0
-    (base / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(base / "samples.jsonl", rows)
     common = {"model": {"name_or_path": str(tiny_model)}, "reference": str(tiny_ref), "samples": 3,
               "reference_samples": str(base / "samples.jsonl"), "data": {"path": str(prompts)},
               "generation": {"max_new_tokens": 12}}

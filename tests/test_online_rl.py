@@ -3,7 +3,6 @@ reward read at the last real token, schedules, best-of-k estimator, rejection da
 
 import copy
 import itertools
-import json
 import random
 
 import pytest
@@ -21,6 +20,7 @@ CHAR = "python:alignkit.rewards.toy:char_share"
 
 
 from tests.helpers import one_thread as _one_thread  # noqa: E402,F401  (autouse: one thread per module)
+from tests.helpers import write_jsonl  # noqa: E402
 
 
 def prompt_rows(n, seed=0):
@@ -31,8 +31,7 @@ def prompt_rows(n, seed=0):
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(32)))
-    return path
+    return write_jsonl(path, prompt_rows(32))
 
 
 def ppo_setup(tiny_model, prompts_file, *, shared, lora, **ppo):

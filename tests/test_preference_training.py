@@ -13,14 +13,14 @@ from alignkit.losses.preference import PREFERENCE_LOSSES
 from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from alignkit.train.preference import DPOOptions, PreferenceTask, train_dpo
 from alignkit.train.reference import AdapterReference, ModelReference, PrecomputedReference, precompute
-from tests.helpers import pref_rows
+from tests.helpers import pref_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def pref_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("prefs")
     for name, rows in (("train.jsonl", pref_rows(128, 0)), ("eval.jsonl", pref_rows(48, 1))):
-        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(d / name, rows)
     return d / "train.jsonl", d / "eval.jsonl"
 
 

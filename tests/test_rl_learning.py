@@ -8,6 +8,7 @@ import pytest
 
 from alignkit.train.grpo import train_grpo, train_rloo
 from alignkit.train.ppo import train_ppo
+from tests.helpers import write_jsonl
 from tests.test_online_rl import prompt_rows
 
 CHAR = "python:alignkit.rewards.toy:char_share"
@@ -20,7 +21,7 @@ from tests.helpers import one_thread as _one_thread  # noqa: E402,F401  (autouse
 def prompt_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("rl")
     for name, rows in (("train.jsonl", prompt_rows(64, 0)), ("eval.jsonl", prompt_rows(32, 1))):
-        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(d / name, rows)
     return d / "train.jsonl", d / "eval.jsonl"
 
 
