@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from alignkit.data.collate import SeqBatch
+from alignkit.ops.masked import masked_mean, masked_sum
+from alignkit.ops.wrappers import unwrap
 
 DEFAULT_CHUNK = 1024  # label positions per chunk; set per run from train.logprob_chunk
 
@@ -34,13 +36,14 @@ class TokenLogprobs:
 
     def sum(self) -> torch.Tensor:
         """(B,) summed log-prob of each sequence's label tokens."""
-        return (self.logps * self.mask).sum(-1)
+        return masked_sum(self.logps, self.mask, -1)
 
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(-1)
 
     def mean(self) -> torch.Tensor:
-        return self.sum() / self.lengths().clamp(min=1)
+        """(B,) mean log-prob per label token (0 for a row without labels)."""
+        return masked_mean(self.logps, self.mask, -1)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -62,15 +65,8 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return logp, ent
 
 
-def _unwrap(model):
-    """The module under DDP/compile wrappers (peft wrappers stay: they route to the adapters)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
 def _output_layer(model):
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     if head is None or not isinstance(head, torch.nn.Linear) or head.weight.dim() != 2:
         return None  # sharded (FSDP) or unusual heads: fall back to full logits
     return head

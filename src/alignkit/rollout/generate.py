@@ -19,6 +19,7 @@ from pydantic import Field
 
 from alignkit.config import Section
 from alignkit.data.collate import SeqBatch, pad_sequences
+from alignkit.ops.wrappers import unwrap
 
 
 class GenerationConfig(Section):
@@ -56,12 +57,6 @@ class Rollout:
         return torch.tensor([len(r) for r in self.response_ids], dtype=torch.float32)
 
 
-def _unwrap(model):
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
 def _left_pad(prompts: Sequence[List[int]], pad_id: int, device):
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
@@ -82,7 +77,7 @@ def _cut_at_eos(tokens: List[int], eos_ids: set) -> tuple:
 @torch.no_grad()
 def hf_generate(model, tokenizer, prompts: Sequence[List[int]], cfg: GenerationConfig) -> List[List[int]]:
     """Sampled response token lists (raw, up to max_new_tokens, possibly past EOS)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     was_training = model.training
@@ -135,7 +130,7 @@ def batched_logprobs(model, batch: SeqBatch, temperature: float = 1.0, batch_siz
     """(N, T-1) log-probs of ``batch`` under ``model`` without gradients, in chunks of rows."""
     from alignkit.ops.logprobs import token_logprobs
 
-    model_u = _unwrap(model)
+    model_u = unwrap(model)
     device = next(model_u.parameters()).device
     parts = []
     for s in range(0, len(batch), batch_size):

@@ -17,13 +17,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from alignkit.ops.wrappers import unwrap
+
 _PEFT_PREFIX = "base_model.model."
-
-
-def _unwrap(model):
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 def hf_weights_for_vllm(model) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -33,7 +29,7 @@ def hf_weights_for_vllm(model) -> Iterator[Tuple[str, torch.Tensor]]:
     the model) under the base names: ``base_model.model.x.base_layer.weight`` -> ``x.weight``; adapter
     tensors themselves are skipped. That is what a vLLM engine loaded from the base checkpoint expects.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover

@@ -22,15 +22,9 @@ import torch
 from alignkit.data.collate import SeqBatch
 from alignkit.eval.metrics import distinct_n
 from alignkit.ops.logprobs import TokenLogprobs, token_logprobs
+from alignkit.ops.wrappers import unwrap
 from alignkit.rollout.generate import Rollout, generate
 from alignkit.train.loop import Task, Trainer
-
-
-def unwrap(model):
-    """The module under DDP/accelerate wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 def policy_of(model):

@@ -28,6 +28,7 @@ from alignkit.losses.value import explained_variance, value_loss
 from alignkit.ops import logprobs as lp
 from alignkit.ops.kl import kl_estimate
 from alignkit.ops.masked import masked_mean, masked_whiten
+from alignkit.ops.wrappers import unwrap
 from alignkit.train.online import (OnlineTask, disable_dropout, from_response_space, last_response_index,
                                    load_reference, response_index, run_online, to_response_space)
 from alignkit.train.rl_config import PPOConfig, PPOOptions
@@ -44,7 +45,7 @@ class _Forwarded:
         return self._output
 
     def get_output_embeddings(self):
-        return lp._unwrap(self._policy).get_output_embeddings()
+        return unwrap(self._policy).get_output_embeddings()
 
 
 def critic_values(critic, seq: SeqBatch) -> torch.Tensor:

@@ -15,12 +15,7 @@ import torch
 
 from alignkit.data.collate import PairBatch, SeqBatch, UnpairedBatch, collate_pairs, collate_unpaired
 from alignkit.ops.logprobs import token_logprobs
-
-
-def _unwrap(model):
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
+from alignkit.ops.wrappers import unwrap
 
 
 class Reference:
@@ -56,7 +51,7 @@ class AdapterReference(Reference):
 
     @torch.no_grad()
     def seq_logps(self, policy, seq: SeqBatch) -> torch.Tensor:
-        peft_model = _unwrap(policy)
+        peft_model = unwrap(policy)
         with peft_model.disable_adapter():
             return token_logprobs(peft_model, seq).sum()
 
