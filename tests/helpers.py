@@ -45,3 +45,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def ranking_rows(n, seed, k=4):
+    """Rankings ``{prompt, responses: [best, ..., worst]}``: more vowels rank higher (6 letters each)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = "say:" + "".join(rng.choice("mnop") for _ in range(rng.randint(1, 4)))
+        vowels = sorted(rng.sample(range(7), k), reverse=True)
+        resp = []
+        for v in vowels:
+            letters = [rng.choice("aeiou") for _ in range(v)] + [rng.choice("xyzqw") for _ in range(6 - v)]
+            rng.shuffle(letters)
+            resp.append("".join(letters))
+        out.append({"prompt": prompt, "responses": resp})
+    return out

@@ -82,3 +82,39 @@ def test_score_rankings_and_single_completions(tmp_path, tiny_model, jsonl):
     assert len(rows[0]["scores"]) == 3 and isinstance(rows[1]["score"], float)
     # the completion "a" scores the same alone as as the first ranked response
     assert rows[1]["score"] == pytest.approx(rows[0]["scores"][0], abs=1e-5)
+
+
+def test_group_rankings_rebuilds_order_and_keeps_pairs():
+    from alignkit.train.reward import collate_rankings, group_rankings
+
+    def pair(row, c, r, **kw):
+        return {"prompt_ids": [1, 2], "chosen_ids": c, "rejected_ids": r, "row": row, "soft_label": 1.0, **kw}
+
+    # row 0: the ranking B > A > C expanded to (B,A), (B,C), (A,C); row 1: a plain pair with a soft label
+    items = [pair(0, [7], [5]), pair(0, [7], [9]), pair(0, [5], [9]), pair(1, [4], [3], soft_label=0.7)]
+    els, split = group_rankings(items)
+    assert split == 0 and [e["responses"] for e in els] == [[[7], [5], [9]], [[4], [3]]]
+    assert els[1]["soft_label"] == 0.7
+    b = collate_rankings(els, pad_id=0)
+    assert b.index.tolist() == [[0, 1, 2], [3, 4, 0]] and b.mask.tolist() == [[True] * 3, [True, True, False]]
+    assert b.seq.input_ids[:, :3].tolist() == [[1, 2, 7], [1, 2, 5], [1, 2, 9], [1, 2, 4], [1, 2, 3]]
+    # pairs that imply no strict order (a cycle) stay separate K = 2 elements, and are counted
+    cyc, split = group_rankings([pair(0, [1], [2]), pair(0, [2], [3]), pair(0, [3], [1])])
+    assert split == 1 and [e["responses"] for e in cyc] == [[[1], [2]], [[2], [3]], [[3], [1]]]
+
+
+@pytest.mark.parametrize("loss", ["bradley_terry", "plackett_luce"])
+def test_reward_model_learns_rankings(tmp_path, tiny_model, jsonl, loss):
+    from tests.helpers import ranking_rows
+
+    train = jsonl("train.jsonl", ranking_rows(48, 0))
+    held = jsonl("held.jsonl", ranking_rows(24, 1))
+    s = train_rm(**{"model.name_or_path": str(tiny_model), "data.path": str(train), "data.eval_path": str(held),
+                    "train.epochs": 4, "train.batch_size": 4, "optim.lr": 3e-3, "log.progress": False,
+                    "rm.loss": loss}, output=str(tmp_path / "rm"))
+    assert s["eval/accuracy_before"] == pytest.approx(0.5)
+    assert s["eval/ranking_exact_before"] == 0.0  # all rewards tie: no strict order
+    assert s["eval/accuracy"] >= 0.8, s
+    assert s["eval/plackett_luce_nll"] < s["eval/plackett_luce_nll_before"] - 0.5
+    steps = [json.loads(l) for l in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert max(x.get("step", 0) for x in steps) == 48  # one element per prompt: 48 prompts / 4 * 4 epochs

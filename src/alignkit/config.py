@@ -201,6 +201,10 @@ class SFTConfig(RunConfig):
 
 
 class RMOptions(Section):
+    loss: Literal["bradley_terry", "plackett_luce"] = "bradley_terry"
+    """Loss over each prompt's ranking (one batch element per prompt): bradley_terry = every implied pair
+    (InstructGPT; a plain pair row is one pair), plackett_luce = the whole ranking's likelihood
+    (listwise; equal to bradley_terry on pairs). See docs/human-feedback.md for a comparison."""
     margin_field: Optional[str] = None
     """Row field holding a per-pair margin m: loss = -log sigmoid(r_w - r_l - m) (Llama 2)."""
     center_rewards_coef: float = Field(0.0, ge=0)
@@ -208,7 +212,7 @@ class RMOptions(Section):
 
 
 class RMConfig(RunConfig):
-    """Reward model: causal-LM backbone with a scalar head, Bradley-Terry loss on preference pairs."""
+    """Reward model: causal-LM backbone with a scalar head, Bradley-Terry (all pairs) or Plackett-Luce loss."""
 
     command: Literal["rm"] = "rm"
     rm: RMOptions = RMOptions()
