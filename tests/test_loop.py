@@ -44,7 +44,7 @@ def test_grad_accumulation_4x2_equals_8(tmp_path, tiny_model, sft_data, reductio
         assert len(mbs) == acc
         sums, _, total, bad = tr.accumulate(mbs)
         assert not bad
-        losses.append(sums["train/loss"] / total)
+        losses.append(float(sums["train/loss"]) / total)  # sums stay on the device until read
         grads.append(torch.cat([p.grad.flatten() for p in tr.model.parameters()]))
     # micro-batches differ in padding and token counts; normalization by the global count makes them equal
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) == pytest.approx(losses[2], rel=1e-6)
@@ -140,3 +140,32 @@ def test_sft_lowers_held_out_loss(tmp_path, tiny_model, sft_data):
     assert sum(p.numel() for p in m.parameters()) > 0
     cfg = (tmp_path / "sft" / "config.yaml").read_text()
     assert "lr: 0.003" in cfg
+
+
+def test_accumulate_reads_nothing_back_from_the_device(tmp_path, tiny_model, sft_data, monkeypatch):
+    """The micro-batch loop keeps metrics and the non-finite flag as tensors: no .item(), float(),
+    bool() or .tolist() of a tensor in our code (each a host sync on a GPU) until the update's one
+    skip check."""
+    import traceback
+
+    tr = make_trainer(tmp_path / "r", tiny_model, sft_data, **{"train.batch_size": 2, "train.grad_accum": 4})
+    (mbs,) = list(tr.task.plan(tr.model, tr._global_batch(0), tr.micro))
+    reads = []
+
+    def spy(name):
+        orig = getattr(torch.Tensor, name)
+
+        def f(self, *a, **k):
+            caller = traceback.extract_stack()[-2]
+            if "alignkit" in caller.filename and self.numel() == 1:  # ours, not the model's internals
+                reads.append((name, caller.filename, caller.lineno))
+            return orig(self, *a, **k)
+        return f
+
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    sums, local, total, bad = tr.accumulate(mbs)
+    monkeypatch.undo()
+    assert reads == []
+    assert torch.is_tensor(sums["train/loss"]) and torch.is_tensor(bad) and not bool(bad)
+    assert local == total > 0

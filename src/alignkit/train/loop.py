@@ -167,38 +167,51 @@ class Trainer:
 
         Each process adds sum(loss) * world / total_units; DDP averages gradients over processes, so
         the result is sum over all units / total_units whatever the split into micro-batches and
-        processes. Returns (metric sums, local units, global units, saw a non-finite loss).
+        processes. No host sync happens here: units are counted on the host before the batches move,
+        metric sums and the non-finite flag stay on the device (see :meth:`_update`). Returns
+        (metric sums as device tensors, local units, global units, non-finite flag as a device tensor).
         """
         acc, model = self.acc, self.model
-        local_units = sum(self.task.units(mb) for mb in micro_batches)
-        total = acc.reduce(torch.tensor(float(local_units), device=acc.device), reduction="sum").item()
+        units = [float(self.task.units(mb)) for mb in micro_batches]  # host-side batches: no device sync
+        local_units = sum(units)
+        total = local_units
+        if acc.num_processes > 1:
+            total = acc.reduce(torch.tensor(local_units, device=acc.device), reduction="sum").item()
         scale = acc.num_processes / max(total, 1e-12)
-        sums: Dict[str, float] = {}
-        bad = False
-        for i, mb in enumerate(micro_batches):
+        sums: Dict[str, torch.Tensor] = {}
+        bad = torch.zeros((), dtype=torch.bool, device=acc.device)
+        for i, (mb, w) in enumerate(zip(micro_batches, units)):
             mb = mb.to(acc.device) if hasattr(mb, "to") else mb
-            w = float(self.task.units(mb))
             ctx = acc.no_sync(model) if i < len(micro_batches) - 1 else _nullcontext()
             with ctx:
                 with acc.autocast():
                     loss_sum, metrics = self.task.loss(model, mb)
-                if not torch.isfinite(loss_sum.detach()):
-                    bad = True
-                    loss_sum = torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+                finite = torch.isfinite(loss_sum.detach())
+                bad = bad | ~finite
+                # a non-finite loss contributes nothing (the update is skipped after the flag is read)
+                loss_sum = torch.where(finite, loss_sum, torch.zeros_like(loss_sum))
                 acc.backward(loss_sum * scale)
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean()) * w
-            sums["train/loss"] = sums.get("train/loss", 0.0) + float(loss_sum.detach())
+                v = torch.as_tensor(v).detach().float().mean() * w
+                sums[k] = sums[k] + v if k in sums else v
+            lsum = loss_sum.detach().float()
+            sums["train/loss"] = sums["train/loss"] + lsum if "train/loss" in sums else lsum
         return sums, local_units, total, bad
 
-    def _update(self, micro_batches: List[Any]) -> Dict[str, float]:
+    def _update(self, micro_batches: List[Any]) -> Dict[str, torch.Tensor]:
+        """One optimizer update. One host sync: the skip decision (non-finite loss or gradient norm on
+        any process). Metrics come back as device tensors; :meth:`fit` reads them once per step."""
         acc, model = self.acc, self.model
         sums, local_units, total, bad = self.accumulate(micro_batches)
         max_norm = self.cfg.optim.max_grad_norm
         grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        flag = acc.reduce(torch.tensor(float(bad or not math.isfinite(grad_norm)), device=acc.device), "sum").item()
-        if flag > 0:
+        if grad_norm is None:
+            grad_norm = torch.tensor(float("nan"), device=acc.device)
+        grad_norm = torch.as_tensor(grad_norm, device=acc.device).detach().float()
+        flag = (bad | ~torch.isfinite(grad_norm)).float()
+        if acc.num_processes > 1:
+            flag = acc.reduce(flag, "sum")
+        if flag.item() > 0:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_a_row += 1
             self.skipped += 1
@@ -212,8 +225,10 @@ class Trainer:
         self.bad_in_a_row = 0
         out = {k: v / max(local_units, 1e-12) for k, v in sums.items() if k != "train/loss"}
         # the loss is normalized by global units like the gradient is
-        out["train/loss"] = acc.reduce(torch.tensor(sums.get("train/loss", 0.0), device=acc.device),
-                                       "sum").item() / max(total, 1e-12)
+        loss = sums.get("train/loss", torch.zeros((), device=acc.device))
+        if acc.num_processes > 1:
+            loss = acc.reduce(loss, "sum")
+        out["train/loss"] = loss / max(total, 1e-12)
         out["train/grad_norm"] = grad_norm
         return out
 
@@ -248,8 +263,9 @@ class Trainer:
                 for micro_batches in self.task.plan(self.model, items, self.micro):
                     m = self._update(micro_batches)
                     n_updates += 1
-                    for k, v in m.items():  # average over the updates of this step
+                    for k, v in m.items():  # average over the updates of this step (on the device)
                         metrics[k] = metrics.get(k, 0.0) + (v - metrics.get(k, 0.0)) / n_updates
+                metrics = host_floats(metrics)  # the step's one read of its metrics
                 metrics.update(getattr(self.task, "last_step_metrics", {}) or {})
                 with warnings.catch_warnings():  # a skipped (NaN) update still advances the schedule
                     warnings.simplefilter("ignore", UserWarning)
@@ -296,6 +312,16 @@ class Trainer:
 
     def unwrapped(self):
         return self.acc.unwrap_model(self.model)
+
+
+def host_floats(metrics: Dict[str, Any]) -> Dict[str, float]:
+    """Plain floats of a metrics dict whose values may be device tensors, in one transfer."""
+    tensors = {k: v.detach().float().reshape(()) for k, v in metrics.items() if torch.is_tensor(v)}
+    out = {k: float(v) for k, v in metrics.items() if not torch.is_tensor(v)}
+    if tensors:
+        dev = next(iter(tensors.values())).device
+        out.update(zip(tensors, torch.stack([t.to(dev) for t in tensors.values()]).tolist()))
+    return {k: out[k] for k in metrics}
 
 
 class _nullcontext:
