@@ -217,7 +217,7 @@ def test_soft_labels_flow_into_dpo_and_rm_losses(tmp_path, lm, tiny_model):
 
     # the gradient on the margin is beta (sigma(beta h) - p): zero for p = 0.5 at h = 0, -beta/2 for p = 1
     pc = torch.tensor([0.0, 0.0], requires_grad=True)
-    from alignkit.losses.preference import dpo_loss
+    from alignkit.losses import dpo_loss
 
     dpo_loss(pc, torch.zeros(2), torch.zeros(2), torch.zeros(2), beta=0.5, labels=batch.soft_label).losses.sum().backward()
     assert pc.grad.tolist() == pytest.approx([0.5 * (0.5 - 0.931406), 0.0], abs=1e-6)

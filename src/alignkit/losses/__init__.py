@@ -1,0 +1,32 @@
+"""Every loss of alignkit as a pure function: tensors in, ``LossOutput(losses (B,), metrics)`` out.
+
+    from alignkit.losses import dpo_loss
+    out = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                   beta=0.1, label_smoothing=0.0)
+    out.losses.mean().backward()
+
+Preference losses (:mod:`alignkit.losses.preference`, the ``alignkit dpo --loss NAME`` registry
+:data:`PREFERENCE_LOSSES`): ``dpo_loss``, ``cdpo_loss``, ``robust_loss``, ``ipo_loss``, ``hinge_loss``,
+``simpo_loss``, ``orpo_loss`` (paired: ``(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+ref_rejected_logps, *, hyper-parameters)``) and ``kto_loss`` (unpaired); ``nll_term`` and ``combine``
+for weighted sums. Online RL (:mod:`alignkit.losses.policy`, :mod:`alignkit.losses.value`):
+``ppo_loss``, ``grpo_loss``, ``rloo_loss``, ``value_loss``. Reward models
+(:mod:`alignkit.losses.reward`): ``bradley_terry_loss``. Each docstring cites its paper and equation.
+"""
+
+from alignkit.losses.base import LossOutput, LossSpec, Registry
+from alignkit.losses.policy import POLICY_LOSSES, aggregate_token_losses, grpo_loss, ppo_loss, rloo_loss
+from alignkit.losses.preference import (
+    PREFERENCE_LOSSES, SOFT_LABEL_LOSSES, cdpo_loss, combine, dpo_loss, hinge_loss, ipo_loss, kto_loss,
+    loss_hparams, nll_term, orpo_loss, robust_loss, simpo_loss,
+)
+from alignkit.losses.reward import bradley_terry_loss
+from alignkit.losses.value import explained_variance, value_loss
+
+__all__ = [
+    "LossOutput", "LossSpec", "Registry",
+    "PREFERENCE_LOSSES", "SOFT_LABEL_LOSSES", "loss_hparams", "dpo_loss", "cdpo_loss", "robust_loss",
+    "ipo_loss", "hinge_loss", "simpo_loss", "orpo_loss", "kto_loss", "nll_term", "combine",
+    "POLICY_LOSSES", "aggregate_token_losses", "ppo_loss", "grpo_loss", "rloo_loss",
+    "value_loss", "explained_variance", "bradley_terry_loss",
+]

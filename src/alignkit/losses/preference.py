@@ -123,7 +123,7 @@ def _dpo_margin(name: str, pc: Tensor, pr: Tensor, rc: Optional[Tensor], rr: Opt
 
 
 @PREFERENCE_LOSSES.register("dpo")
-def dpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
         ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor], *,
         chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
         labels: Optional[Tensor] = None, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
@@ -149,12 +149,8 @@ def dpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     return LossOutput(losses, _reward_metrics(beta * chosen_ratio, beta * rejected_ratio))
 
 
-#: The documented public name of :func:`dpo`.
-dpo_loss = dpo
-
-
 @PREFERENCE_LOSSES.register("cdpo")
-def cdpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+def cdpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
          ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor], *,
          chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
          labels: Optional[Tensor] = None, beta: float = 0.1, label_smoothing: float = 0.1) -> LossOutput:
@@ -162,15 +158,15 @@ def cdpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
 
     Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO" (the DPO loss of
     Rafailov et al. 2023 eq. 7 with labels flipped with probability ``eps``). Identical to
-    :func:`dpo` with ``label_smoothing=eps`` (default 0.1 here, 0 in dpo), soft labels included.
-    Shapes as in :func:`dpo`.
+    :func:`dpo_loss` with ``label_smoothing=eps`` (default 0.1 here, 0 in dpo), soft labels included.
+    Shapes as in :func:`dpo_loss`.
     """
-    return dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                labels=labels, beta=beta, label_smoothing=label_smoothing)
 
 
 @PREFERENCE_LOSSES.register("robust")
-def robust(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+def robust_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
            ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor], *,
            chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
            labels: Optional[Tensor] = None, beta: float = 0.1, label_smoothing: float = 0.1) -> LossOutput:
@@ -180,7 +176,7 @@ def robust(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     Feedback", Sec. 3 (the de-biased loss for preference flips with known rate ``eps``). Unbiased
     for the clean DPO loss; note a single example's loss can be negative when ``eps > 0``.
     ``label_smoothing`` (the flip rate ``eps``) must be in ``[0, 0.5)``. ``labels`` are treated as
-    hard. Shapes as in :func:`dpo`.
+    hard. Shapes as in :func:`dpo_loss`.
     """
     _check_epsilon("robust", label_smoothing, upper_inclusive=False)
     chosen_ratio, rejected_ratio = _dpo_margin("robust", policy_chosen_logps, policy_rejected_logps,
@@ -192,7 +188,7 @@ def robust(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
 
 
 @PREFERENCE_LOSSES.register("ipo", length_normalized=True)
-def ipo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
         ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor], *,
         chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
         labels: Optional[Tensor] = None, beta: float = 0.1) -> LossOutput:
@@ -217,7 +213,7 @@ def ipo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
 
 
 @PREFERENCE_LOSSES.register("hinge")
-def hinge(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+def hinge_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
           ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor], *,
           chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
           labels: Optional[Tensor] = None, beta: float = 0.1) -> LossOutput:
@@ -227,7 +223,7 @@ def hinge(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     calibration loss ``max(0, delta - log pi(y_w) + log pi(y_l))``), in the reference-normalized
     form of Liu et al. 2024 ("Statistical Rejection Sampling Improves Preference Optimization",
     hinge-norm), i.e. ``delta = 1/beta`` after scaling. Zero loss and zero gradient once
-    ``beta h >= 1``. ``labels`` treated as hard. Shapes as in :func:`dpo`.
+    ``beta h >= 1``. ``labels`` treated as hard. Shapes as in :func:`dpo_loss`.
     """
     chosen_ratio, rejected_ratio = _dpo_margin("hinge", policy_chosen_logps, policy_rejected_logps,
                                                ref_chosen_logps, ref_rejected_logps)
@@ -238,7 +234,7 @@ def hinge(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
 # ----------------------------------------------------------------------------------- reference-free
 
 @PREFERENCE_LOSSES.register("simpo", needs_reference=False, length_normalized=True)
-def simpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
           ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None, *,
           chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
           labels: Optional[Tensor] = None, beta: float = 2.0, gamma: float = 0.5) -> LossOutput:
@@ -257,7 +253,7 @@ def simpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
 
 
 @PREFERENCE_LOSSES.register("orpo", needs_reference=False, length_normalized=True)
-def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
          ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None, *,
          chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
          labels: Optional[Tensor] = None, beta: float = 0.1) -> LossOutput:
@@ -292,7 +288,7 @@ def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
 # -------------------------------------------------------------------------------------------- KTO
 
 @PREFERENCE_LOSSES.register("kto", paired=False)
-def kto(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, *, kl_policy_logps: Tensor,
+def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, *, kl_policy_logps: Tensor,
         kl_ref_logps: Tensor, beta: float = 0.1, desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0) -> LossOutput:
     """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8).
@@ -344,7 +340,7 @@ def combine(outputs: Sequence[Tuple[float, LossOutput]], *,
     (``dpo/rewards/margin``, ``sft/rewards/margin``). Each term's unweighted losses are also
     reported as ``<name>/loss``. Example::
 
-        combine([(1.0, dpo(...)), (0.2, nll_term(pc, lc))], names=["dpo", "sft"])
+        combine([(1.0, dpo_loss(...)), (0.2, nll_term(pc, lc))], names=["dpo", "sft"])
     """
     if not outputs:
         raise ValueError("combine needs at least one (weight, LossOutput) term")
@@ -368,6 +364,6 @@ def combine(outputs: Sequence[Tuple[float, LossOutput]], *,
 
 
 __all__: List[str] = [
-    "PREFERENCE_LOSSES", "SOFT_LABEL_LOSSES", "loss_hparams", "dpo", "dpo_loss", "cdpo", "robust", "ipo",
-    "hinge", "simpo", "orpo", "kto", "nll_term", "combine",
+    "PREFERENCE_LOSSES", "SOFT_LABEL_LOSSES", "loss_hparams", "dpo_loss", "cdpo_loss", "robust_loss", "ipo_loss",
+    "hinge_loss", "simpo_loss", "orpo_loss", "kto_loss", "nll_term", "combine",
 ]
