@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) with the same global batch give the same model as one process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,12 +11,21 @@ from safetensors.torch import load_file
 from tests.helpers import sft_rows
 
 
+def _free_port() -> int:
+    """A port nobody listens on now (a fixed one collides with other test runs on the machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(args, nproc, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     if nproc == 1:
         cmd = [sys.executable, "-m", "alignkit.cli"] + args
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29533",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
                "-m", "alignkit.cli"] + args
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -60,7 +70,7 @@ def test_fsdp_through_an_accelerate_config_equals_one_process(tmp_path, tiny_mod
     _run(common + ["--output", str(tmp_path / "one"), "train.batch_size=8"], 1, tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg),
-                          "--main_process_port", "29544", "-m", "alignkit"] + common
+                          "--main_process_port", str(_free_port()), "-m", "alignkit"] + common
                          + ["--output", str(tmp_path / "fsdp"), "train.batch_size=4"],
                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -70,3 +80,23 @@ def test_fsdp_through_an_accelerate_config_equals_one_process(tmp_path, tiny_mod
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-6, rtol=1e-5), k
     assert (tmp_path / "fsdp" / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_kto_two_processes_share_one_kl_reference_point(tmp_path, tiny_model, jsonl):
+    """KTO's z0 = max(0, mean KL of mismatched pairs) is a batch statistic: each process must use the
+    whole global batch's pairs (all-gathered), or two processes train another model than one."""
+    from tests.helpers import pref_rows
+
+    data = jsonl("p.jsonl", pref_rows(32, 0))
+    common = ["kto", "--model", str(tiny_model), "--data", str(data), "--max-steps", "4", "optim.lr=1e-2",
+              "optim.scheduler=constant", "optim.warmup_steps=0", "log.progress=false", "log.every=1",
+              "train.seed=3"]
+    _run(common + ["--output", str(tmp_path / "one"), "train.batch_size=8"], 1, tmp_path)
+    _run(common + ["--output", str(tmp_path / "two"), "train.batch_size=4"], 2, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    z0 = [r["kto/z0"] for r in rows if "kto/z0" in r]
+    assert len(z0) == 4 and max(z0[1:]) > 1e-3, z0  # the reference point is in play after step 1
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-6, rtol=1e-5), k

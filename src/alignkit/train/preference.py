@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from alignkit.config import RunConfig, Section, as_config
 from alignkit.data.collate import PairBatch, UnpairedBatch, collate_pairs, collate_unpaired
 from alignkit.losses.preference import PREFERENCE_LOSSES, combine, loss_hparams, nll_term
+from alignkit.ops.dist import gather_cat
 from alignkit.ops.logprobs import TokenLogprobs, token_logprobs
 from alignkit.train.loop import Task, Trainer
 from alignkit.train.reference import Reference, make_reference
@@ -129,13 +130,16 @@ class PreferenceTask(Task):
                         "lengths/chosen": lc.detach(), "lengths/rejected": lr.detach()})
         return losses, metrics, (pc, pr, lc, lr, rc, rr)
 
-    def _unpaired(self, model, batch: UnpairedBatch):
+    def _unpaired(self, model, batch: UnpairedBatch, gather: bool = False):
         tl = token_logprobs(model, batch.seq)
         with torch.no_grad():  # the KL reference point carries no gradient (KTO eq. 8)
             kl_tl = token_logprobs(model, batch.kl_seq)
         ref, ref_kl = self.ref.unpaired_logps(model, batch)
-        out = PREFERENCE_LOSSES.get("kto").fn(tl.sum(), ref, batch.label, kl_policy_logps=kl_tl.sum(),
-                                             kl_ref_logps=ref_kl, **self.opts.hparams_for("kto"))
+        kl_policy, kl_ref = kl_tl.sum().detach(), ref_kl.detach()
+        if gather:  # training: one z0 from the mismatched pairs of every process (2 processes = 1)
+            kl_policy, kl_ref = gather_cat(kl_policy), gather_cat(kl_ref)
+        out = PREFERENCE_LOSSES.get("kto").fn(tl.sum(), ref, batch.label, kl_policy_logps=kl_policy,
+                                             kl_ref_logps=kl_ref, **self.opts.hparams_for("kto"))
         metrics = dict(out.metrics)
         lab = batch.label.float()
         metrics["logps/desirable"] = (tl.sum().detach() * lab).sum() / lab.sum().clamp(min=1)
@@ -143,7 +147,8 @@ class PreferenceTask(Task):
         return out.losses, metrics, (tl.sum(), ref, batch.label)
 
     def loss(self, model, batch):
-        losses, metrics, _ = self._paired(model, batch) if self.opts.paired else self._unpaired(model, batch)
+        losses, metrics, _ = self._paired(model, batch) if self.opts.paired else \
+            self._unpaired(model, batch, gather=True)
         return losses.sum(), metrics
 
     # ------------------------------------------------------------------ evaluation
