@@ -11,7 +11,8 @@ Preference losses (:mod:`alignkit.losses.preference`, the ``alignkit dpo --loss 
 ref_rejected_logps, *, hyper-parameters)``) and ``kto_loss`` (unpaired); ``nll_term`` and ``combine``
 for weighted sums. Online RL (:mod:`alignkit.losses.policy`, :mod:`alignkit.losses.value`):
 ``ppo_loss``, ``grpo_loss``, ``rloo_loss``, ``value_loss``. Reward models
-(:mod:`alignkit.losses.reward`): ``bradley_terry_loss``. Each docstring cites its paper and equation.
+(:mod:`alignkit.losses.reward`): ``bradley_terry_loss``,
+``all_pairs_bradley_terry_loss``, ``plackett_luce_loss``. Each docstring cites its paper and equation.
 """
 
 from alignkit.losses.base import LossOutput, LossSpec, Registry
@@ -20,7 +21,7 @@ from alignkit.losses.preference import (
     PREFERENCE_LOSSES, SOFT_LABEL_LOSSES, cdpo_loss, combine, dpo_loss, hinge_loss, ipo_loss, kto_loss,
     loss_hparams, nll_term, orpo_loss, robust_loss, simpo_loss,
 )
-from alignkit.losses.reward import bradley_terry_loss
+from alignkit.losses.reward import RANKING_LOSSES, all_pairs_bradley_terry_loss, bradley_terry_loss, plackett_luce_loss
 from alignkit.losses.value import explained_variance, value_loss
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     "PREFERENCE_LOSSES", "SOFT_LABEL_LOSSES", "loss_hparams", "dpo_loss", "cdpo_loss", "robust_loss",
     "ipo_loss", "hinge_loss", "simpo_loss", "orpo_loss", "kto_loss", "nll_term", "combine",
     "POLICY_LOSSES", "aggregate_token_losses", "ppo_loss", "grpo_loss", "rloo_loss",
-    "value_loss", "explained_variance", "bradley_terry_loss",
+    "value_loss", "explained_variance",
+    "RANKING_LOSSES", "bradley_terry_loss", "all_pairs_bradley_terry_loss", "plackett_luce_loss",
 ]
