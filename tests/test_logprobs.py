@@ -1,10 +1,11 @@
 """Chunked log-probs equal the full log-softmax (values and gradients), under any padding."""
 
+import pytest
 import torch
 
 from alignkit.data.collate import SeqBatch, pad_sequences
 from alignkit.ops.logprobs import reference_logprobs, token_logprobs
-from alignkit.testing import tiny_llama
+from alignkit.testing import TINY_ARCHITECTURES, tiny_causal_lm, tiny_llama
 
 
 def _batch(tok):
@@ -41,3 +42,79 @@ def test_left_right_and_no_padding_agree(tiny_tok):
     left_lp = token_logprobs(model, left).sum()[0]
     assert torch.allclose(alone[0], right, atol=1e-5)
     assert torch.allclose(alone[0], left_lp, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", TINY_ARCHITECTURES)
+def test_chunked_equals_full_logits_on_every_architecture(kind, recwarn):
+    """Gemma 2's softcap, Cohere's logit_scale and Granite's logits_scaling are applied by the chunked
+    head (they were skipped: log-probs off by nats), values and gradients."""
+    model = tiny_causal_lm(kind)
+    seqs = [[5, 6, 7, 8, 9, 10, 11, 12], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]]
+    masks = [[0, 0, 1, 1, 1, 1, 1, 1], [0, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1, 1, 1]]
+    b = pad_sequences(seqs, masks, 0)
+    full = token_logprobs(model, b, chunk_size=0, with_entropy=True)  # the model's own logits
+    full.sum().sum().backward()
+    g_full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    fast = token_logprobs(model, b, chunk_size=4, with_entropy=True)
+    fast.sum().sum().backward()
+    # the chunked head itself is right (no fallback to the model's full logits was needed)
+    assert not [w for w in recwarn if "full logits" in str(w.message)]
+    assert torch.allclose(fast.logps, full.logps, atol=1e-5), (fast.logps - full.logps).abs().max()
+    assert torch.allclose(fast.entropy * fast.mask, full.entropy * full.mask, atol=1e-5)
+    for p, g in zip(model.parameters(), g_full):
+        assert torch.allclose(p.grad, g, atol=1e-5)
+    ref = reference_logprobs(model, b)
+    assert torch.allclose(fast.logps, ref.logps, atol=1e-5)
+
+
+def test_unknown_logit_processing_falls_back_to_the_models_own_logits():
+    """A model that does something to its logits that the chunked head does not know about."""
+    model = tiny_causal_lm("llama")
+    inner_forward = model.forward
+
+    def forward(*a, **kw):
+        out = inner_forward(*a, **kw)
+        out.logits = out.logits * 2.0 + 1.0  # e.g. a multiplier no config key we know describes
+        return out
+
+    model.forward = forward
+    b = pad_sequences([[5, 6, 7, 8, 9]], [[0, 0, 1, 1, 1]], 0)
+    with pytest.warns(UserWarning, match="full logits"):
+        fast = token_logprobs(model, b, chunk_size=4)
+    full = token_logprobs(model, b, chunk_size=0)
+    assert torch.allclose(fast.logps, full.logps, atol=1e-6)
+    assert not torch.allclose(fast.logps, reference_logprobs(tiny_causal_lm("llama"), b).logps, atol=1e-2)
+
+
+def test_logprob_chunk_is_per_run_not_inherited(tmp_path, tiny_model, monkeypatch):
+    """train.logprob_chunk=0 in one run (e.g. an earlier pipeline stage) no longer leaks into later
+    callers such as `alignkit eval`, which use their own setting (it lived in a module global)."""
+    import alignkit.ops.logprobs as lp
+    from alignkit.rollout.generate import batched_logprobs
+    from alignkit.train.sft import train_sft
+    from tests.helpers import write_jsonl
+
+    calls = []
+    real = lp._chunk_logps
+    monkeypatch.setattr(lp, "_chunk_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "hi", "completion": "there"}] * 4)
+    train_sft({"model": {"name_or_path": str(tiny_model)}, "data": {"path": str(data)}, "output": str(tmp_path / "run"),
+               "train": {"batch_size": 2, "max_steps": 1, "logprob_chunk": 0}, "log": {"progress": False}})
+    assert calls == []  # the run used full logits as configured
+    model = tiny_causal_lm("llama", vocab_size=120)
+    batched_logprobs(model, pad_sequences([[5, 6, 7, 8]], [[0, 1, 1, 1]], 0))
+    assert calls  # a later caller gets the default chunked head, not the previous run's 0
+    assert not hasattr(lp, "set_chunk_size")
+
+
+def test_ppo_shared_head_honours_full_logits():
+    """PolicyWithValue used to turn train.logprob_chunk=0 into 1024; now 0 means the model's full logits."""
+    from alignkit.train.ppo import PolicyWithValue
+
+    b = pad_sequences([[5, 6, 7, 8, 9], [5, 6, 7]], [[0, 0, 1, 1, 1], [0, 1, 1]], 0)
+    policy = tiny_causal_lm("gemma2")
+    full = PolicyWithValue(policy, logprob_chunk=0)(b.input_ids, b.attention_mask, b.loss_mask)[0]
+    chunked = PolicyWithValue(policy, logprob_chunk=2)(b.input_ids, b.attention_mask, b.loss_mask)[0]
+    assert torch.allclose(full.logps, chunked.logps, atol=1e-5)
+    assert torch.allclose(full.logps, reference_logprobs(policy, b).logps, atol=1e-5)

@@ -49,3 +49,39 @@ def save_tiny_model(path: Path, seed: int = 0, **kw) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+#: architectures :func:`tiny_causal_lm` builds; each has something the plain ``hidden @ W.T`` head or a
+#: naive packed batch would get wrong (softcap, scale, sliding windows, learned absolute positions)
+TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma2", "cohere", "granite", "gpt2")
+
+
+def tiny_causal_lm(kind: str, vocab_size: int = 97, hidden: int = 32, layers: int = 2, seed: int = 0,
+                   **overrides):
+    """A tiny random causal LM of architecture ``kind`` (one of :data:`TINY_ARCHITECTURES`), built from a
+    local config (no download), with the logit post-processing of its family switched on."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=None, eos_token_id=None, **overrides)
+        return tf.GPT2LMHeadModel(cfg)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    family = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": 6}),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"final_logit_softcapping": 0.5, "head_dim": 8,
+                                                           "sliding_window": 6}),
+        "cohere": (tf.CohereConfig, tf.CohereForCausalLM, {"logit_scale": 3.0}),
+        "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, {"logits_scaling": 0.25}),
+    }
+    if kind not in family:
+        raise ValueError(f"unknown tiny architecture {kind!r}; choose one of {', '.join(TINY_ARCHITECTURES)}")
+    cfg_cls, model_cls, extra = family[kind]
+    return model_cls(cfg_cls(**{**common, **extra, **overrides}))

@@ -8,6 +8,9 @@ obvious version the tests check against.
 
 from __future__ import annotations
 
+import math
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,13 +22,9 @@ from alignkit.data.collate import SeqBatch
 from alignkit.ops.masked import masked_mean, masked_sum
 from alignkit.ops.wrappers import unwrap
 
-DEFAULT_CHUNK = 1024  # label positions per chunk; set per run from train.logprob_chunk
-
-
-def set_chunk_size(n: int) -> None:
-    """Run-wide chunk size (0: full logits, faster on a GPU but O(B x T x V) memory)."""
-    global DEFAULT_CHUNK
-    DEFAULT_CHUNK = int(n)
+#: label positions per chunk when a caller does not say (``train.logprob_chunk``'s default). A constant:
+#: every caller passes its own run's setting explicitly, nothing is carried between runs.
+DEFAULT_CHUNK = 1024
 
 
 @dataclass
@@ -51,9 +50,45 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@dataclass(frozen=True)
+class LogitPost:
+    """The model's own post-processing of ``hidden @ W.T + b``, read from its config.
+
+    - ``scale``: Cohere's ``logit_scale`` (logits * s) and Granite's ``logits_scaling`` (logits / s);
+    - ``softcap``: Gemma 2/3's ``final_logit_softcapping`` (c * tanh(logits / c)).
+    Anything else a model does to its logits is caught by :func:`_head_agrees`, which compares this
+    head with the model's own logits once per model and falls back to full logits on a mismatch.
+    """
+
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @classmethod
+    def of(cls, model) -> "LogitPost":
+        cfg = getattr(unwrap(model), "config", None)
+        scale = 1.0
+        if getattr(cfg, "logit_scale", None) is not None:  # Cohere, Cohere2
+            scale *= float(cfg.logit_scale)
+        if getattr(cfg, "logits_scaling", None) is not None:  # Granite, GraniteMoE
+            scale /= float(cfg.logits_scaling)
+        cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2, Gemma 3
+        return cls(scale, float(cap) if cap else None)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], post: LogitPost):
+    return post(F.linear(hidden, weight, bias))
+
+
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-                 temperature: float, with_entropy: bool):
-    logits = F.linear(hidden, weight, bias).float()  # (N, V) for this chunk only
+                 temperature: float, with_entropy: bool, post: LogitPost = LogitPost()):
+    logits = _head_logits(hidden, weight, bias, post).float()  # (N, V) for this chunk only
     if temperature != 1.0:
         logits = logits / temperature
     logz = torch.logsumexp(logits, dim=-1)
@@ -72,30 +107,62 @@ def _output_layer(model):
     return head
 
 
-def _hidden_states(model, batch: SeqBatch, pos: torch.Tensor) -> Optional[torch.Tensor]:
+# model -> whether our head reproduces its logits (checked once per model object; a fact about the
+# architecture, not a setting, so it cannot leak between runs)
+_HEAD_AGREES: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _head_agrees(model, out, head: torch.nn.Linear, post: LogitPost) -> bool:
+    """Compare our head on the last position's hidden state with the model's own logits there
+    (``logits_to_keep=1`` computed them anyway). Once per model; False means: use full logits."""
+    key = unwrap(model)
+    if key not in _HEAD_AGREES:
+        with torch.no_grad():
+            own = out.logits[:, -1].float()
+            mine = _head_logits(out.hidden_states[-1][:, -1], head.weight, head.bias, post).float()
+            diff = float((own - mine).abs().max()) if own.numel() else 0.0
+            scale = 1.0 + float(own.abs().max()) if own.numel() else 1.0
+        # fp32 agrees to rounding; bf16/fp16 heads (or autocast) to a few units of their precision
+        tol = 1e-4 if out.logits.dtype == torch.float32 else 3e-2
+        ok = math.isfinite(diff) and diff <= tol * scale
+        if not ok:
+            warnings.warn(f"{type(key).__name__}: the chunked log-prob head differs from the model's own logits "
+                          f"(max |diff| {diff:.3g}); this model's log-probs use its full logits instead "
+                          "(correct; more memory, as with train.logprob_chunk=0)", stacklevel=3)
+        _HEAD_AGREES[key] = ok
+    return _HEAD_AGREES[key]
+
+
+def _hidden_states(model, batch: SeqBatch, pos: torch.Tensor, head, post: LogitPost) -> Optional[torch.Tensor]:
     """Final hidden states (B, T, H) from the *wrapped* model's forward, so DDP/accelerate hooks run,
-    with the LM head applied to one position only (logits_to_keep=1)."""
+    with the LM head applied to one position only (logits_to_keep=1). None: use full logits (a model
+    without logits_to_keep, or one whose logits our head does not reproduce)."""
     try:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
                     output_hidden_states=True, logits_to_keep=1, use_cache=False)
     except TypeError:  # a model without logits_to_keep
         return None
+    if getattr(out, "logits", None) is not None and not _head_agrees(model, out, head, post):
+        return None
     return out.hidden_states[-1]
 
 
 def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_entropy: bool = False,
-                   chunk_size: Optional[int] = None) -> TokenLogprobs:
+                   chunk_size: int = DEFAULT_CHUNK) -> TokenLogprobs:
     """Log-probs of ``batch.input_ids[:, 1:]`` under ``model``, masked by ``batch.loss_mask[:, 1:]``.
 
-    Falls back to full logits when the model is wrapped in a way that hides its head (FSDP, custom
-    code): correct, just without the memory saving.
+    ``chunk_size``: label positions per checkpointed head chunk (the run's ``train.logprob_chunk``);
+    0 computes the model's full logits. The chunked head applies the model's logit post-processing
+    (:class:`LogitPost`: softcap, scale, bias). It falls back to full logits when the model is wrapped
+    in a way that hides its head (FSDP, custom code) or when its logits differ from our head's
+    (checked once per model): correct, just without the memory saving.
     """
-    chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     labels = batch.input_ids[:, 1:]  # (B, T-1)
     mask = batch.loss_mask[:, 1:].float()
     pos = position_ids(batch.attention_mask)
     head = _output_layer(model)
-    hidden = _hidden_states(model, batch, pos) if head is not None and chunk_size > 0 else None
+    post = LogitPost.of(model)
+    hidden = _hidden_states(model, batch, pos, head, post) if head is not None and chunk_size > 0 else None
     if hidden is None:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
                        use_cache=False).logits
@@ -118,7 +185,7 @@ def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_ent
     for start in range(0, idx.numel(), chunk_size):
         sel = idx[start:start + chunk_size]
         args = (h.index_select(0, sel), head.weight, head.bias, flat_labels.index_select(0, sel), temperature,
-                with_entropy)
+                with_entropy, post)
         if need_grad:
             lp, ent = checkpoint(_chunk_logps, *args, use_reentrant=False)
         else:

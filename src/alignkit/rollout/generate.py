@@ -126,15 +126,18 @@ def generate(model, tokenizer, prompts: Sequence[List[int]], cfg: GenerationConf
 
 
 @torch.no_grad()
-def batched_logprobs(model, batch: SeqBatch, temperature: float = 1.0, batch_size: int = 16) -> torch.Tensor:
-    """(N, T-1) log-probs of ``batch`` under ``model`` without gradients, in chunks of rows."""
-    from alignkit.ops.logprobs import token_logprobs
+def batched_logprobs(model, batch: SeqBatch, temperature: float = 1.0, batch_size: int = 16,
+                     chunk_size: Optional[int] = None) -> torch.Tensor:
+    """(N, T-1) log-probs of ``batch`` under ``model`` without gradients, in chunks of rows
+    (``chunk_size``: label positions per head chunk, 0 = full logits; default ``DEFAULT_CHUNK``)."""
+    from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 
+    chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     model_u = unwrap(model)
     device = next(model_u.parameters()).device
     parts = []
     for s in range(0, len(batch), batch_size):
         sub = SeqBatch(batch.input_ids[s:s + batch_size], batch.attention_mask[s:s + batch_size],
                        batch.loss_mask[s:s + batch_size]).to(device)
-        parts.append(token_logprobs(model_u, sub, temperature=temperature).logps.float().cpu())
+        parts.append(token_logprobs(model_u, sub, temperature=temperature, chunk_size=chunk_size).logps.float().cpu())
     return torch.cat(parts)

@@ -25,11 +25,8 @@ def start_run(cfg: RunConfig):
 
     from alignkit.train.loop import make_accelerator
 
-    from alignkit.ops.logprobs import set_chunk_size
-
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed)
-    set_chunk_size(cfg.train.logprob_chunk)
     out = Path(cfg.output)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

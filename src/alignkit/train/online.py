@@ -144,7 +144,8 @@ class OnlineTask(Task):
 
     def forward(self, model, seq: SeqBatch) -> Tuple[TokenLogprobs, Optional[torch.Tensor]]:
         """Per-token log-probs (with entropy) of the policy and, for actor-critic, values (B, T-1)."""
-        return token_logprobs(model, seq, temperature=self.temperature, with_entropy=True), None
+        return token_logprobs(model, seq, temperature=self.temperature, with_entropy=True,
+                              chunk_size=self.cfg.train.logprob_chunk), None
 
     def collate(self, items):  # rollouts replace collation (see plan)
         return items
@@ -233,10 +234,12 @@ class OnlineTask(Task):
     def ref_logps(self, model, seq: SeqBatch) -> torch.Tensor:
         """(B, T-1) reference log-probs: the frozen model, or the policy with its LoRA adapter off."""
         if self.ref_model is not None:
-            return token_logprobs(self.ref_model, seq, temperature=self.temperature, with_entropy=False).logps
+            return token_logprobs(self.ref_model, seq, temperature=self.temperature, with_entropy=False,
+                                  chunk_size=self.cfg.train.logprob_chunk).logps
         policy = policy_of(model)
         with policy.disable_adapter():
-            return token_logprobs(policy, seq, temperature=self.temperature, with_entropy=False).logps
+            return token_logprobs(policy, seq, temperature=self.temperature, with_entropy=False,
+                                  chunk_size=self.cfg.train.logprob_chunk).logps
 
     @torch.no_grad()
     def rollout_stats(self, model, ro: Rollout, first_epoch: List[List[List[int]]], *, ref: bool

@@ -40,6 +40,11 @@ class _Forwarded:
 
     def __init__(self, policy, output):
         self._policy, self._output = policy, output
+        self.module = policy  # what the log-prob head unwraps to: the policy's config and head
+
+    @property
+    def config(self):
+        return self._policy.config
 
     def __call__(self, **kwargs):
         return self._output
@@ -69,9 +74,11 @@ class PolicyWithValue(nn.Module):
     final hidden states (shared backbone).
     """
 
-    def __init__(self, policy: nn.Module, critic: Optional[nn.Module] = None, temperature: float = 1.0):
+    def __init__(self, policy: nn.Module, critic: Optional[nn.Module] = None, temperature: float = 1.0,
+                 logprob_chunk: int = lp.DEFAULT_CHUNK):
         super().__init__()
         self.policy, self.critic, self.temperature = policy, critic, temperature
+        self.logprob_chunk = logprob_chunk  # train.logprob_chunk; 0 = full logits
         self.value_head = None
         if critic is None:
             self.value_head = nn.Linear(policy.config.hidden_size, 1)
@@ -80,14 +87,14 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, input_ids, attention_mask, loss_mask, with_entropy: bool = True):
         seq = SeqBatch(input_ids, attention_mask, loss_mask)
-        chunk = lp.DEFAULT_CHUNK if lp.DEFAULT_CHUNK and lp.DEFAULT_CHUNK > 0 else 1024
+        chunk = self.logprob_chunk
         if self.value_head is None:
             tl = lp.token_logprobs(self.policy, seq, temperature=self.temperature, with_entropy=with_entropy,
                                    chunk_size=chunk)
             return tl, critic_values(self.critic, seq)
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=lp.position_ids(attention_mask), output_hidden_states=True,
-                          logits_to_keep=1, use_cache=False)
+                          logits_to_keep=1 if chunk else 0, use_cache=False)  # 0: every position's logits
         hidden = out.hidden_states[-1]  # (B, T, H) final hidden states, shared by both heads
         tl = lp.token_logprobs(_Forwarded(self.policy, out), seq, temperature=self.temperature,
                                with_entropy=with_entropy, chunk_size=chunk)
@@ -229,7 +236,8 @@ def _build(cfg: PPOConfig, tok, policy, reward, gold, engine, acc):
     o = cfg.ppo
     ref, adapter = load_reference(cfg, acc, needed=o.kl_coef > 0 or o.adaptive_kl)
     critic = None if cfg.value.shared else build_critic(cfg, tok)
-    model = PolicyWithValue(policy, critic, temperature=cfg.generation.temperature or 1.0)
+    model = PolicyWithValue(policy, critic, temperature=cfg.generation.temperature or 1.0,
+                            logprob_chunk=cfg.train.logprob_chunk)
     return PPOTask(cfg, tok, reward, gold, ref, adapter, engine), model
 
 

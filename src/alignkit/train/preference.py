@@ -16,7 +16,7 @@ from alignkit.config import RunConfig, Section, as_config
 from alignkit.data.collate import PairBatch, UnpairedBatch, collate_pairs, collate_unpaired
 from alignkit.losses.preference import PREFERENCE_LOSSES, combine, loss_hparams, nll_term
 from alignkit.ops.dist import gather_cat
-from alignkit.ops.logprobs import TokenLogprobs, token_logprobs
+from alignkit.ops.logprobs import DEFAULT_CHUNK, TokenLogprobs, token_logprobs
 from alignkit.train.loop import Task, Trainer
 from alignkit.train.reference import Reference, make_reference
 
@@ -94,8 +94,9 @@ def _split(tl: TokenLogprobs, B: int):
 class PreferenceTask(Task):
     name = "dpo"
 
-    def __init__(self, opts: DPOOptions, pad_id: int, reference: Optional[Reference]):
-        self.opts, self.pad_id, self.ref = opts, pad_id, reference
+    def __init__(self, opts: DPOOptions, pad_id: int, reference: Optional[Reference],
+                 logprob_chunk: int = DEFAULT_CHUNK):
+        self.opts, self.pad_id, self.ref, self.logprob_chunk = opts, pad_id, reference, logprob_chunk
         self.specs = [(PREFERENCE_LOSSES.get(n), w) for n, w in opts.losses()]
 
     # ------------------------------------------------------------------ batching
@@ -108,7 +109,7 @@ class PreferenceTask(Task):
     # ------------------------------------------------------------------ loss
     def _paired(self, model, batch: PairBatch):
         B = batch.num_pairs
-        pc, pr, lc, lr = _split(token_logprobs(model, batch.seq), B)
+        pc, pr, lc, lr = _split(token_logprobs(model, batch.seq, chunk_size=self.logprob_chunk), B)
         rc = rr = None
         if self.ref is not None:
             rc, rr = self.ref.pair_logps(model, batch)
@@ -131,9 +132,9 @@ class PreferenceTask(Task):
         return losses, metrics, (pc, pr, lc, lr, rc, rr)
 
     def _unpaired(self, model, batch: UnpairedBatch, gather: bool = False):
-        tl = token_logprobs(model, batch.seq)
+        tl = token_logprobs(model, batch.seq, chunk_size=self.logprob_chunk)
         with torch.no_grad():  # the KL reference point carries no gradient (KTO eq. 8)
-            kl_tl = token_logprobs(model, batch.kl_seq)
+            kl_tl = token_logprobs(model, batch.kl_seq, chunk_size=self.logprob_chunk)
         ref, ref_kl = self.ref.unpaired_logps(model, batch)
         kl_policy, kl_ref = kl_tl.sum().detach(), ref_kl.detach()
         if gather:  # training: one z0 from the mismatched pairs of every process (2 processes = 1)
@@ -231,7 +232,7 @@ def train_dpo(config: Union[DPOConfig, Dict[str, Any], None] = None, **overrides
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     reference = make_reference(cfg, model, data, tok, acc) if opts.needs_reference else None
-    task = PreferenceTask(opts, tok.pad_token_id, reference)
+    task = PreferenceTask(opts, tok.pad_token_id, reference, cfg.train.logprob_chunk)
     trainer = Trainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
     return fit_and_finish(trainer, tok, cfg, data.eval, loss=opts.loss,
                           reference=reference.mode if reference else "none")

@@ -14,12 +14,15 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from alignkit.data.collate import PairBatch, SeqBatch, UnpairedBatch, collate_pairs, collate_unpaired
-from alignkit.ops.logprobs import token_logprobs
+from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 from alignkit.ops.wrappers import unwrap
 
 
 class Reference:
     mode = "base"
+
+    def __init__(self, logprob_chunk: int = DEFAULT_CHUNK):
+        self.logprob_chunk = logprob_chunk  # train.logprob_chunk of the run
 
     def seq_logps(self, policy, seq: SeqBatch) -> torch.Tensor:
         raise NotImplementedError
@@ -36,14 +39,15 @@ class Reference:
 class ModelReference(Reference):
     mode = "model"
 
-    def __init__(self, model):
+    def __init__(self, model, logprob_chunk: int = DEFAULT_CHUNK):
+        super().__init__(logprob_chunk)
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def seq_logps(self, policy, seq: SeqBatch) -> torch.Tensor:
-        return token_logprobs(self.model, seq).sum()
+        return token_logprobs(self.model, seq, chunk_size=self.logprob_chunk).sum()
 
 
 class AdapterReference(Reference):
@@ -53,7 +57,7 @@ class AdapterReference(Reference):
     def seq_logps(self, policy, seq: SeqBatch) -> torch.Tensor:
         peft_model = unwrap(policy)
         with peft_model.disable_adapter():
-            return token_logprobs(peft_model, seq).sum()
+            return token_logprobs(peft_model, seq, chunk_size=self.logprob_chunk).sum()
 
 
 class PrecomputedReference(Reference):
@@ -104,15 +108,15 @@ def make_reference(cfg, policy, data, tokenizer, accelerator) -> Reference:
                              "to switch off")
         if opts.ref_model:
             raise ValueError("dpo.reference=adapter uses the policy's base weights; it cannot use dpo.ref_model")
-        return AdapterReference()
+        return AdapterReference(cfg.train.logprob_chunk)
     if mode == "precomputed" and use_adapter:
-        ref: Reference = AdapterReference()  # the policy with its adapter off: no second copy to load
+        ref: Reference = AdapterReference(cfg.train.logprob_chunk)  # the policy with its adapter off: no second copy to load
         policy.to(accelerator.device)  # the trainer would move it there anyway
     else:
         ref_cfg = cfg.model.model_copy(update={"name_or_path": opts.ref_model or cfg.model.name_or_path,
                                                "gradient_checkpointing": False})
         # same dtype as the policy and run under the same autocast, so at step 0 reference == policy exactly
-        ref = ModelReference(load_causal_lm(ref_cfg).to(accelerator.device))
+        ref = ModelReference(load_causal_lm(ref_cfg).to(accelerator.device), cfg.train.logprob_chunk)
         if mode == "model":
             return ref
     with accelerator.autocast():

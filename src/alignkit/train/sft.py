@@ -9,15 +9,15 @@ import torch
 from alignkit.config import SFTConfig, as_config
 from alignkit.data import prepare
 from alignkit.data.collate import SeqBatch, collate_sft
-from alignkit.ops.logprobs import token_logprobs
+from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 from alignkit.train.loop import Task, Trainer
 
 
 class SFTTask(Task):
     name = "sft"
 
-    def __init__(self, pad_id: int, reduction: str = "token"):
-        self.pad_id, self.reduction = pad_id, reduction
+    def __init__(self, pad_id: int, reduction: str = "token", logprob_chunk: int = DEFAULT_CHUNK):
+        self.pad_id, self.reduction, self.logprob_chunk = pad_id, reduction, logprob_chunk
 
     def collate(self, items: List[Dict[str, Any]]) -> SeqBatch:
         return collate_sft(items, self.pad_id)
@@ -26,7 +26,7 @@ class SFTTask(Task):
         return float(batch.num_label_tokens) if self.reduction == "token" else float(len(batch))
 
     def loss(self, model, batch: SeqBatch):
-        tl = token_logprobs(model, batch)
+        tl = token_logprobs(model, batch, chunk_size=self.logprob_chunk)
         nll = -tl.logps  # (B, T-1), 0 off the labels
         if self.reduction == "token":
             total = nll.sum()
@@ -39,7 +39,7 @@ class SFTTask(Task):
         nll, tokens = 0.0, 0.0
         for i in range(0, len(items), batch_size):
             b = self.collate(items[i:i + batch_size]).to(next(model.parameters()).device)
-            tl = token_logprobs(model, b)
+            tl = token_logprobs(model, b, chunk_size=self.logprob_chunk)
             nll += float(-tl.logps.sum())
             tokens += float(tl.mask.sum())
         loss = nll / max(tokens, 1.0)
@@ -59,7 +59,7 @@ def train_sft(config: Union[SFTConfig, Dict[str, Any], None] = None, **overrides
     model = load_causal_lm(cfg.model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    task = SFTTask(tok.pad_token_id, cfg.sft.loss_reduction)
+    task = SFTTask(tok.pad_token_id, cfg.sft.loss_reduction, cfg.train.logprob_chunk)
     trainer = Trainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
     return fit_and_finish(trainer, tok, cfg, data.eval)
 
