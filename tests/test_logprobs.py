@@ -58,8 +58,13 @@ def test_chunked_equals_full_logits_on_every_architecture(kind, recwarn):
     model.zero_grad()
     fast = token_logprobs(model, b, chunk_size=4, with_entropy=True)
     fast.sum().sum().backward()
-    # the chunked head itself is right (no fallback to the model's full logits was needed)
+    # the chunked head itself is right (no fallback to the model's full logits was needed), also
+    # when the architecture is not on the known list and is checked against its own logits
     assert not [w for w in recwarn if "full logits" in str(w.message)]
+    model.config.model_type = "unlisted"
+    checked = token_logprobs(model, b, chunk_size=4)
+    assert not [w for w in recwarn if "full logits" in str(w.message)]
+    assert torch.allclose(checked.logps, full.logps, atol=1e-5)
     assert torch.allclose(fast.logps, full.logps, atol=1e-5), (fast.logps - full.logps).abs().max()
     assert torch.allclose(fast.entropy * fast.mask, full.entropy * full.mask, atol=1e-5)
     for p, g in zip(model.parameters(), g_full):
@@ -79,6 +84,7 @@ def test_unknown_logit_processing_falls_back_to_the_models_own_logits():
         return out
 
     model.forward = forward
+    model.config.model_type = "mystery"  # not a type whose head we know: checked against its own logits
     b = pad_sequences([[5, 6, 7, 8, 9]], [[0, 0, 1, 1, 1]], 0)
     with pytest.warns(UserWarning, match="full logits"):
         fast = token_logprobs(model, b, chunk_size=4)

@@ -107,15 +107,25 @@ def _output_layer(model):
     return head
 
 
-# model -> whether our head reproduces its logits (checked once per model object; a fact about the
-# architecture, not a setting, so it cannot leak between runs)
+#: model types whose causal-LM logits are exactly ``LogitPost(hidden @ W.T + b)`` in transformers 5.x
+#: (read from their modeling code). Any other type is checked against its own logits once.
+KNOWN_HEADS = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt2", "gemma", "gemma2",
+    "gemma3_text", "cohere", "cohere2", "granite", "granitemoe", "phi", "phi3", "olmo", "olmo2", "smollm3",
+    "starcoder2", "stablelm", "gpt_neox"})
+
+# model -> whether our head reproduces its logits (checked once per model object, for types outside
+# KNOWN_HEADS; a fact about the architecture, not a setting, so it cannot leak between runs)
 _HEAD_AGREES: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def _head_agrees(model, out, head: torch.nn.Linear, post: LogitPost) -> bool:
-    """Compare our head on the last position's hidden state with the model's own logits there
-    (``logits_to_keep=1`` computed them anyway). Once per model; False means: use full logits."""
+    """Whether our head reproduces the model's logits. Known types: yes. Others: compare our head on
+    the last position's hidden state with the model's own logits there (``logits_to_keep=1`` computed
+    them anyway), once per model (one host read); False means: use full logits."""
     key = unwrap(model)
+    if getattr(getattr(key, "config", None), "model_type", None) in KNOWN_HEADS:
+        return True
     if key not in _HEAD_AGREES:
         with torch.no_grad():
             own = out.logits[:, -1].float()
