@@ -40,8 +40,9 @@ def test_grad_accumulation_4x2_equals_8(tmp_path, tiny_model, sft_data, reductio
         tr = make_trainer(tmp_path / f"{bs}", tiny_model, sft_data, **{"train.batch_size": bs, "train.grad_accum": acc,
                                                                         "sft.loss_reduction": reduction})
         items = tr._global_batch(0)
-        (mbs,) = list(tr.task.plan(tr.model, items, tr.micro))
-        assert len(mbs) == acc
+        (update,) = list(tr.task.plan(tr.model, items, tr.micro))
+        mbs = update.micro_batches
+        assert len(mbs) == acc and update.metrics == {}
         sums, _, total, bad = tr.accumulate(mbs)
         assert not bad
         losses.append(float(sums["train/loss"]) / total)  # sums stay on the device until read

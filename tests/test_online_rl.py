@@ -59,9 +59,9 @@ def test_first_ppo_update_has_ratio_one_and_zero_kl(tiny_model, prompts_file, sh
     task, model, items = ppo_setup(tiny_model, prompts_file, shared=shared, lora=lora, epochs=2, num_minibatches=2)
     updates = task.plan(model, items, 3)
     first = next(updates)
-    assert len(first) == 2  # 10 rows -> minibatch of 5 -> micro-batches of 3 + 2
-    assert task.last_step_metrics["kl/ref"] == 0.0  # reference == policy before any update
-    for mb in first:
+    assert len(first.micro_batches) == 2  # 10 rows -> minibatch of 5 -> micro-batches of 3 + 2
+    assert first.metrics["kl/ref"] == 0.0  # reference == policy before any update
+    for mb in first.micro_batches:
         tl, values = task.forward(model, mb.seq)
         m = mb.mask.bool()
         assert m.sum() > 0
@@ -93,7 +93,7 @@ def test_sequence_reward_lands_on_the_last_response_token(tiny_model, prompts_fi
 
     task.engine = Scripted()
     (update,) = list(task.plan(model, items, 100))
-    (mb,) = update
+    (mb,) = update.micro_batches
     texts_reward = torch.tensor(task.reward.last_total)
     m = mb.mask.bool()
     ended = torch.tensor([bool(mb.input_ids[i, mb.attention_mask[i].sum() - 1] == task.tok.eos_token_id)

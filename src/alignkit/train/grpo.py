@@ -66,10 +66,9 @@ class GroupTask(OnlineTask):
         G = self.samples_per_prompt
         grouped = self._gather(scores).view(-1, G)
         metrics["rewards/zero_std_groups"] = float((grouped.std(dim=1) == 0).float().mean())
-        self.last_step_metrics = metrics
         per_row = {"advantages": adv, "old_logps": stats.get("old_logps") if self.several_updates else None,
                    "ref_logps": stats.get("ref_logps")}
-        yield from self.yield_updates(ro, sched, per_row)
+        yield from self.yield_updates(ro, sched, per_row, metrics)
 
 
 class GRPOTask(GroupTask):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -28,10 +29,33 @@ class TrainingAborted(RuntimeError):
     pass
 
 
+@dataclass
+class Update:
+    """One optimizer update planned by :meth:`Task.plan`: its micro-batches and the step-level metrics
+    known when it was planned (an online task's rollout statistics; merged into the step's log line)."""
+
+    micro_batches: List[Any]
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
 class Task:
-    """Algorithm plug-in. Override ``collate``, ``units`` and ``loss``; the rest has defaults."""
+    """Algorithm plug-in. Override ``collate``, ``units`` and ``loss``; the rest has defaults.
+
+    Lifecycle: the :class:`Trainer` calls ``setup(accelerator)`` once before anything else, then
+    ``param_groups`` to build the optimizer, then ``plan`` once per step.
+    """
 
     name = "task"
+    acc = None
+
+    def setup(self, accelerator) -> None:
+        """Called once by the Trainer with its accelerator (device, processes, autocast, gathers)."""
+        self.acc = accelerator
+
+    def param_groups(self, model) -> Optional[List[Dict[str, Any]]]:
+        """Optimizer parameter groups (``{"params": [...], "lr": ...}``; a group without ``lr`` gets
+        ``optim.lr``), or None for one group of every trainable parameter."""
+        return None
 
     def collate(self, items: List[Dict[str, Any]]):
         raise NotImplementedError
@@ -44,13 +68,13 @@ class Task:
         """Return (sum of the loss over the batch's units, metrics as per-unit means)."""
         raise NotImplementedError
 
-    def plan(self, model, items: List[Dict[str, Any]], micro_batch_size: int) -> Iterator[List[Any]]:
-        """Yield the micro-batch lists of each optimizer update for one global batch of ``items``.
+    def plan(self, model, items: List[Dict[str, Any]], micro_batch_size: int) -> Iterator[Update]:
+        """Yield the :class:`Update` s (micro-batches + metrics) of one global batch of ``items``.
 
-        Offline methods do one update per global batch; online RL overrides this to generate a rollout
-        and then yield several updates (epochs x minibatches) over it.
+        Offline methods do one update per global batch; online RL generates a rollout and then yields
+        several updates (epochs x minibatches) over it, with the rollout's metrics on the first.
         """
-        yield [self.collate(items[i:i + micro_batch_size]) for i in range(0, len(items), micro_batch_size)]
+        yield Update([self.collate(items[i:i + micro_batch_size]) for i in range(0, len(items), micro_batch_size)])
 
     def evaluate(self, model, items: List[Dict[str, Any]], batch_size: int) -> Dict[str, float]:
         return {}
@@ -118,6 +142,7 @@ class Trainer:
         self.out = Path(cfg.output)
         self.train_items, self.eval_items = list(train_items), list(eval_items)
         self.tokenizer = tokenizer
+        task.setup(self.acc)
         world = self.acc.num_processes
         self.micro = cfg.train.batch_size
         self.global_batch = self.micro * cfg.train.grad_accum * world
@@ -133,7 +158,8 @@ class Trainer:
         model.to(self.acc.device)  # before the optimizer, so a fused (single-kernel) AdamW can be used on GPU
         fused = self.acc.device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16)
                                                        for p in params)
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+        groups = self.task.param_groups(model) or [{"params": params}]
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                       fused=True if fused else None)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # the scheduler is stepped by us once per update (accelerate's wrapper would step it per process)
@@ -260,13 +286,15 @@ class Trainer:
                 metrics: Dict[str, float] = {}
                 n_updates = 0
                 self.model.train()
-                for micro_batches in self.task.plan(self.model, items, self.micro):
-                    m = self._update(micro_batches)
+                planned: Dict[str, float] = {}
+                for update in self.task.plan(self.model, items, self.micro):
+                    m = self._update(update.micro_batches)
+                    planned.update(update.metrics)
                     n_updates += 1
                     for k, v in m.items():  # average over the updates of this step (on the device)
                         metrics[k] = metrics.get(k, 0.0) + (v - metrics.get(k, 0.0)) / n_updates
                 metrics = host_floats(metrics)  # the step's one read of its metrics
-                metrics.update(getattr(self.task, "last_step_metrics", {}) or {})
+                metrics.update(host_floats(planned))
                 with warnings.catch_warnings():  # a skipped (NaN) update still advances the schedule
                     warnings.simplefilter("ignore", UserWarning)
                     self.scheduler.step()

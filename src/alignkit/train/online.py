@@ -24,7 +24,7 @@ from alignkit.eval.metrics import distinct_n
 from alignkit.ops.logprobs import TokenLogprobs, token_logprobs
 from alignkit.ops.wrappers import unwrap
 from alignkit.rollout.generate import Rollout, generate
-from alignkit.train.loop import Task, Trainer
+from alignkit.train.loop import Task, Trainer, Update
 
 
 def policy_of(model):
@@ -133,8 +133,7 @@ class OnlineTask(Task):
         self.reward, self.gold = reward, gold
         self.ref_model, self.adapter_ref, self.engine = ref_model, adapter_ref, engine
         self.temperature = cfg.generation.temperature or 1.0
-        self.acc = None  # set by the trainer: cross-process means, autocast
-        self.last_step_metrics: Dict[str, float] = {}
+        self.acc = None  # Task.setup(accelerator): cross-process means, autocast
         self._engine_stale = True  # the engine starts from the checkpoint on disk, not from resumed weights
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -278,9 +277,10 @@ class OnlineTask(Task):
                 kw[k] = v[idx, :t] if v.dim() == 2 else v[idx]
         return RLBatch(sub.input_ids, sub.attention_mask, sub.loss_mask, **kw)
 
-    def yield_updates(self, ro: Rollout, sched, per_row) -> Iterator[List[RLBatch]]:
-        for update in sched:
-            yield [self.micro_batch(ro, rows, per_row) for rows in update]
+    def yield_updates(self, ro: Rollout, sched, per_row, metrics: Dict[str, float]) -> Iterator[Update]:
+        """One :class:`Update` per scheduled update; the rollout's metrics ride on the first."""
+        for k, update in enumerate(sched):
+            yield Update([self.micro_batch(ro, rows, per_row) for rows in update], metrics if k == 0 else {})
         self._engine_stale = True  # the policy changed: push it to the engine before the next rollout
 
     # ------------------------------------------------------------------ evaluation
@@ -352,5 +352,4 @@ def run_online(cfg, build) -> Dict[str, Any]:
         engine = make_engine(resolve_model_path(cfg.model.name_or_path), tok, seed=cfg.train.seed)
     task, model = build(cfg, tok, policy, reward, gold, engine, acc)
     trainer = OnlineTrainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
-    task.acc = trainer.acc
     return fit_and_finish(trainer, tok, cfg, data.eval)

@@ -167,10 +167,9 @@ class PPOTask(OnlineTask):
             "value/mean": float(masked_mean(st["values"], mask)),
             "rewards/shaped_mean": float(self._gather(scores).mean()),
         })
-        self.last_step_metrics = metrics
         per_row = {"advantages": advantages, "returns": returns, "old_logps": st["old_logps"],
                    "old_values": st["values"]}
-        yield from self.yield_updates(ro, sched, per_row)
+        yield from self.yield_updates(ro, sched, per_row, metrics)
 
     # ------------------------------------------------------------------ loss
     def loss(self, model, mb):
