@@ -150,7 +150,8 @@ def test_accumulate_reads_nothing_back_from_the_device(tmp_path, tiny_model, sft
     import traceback
 
     tr = make_trainer(tmp_path / "r", tiny_model, sft_data, **{"train.batch_size": 2, "train.grad_accum": 4})
-    (mbs,) = list(tr.task.plan(tr.model, tr._global_batch(0), tr.micro))
+    (update,) = list(tr.task.plan(tr.model, tr._global_batch(0), tr.micro))
+    mbs = update.micro_batches
     reads = []
 
     def spy(name):
