@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -29,14 +31,21 @@ def _run(args, nproc, tmp_path):
                "-m", "alignkit.cli"] + args
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
 
 
 def test_two_processes_equal_one(tmp_path, tiny_model, jsonl):
     data = jsonl("d.jsonl", sft_rows(32))
     common = ["sft", "--model", str(tiny_model), "--data", str(data), "--max-steps", "3", "optim.lr=1e-3",
-              "log.progress=false"]
-    _run(common + ["--output", str(tmp_path / "one"), "train.batch_size=8"], 1, tmp_path)
-    _run(common + ["--output", str(tmp_path / "two"), "train.batch_size=4"], 2, tmp_path)
+              "log.samples=0"]
+    one = _run(common + ["--output", str(tmp_path / "one"), "train.batch_size=8"], 1, tmp_path)
+    two = _run(common + ["--output", str(tmp_path / "two"), "train.batch_size=4"], 2, tmp_path)
+    rows = {n: [json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("one", "two")}
+    assert [r["train/loss"] for r in rows["one"]] == pytest.approx([r["train/loss"] for r in rows["two"]], rel=1e-5)
+    for res in (one, two):  # rank 0 alone prints the step lines and the summary, with global numbers
+        assert len(re.findall(r"^\[sft\] step 3/3 loss=", res.stdout, re.M)) == 1, res.stdout
+        assert res.stderr.count("summary") == 1, res.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     start = load_file(str(tiny_model / "model.safetensors"))

@@ -116,9 +116,10 @@ def _make(cmd: Command) -> click.Command:
             summary = runner(cfg)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             from alignkit.data.load import DataError
+            from alignkit.train.logging import MissingPackage
             from alignkit.train.loop import TrainingAborted
 
-            if isinstance(e, (DataError, FileNotFoundError, TrainingAborted, ConfigError)):
+            if isinstance(e, (DataError, FileNotFoundError, TrainingAborted, ConfigError, MissingPackage)):
                 raise click.ClickException(str(e)) from None
             raise
         if summary:
@@ -180,6 +181,11 @@ def _is_list_field(cls: Type[BaseModel], dotted: str) -> bool:
 def _print_summary(summary: Dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from alignkit.train.logging import is_main_process
+
+    if not is_main_process():  # under torchrun/accelerate only rank 0 prints (the numbers are global)
+        return
 
     table = Table(title="summary", show_header=False)
     for k, v in summary.items():

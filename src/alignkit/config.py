@@ -133,8 +133,8 @@ class LogConfig(Section):
     """Write a checkpoint every N steps (atomic; resume with --resume)."""
     save_total_limit: int = Field(2, gt=0)
     """Checkpoints kept (oldest deleted first)."""
-    report_to: List[Literal["tensorboard", "wandb"]] = []
-    """Extra trackers beside OUTPUT/metrics.jsonl."""
+    report_to: List[Literal["tensorboard", "wandb", "trackio"]] = []
+    """Extra trackers beside OUTPUT/metrics.jsonl (each training call opens and finishes its own run)."""
     progress: bool = True
     """Show a progress bar with ETA and live metrics."""
     run_name: Optional[str] = None

@@ -56,7 +56,8 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(trainer.model) if acc.distributed_type.value == "FSDP" else None
     if acc.is_main_process:
-        save_model(trainer.unwrapped(), tokenizer, model_dir, lora_save=cfg.lora.save, state_dict=state_dict)
+        with trainer.logger.phase("saving the model"):
+            save_model(trainer.unwrapped(), tokenizer, model_dir, lora_save=cfg.lora.save, state_dict=state_dict)
         summary = {"command": cfg.command, "steps": trainer.step, **summary}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         console().print(f"saved {model_dir}", style="green")
@@ -133,6 +134,7 @@ def sample_report_prompts(trainer, tokenizer, items, tag: str) -> None:
     if not prompts:
         return
     gen = GenerationConfig(max_new_tokens=cfg.log.sample_tokens, temperature=0.0, batch_size=n)
-    ro = generate(trainer.unwrapped(), tokenizer, prompts, gen, compute_logprobs=False)
+    with trainer.logger.phase(f"sampling {len(prompts)} report answers ({tag} training)"):
+        ro = generate(trainer.unwrapped(), tokenizer, prompts, gen, compute_logprobs=False)
     texts = tokenizer.batch_decode(prompts, skip_special_tokens=False)
     write_samples(cfg.output, tag, texts, ro.texts)

@@ -249,12 +249,12 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_in_a_row = 0
-        out = {k: v / max(local_units, 1e-12) for k, v in sums.items() if k != "train/loss"}
-        # the loss is normalized by global units like the gradient is
-        loss = sums.get("train/loss", torch.zeros((), device=acc.device))
-        if acc.num_processes > 1:
-            loss = acc.reduce(loss, "sum")
-        out["train/loss"] = loss / max(total, 1e-12)
+        keys = sorted(sums)
+        if acc.num_processes > 1:  # one all-reduce for every metric: rank 0 logs the whole global batch
+            sums = dict(zip(keys, acc.reduce(torch.stack([sums[k].float() for k in keys]), "sum").unbind()))
+        # every metric is a per-unit mean over the global batch; the loss is normalized by global units
+        # like the gradient is
+        out = {k: sums[k] / max(total, 1e-12) for k in keys}
         out["train/grad_norm"] = grad_norm
         return out
 
@@ -262,7 +262,8 @@ class Trainer:
     def _save(self) -> None:
         state = {"step": self.step, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row,
                  "task": self.task.state_dict()}
-        self.ckpt.save(self.step, state)
+        with self.logger.phase(f"saving checkpoint step-{self.step}"):
+            self.ckpt.save(self.step, state)
 
     def _resume(self, where: str) -> None:
         state = self.ckpt.load(where)
@@ -313,18 +314,19 @@ class Trainer:
                     self.evaluate()
                 if cfg.log.save_every and self.step % cfg.log.save_every == 0:
                     self._save()
-        finally:
             self.logger.stop()
-        final = dict(last)
-        if self.eval_items:
-            final.update(self.evaluate())
+            final = dict(last)
+            if self.eval_items:
+                final.update(self.evaluate())
+        finally:
+            self.logger.close()  # finishes this run's tracker runs (W&B, TensorBoard, Trackio)
         return final
 
     def evaluate(self) -> Dict[str, float]:
         model = self.acc.unwrap_model(self.model)
         was = model.training
         model.eval()
-        with torch.no_grad(), self.acc.autocast():
+        with torch.no_grad(), self.acc.autocast(), self.logger.phase(f"evaluating {len(self.eval_items)} examples"):
             res = self.task.evaluate(model, self.eval_items, self.micro)
         model.train(was)
         res = {k if k.startswith("eval/") else f"eval/{k}": float(v) for k, v in res.items()}

@@ -119,7 +119,11 @@ def make_reference(cfg, policy, data, tokenizer, accelerator) -> Reference:
         ref = ModelReference(load_causal_lm(ref_cfg).to(accelerator.device), cfg.train.logprob_chunk)
         if mode == "model":
             return ref
-    with accelerator.autocast():
+    from alignkit.train.logging import phase
+
+    n = len(data.train) + len(data.eval)
+    with accelerator.autocast(), phase(f"precomputing reference log-probs of {n} examples", label=cfg.command,
+                                       enabled=accelerator.is_main_process and cfg.log.progress):
         for items in (data.train, data.eval):
             precompute(ref, items, tokenizer.pad_token_id, opts.paired, accelerator.device, cfg.train.batch_size,
                        policy=policy)
