@@ -21,7 +21,6 @@ def run(args):
 
 @pytest.fixture(scope="module")
 def demo_dir(tiny_model, tmp_path_factory):
-    pytest.importorskip("alignkit.train.ppo", reason="the demo's PPO stage needs alignkit.train.ppo")
     out = tmp_path_factory.mktemp("demo") / "demo"
     # tiny random models babble random characters (VADER scores them all 0: every pair ties), so the
     # test swaps in a continuous toy gold reward

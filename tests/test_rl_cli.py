@@ -2,6 +2,7 @@
 trained reward model (critic initialised from it), GRPO on match:/regex: rewards with reference
 answers, RLOO, best-of-N, rejection sampling feeding sft/dpo, and PPO's exact resume."""
 
+import itertools
 import json
 import random
 
@@ -121,8 +122,28 @@ def test_bon_and_rejection_sampling_feed_sft_and_dpo(tmp_path, tiny_model, jsonl
     rows = [json.loads(l) for l in (tmp_path / "all.jsonl").read_text().splitlines()]
     assert len(rows) == 48 and sum(r["chosen"] for r in rows) == 12
     s = json.loads((tmp_path / "bon" / "summary.json").read_text())
-    assert s["rewards/best_of_n_mean"] >= s["rewards/single_mean"]
+    # recompute every number of the summary by hand from the written samples
+    by_prompt = {}
+    for r in rows:
+        visible = [c for c in r["completion"] if not c.isspace()]
+        share = sum(c == "a" for c in visible) / len(visible) if visible else 0.0
+        assert r["reward"] == pytest.approx(share)  # the reward is the toy gold reward of the text
+        by_prompt.setdefault(r["prompt_index"], []).append(r)
+    assert len(by_prompt) == 12 and all(len(g) == 4 for g in by_prompt.values())
+    for g in by_prompt.values():  # the chosen sample is the first best one
+        best = max(range(4), key=lambda j: (g[j]["reward"], -j))
+        assert [r["chosen"] for r in g] == [j == best for j in range(4)]
+    rewards = [[r["reward"] for r in g] for g in by_prompt.values()]
+    assert s["rewards/single_mean"] == pytest.approx(sum(map(sum, rewards)) / 48)
+    assert s["rewards/best_of_n_mean"] == pytest.approx(sum(map(max, rewards)) / 12)
+    assert s["rewards/worst_of_n_mean"] == pytest.approx(sum(map(min, rewards)) / 12)
+    # E[max of 2 of the 4 samples]: the mean over the C(4, 2) = 6 subsets, averaged over prompts
+    best_of_2 = sum(sum(max(a, b) for a, b in itertools.combinations(rw, 2)) / 6 for rw in rewards) / 12
+    assert s["best_of_k"]["2"] == pytest.approx(best_of_2)
+    assert s["best_of_k"]["1"] == pytest.approx(s["rewards/single_mean"])
     assert s["best_of_k"]["4"] == pytest.approx(s["rewards/best_of_n_mean"])
+    assert any(len(set(rw)) > 1 for rw in rewards)  # the samples differ, so best-of-4 is a real gain:
+    assert s["rewards/best_of_n_mean"] > s["best_of_k"]["2"] > s["rewards/single_mean"]
     # rejection sampling with a reward that ties often (0/1 regex): ties are dropped and counted
     out = tmp_path / "rs"
     res = cli(["rejection-sampling", "--model", tiny_model, "--data", data, "--output", out, "--reward", "regex:[a-m]",
