@@ -169,3 +169,43 @@ def test_make_pairs_by_hand():
     # gaps: 0.7, 0.3 (0.30000000000000004 in floats), 1.0; only the 0.3 gap is below 0.35
     assert make_pairs([0.2, 0.9, -0.1], "all", min_margin=0.35) == [(1, 0), (1, 2)]
     assert make_pairs([0.5, 0.5]) == []  # a tie carries no preference
+
+
+def test_a_typo_in_the_last_stage_fails_before_the_first_stage_runs(tiny_model, tmp_path, jsonl):
+    """Every stage is checked up front: fields, references (summary values as placeholders) and the
+    imports of python: rewards. Nothing is written, not even the first stage's directory."""
+    prompts = jsonl("p.jsonl", [{"prompt": f"say e {i}"} for i in range(4)])
+    stages = _data_stages(prompts, tiny_model, GOLD) + [
+        {"name": "score", "command": "label",  # a python reward whose function name has a typo
+         "config": {"samples": "${stages.pairs.output}/samples.jsonl",
+                    "rewards": ["python:alignkit.rewards.toy:char_shar"]}},
+        {"name": "dpo", "command": "dpo",
+         "config": {"model": {"name_or_path": "${stages.pairs.output}"},  # a directory made later: fine
+                    "data": {"path": "${stages.labels.output}/prefs.jsonl"},
+                    "train": {"max_steps": "${stages.labels.summary.pairs}"},  # known only later: fine
+                    "dpo": {"betaa": 0.1}}},  # the typo
+    ]
+    out = tmp_path / "pipe"
+    p = write_pipeline(tmp_path / "p.yaml", stages, out, {"tokens": 4})
+    with pytest.raises(ConfigError) as info:
+        run_pipeline(PipelineConfig(file=str(p)))
+    msg = str(info.value)
+    assert "nothing was run" in msg and "2 problem(s)" in msg
+    assert "stage 'dpo' (dpo)" in msg and "dpo.betaa: unknown field" in msg
+    assert "stage 'score' (label)" in msg and "rewards.0" in msg and "char_shar" in msg
+    assert "max_steps" not in msg  # the summary placeholder is not an error
+    assert not out.exists()  # stage 1 never started: no directory, no pipeline.jsonl
+    # the same file without the typos runs as far as asked
+    stages[2]["config"]["rewards"] = [GOLD]
+    del stages[3]["config"]["dpo"]
+    write_pipeline(tmp_path / "p.yaml", stages, out, {"tokens": 4})
+    res = run_pipeline(PipelineConfig(file=str(p), stop_after="pairs"))
+    assert res["stages"] == {"pairs": "ran"}
+
+
+def test_the_bundled_demo_pipeline_passes_the_up_front_check():
+    from alignkit.pipeline import check_stages
+
+    spec = load_spec(PipelineConfig(file="builtin:demo_pipeline", preset="quick"))
+    checked = check_stages(spec)
+    assert [name for name, _, _ in checked] == [st.name for st in spec.stages]

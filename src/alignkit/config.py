@@ -8,7 +8,7 @@ the validation errors. Configs load from YAML plus dotted overrides (``optim.lr=
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Type, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -272,9 +272,12 @@ def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any
     return data
 
 
-def format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, ignore: Optional[Callable[[tuple], bool]] = None) -> str:
+    """One line per error, naming the field; ``ignore(loc)`` drops errors (a pipeline's pending values)."""
     lines = []
     for e in err.errors():
+        if ignore is not None and ignore(tuple(e["loc"])):
+            continue
         loc = ".".join(str(x) for x in e["loc"]) or "(config)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":

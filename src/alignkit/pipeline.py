@@ -14,7 +14,9 @@ label) and ``config`` is that command's configuration, as in its own YAML file::
         command: dpo
         config: {model: {name_or_path: "${stages.sft.model}"}, data: {path: prefs.jsonl}}
 
-References (resolved just before a stage runs; only earlier stages can be named):
+Before the first stage runs, every stage is checked (:func:`check_stages`): references resolved with
+placeholders for summary values, configs validated, ``python:`` rewards imported. References (resolved
+again just before a stage runs; only earlier stages can be named):
 ``${stages.NAME.output}`` the stage's directory, ``${stages.NAME.model}`` its ``model/`` directory,
 ``${stages.NAME.summary.KEY}`` a value from its summary.json, ``${vars.KEY}`` a variable,
 ``${output}`` the pipeline's directory. A value that is exactly one reference keeps its type (a null
@@ -38,12 +40,13 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from alignkit.config import ConfigError, Section, apply_overrides, as_config, build_config
+from alignkit.config import (ConfigError, Section, apply_overrides, as_config, build_config,
+                             format_validation_error)
 
 DONE = "DONE"
 STAGE_MARKER = ".alignkit-stage.json"  # written when a stage starts: we own the directory
@@ -225,6 +228,92 @@ def resolve(value: Any, spec: PipelineSpec, outputs: Dict[str, Path]) -> Any:
     return _REF.sub(lambda m: str(_lookup(m.group(1), spec, outputs)), value)
 
 
+# ------------------------------------------------------------------------------------ checking up front
+
+def _resolve_placeholders(value: Any, spec: PipelineSpec, outputs: Dict[str, Path], path: Tuple[Any, ...],
+                          pending: List[Tuple[Any, ...]]) -> Any:
+    """:func:`resolve` before anything ran: outputs, models, variables and ``${output}`` are known;
+    a ``${stages.NAME.summary.KEY}`` is not, so it stays as its own text and its field's path is
+    recorded in ``pending`` (that field is checked when the stage starts)."""
+    if isinstance(value, dict):
+        return {k: _resolve_placeholders(v, spec, outputs, path + (k,), pending) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_placeholders(v, spec, outputs, path + (i,), pending) for i, v in enumerate(value)]
+    if not isinstance(value, str) or not _REF.search(value):
+        return value
+    if any(r.strip().split(".")[2:3] == ["summary"] for r in _REF.findall(value)):
+        pending.append(path)
+        return value
+    return resolve(value, spec, outputs)
+
+
+def _python_rewards(value: Any, path: Tuple[Any, ...] = ()):
+    """``(path, spec)`` for every ``python:`` reward spec in a resolved config (string or mapping)."""
+    if isinstance(value, str) and value.startswith("python:") and "${" not in value:
+        yield path, value
+    elif isinstance(value, dict) and value.get("kind") == "python" and "${" not in str(value.get("arg", "")):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _python_rewards(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _python_rewards(v, path + (i,))
+
+
+def _dotted(path: Tuple[Any, ...]) -> str:
+    return ".".join(str(x) for x in path) or "(config)"
+
+
+def check_stages(spec: PipelineSpec, source: str = "") -> List[Tuple[str, str, Dict[str, Any]]]:
+    """Check every stage before the first one runs: resolve its references (placeholders for summary
+    values), validate its config with its command's model, and import its ``python:`` rewards.
+
+    Returns ``(stage, command, resolved data)`` per stage; raises :class:`ConfigError` listing every
+    problem of every stage, one line each, so a typo in the last stage costs nothing.
+    """
+    from pydantic import ValidationError
+
+    from alignkit.cli import _load
+    from alignkit.rewards.base import RewardSpec
+    from alignkit.rewards.pyfunc import load_callable
+
+    root = Path(spec.output)
+    outputs: Dict[str, Path] = {}
+    problems: List[str] = []
+    checked: List[Tuple[str, str, Dict[str, Any]]] = []
+    for st in spec.stages:
+        cmd = command_for(st.command)
+        where = f"stage {st.name!r} ({cmd.name})"
+        pending: List[Tuple[Any, ...]] = []
+        data = _resolve_placeholders(dict(st.config), spec, outputs, (), pending)
+        out = data.get("output")
+        outputs[st.name] = Path(out) if isinstance(out, str) and out and ("output",) not in pending \
+            else root / st.name
+        data["output"] = str(outputs[st.name])
+        for k, v in (cmd.defaults or {}).items():
+            apply_overrides(data, [f"{k}={json.dumps(v)}"])
+        try:
+            _load(cmd.config).model_validate(data)
+        except ValidationError as err:
+            def later(loc: tuple) -> bool:  # a summary value's field: checked when the stage starts
+                return any(loc[:len(p)] == p for p in pending)
+
+            if any(not later(tuple(e["loc"])) for e in err.errors()):  # "invalid configuration:" + one line each
+                lines = format_validation_error(err, ignore=later).splitlines()[1:]
+                problems.extend(f"{where}: {line.strip()}" for line in lines)
+        for path, raw in _python_rewards(data):
+            try:
+                load_callable(RewardSpec.coerce(raw).arg or "")
+            except Exception as e:  # noqa: BLE001  (an import runs user code: any error is the user's)
+                problems.append(f"{where}: {_dotted(path)}: {type(e).__name__}: {e}")
+        checked.append((st.name, cmd.name, data))
+    if problems:
+        raise ConfigError(f"pipeline {source or spec.output}: {len(problems)} problem(s), nothing was run:\n"
+                          + "\n".join(f"  {p}" for p in problems))
+    return checked
+
+
 def config_hash(command: str, data: Dict[str, Any]) -> str:
     text = json.dumps({"command": command, "config": data}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -252,6 +341,7 @@ def run_pipeline(config: Union[PipelineConfig, Dict[str, Any], None] = None, **o
 
     cfg = as_config(PipelineConfig, config, overrides)
     spec = load_spec(cfg)
+    check_stages(spec, cfg.file)  # every stage's config and python rewards, before anything is written
     root = Path(spec.output)
     root.mkdir(parents=True, exist_ok=True)
     con = console()
