@@ -57,12 +57,12 @@ def test_iterative_dpo_raises_the_gold_reward(tmp_path, tiny_model, jsonl):
 
     train, held = jsonl("train.jsonl", prompt_rows(32, 0)), jsonl("eval.jsonl", prompt_rows(8, 1))
     out = tmp_path / "it"
-    build_cli().main(["iterative-dpo", "--model", str(tiny_model), "--data", str(train), "--output", str(out),
-                      "--reward", "python:alignkit.rewards.toy:char_share", "--rounds", "2",
-                      f"data.eval_path={held}", "iterative.samples_per_prompt=8", "iterative.eval_samples=8",
-                      "generation.max_new_tokens=8", "generation.batch_size=64", "train.epochs=4",
-                      "train.batch_size=16", "optim.lr=3e-2", "iterative.keep_round_models=false", *FAST],
-                     standalone_mode=False)
+    args = ["iterative-dpo", "--model", str(tiny_model), "--data", str(train), "--output", str(out),
+            "--reward", "python:alignkit.rewards.toy:char_share", "--rounds", "2",
+            f"data.eval_path={held}", "iterative.samples_per_prompt=8", "iterative.eval_samples=8",
+            "generation.max_new_tokens=8", "generation.batch_size=64", "train.epochs=4",
+            "train.batch_size=16", "optim.lr=3e-2", "iterative.keep_round_models=false", *FAST]
+    build_cli().main(args, standalone_mode=False)
     s = json.loads((out / "summary.json").read_text())
     r = s["reward_per_round"]
     assert len(r) == 3 and s["eval_split"] == "eval"
@@ -81,12 +81,13 @@ def test_iterative_dpo_raises_the_gold_reward(tmp_path, tiny_model, jsonl):
     assert not (out / "round-1" / "model").exists() and (out / "round-2" / "model").is_dir()
     assert s["model_dir"] == str(out / "round-2" / "model")
 
-    # --resume skips the finished rounds and reproduces the summary without training again
-    build_cli().main(["iterative-dpo", "--model", str(tiny_model), "--data", str(train), "--output", str(out),
-                      "--reward", "python:alignkit.rewards.toy:char_share", "--rounds", "2", "--resume", "latest",
-                      f"data.eval_path={held}", *FAST], standalone_mode=False)
+    # --resume with the same config skips the finished rounds (their DONE hash matches) and reproduces
+    # the summary without training again, though round 1's model was deleted
+    build_cli().main(args + ["--resume", "latest"], standalone_mode=False)
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["reward_per_round"] == r and resumed["eval_split"] == "eval"
+    events = [json.loads(x) for x in (out / "pipeline.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["action"]) for e in events[-3:]] == [(f"round-{k}", "skipped") for k in range(3)]
 
 
 def test_spin_raises_data_likelihood_over_own_generations(tmp_path, tiny_model, jsonl):
@@ -118,3 +119,49 @@ def test_spin_raises_data_likelihood_over_own_generations(tmp_path, tiny_model, 
     assert report["dropped"] == {"SPIN needs a prompt to generate from ({text} rows have none)": 1}
     pairs = [json.loads(line) for line in (out / "round-1" / "pairs.jsonl").read_text().splitlines()]
     assert all(p["chosen"] == p["prompt"][2:][::-1] + "ok" and p["rejected"] != p["chosen"] for p in pairs)
+
+
+def _events(out):
+    return [(e["stage"], e["action"]) for e in map(json.loads, (out / "pipeline.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("command", ["iterative-dpo", "spin"])
+def test_rounds_rerun_when_the_config_changes_and_skip_when_it_does_not(command, tmp_path, tiny_model, jsonl):
+    """Rounds are stages of a generated pipeline on the one resumable runner: --resume skips a finished
+    round only when its config hash matches; a changed config reruns the rounds; more rounds keep the
+    finished ones."""
+    from alignkit.cli import build_cli
+
+    out = tmp_path / command
+    if command == "spin":
+        data = jsonl("d.jsonl", [{"prompt": f"w:{c}", "completion": c * 3 + "ok"} for c in "mnopqr"])
+        extra = []
+    else:
+        data = jsonl("d.jsonl", prompt_rows(6, 0))
+        extra = ["--reward", "python:alignkit.rewards.toy:char_share", "iterative.samples_per_prompt=4",
+                 "iterative.eval_samples=1"]
+    base = [command, "--model", str(tiny_model), "--data", str(data), "--output", str(out), *extra,
+            "generation.max_new_tokens=4", "train.max_steps=1", "train.batch_size=4", *FAST]
+    first = 0 if command == "iterative-dpo" else 1
+    names = [f"round-{k}" for k in range(first, 2)]
+
+    def run(*more):
+        build_cli().main(base + list(more), standalone_mode=False)
+        return json.loads((out / "summary.json").read_text())
+
+    s1 = run("--rounds", "1")
+    assert _events(out) == [(n, "ran") for n in names]
+    stamp = (out / "round-1" / "DONE").stat().st_mtime_ns
+    s2 = run("--rounds", "1", "--resume", "latest")  # unchanged: every round skipped, same numbers
+    assert _events(out)[len(names):] == [(n, "skipped") for n in names]
+    assert (out / "round-1" / "DONE").stat().st_mtime_ns == stamp and s2 == s1
+    run("--rounds", "1", "--resume", "latest", "dpo.beta=0.5")  # changed: every round runs again
+    assert _events(out)[2 * len(names):] == [(n, "ran") for n in names]
+    assert (out / "round-1" / "DONE").stat().st_mtime_ns != stamp
+    assert json.loads((out / "round-1" / "DONE").read_text())["config_hash"] != \
+        json.loads((out / "pipeline.jsonl").read_text().splitlines()[len(names) - 1])["hash"]
+    s4 = run("--rounds", "2", "--resume", "latest", "dpo.beta=0.5")  # one more round: the others stay
+    assert _events(out)[3 * len(names):] == [(n, "skipped") for n in names] + [("round-2", "ran")]
+    assert len(s4["pairs_per_round"]) == 2
+    run("--rounds", "2", "dpo.beta=0.5")  # without --resume every round runs afresh
+    assert _events(out)[3 * len(names) + len(names) + 1:] == [(n, "ran") for n in names + ["round-2"]]

@@ -184,8 +184,11 @@ def load_commands():
     return COMMANDS
 
 
-def command_for(name: str):
-    """The registered command ``name`` (``sample_pairs`` and ``sample-pairs`` are the same)."""
+def command_for(name: str, extra: Optional[Dict[str, Any]] = None):
+    """The registered command ``name`` (``sample_pairs`` and ``sample-pairs`` are the same), or the one
+    ``extra`` names (stage commands of generated pipelines that are not CLI commands)."""
+    if extra and name in extra:
+        return extra[name]
     commands = {c.name: c for c in load_commands()}
     for candidate in (name, name.replace("_", "-")):
         if candidate in commands and candidate not in ("pipeline", "demo"):
@@ -265,7 +268,8 @@ def _dotted(path: Tuple[Any, ...]) -> str:
     return ".".join(str(x) for x in path) or "(config)"
 
 
-def check_stages(spec: PipelineSpec, source: str = "") -> List[Tuple[str, str, Dict[str, Any]]]:
+def check_stages(spec: PipelineSpec, source: str = "", commands: Optional[Dict[str, Any]] = None
+                 ) -> List[Tuple[str, str, Dict[str, Any]]]:
     """Check every stage before the first one runs: resolve its references (placeholders for summary
     values), validate its config with its command's model, and import its ``python:`` rewards.
 
@@ -283,7 +287,7 @@ def check_stages(spec: PipelineSpec, source: str = "") -> List[Tuple[str, str, D
     problems: List[str] = []
     checked: List[Tuple[str, str, Dict[str, Any]]] = []
     for st in spec.stages:
-        cmd = command_for(st.command)
+        cmd = command_for(st.command, commands)
         where = f"stage {st.name!r} ({cmd.name})"
         pending: List[Tuple[Any, ...]] = []
         data = _resolve_placeholders(dict(st.config), spec, outputs, (), pending)
@@ -336,12 +340,22 @@ def _has_checkpoint(out: Path) -> bool:
 def run_pipeline(config: Union[PipelineConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run the pipeline; returns ``{"output", "stages": {name: action}, "seconds"}`` where action is
     ``skipped``, ``ran`` or ``resumed``."""
-    from alignkit.cli import _load
-    from alignkit.train.common import console
-
     cfg = as_config(PipelineConfig, config, overrides)
     spec = load_spec(cfg)
     check_stages(spec, cfg.file)  # every stage's config and python rewards, before anything is written
+    return run_stages(spec, force=cfg.force, stop_after=cfg.stop_after)
+
+
+def run_stages(spec: PipelineSpec, *, force: bool = False, stop_after: Optional[str] = None,
+               commands: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The one resumable runner: run ``spec``'s stages in order, skipping a stage whose DONE hash matches
+    its resolved config (when no earlier stage ran), resuming one that left checkpoints of the same
+    config, running the others afresh. ``commands`` adds stage commands that are not CLI commands
+    (name -> :class:`alignkit.cli.Command`), e.g. the rounds of ``iterative-dpo`` and ``spin``.
+    Check the stages first (:func:`check_stages`)."""
+    from alignkit.cli import _load
+    from alignkit.train.common import console
+
     root = Path(spec.output)
     root.mkdir(parents=True, exist_ok=True)
     con = console()
@@ -350,23 +364,23 @@ def run_pipeline(config: Union[PipelineConfig, Dict[str, Any], None] = None, **o
     upstream_ran = False
     t_all = time.perf_counter()
     for st in spec.stages:
-        cmd = command_for(st.command)
+        cmd = command_for(st.command, commands)
         data = resolve(dict(st.config), spec, outputs)
         out = Path(data["output"]) if data.get("output") else root / st.name
         outputs[st.name] = out
         data["output"] = str(out)
         h = config_hash(cmd.name, data)
         done = _read_json(out / DONE)
-        if not cfg.force and not upstream_ran and done and done.get("config_hash") == h:
+        if not force and not upstream_ran and done and done.get("config_hash") == h:
             actions[st.name] = "skipped"
             _event(root, st.name, "skipped", hash=h)
             con.print(f"[pipeline] {st.name}: done earlier, skipped", style="dim", highlight=False, markup=False)
-            if st.name == cfg.stop_after:
+            if st.name == stop_after:
                 break
             continue
         cls = _load(cmd.config)
         started = _read_json(out / STAGE_MARKER)
-        resume = (not cfg.force and done is None and "resume" in cls.model_fields and _has_checkpoint(out)
+        resume = (not force and done is None and "resume" in cls.model_fields and _has_checkpoint(out)
                   and started is not None and started.get("config_hash") == h)
         if resume:
             data["resume"] = "latest"
@@ -401,7 +415,7 @@ def run_pipeline(config: Union[PipelineConfig, Dict[str, Any], None] = None, **o
         actions[st.name] = action
         upstream_ran = True
         _event(root, st.name, action, hash=h, seconds=round(seconds, 2))
-        if st.name == cfg.stop_after:
+        if st.name == stop_after:
             break
     total = time.perf_counter() - t_all
     return {"output": str(root), "stages": actions, "seconds": round(total, 2)}

@@ -192,36 +192,89 @@ def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- rounds as pipeline stages
 
-def run_iterative_dpo(config: Union[IterativeDPOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
-    """Iterative DPO; the Python twin of ``alignkit iterative-dpo``. Returns the summary."""
+def run_rounds(cfg, section: str, round_config: str, round_runner: str, rounds: Sequence[int]
+               ) -> List[Dict[str, Any]]:
+    """Run the rounds of ``cfg`` as a generated pipeline on the one resumable runner
+    (:func:`alignkit.pipeline.run_stages`) and return the round records (``round-K/round.json``).
+
+    Stage ``round-K`` (output ``OUTPUT/round-K``) runs ``round_runner`` on ``round_config``: ``cfg``'s
+    own fields (without ``resume`` and the round count, so adding rounds keeps the finished ones) plus
+    ``round: K`` and ``start_model``, a reference to the previous round's ``model_dir``. Like any
+    pipeline stage, a round is skipped only when its DONE hash matches its resolved config (``--resume``),
+    a round interrupted mid-training resumes from its checkpoint, and a changed config reruns the rounds
+    from the first changed one. Without ``--resume`` every round runs afresh.
+    """
+    from alignkit.cli import Command
+    from alignkit.pipeline import PipelineSpec, StageSpec, check_stages, run_stages
+
+    out = Path(cfg.output)
+    base = cfg.model_dump(mode="json")
+    base.pop("resume", None)
+    base.pop("command", None)
+    base[section] = {k: v for k, v in base[section].items() if k != "rounds"}
+    stages, prev = [], None
+    for k in rounds:
+        start = cfg.model.name_or_path if prev is None else "${stages.round-%d.summary.model_dir}" % prev
+        stages.append(StageSpec(name=f"round-{k}", command=f"{cfg.command}-round",
+                                config={**base, "round": k, "start_model": start, "output": str(out / f"round-{k}")}))
+        prev = k
+    spec = PipelineSpec(output=str(out), stages=stages)
+    commands = {f"{cfg.command}-round": Command(f"{cfg.command}-round", round_config, round_runner,
+                                                f"one round of {cfg.command}", {})}
+    check_stages(spec, f"{cfg.command} rounds", commands)
+    run_stages(spec, force=not cfg.resume, commands=commands)
+    return [json.loads((out / f"round-{k}" / "round.json").read_text()) for k in rounds]
+
+
+def finish_round(rdir: Path, rec: Dict[str, Any]) -> Dict[str, Any]:
+    """Write ``round.json`` (the round's record) and ``summary.json`` (the round's DPO run summary, if
+    any, updated with the record: later rounds read its ``model_dir``)."""
+    from alignkit.feedback.common import write_summary
+
+    rdir.mkdir(parents=True, exist_ok=True)
+    (rdir / "round.json").write_text(json.dumps(rec, indent=2, default=float))
+    trained = rdir / "summary.json"
+    write_summary(rdir, {**(json.loads(trained.read_text()) if trained.is_file() else {}), **rec})
+    return rec
+
+
+class IterativeRoundConfig(IterativeDPOConfig):
+    """One round of iterative DPO: a stage of the pipeline that :func:`run_iterative_dpo` generates."""
+
+    command: Literal["iterative-dpo-round"] = "iterative-dpo-round"
+    round: int = Field(0, ge=0)
+    """Round index; round 0 only evaluates the starting policy."""
+    start_model: Optional[str] = None
+    """The policy the round starts from (the previous round's model_dir); empty: model.name_or_path."""
+
+
+def run_iterative_round(config: Union[IterativeRoundConfig, Dict[str, Any], None] = None, **overrides
+                        ) -> Dict[str, Any]:
+    """Round K into OUTPUT/round-K: sample, score, pair best vs worst, a DPO round, evaluate."""
     from accelerate.utils import set_seed
 
     from alignkit.data import prepare
-    from alignkit.feedback.common import load_policy, write_jsonl, write_summary
+    from alignkit.feedback.common import load_policy, write_jsonl
     from alignkit.models.loading import load_tokenizer
-    from alignkit.train.common import console, report_data
+    from alignkit.train.common import console
 
-    cfg = as_config(IterativeDPOConfig, config, overrides)
-    opts = cfg.iterative
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    cfg = as_config(IterativeRoundConfig, config, overrides)
+    opts, k, rdir = cfg.iterative, cfg.round, Path(cfg.output)
     set_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model)
     data = prepare("prompt", cfg.data, tok, seed=cfg.train.seed)
-    report_data(data, out, True)
     eval_items, eval_split = (data.eval, "eval") if data.eval else (data.train, "train")
     reward = build_reward(opts.reward)
     gold = build_reward(opts.eval_reward) if opts.eval_reward else reward
     eval_gen = cfg.generation if opts.eval_temperature is None else \
         cfg.generation.model_copy(update={"temperature": opts.eval_temperature})
     original = cfg.model.name_or_path
-    current, model = original, None
-    records: List[Dict[str, Any]] = []
+    current = cfg.start_model or original
+    model, _ = load_policy(current, cfg.model)
 
-    def evaluate(k: int) -> Dict[str, Any]:
+    def evaluate() -> Dict[str, Any]:
         set_seed(cfg.train.seed + 7919 * k)
         texts, rewards, _, _ = sample_and_score(model, tok, eval_items, gold, eval_gen, opts.eval_samples)
         rec = {"round": k, "eval_reward": mean(rewards), "eval_length_chars": mean([len(t) for t in texts]),
@@ -231,60 +284,71 @@ def run_iterative_dpo(config: Union[IterativeDPOConfig, Dict[str, Any], None] = 
         console().print(f"round {k}: mean eval reward {rec['eval_reward']:.4f}", style="green")
         return rec
 
-    for k in range(0, opts.rounds + 1):
-        rdir = out / f"round-{k}"
-        done = rdir / "round.json"
-        if cfg.resume and done.exists():  # --resume: skip the rounds that finished
-            rec = json.loads(done.read_text())
-            records.append(rec)
-            current = rec["model_dir"]
-            continue
-        if model is None:
-            model, _ = load_policy(current, cfg.model)
-        if k == 0:
-            rec = evaluate(0)
-        else:
-            items = round_slice(data.train, k, opts.prompts_per_round)
-            set_seed(cfg.train.seed + k)
-            texts, rewards, groups, ended = sample_and_score(model, tok, items, reward, cfg.generation,
-                                                             opts.samples_per_prompt)
-            unfinished = sum(1 for e in ended if not e)  # re-encoded for DPO, these get an EOS they never sampled
-            pairs, counts = best_vs_worst(texts, rewards, groups, opts.min_gap)
-            write_jsonl(rdir / "samples.jsonl", ({"prompt": items[g]["prompt"], "completion": t, "reward": r}
-                                                 for t, r, g in zip(texts, rewards, groups)))
-            write_jsonl(rdir / "pairs.jsonl", ({"prompt": items[g]["prompt"], "chosen": c, "rejected": j,
-                                                "reward_chosen": rc, "reward_rejected": rj}
-                                               for g, c, j, rc, rj in pairs))
-            previous = current
-            train_summary: Dict[str, Any] = {}
-            if pairs:
-                del model
-                model = None
-                train_summary = dpo_round(cfg, current, original, rdir / "pairs.jsonl", rdir, k, opts.reference)
-                current = train_summary["model_dir"]
-                model, _ = load_policy(current, cfg.model)
-            else:
-                console().print(f"round {k}: no pairs (all ties or empty samples); the policy is unchanged",
-                                style="yellow")
-            rec = evaluate(k)
-            rec.update({"prompts": len(items), "samples": len(texts), "unfinished_samples": unfinished,
-                        "pairs": len(pairs), "dropped": counts,
-                        "train_reward": mean(rewards), "pair_gap": mean([b - w for *_, b, w in pairs]),
-                        "dpo_loss": train_summary.get("train/loss"),
-                        "dpo_margin": train_summary.get("rewards/margin")})
-            if not opts.keep_round_models and current != previous:
-                drop_model(previous, keep=[original, current])
-        rdir.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(rec, indent=2, default=float))
-        records.append(rec)
+    if k == 0:
+        return finish_round(rdir, evaluate())
+    items = round_slice(data.train, k, opts.prompts_per_round)
+    set_seed(cfg.train.seed + k)
+    texts, rewards, groups, ended = sample_and_score(model, tok, items, reward, cfg.generation,
+                                                     opts.samples_per_prompt)
+    unfinished = sum(1 for e in ended if not e)  # re-encoded for DPO, these get an EOS they never sampled
+    pairs, counts = best_vs_worst(texts, rewards, groups, opts.min_gap)
+    write_jsonl(rdir / "samples.jsonl", ({"prompt": items[g]["prompt"], "completion": t, "reward": r}
+                                         for t, r, g in zip(texts, rewards, groups)))
+    write_jsonl(rdir / "pairs.jsonl", ({"prompt": items[g]["prompt"], "chosen": c, "rejected": j,
+                                        "reward_chosen": rc, "reward_rejected": rj}
+                                       for g, c, j, rc, rj in pairs))
+    previous = current
+    train_summary: Dict[str, Any] = {}
+    if pairs:
+        del model
+        train_summary = dpo_round(cfg, current, original, rdir / "pairs.jsonl", rdir, k, opts.reference)
+        current = train_summary["model_dir"]
+        model, _ = load_policy(current, cfg.model)
+    else:
+        console().print(f"round {k}: no pairs (all ties or empty samples); the policy is unchanged",
+                        style="yellow")
+    rec = evaluate()
+    rec.update({"prompts": len(items), "samples": len(texts), "unfinished_samples": unfinished,
+                "pairs": len(pairs), "dropped": counts,
+                "train_reward": mean(rewards), "pair_gap": mean([b - w for *_, b, w in pairs]),
+                "dpo_loss": train_summary.get("train/loss"),
+                "dpo_margin": train_summary.get("rewards/margin")})
+    finish_round(rdir, rec)
+    if not opts.keep_round_models and current != previous:
+        drop_model(previous, keep=[original, current])
+    return rec
 
+
+def run_iterative_dpo(config: Union[IterativeDPOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
+    """Iterative DPO; the Python twin of ``alignkit iterative-dpo``. Returns the summary.
+
+    The rounds are the stages of a generated pipeline (:func:`run_rounds`): round 0 evaluates the
+    starting policy, round K >= 1 is :func:`run_iterative_round`."""
+    from accelerate.utils import set_seed
+
+    from alignkit.data import prepare
+    from alignkit.feedback.common import write_summary
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.train.common import report_data
+
+    cfg = as_config(IterativeDPOConfig, config, overrides)
+    opts = cfg.iterative
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    set_seed(cfg.train.seed)
+    data = prepare("prompt", cfg.data, load_tokenizer(cfg.model), seed=cfg.train.seed)  # bad data fails here
+    report_data(data, out, True)
+    records = run_rounds(cfg, "iterative", "alignkit.feedback.iterative:IterativeRoundConfig",
+                         "alignkit.feedback.iterative:run_iterative_round", range(0, opts.rounds + 1))
     with (out / "rounds.jsonl").open("w") as f:
         f.writelines(json.dumps(r, default=float) + "\n" for r in records)
     summary = {"command": "iterative-dpo", "rounds": opts.rounds,
                "reward_per_round": [r["eval_reward"] for r in records],
                "train_reward_per_round": [r.get("train_reward") for r in records[1:]],
                "pairs_per_round": [r.get("pairs") for r in records[1:]],
-               "eval_split": records[-1]["eval_split"], "reference": opts.reference, "model_dir": current}
+               "eval_split": records[-1]["eval_split"], "reference": opts.reference,
+               "model_dir": records[-1]["model_dir"]}
     summary["reward_gain"] = summary["reward_per_round"][-1] - summary["reward_per_round"][0]
     write_summary(out, summary)
     return summary

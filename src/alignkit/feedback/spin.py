@@ -25,12 +25,13 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from alignkit.config import RunConfig, as_config, to_yaml
 from alignkit.data.formats import parse_rows
 from alignkit.data.load import DataError, DataReport
-from alignkit.feedback.iterative import RoundOptions, check_round_config, dpo_round, drop_model, mean, round_slice
+from alignkit.feedback.iterative import (RoundOptions, check_round_config, dpo_round, drop_model, finish_round, mean,
+                                        round_slice, run_rounds)
 from alignkit.rollout.generate import GenerationConfig
 from alignkit.train.preference import DPOOptions
 
@@ -112,12 +113,80 @@ def margins(model, encoder, prompts, chosen, rejected, batch_size: int) -> Dict[
     return {"margin": mean([a - b for a, b in zip(c, r)]), "logp_data": mean(c), "logp_own": mean(r)}
 
 
-def run_spin(config: Union[SPINConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
-    """SPIN; the Python twin of ``alignkit spin``. Returns the summary."""
+class SPINRoundConfig(SPINConfig):
+    """One SPIN round: a stage of the pipeline that :func:`run_spin` generates."""
+
+    command: Literal["spin-round"] = "spin-round"
+    round: int = Field(1, ge=1)
+    """Round index (1-based)."""
+    start_model: Optional[str] = None
+    """The model the round starts from (the previous round's model_dir); empty: model.name_or_path."""
+
+
+def own_generations(model, tok, encoder, items, gen: GenerationConfig):
+    """The model's own responses (and ended flags) to the prompts of ``(row, prompt, response)`` items."""
+    from alignkit.feedback.common import sample_with_ended
+
+    return sample_with_ended(model, tok, [encoder.encode_prompt_ids(p) for _, p, _ in items], gen)
+
+
+def run_spin_round(config: Union[SPINRoundConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
+    """Round K into OUTPUT/round-K: the model's own generations, (data, own) pairs, margins, a DPO round."""
     from accelerate.utils import set_seed
 
     from alignkit.data.tokenize import Encoder
-    from alignkit.feedback.common import load_policy, print_report, sample_with_ended, write_jsonl, write_summary
+    from alignkit.feedback.common import load_policy, write_jsonl
+    from alignkit.train.common import console
+
+    cfg = as_config(SPINRoundConfig, config, overrides)
+    opts, k, rdir, bs = cfg.spin, cfg.round, Path(cfg.output), cfg.generation.batch_size
+    examples, _ = sft_pairs(cfg.data.path, cfg.data.split, cfg.data.max_rows)
+    original = cfg.model.name_or_path
+    current = cfg.start_model or original
+    model, tok = load_policy(current, cfg.model)
+    encoder = Encoder(tok, cfg.data)
+    items = round_slice(examples, k, opts.prompts_per_round)
+    set_seed(cfg.train.seed + k)
+    gens, ended = own_generations(model, tok, encoder, items, cfg.generation)
+    keep = [(it, g) for it, g in zip(items, gens) if g.strip() and g != it[2]]
+    dropped = {"empty_generation": sum(1 for g in gens if not g.strip()),
+               "generation_equals_data": sum(1 for it, g in zip(items, gens) if g.strip() and g == it[2])}
+    prompts = [it[1] for it, _ in keep]
+    chosen = [it[2] for it, _ in keep]
+    rejected = [g for _, g in keep]
+    write_jsonl(rdir / "pairs.jsonl", ({"prompt": p, "chosen": c, "rejected": r, "source_row": it[0]}
+                                       for (it, _), p, c, r in zip(keep, prompts, chosen, rejected)))
+    rec: Dict[str, Any] = {"round": k, "pairs": len(keep), "dropped": dropped,
+                           "unfinished_generations": sum(1 for e in ended if not e)}
+    previous = current
+    if keep:
+        rec["before"] = margins(model, encoder, prompts, chosen, rejected, bs)
+        del model
+        summ = dpo_round(cfg, current, original, rdir / "pairs.jsonl", rdir, k, opts.reference)
+        current = summ["model_dir"]
+        model, tok = load_policy(current, cfg.model)
+        rec["after"] = margins(model, encoder, prompts, chosen, rejected, bs)
+        rec["dpo_loss"] = summ.get("train/loss")
+        console().print(f"spin round {k}: margin log p(data) - log p(own) {rec['before']['margin']:.2f} -> "
+                        f"{rec['after']['margin']:.2f}", style="green")
+    else:
+        console().print(f"spin round {k}: no pairs; the model is unchanged", style="yellow")
+    rec["model_dir"] = current
+    finish_round(rdir, rec)
+    if not opts.keep_round_models and current != previous:
+        drop_model(previous, keep=[original, current])
+    return rec
+
+
+def run_spin(config: Union[SPINConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
+    """SPIN; the Python twin of ``alignkit spin``. Returns the summary.
+
+    The rounds are the stages of a generated pipeline (:func:`alignkit.feedback.iterative.run_rounds`),
+    each :func:`run_spin_round`; the final model is measured here."""
+    from accelerate.utils import set_seed
+
+    from alignkit.data.tokenize import Encoder
+    from alignkit.feedback.common import load_policy, print_report, write_summary
     from alignkit.train.common import console
 
     cfg = as_config(SPINConfig, config, overrides)
@@ -133,70 +202,24 @@ def run_spin(config: Union[SPINConfig, Dict[str, Any], None] = None, **overrides
     examples, report = sft_pairs(cfg.data.path, cfg.data.split, cfg.data.max_rows)
     print_report(report)
     (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    original = cfg.model.name_or_path
-    current = original
+    records = run_rounds(cfg, "spin", "alignkit.feedback.spin:SPINRoundConfig", "alignkit.feedback.spin:run_spin_round",
+                         range(1, opts.rounds + 1))
+    current = records[-1]["model_dir"]
     model, tok = load_policy(current, cfg.model)
     encoder = Encoder(tok, cfg.data)
     bs = cfg.generation.batch_size
 
-    def own_generations(items):
-        return sample_with_ended(model, tok, [encoder.encode_prompt_ids(p) for _, p, _ in items], cfg.generation)
-
-    records: List[Dict[str, Any]] = []
-    for k in range(1, opts.rounds + 1):
-        rdir = out / f"round-{k}"
-        done = rdir / "round.json"
-        if cfg.resume and done.exists():
-            rec = json.loads(done.read_text())
-            records.append(rec)
-            if rec["model_dir"] != current:
-                current = rec["model_dir"]
-                model, tok = load_policy(current, cfg.model)
-            continue
-        items = round_slice(examples, k, opts.prompts_per_round)
-        set_seed(cfg.train.seed + k)
-        gens, ended = own_generations(items)
-        keep = [(it, g) for it, g in zip(items, gens) if g.strip() and g != it[2]]
-        dropped = {"empty_generation": sum(1 for g in gens if not g.strip()),
-                   "generation_equals_data": sum(1 for it, g in zip(items, gens) if g.strip() and g == it[2])}
-        prompts = [it[1] for it, _ in keep]
-        chosen = [it[2] for it, _ in keep]
-        rejected = [g for _, g in keep]
-        write_jsonl(rdir / "pairs.jsonl", ({"prompt": p, "chosen": c, "rejected": r, "source_row": it[0]}
-                                           for (it, _), p, c, r in zip(keep, prompts, chosen, rejected)))
-        rec: Dict[str, Any] = {"round": k, "pairs": len(keep), "dropped": dropped,
-                               "unfinished_generations": sum(1 for e in ended if not e)}
-        previous = current
-        if keep:
-            rec["before"] = margins(model, encoder, prompts, chosen, rejected, bs)
-            del model
-            summ = dpo_round(cfg, current, original, rdir / "pairs.jsonl", rdir, k, opts.reference)
-            current = summ["model_dir"]
-            model, tok = load_policy(current, cfg.model)
-            rec["after"] = margins(model, encoder, prompts, chosen, rejected, bs)
-            rec["dpo_loss"] = summ.get("train/loss")
-            console().print(f"spin round {k}: margin log p(data) - log p(own) {rec['before']['margin']:.2f} -> "
-                            f"{rec['after']['margin']:.2f}", style="green")
-        else:
-            console().print(f"spin round {k}: no pairs; the model is unchanged", style="yellow")
-        rec["model_dir"] = current
-        rdir.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(rec, indent=2, default=float))
-        records.append(rec)
-        if not opts.keep_round_models and current != previous:
-            drop_model(previous, keep=[original, current])
-
     # the final model on the first round's pairs (the starting model's own generations) and against its
     # own fresh generations: that gap goes to 0 at SPIN's fixed point p = p_data (Theorem 5.2)
     first_pairs = [json.loads(line) for line in (out / "round-1" / "pairs.jsonl").read_text().splitlines() if line]
-    initial = records[0].get("before", {}) if records else {}
+    initial = records[0].get("before", {})
     final: Dict[str, float] = {}
     if first_pairs:
         final = margins(model, encoder, [r["prompt"] for r in first_pairs], [r["chosen"] for r in first_pairs],
                         [r["rejected"] for r in first_pairs], bs)
     first = round_slice(examples, 1, opts.prompts_per_round)
     set_seed(cfg.train.seed + 104729)
-    gens, _ = own_generations(first)
+    gens, _ = own_generations(model, tok, encoder, first, cfg.generation)
     fresh = [(it, g) for it, g in zip(first, gens) if g.strip()]
     gap = margins(model, encoder, [it[1] for it, _ in fresh], [it[2] for it, _ in fresh], [g for _, g in fresh],
                   bs)["margin"] if fresh else float("nan")
