@@ -9,8 +9,8 @@ if alignkit demo --help >/dev/null 2>&1; then
   exec alignkit demo "$@"
 fi
 # no demo in this build: the first two stages of the classical pipeline on bundled data
-alignkit sft --data builtin:demo_sft --output runs/quickstart/sft --lora --max-steps 30 \
+alignkit sft --data builtin:demo_sft --output runs/quickstart/sft --overwrite --lora --max-steps 30 \
   data.max_length=128 data.eval_fraction=0.1 optim.lr=2e-4 train.batch_size=8
-alignkit rm --data builtin:demo_prefs --output runs/quickstart/rm --lora --max-steps 30 \
+alignkit rm --data builtin:demo_prefs --output runs/quickstart/rm --overwrite --lora --max-steps 30 \
   data.max_length=128 data.eval_fraction=0.15 optim.lr=5e-4 train.batch_size=8
 echo "reports: runs/quickstart/sft/report.html runs/quickstart/rm/report.html"

@@ -32,7 +32,7 @@ class Command:
 
 
 TRAIN_FLAGS = {"model": "model.name_or_path", "data": "data.path", "output": "output",
-               "max_steps": "train.max_steps", "resume": "resume"}
+               "max_steps": "train.max_steps", "resume": "resume", "overwrite": "overwrite"}
 
 # filled by the modules of alignkit.commands, each registering its own commands
 COMMANDS: List[Command] = []
@@ -92,7 +92,7 @@ class CommandWithRawEpilog(click.Command):
 
 
 def _make(cmd: Command) -> click.Command:
-    def callback(config_path, overrides, lora, **flags):
+    def callback(config_path, overrides, lora, debug, **flags):
         cls = _load(cmd.config)
         flat = dict(cmd.defaults or {})
         # a repeatable flag (list field) given zero times leaves the YAML value alone
@@ -112,16 +112,8 @@ def _make(cmd: Command) -> click.Command:
         except ConfigError as e:
             raise click.UsageError(str(e)) from None
         runner = _load(cmd.runner)
-        try:
-            summary = runner(cfg)
-        except (ValueError, FileNotFoundError, RuntimeError) as e:
-            from alignkit.data.load import DataError
-            from alignkit.train.logging import MissingPackage
-            from alignkit.train.loop import TrainingAborted
-
-            if isinstance(e, (DataError, FileNotFoundError, TrainingAborted, ConfigError, MissingPackage)):
-                raise click.ClickException(str(e)) from None
-            raise
+        debug = bool(debug or (click.get_current_context().find_root().params or {}).get("debug"))
+        summary = run_reporting_errors(lambda: runner(cfg), debug)
         if summary:
             _print_summary(summary)
 
@@ -134,6 +126,8 @@ def _make(cmd: Command) -> click.Command:
     has_lora = "lora" in cls.model_fields
     params.append(click.Option(["--lora"], is_flag=True, default=False, hidden=not has_lora,
                                help="Train LoRA adapters (lora.enabled=true)."))
+    params.append(click.Option(["--debug"], is_flag=True, default=False,
+                               help="On an error, show the full traceback instead of a one-line message."))
     for flag, dotted in cmd.flags.items():
         opt_type = int if dotted.endswith("max_steps") else str
         if dotted == "resume":
@@ -155,6 +149,48 @@ def _make(cmd: Command) -> click.Command:
         + config_help(cls)
     return CommandWithRawEpilog(cmd.name, callback=callback, params=params, help=cmd.help, epilog=epilog,
                                 context_settings={"max_content_width": 120})
+
+
+def _user_errors() -> tuple:
+    """Exceptions that describe a mistake in the input (data, paths, config, run directory): their
+    message is the whole story, so the CLI prints it as one line without a traceback."""
+    from alignkit.data.load import DataError
+    from alignkit.train.logging import MissingPackage
+    from alignkit.train.loop import TrainingAborted
+    from alignkit.train.rundir import RunDirError, SaveError
+
+    errors = [DataError, ConfigError, TrainingAborted, RunDirError, SaveError, MissingPackage, FileNotFoundError,
+              PermissionError, IsADirectoryError, NotADirectoryError]
+    try:
+        from alignkit.rewards.base import RewardError
+
+        errors.append(RewardError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def run_reporting_errors(fn, debug: bool = False):
+    """Call ``fn``; an exception becomes one ``Error: ...`` line and exit code 1 (``debug``: the
+    traceback). Mistakes in the input are shown as they are; anything else is named as an
+    unexpected error with the hint to rerun with ``--debug``."""
+    from alignkit.train.rundir import release_all
+
+    try:
+        return fn()
+    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, _user_errors()):
+            msg = str(e)
+        else:
+            text = " ".join(str(e).split()) or "(no message)"
+            msg = f"{type(e).__name__}: {text} (unexpected; rerun with --debug for the traceback)"
+        raise click.ClickException(msg) from None
+    finally:
+        release_all()
 
 
 def _is_bool_field(cls: Type[BaseModel], dotted: str) -> bool:
@@ -206,7 +242,9 @@ def build_cli() -> click.Group:
 
     @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
     @click.version_option(package_name="alignkit")
-    def cli():
+    @click.option("--debug", is_flag=True, default=False,
+                  help="On an error, show the full traceback instead of a one-line message.")
+    def cli(debug):
         """alignkit: align language models with preferences (SFT, reward models, DPO family, PPO/GRPO/RLOO).
 
         With no --model every command uses the embedded SmolLM2-135M-Instruct."""

@@ -184,7 +184,10 @@ class RunConfig(Section):
     diagnostics: DiagnosticsSection = DiagnosticsSection()
     """Live failure-mode warnings."""
     resume: Optional[str] = None
-    """Resume from a checkpoint directory, or 'latest' for OUTPUT's newest checkpoint."""
+    """Resume from a checkpoint directory, or 'latest' for OUTPUT's newest checkpoint. The checkpoint's
+    config must match (only log, diagnostics, a larger train.max_steps and the like may change)."""
+    overwrite: bool = False
+    """Replace a finished or unfinished run already in OUTPUT (without it such a run is never overwritten)."""
 
 
 class SFTOptions(Section):

@@ -193,27 +193,31 @@ class RewardSpec(BaseModel):
 
 # ----------------------------------------------------------------------------- helpers
 
+class RewardError(ValueError):
+    """A reward source returned something unusable; the message names the source and the value."""
+
+
 def check_scores(source: str, scores: Any, n: int) -> List[float]:
     """Validate a source's output: a sequence of ``n`` finite numbers. ``source`` names the culprit."""
+    fix = f"; it must return a list of {n} finite floats, one per completion"
     if isinstance(scores, (str, bytes, Mapping)):
-        raise ValueError(f"{source} returned {type(scores).__name__}; expected a list of {n} floats")
+        raise RewardError(f"{source} returned a {type(scores).__name__}{fix}")
     try:
         vals = list(scores)
     except TypeError:
-        raise ValueError(f"{source} returned {type(scores).__name__}; "
-                         f"expected a list of {n} floats (one per completion)") from None
+        raise RewardError(f"{source} returned a {type(scores).__name__}{fix}") from None
     if len(vals) != n:
-        raise ValueError(f"{source} returned {len(vals)} scores for {n} completions")
+        raise RewardError(f"{source} returned {len(vals)} scores for {n} completions{fix}")
     out = []
     for i, v in enumerate(vals):
         if isinstance(v, (str, bytes)):
-            raise ValueError(f"{source} returned a non-number at index {i}: {v!r}")
+            raise RewardError(f"{source} returned a non-number at index {i}: {v!r}{fix}")
         try:
             f = float(v)
         except (TypeError, ValueError):
-            raise ValueError(f"{source} returned a non-number at index {i}: {v!r}") from None
+            raise RewardError(f"{source} returned a non-number at index {i}: {v!r}{fix}") from None
         if not math.isfinite(f):
-            raise ValueError(f"{source} returned a non-finite score at index {i}: {f}")
+            raise RewardError(f"{source} returned a non-finite score at index {i}: {f}{fix}")
         out.append(f)
     return out
 

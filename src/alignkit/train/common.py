@@ -20,19 +20,39 @@ def console():
 
 
 def start_run(cfg: RunConfig):
-    """Seed everything, create the accelerator and the run directory, write config.yaml."""
+    """Seed everything, create the accelerator, take the run directory (lock, overwrite and resume
+    rules: train/rundir.py), write config.yaml."""
     from accelerate.utils import set_seed
 
     from alignkit.train.loop import make_accelerator
 
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed)
-    out = Path(cfg.output)
+    claim_output(cfg, acc)
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        (Path(cfg.output) / "config.yaml").write_text(to_yaml(cfg))
     acc.wait_for_everyone()
     return acc
+
+
+def claim_output(cfg: RunConfig, acc) -> None:
+    """The main process takes ``cfg.output`` (train/rundir.py); every process raises if it refused."""
+    import torch
+
+    from alignkit.train.rundir import RunDirError, claim
+
+    error: Optional[BaseException] = None
+    if acc.is_main_process:
+        try:
+            claim(cfg, warn=lambda m: console().print(m, style="yellow", markup=False, highlight=False))
+        except (RunDirError, OSError) as e:
+            error = e
+    if acc.num_processes > 1:
+        flag = acc.reduce(torch.tensor(float(error is not None), device=acc.device), "sum").item()
+        if flag and error is None:
+            error = RunDirError(f"output {cfg.output}: the main process could not take the run directory")
+    if error is not None:
+        raise error
 
 
 def report_data(prepared: Prepared, out: Path, is_main: bool) -> None:
@@ -50,18 +70,27 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
     """Save OUTPUT/model (safetensors + tokenizer) and OUTPUT/summary.json on the main process."""
     from alignkit.models.loading import save_model
 
+    from alignkit.train.rundir import atomic_save_dir, release, tensor_bytes
+
     acc = trainer.acc
     out = Path(cfg.output)
     model_dir = out / "model"
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(trainer.model) if acc.distributed_type.value == "FSDP" else None
     if acc.is_main_process:
+        # all or nothing: written to .tmp-model, then renamed over model/ (space checked first)
+        latest = trainer.ckpt.latest()
+        hint = (f"; the latest checkpoint ({latest.name}) is intact: rerun with --resume once there is room"
+                if latest is not None else "")
         with trainer.logger.phase("saving the model"):
-            save_model(trainer.unwrapped(), tokenizer, model_dir, lora_save=cfg.lora.save, state_dict=state_dict)
+            atomic_save_dir(model_dir, lambda tmp: save_model(trainer.unwrapped(), tokenizer, tmp,
+                                                              lora_save=cfg.lora.save, state_dict=state_dict),
+                            tensor_bytes(trainer.unwrapped()), "the final model", hint)
         summary = {"command": cfg.command, "steps": trainer.step, **summary}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         console().print(f"saved {model_dir}", style="green")
         write_run_report(out)
+        release(out)
     acc.wait_for_everyone()
     return model_dir
 
@@ -104,15 +133,63 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
     after (``samples``: the model generates), ``trainer.fit()``, then save and write the summary.
     Returns the summary: final metrics, ``KEY_before`` for the metrics before training, ``extra`` and
     ``model_dir``."""
-    before = trainer.evaluate() if eval_items else {}
-    if samples:
+    from alignkit.train.loop import TrainingAborted
+    from alignkit.train.rundir import release
+
+    out = Path(cfg.output)
+    if cfg.resume:  # the "before" numbers and samples are the ones the interrupted run recorded
+        before = _logged_before(out)
+        _drop_samples(out, "after")
+    else:
+        before = trainer.evaluate() if eval_items else {}
+    if samples and not (cfg.resume and _has_samples(out, "before")):
         sample_report_prompts(trainer, tokenizer, eval_items, "before")
-    final = trainer.fit()
+    try:
+        final = trainer.fit()
+    except BaseException as e:
+        if trainer.acc.is_main_process:
+            if isinstance(e, TrainingAborted):
+                write_run_report(out)  # the report shows the alert that aborted the run
+            release(out)
+        raise
     if samples:
         sample_report_prompts(trainer, tokenizer, eval_items, "after")
     summary = {**final, **{f"{k}_before": v for k, v in before.items()}, **extra}
     summary["model_dir"] = str(finish_run(trainer, tokenizer, cfg, summary))
     return summary
+
+
+def _logged_before(out: Path) -> Dict[str, float]:
+    """The held-out metrics logged at step 0 (before training) in ``out/metrics.jsonl``."""
+    before: Dict[str, float] = {}
+    for rec in _read_jsonl(out / "metrics.jsonl"):
+        if rec.get("step") == 0:
+            before.update({k: v for k, v in rec.items() if k.startswith("eval/")})
+    return before
+
+
+def _read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _has_samples(out: Path, tag: str) -> bool:
+    return any(r.get("tag") == tag for r in _read_jsonl(out / "samples.jsonl"))
+
+
+def _drop_samples(out: Path, tag: str) -> None:
+    """Remove the ``tag`` samples (a resumed run writes its own "after" answers)."""
+    path = out / "samples.jsonl"
+    rows = _read_jsonl(path)
+    if rows and any(r.get("tag") == tag for r in rows):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("tag") != tag))
 
 
 def sample_report_prompts(trainer, tokenizer, items, tag: str) -> None:

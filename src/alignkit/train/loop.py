@@ -260,10 +260,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
+        from alignkit.train.rundir import tensor_bytes
+
+        # the config goes with the checkpoint, so --resume can refuse a mismatched one (train/rundir.py)
         state = {"step": self.step, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row,
-                 "task": self.task.state_dict()}
+                 "task": self.task.state_dict(), "config": self.cfg.model_dump(mode="json")}
+        need = tensor_bytes(self.unwrapped(), getattr(self.optimizer, "optimizer", self.optimizer))
         with self.logger.phase(f"saving checkpoint step-{self.step}"):
-            self.ckpt.save(self.step, state)
+            self.ckpt.save(self.step, state, need=need)
 
     def _resume(self, where: str) -> None:
         state = self.ckpt.load(where)
@@ -272,6 +276,10 @@ class Trainer:
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
         self.task.load_state_dict(state.get("task", {}))
         self.logger.resumed(self.step)
+        if self.diagnostics is not None and self.acc.is_main_process:
+            # the trends (and the before-training baseline of held-out metrics) continue from the
+            # logged history; alerts it raised are already in alerts.jsonl
+            self.diagnostics.replay(_read_records(self.out / "metrics.jsonl"))
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> Dict[str, float]:
@@ -352,6 +360,20 @@ def host_floats(metrics: Dict[str, Any]) -> Dict[str, float]:
         dev = next(iter(tensors.values())).device
         out.update(zip(tensors, torch.stack([t.to(dev) for t in tensors.values()]).tolist()))
     return {k: out[k] for k in metrics}
+
+
+def _read_records(path: Path) -> List[Dict[str, Any]]:
+    import json
+
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 class _nullcontext:

@@ -1,0 +1,431 @@
+"""A run directory belongs to one run; saves into it are all or nothing.
+
+Ownership (:func:`claim`, called by ``start_run`` before anything is written):
+
+- ``OUTPUT/.alignkit.lock`` holds ``{pid, host, command, started}``. It is created atomically
+  (``O_EXCL``), so a second run into the same directory is refused while the first is alive. A lock
+  whose process is gone (a crash or kill -9) is stale: it is reported and taken over. A lock from
+  another host cannot be checked and is never taken over: the message names the file to delete.
+- A finished run (``summary.json`` or ``model/``) is never overwritten unless ``overwrite=true``
+  (``--overwrite``); an unfinished run with checkpoints needs ``--resume`` or ``--overwrite``. A run
+  that stopped before its first checkpoint has nothing to resume: its files are cleared, with a note.
+- ``--resume`` compares the checkpoint's config with the new one and refuses a mismatch, naming each
+  differing field. Only the fields in :data:`MAY_CHANGE_ON_RESUME` may differ (and ``train.max_steps``
+  only upwards from the checkpoint's step).
+
+Saves (:func:`check_space`, :func:`save_error`): a disk-space check before each checkpoint and the
+final model, and write errors that name the path and the cause ("no space left on device ...: need
+~N MB, M MB free"), whatever layer (``torch.save``'s "unexpected pos", safetensors) raised them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+LOCK = ".alignkit.lock"
+# what a training run writes into its directory; --overwrite (or a fresh start over an interrupted
+# run without checkpoints) removes exactly these, never other files a user keeps there
+RUN_FILES = ("config.yaml", "data_report.json", "data_report_rows.jsonl", "metrics.jsonl", "alerts.jsonl",
+             "samples.jsonl", "summary.json", "report.html", "checkpoints", "model", ".tmp-model", ".old-model",
+             "tensorboard", "wandb")
+# dotted fields (or section prefixes) that may differ between a checkpoint's config and the resumed one
+MAY_CHANGE_ON_RESUME = ("resume", "overwrite", "output", "log", "diagnostics", "train.max_steps", "train.epochs",
+                        "train.max_bad_steps", "train.logprob_chunk", "data.num_proc", "model.gradient_checkpointing",
+                        "model.attn_implementation")
+
+_MB = 1 << 20
+_HELD: Dict[str, Path] = {}  # lock files this process holds (released at exit)
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked; the message says why and what to do."""
+
+
+class SaveError(OSError):
+    """A checkpoint or the model could not be written; the message names the path and the cause."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.errno, self.message = code, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ------------------------------------------------------------------------------------ lock
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _read_lock(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(info: Dict[str, Any]) -> str:
+    started = info.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    return f"pid {info.get('pid', '?')} on {info.get('host', '?')}, {info.get('command', 'a run')} started {when}"
+
+
+def _prepare_dir(out: Path) -> None:
+    """Create ``out``; a file in the way or an unwritable place is a one-line error."""
+    for p in [out, *out.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise RunDirError(f"output {out}: {p} is a file, not a directory; choose another --output")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"output {out}: cannot create the directory ({e.strerror or e}); "
+                          "choose a writable --output") from None
+
+
+def acquire(out: Path, command: str, warn=print) -> Path:
+    """Create ``out/.alignkit.lock`` for this process, or raise :class:`RunDirError` when a live run
+    holds it. A stale lock (its process is gone) is reported through ``warn`` and taken over."""
+    out = Path(out)
+    _prepare_dir(out)
+    path = out / LOCK
+    info = {"pid": os.getpid(), "host": _host(), "command": command, "started": time.time()}
+    for attempt in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = _read_lock(path)
+            pid, host = held.get("pid"), held.get("host")
+            if not held and attempt == 0:  # being written right now by another run: look again
+                time.sleep(0.2)
+                continue
+            if host not in (None, _host()):
+                raise RunDirError(f"output {out} is locked by another run ({_describe(held)}); if that run is "
+                                  f"no longer running, delete {path}, or choose another --output") from None
+            if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+                raise RunDirError(f"output {out} is in use by another run ({_describe(held)}); wait for it to "
+                                  f"finish or choose another --output") from None
+            if pid != os.getpid():  # our own lock is one an earlier run in this process did not release
+                warn(f"{out}: removing a stale lock ({_describe(held)}: that process is no longer running)")
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            why = "read-only file system" if e.errno == errno.EROFS else (e.strerror or str(e))
+            raise RunDirError(f"output {out} is not writable ({why}); choose another --output") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        _HELD[str(path.resolve())] = path
+        return path
+    raise RunDirError(f"output {out}: could not take the lock {path}; another run keeps creating it")
+
+
+def release(out: Path) -> None:
+    """Remove ``out``'s lock if this process holds it."""
+    path = Path(out) / LOCK
+    key = str(path.resolve()) if path.exists() else None
+    if key is None or key not in _HELD:
+        return
+    if _read_lock(path).get("pid") == os.getpid():
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    _HELD.pop(key, None)
+
+
+def release_all() -> None:
+    for path in list(_HELD.values()):
+        release(path.parent)
+
+
+atexit.register(release_all)
+
+
+# ------------------------------------------------------------------------------------ ownership
+
+def _checkpoints(out: Path) -> List[Path]:
+    from alignkit.train.checkpoint import step_dirs
+
+    return step_dirs(out / "checkpoints")
+
+
+def _last_step(out: Path) -> Optional[int]:
+    """The last step logged in ``out/metrics.jsonl`` (None when there is none)."""
+    path = out / "metrics.jsonl"
+    step = None
+    try:
+        for line in path.read_text().splitlines():
+            try:
+                step = int(json.loads(line).get("step", step))
+            except (ValueError, TypeError, AttributeError):
+                continue
+    except OSError:
+        return None
+    return step
+
+
+def clear_run_files(out: Path) -> List[str]:
+    """Remove what a run wrote into ``out`` (:data:`RUN_FILES`); returns the names removed."""
+    removed = []
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def claim(cfg, warn=print) -> None:
+    """Take ``cfg.output`` for this run (main process only): lock it, then check what it holds
+    against ``cfg.resume`` and ``cfg.overwrite`` (see the module docstring). The lock is released
+    by :func:`release` when the run ends, and at process exit."""
+    out = Path(cfg.output)
+    acquire(out, getattr(cfg, "command", "run"), warn)
+    try:
+        _check_contents(cfg, out, warn)
+    except BaseException:
+        release(out)
+        raise
+
+
+def _check_contents(cfg, out: Path, warn) -> None:
+    overwrite, resume = bool(getattr(cfg, "overwrite", False)), getattr(cfg, "resume", None)
+    finished = (out / "summary.json").exists() or (out / "model").is_dir()
+    ckpts = _checkpoints(out)
+    if overwrite and not resume:
+        removed = clear_run_files(out)
+        if removed:
+            warn(f"{out}: --overwrite: removed the earlier run ({', '.join(removed)})")
+        return
+    if resume:
+        check_resume(cfg, out)
+        return
+    if finished:
+        summary = _read_lock(out / "summary.json")  # any JSON file
+        what = f"a finished {summary.get('command', '')} run".replace("  ", " ")
+        if "steps" in summary:
+            what += f" ({summary['steps']} steps)"
+        also = ", --resume to continue it from its last checkpoint" if ckpts else ""
+        raise RunDirError(f"output {out} holds {what}: pass --overwrite to replace it{also}, or choose "
+                          f"another --output")
+    if ckpts:
+        raise RunDirError(f"output {out} holds an unfinished run with a checkpoint at step "
+                          f"{step_of(ckpts[-1])}: pass --resume to continue it or --overwrite to start afresh")
+    step = _last_step(out)
+    removed = clear_run_files(out)
+    if step is not None:
+        warn(f"{out}: an earlier run stopped at step {step} without a checkpoint; starting afresh "
+             f"(removed {', '.join(removed)})")
+
+
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[-1])
+
+
+# ------------------------------------------------------------------------------------ resume
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _may_change(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in MAY_CHANGE_ON_RESUME)
+
+
+def config_differences(saved: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """``"field: A in the checkpoint, B now"`` for every field that differs and may not change on
+    resume (a field only one side has counts when its value is not null)."""
+    a, b = _flatten(saved), _flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if _may_change(key):
+            continue
+        va, vb = a.get(key), b.get(key)
+        if va != vb and not (isinstance(va, (int, float)) and isinstance(vb, (int, float)) and float(va) == float(vb)):
+            diffs.append(f"{key}: {va!r} in the checkpoint, {vb!r} now")
+    return diffs
+
+
+def saved_config(ckpt: Path) -> Optional[Dict[str, Any]]:
+    """The config a checkpoint was written with: stored in trainer_state.json, else the config.yaml of
+    the run directory that holds it (checkpoints from before configs were stored)."""
+    state = _read_lock(ckpt / "trainer_state.json")
+    if isinstance(state.get("config"), dict):
+        return state["config"]
+    cfg_file = ckpt.parent.parent / "config.yaml"
+    if cfg_file.exists():
+        import yaml
+
+        try:
+            data = yaml.safe_load(cfg_file.read_text())
+        except yaml.YAMLError:
+            return None
+        return data if isinstance(data, dict) else None
+    return None
+
+
+def check_resume(cfg, out: Path) -> Path:
+    """Refuse to resume from a checkpoint written with another config; returns the checkpoint."""
+    from alignkit.train.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(out / "checkpoints", cfg.resume)
+    step = step_of(ckpt) if ckpt.name.startswith("step-") else int(_read_lock(ckpt / "trainer_state.json").get("step", 0))
+    max_steps = getattr(getattr(cfg, "train", None), "max_steps", None)
+    if max_steps is not None and max_steps < step:
+        raise RunDirError(f"--resume: the checkpoint {ckpt} is at step {step}, past train.max_steps={max_steps}; "
+                          f"raise train.max_steps, or start afresh with --overwrite")
+    saved = saved_config(ckpt)
+    if saved is None:
+        return ckpt
+    diffs = config_differences(saved, cfg.model_dump(mode="json"))
+    if diffs:
+        raise RunDirError(f"--resume: the checkpoint {ckpt} was written with another config ({'; '.join(diffs)}); "
+                          f"resume with the same settings (only log.*, diagnostics.*, a larger train.max_steps "
+                          f"and the like may change), or start afresh with --overwrite")
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------ disk space
+
+def _existing(path: Path) -> Path:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(_existing(path)).free
+    except OSError:
+        return None
+
+
+def tensor_bytes(*objs) -> int:
+    """Bytes of the tensors of modules, optimizers (their state) and state dicts, for space checks."""
+    import torch
+
+    total = 0
+
+    def add(x):
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            for v in x.values():
+                add(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                add(v)
+
+    for obj in objs:
+        if obj is None:
+            continue
+        if isinstance(obj, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in obj.state_dict().values())
+        elif hasattr(obj, "state") and isinstance(getattr(obj, "state"), dict):  # an optimizer
+            add(list(obj.state.values()))
+        else:
+            add(obj)
+    return total
+
+
+def need_bytes(payload: int) -> int:
+    """Space asked for a write of ``payload`` bytes: 10% and 4 MB of slack (tokenizer, metadata)."""
+    return int(payload * 1.1) + 4 * _MB
+
+
+def _mb(n: Optional[int]) -> str:
+    return "?" if n is None else f"{max(n, 0) / _MB:,.0f}"
+
+
+def check_space(path: Path, need: int, what: str, hint: str = "") -> None:
+    """Raise :class:`SaveError` when the file system of ``path`` has less than ``need`` bytes free."""
+    free = free_bytes(path)
+    if free is not None and free < need:
+        raise SaveError(errno.ENOSPC, f"no space left on device for {what} at {path}: need ~{_mb(need)} MB, "
+                                      f"{_mb(free)} MB free; free some space or choose another --output{hint}")
+
+
+def _is_enospc(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left" in text or "unexpected pos" in text or "file write failed" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def save_error(e: BaseException, path: Path, need: int, what: str, hint: str = "") -> SaveError:
+    """A one-line :class:`SaveError` for a failed write of ``what`` into ``path``."""
+    free = free_bytes(path)
+    if _is_enospc(e) or (free is not None and free < need):
+        return SaveError(errno.ENOSPC, f"no space left on device writing {what} to {path}: need ~{_mb(need)} MB, "
+                                       f"{_mb(free)} MB free; free some space or choose another --output{hint}")
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+    return SaveError(getattr(e, "errno", None) or errno.EIO, f"could not write {what} to {path} ({reason}){hint}")
+
+
+def atomic_save_dir(final: Path, write, payload: int, what: str, hint: str = "") -> Path:
+    """Write a directory all or nothing: ``write(tmp)`` fills ``final``'s sibling ``.tmp-NAME``, which then
+    replaces ``final`` by renames (the old one is removed only after the new one is in place).
+    ``payload``: bytes of the tensors written (the free space is checked first)."""
+    final = Path(final)
+    need = need_bytes(payload)
+    tmp, old = final.with_name(f".tmp-{final.name}"), final.with_name(f".old-{final.name}")
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    check_space(final.parent, need, what, hint)
+    try:
+        write(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise save_error(e, final.parent, need, what, hint) from e
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
