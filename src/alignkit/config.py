@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Type, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
     "Section", "ModelConfig", "LoraConfig", "DataConfig", "TrainConfig", "OptimConfig", "LogConfig",
-    "RunConfig", "SFTConfig", "RMConfig", "ScoreConfig", "ConfigError", "load_config",
+    "DiagnosticsConfig", "RunConfig", "SFTConfig", "RMConfig", "ScoreConfig", "ConfigError", "load_config",
     "apply_overrides", "field_help", "COMMAND_CONFIGS", "register_command_config",
 ]
 
@@ -145,7 +145,10 @@ class LogConfig(Section):
     """Longest sample answer, in tokens."""
 
 
-class DiagnosticsSection(Section):
+class DiagnosticsConfig(Section):
+    """Live failure-mode checks (:mod:`alignkit.eval.diagnostics`): the ``diagnostics`` section of every
+    run config and the thresholds :class:`~alignkit.eval.diagnostics.Diagnostics` reads. Defined once."""
+
     enabled: bool = True
     """Watch the logged metrics for failure modes and warn (log, alerts.jsonl, report.html)."""
     kl_budget: float = Field(10.0, gt=0)
@@ -158,8 +161,53 @@ class DiagnosticsSection(Section):
     """Warn when the gold reward falls by this much while the proxy reward rises (over-optimization)."""
     logp_drop: float = Field(0.1, gt=0)
     """Warn when chosen log-probs fall by this fraction while DPO margins grow (likelihood displacement)."""
-    window: int = Field(5, ge=2)
-    """Observations in the short trend window."""
+    window: int = Field(5, ge=3)
+    """Observations in the short trend window (at least 3, to fit a trend with an error estimate)."""
+    long_window: int = Field(50, ge=0)
+    """A second, longer trend horizon (observations) that catches slow drifts; <= window disables it."""
+    trend_t: float = Field(3.0, gt=0)
+    """Minimum |slope / standard error| for a least-squares trend to count as real, not noise."""
+    patience: int = Field(2, ge=1)
+    """Consecutive evaluations a trend condition must hold before its alert fires (filters noise)."""
+    clear_after: int = Field(20, ge=1)
+    """Consecutive evaluations a fired condition must be false before it may fire again."""
+    stall_steps: int = Field(10, ge=2)
+    """Logged steps in a row that a no-learning condition must hold before it alerts: a zero gradient
+    norm, a flat loss, equal rewards or zero-variance groups, every completion truncated, every label
+    masked."""
+    weight_growth: float = Field(3.0, gt=1)
+    """Alert (exploding) when the norm of the trained weights exceeds this multiple of its value before
+    training."""
+    grad_growth: float = Field(100.0, gt=1)
+    """Alert (exploding) when the gradient norm exceeds this multiple of its median over the first
+    window logged steps."""
+    heldout_drop: float = Field(0.05, gt=0)
+    """Alert (heldout_regression) when held-out accuracy falls this much (absolute) below its value
+    before training."""
+    heldout_rise: float = Field(0.05, gt=0)
+    """Alert (heldout_regression) when the held-out loss rises by this fraction above its value before
+    training."""
+    fail_on: List[str] = []
+    """Alert kinds that abort the run (exit code 1) instead of only warning, e.g. [zero_grad,
+    stuck_loss, constant_reward]; [any] aborts on every alert."""
+
+    @field_validator("fail_on", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("fail_on")
+    @classmethod
+    def _known_kinds(cls, v: List[str]) -> List[str]:
+        from alignkit.eval.diagnostics import ALERT_KINDS
+
+        unknown = [k for k in v if k not in ALERT_KINDS and k != "any"]
+        if unknown:
+            raise ValueError(f"unknown alert kind(s) {unknown}; known: any, {', '.join(ALERT_KINDS)}")
+        return v
+
+
+DiagnosticsSection = DiagnosticsConfig  # the section's name in earlier releases
 
 
 class RunConfig(Section):
@@ -181,7 +229,7 @@ class RunConfig(Section):
     """Optimizer and learning-rate schedule."""
     log: LogConfig = LogConfig()
     """Logging, evaluation and checkpoints."""
-    diagnostics: DiagnosticsSection = DiagnosticsSection()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     """Live failure-mode warnings."""
     resume: Optional[str] = None
     """Resume from a checkpoint directory, or 'latest' for OUTPUT's newest checkpoint. The checkpoint's

@@ -29,6 +29,30 @@ Checks (a check whose metric keys never appear is skipped):
     Optimization"; Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference Optimisation with
     DPO-Positive").
 
+No-learning checks (each must hold on ``stall_steps`` logged steps in a row):
+
+``zero_grad``
+    ``train/grad_norm`` is 0: nothing flows back to the weights.
+``stuck_loss``
+    ``train/loss`` does not move at all (range below 1e-6 of its size), e.g. a saturated model at
+    a huge learning rate whose loss sits at ln V.
+``constant_reward``
+    every reward equal (``rewards/std`` 0) or every group without variance
+    (``rewards/zero_std_groups`` 1): group-relative advantages are all zero, the loss is 0.
+``all_truncated``
+    ``rollout/eos_rate`` 0: every completion hit ``max_new_tokens``.
+``all_masked``
+    ``train/units`` 0: every label of the batch is masked, there is no loss to learn from.
+
+``exploding``
+    weights or updates growing without a NaN: ``train/weight_norm`` above ``weight_growth`` times
+    its value before training (fires at once), or ``train/grad_norm`` above ``grad_growth`` times
+    its median over the first ``window`` logged steps.
+``heldout_regression``
+    held-out accuracy (``eval/accuracy``) more than ``heldout_drop`` below its value before
+    training, or the held-out loss (``eval/loss``) more than ``heldout_rise`` (relative) above it:
+    training made the model worse on data it did not see. Fires at once.
+
 Trends are least-squares lines (:func:`fit_trend`) over two horizons of the main metric: its
 last ``window`` observations (sudden changes) and its last ``long_window`` (slow drifts); the
 partner metric is fitted over the same steps. A trend counts only when it is large enough (the
@@ -43,7 +67,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["Alert", "Diagnostics", "DiagnosticsConfig", "Trend", "fit_trend"]
+from alignkit.config import DiagnosticsConfig
+
+__all__ = ["ALERT_KINDS", "Alert", "Diagnostics", "DiagnosticsConfig", "Trend", "fit_trend"]
 
 Point = Tuple[float, float]  # (step, value)
 
@@ -54,6 +80,20 @@ GOLD_KEYS = ("rewards/gold", "eval/rewards/gold")
 DIVERSITY_KEY = "diversity/distinct_2"
 MARGIN_KEY = "rewards/margin"
 CHOSEN_LOGP_KEY = "logps/chosen"
+LOSS_KEY = "train/loss"
+GRAD_NORM_KEY = "train/grad_norm"
+WEIGHT_NORM_KEY = "train/weight_norm"
+UNITS_KEY = "train/units"
+REWARD_STD_KEY = "rewards/std"
+ZERO_STD_KEY = "rewards/zero_std_groups"
+EOS_RATE_KEY = "rollout/eos_rate"
+# held-out metrics and the direction that is better: accuracy up, loss down
+HELDOUT_ACCURACY_KEYS = ("eval/accuracy", "eval/rewards/accuracy")
+HELDOUT_LOSS_KEYS = ("eval/loss",)
+
+ALERT_KINDS = ("kl_blowup", "verbosity", "mode_collapse", "overoptimization", "likelihood_displacement",
+               "zero_grad", "stuck_loss", "constant_reward", "all_truncated", "all_masked", "exploding",
+               "heldout_regression")
 
 
 class _Urgent(str):
@@ -71,43 +111,6 @@ class Alert:
     def to_dict(self) -> Dict[str, object]:
         """The ``alerts.jsonl`` record: ``{"step", "kind", "message"}``."""
         return asdict(self)
-
-
-@dataclass
-class DiagnosticsConfig:
-    """Thresholds of the live checks (a plain dataclass, no pydantic, so it is cheap to build
-    inside a training loop). Defaults suit per-step logging of a typical RLHF run."""
-
-    kl_budget: float = 10.0
-    """Largest acceptable KL to the reference, in nats per sequence (``kl/ref``)."""
-    window: int = 5
-    """Number of most recent observations each trend / average is computed over (>= 3)."""
-    long_window: int = 50
-    """A second, longer trend horizon (observations) that catches slow drifts; <= window disables."""
-    length_growth: float = 0.2
-    """Relative rise of ``rollout/length_mean`` over a trend horizon that counts as growth (0.2 = 20%)."""
-    diversity_drop: float = 0.5
-    """Relative fall of distinct-2 from its first observed value that counts as collapse."""
-    gold_drop: float = 0.05
-    """Absolute fall of the (fitted) gold reward over a trend horizon that counts as a decline."""
-    logp_drop: float = 0.1
-    """Relative fall of ``logps/chosen`` over a trend horizon that counts as displacement (0.1: a
-    chosen log-prob going from -100 to below -110 nats); relative so that summed and
-    length-normalized log-probs both work."""
-    trend_t: float = 3.0
-    """Minimum |slope / standard error| for a least-squares trend to count as real, not noise."""
-    patience: int = 2
-    """Consecutive evaluations a condition must hold before its alert fires (filters noise)."""
-    clear_after: int = 20
-    """Consecutive evaluations a fired condition must be false before it clears and may fire
-    again (stops a borderline, flickering condition from repeating its alert)."""
-
-    def __post_init__(self) -> None:
-        if self.patience < 1 or self.clear_after < 1:
-            raise ValueError(f"patience and clear_after must be >= 1, got {self.patience} and "
-                             f"{self.clear_after}")
-        if self.window < 3:
-            raise ValueError(f"window must be >= 3 to fit a trend with an error estimate, got {self.window}")
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,15 @@ class Diagnostics:
             "mode_collapse": ((DIVERSITY_KEY,), self._check_mode_collapse),
             "overoptimization": (GOLD_KEYS, self._check_overoptimization),
             "likelihood_displacement": ((CHOSEN_LOGP_KEY,), self._check_likelihood_displacement),
+            "zero_grad": ((GRAD_NORM_KEY,), self._check_zero_grad),
+            "stuck_loss": ((LOSS_KEY,), self._check_stuck_loss),
+            "constant_reward": ((REWARD_STD_KEY, ZERO_STD_KEY), self._check_constant_reward),
+            "all_truncated": ((EOS_RATE_KEY,), self._check_all_truncated),
+            "all_masked": ((UNITS_KEY,), self._check_all_masked),
+            "exploding": ((WEIGHT_NORM_KEY, GRAD_NORM_KEY), self._check_exploding),
+            "heldout_regression": (HELDOUT_ACCURACY_KEYS + HELDOUT_LOSS_KEYS, self._check_heldout),
         }
+        assert set(self._checks) == set(ALERT_KINDS)
 
     @property
     def active(self) -> frozenset:
@@ -345,6 +356,117 @@ class Diagnostics:
                         f"step {int(best_step)}); a larger KL penalty or a better reward model "
                         f"delays this.")
         return ""
+
+    # ------------------------------------------------------------------ no-learning checks
+    def _stalled(self, key: str, pred: Callable[[float], bool]) -> Optional[bool]:
+        """Whether ``pred`` holds on each of the last ``stall_steps`` observations of ``key`` (None
+        until there are that many)."""
+        n = self.config.stall_steps
+        pts = self.history.get(key, [])[-n:]
+        if len(pts) < n:
+            return None
+        return all(math.isfinite(v) and pred(v) for _, v in pts)
+
+    def _check_zero_grad(self) -> Optional[str]:
+        held = self._stalled(GRAD_NORM_KEY, lambda v: v <= 1e-12)
+        if held is None:
+            return None
+        if not held:
+            return ""
+        return _Urgent(f"The gradient norm has been 0 for {self.config.stall_steps} logged steps: nothing is "
+                       f"learned. Check that the loss depends on trainable weights (LoRA targets, frozen "
+                       f"layers), that labels are not all masked, and that the learning rate is sane "
+                       f"(a huge one saturates the model).")
+
+    def _check_stuck_loss(self) -> Optional[str]:
+        n = self.config.stall_steps
+        pts = self._last(LOSS_KEY, n)
+        if len(pts) < n or len(self.history.get(LOSS_KEY, [])) < n:
+            return None
+        vals = [v for _, v in pts]
+        if max(vals) - min(vals) > 1e-6 * max(1.0, abs(vals[-1])):
+            return ""
+        return _Urgent(f"The training loss has stayed at {vals[-1]:.6g} for {n} logged steps: the model is "
+                       f"not learning (a loss stuck at ln(vocabulary size) means a uniform, saturated "
+                       f"output, typical of a far too high learning rate). Lower optim.lr or check the data.")
+
+    def _check_constant_reward(self) -> Optional[str]:
+        n = self.config.stall_steps
+        same = self._stalled(REWARD_STD_KEY, lambda v: v <= 1e-12)
+        flat = self._stalled(ZERO_STD_KEY, lambda v: v >= 1.0 - 1e-9)
+        if same is None and flat is None:
+            return None
+        if same:
+            return _Urgent(f"Every reward has been equal for {n} logged steps (rewards/std = 0): advantages are "
+                           f"zero and nothing is learned. Check the reward function (does it ever return "
+                           f"different values?), its inputs, and max_new_tokens.")
+        if flat:
+            return _Urgent(f"Every prompt's group of samples has had equal rewards for {n} logged steps "
+                           f"(rewards/zero_std_groups = 1): group-relative advantages are zero and the loss "
+                           f"is 0. Use a reward with more resolution, harder/easier prompts, more samples "
+                           f"per prompt, or dynamic sampling.")
+        return ""
+
+    def _check_all_truncated(self) -> Optional[str]:
+        held = self._stalled(EOS_RATE_KEY, lambda v: v <= 0.0)
+        if held is None:
+            return None
+        if not held:
+            return ""
+        return _Urgent(f"Every completion has been cut at max_new_tokens for {self.config.stall_steps} logged "
+                       f"steps (rollout/eos_rate = 0): no sample ends, so rewards judge unfinished text. "
+                       f"Raise generation.max_new_tokens or check the stop/EOS token.")
+
+    def _check_all_masked(self) -> Optional[str]:
+        held = self._stalled(UNITS_KEY, lambda v: v <= 0.0)
+        if held is None:
+            return None
+        if not held:
+            return ""
+        return _Urgent(f"Every label has been masked for {self.config.stall_steps} logged steps (0 loss tokens "
+                       f"per update): there is nothing to learn from. Check the chat template / response "
+                       f"masking and data.max_length (prompts may fill the whole length).")
+
+    def _check_exploding(self) -> Optional[str]:
+        cfg = self.config
+        weights = [p for p in self.history.get(WEIGHT_NORM_KEY, []) if math.isfinite(p[1])]
+        if len(weights) >= 2 and weights[0][1] > 0 and weights[-1][1] > cfg.weight_growth * weights[0][1]:
+            (s0, w0), (s1, w1) = weights[0], weights[-1]
+            return _Urgent(f"The weight norm grew from {w0:.4g} (step {int(s0)}) to {w1:.4g} (step {int(s1)}), "
+                           f"{w1 / w0:.1f}x, without a NaN: the updates are far too large. Lower optim.lr "
+                           f"(and check optim.max_grad_norm).")
+        grads = [p for p in self.history.get(GRAD_NORM_KEY, []) if math.isfinite(p[1])]
+        if len(grads) > cfg.window:
+            base = sorted(v for _, v in grads[:cfg.window])[cfg.window // 2]
+            step, last = grads[-1]
+            if base > 0 and last > cfg.grad_growth * base:
+                return (f"The gradient norm is {last:.4g} at step {int(step)}, {last / base:.0f}x its early "
+                        f"median {base:.4g}: the updates are exploding without a NaN. Lower optim.lr, keep "
+                        f"optim.max_grad_norm set, or use fp32.")
+        if len(weights) < 2 and len(grads) <= cfg.window:
+            return None
+        return ""
+
+    def _check_heldout(self) -> Optional[str]:
+        cfg = self.config
+        found = None
+        for key in HELDOUT_ACCURACY_KEYS + HELDOUT_LOSS_KEYS:
+            pts = [p for p in self.history.get(key, []) if math.isfinite(p[1])]
+            if len(pts) < 2:
+                continue
+            found = found or ""
+            (s0, first), (s1, last) = pts[0], pts[-1]
+            if key in HELDOUT_ACCURACY_KEYS and first - last > cfg.heldout_drop:
+                return _Urgent(f"Held-out accuracy ({key}) fell from {first:.3f} at step {int(s0)} to {last:.3f} "
+                               f"at step {int(s1)}: training made the model worse on data it did not see. "
+                               f"Lower the learning rate, train fewer steps, check the data for label noise, "
+                               f"or compare against the checkpoint before.")
+            if key in HELDOUT_LOSS_KEYS and last - first > cfg.heldout_rise * max(abs(first), 1e-8):
+                return _Urgent(f"The held-out loss ({key}) rose from {first:.4g} at step {int(s0)} to {last:.4g} "
+                               f"at step {int(s1)} (+{(last - first) / max(abs(first), 1e-8):.0%}): training made "
+                               f"the model worse on data it did not see (overfitting or a bad learning rate). "
+                               f"Lower the learning rate, train fewer steps or add data.")
+        return found
 
     def _check_likelihood_displacement(self) -> Optional[str]:
         cfg = self.config

@@ -124,11 +124,9 @@ def make_diagnostics(cfg: RunConfig):
     d = getattr(cfg, "diagnostics", None)
     if d is None or not d.enabled:
         return None
-    from alignkit.eval.diagnostics import Diagnostics, DiagnosticsConfig
+    from alignkit.eval.diagnostics import Diagnostics
 
-    return Diagnostics(DiagnosticsConfig(kl_budget=d.kl_budget, window=d.window, length_growth=d.length_growth,
-                                         diversity_drop=d.diversity_drop, gold_drop=d.gold_drop,
-                                         logp_drop=d.logp_drop))
+    return Diagnostics(d)
 
 
 class Trainer:
@@ -256,6 +254,7 @@ class Trainer:
         # like the gradient is
         out = {k: sums[k] / max(total, 1e-12) for k in keys}
         out["train/grad_norm"] = grad_norm
+        out["train/units"] = float(total)  # loss tokens / pairs / sequences of the update (0: all masked)
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -287,6 +286,8 @@ class Trainer:
         if cfg.resume:
             self._resume(cfg.resume)
         last: Dict[str, float] = {}
+        if self.step == 0:
+            self._preflight()
         self.logger.start(self.total_steps, self.step)
         try:
             while self.step < self.total_steps:
@@ -302,6 +303,9 @@ class Trainer:
                     n_updates += 1
                     for k, v in m.items():  # average over the updates of this step (on the device)
                         metrics[k] = metrics.get(k, 0.0) + (v - metrics.get(k, 0.0)) / n_updates
+                if self.diagnostics is not None and ((self.step + 1) % cfg.log.every == 0
+                                                     or self.step + 1 == self.total_steps):
+                    metrics["train/weight_norm"] = self._weight_norm()  # read with the other metrics
                 metrics = host_floats(metrics)  # the step's one read of its metrics
                 metrics.update(host_floats(planned))
                 with warnings.catch_warnings():  # a skipped (NaN) update still advances the schedule
@@ -343,10 +347,45 @@ class Trainer:
         return res
 
     def _diagnose(self, metrics: Dict[str, float]) -> None:
+        """Feed the live checks; new alerts go to alerts.jsonl and the console, and an alert whose kind
+        is in ``diagnostics.fail_on`` aborts the run."""
         if self.diagnostics is None:
             return
+        fail_on = set(self.cfg.diagnostics.fail_on)
         for alert in self.diagnostics.update(self.step, metrics):
             self.logger.alert(alert)
+            if alert.kind in fail_on or "any" in fail_on:
+                raise TrainingAborted(f"step {alert.step}: {alert.kind} alert, and diagnostics.fail_on includes it: "
+                                      f"{alert.message}")
+
+    def _weight_norm(self) -> torch.Tensor:
+        """L2 norm of the trained weights, as a device tensor (read with the step's other metrics)."""
+        params = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float()) for p in params]))
+
+    def _preflight(self) -> None:
+        """Checks before the first step: the baseline weight norm for the ``exploding`` alert, and a
+        first look at the data: when the first items hold no loss units (every label masked) the
+        ``all_masked`` alert fires before any compute is spent (and aborts with fail_on)."""
+        if self.diagnostics is None:
+            return
+        self._diagnose({"train/weight_norm": float(self._weight_norm())})
+        try:
+            sample = self.train_items[:max(self.micro, 16)]
+            units = float(self.task.units(self.task.collate(sample))) if sample else 1.0
+        except Exception:  # noqa: BLE001 - tasks whose items are not collated this way are checked live
+            return
+        if units <= 0:
+            from alignkit.eval.diagnostics import Alert
+
+            alert = Alert(0, "all_masked", f"Every label of the first {len(sample)} training examples is masked "
+                                           f"(0 loss units): there is nothing to learn from. Check the chat "
+                                           f"template / response masking and data.max_length.")
+            self.diagnostics.alerts.append(alert)
+            self.logger.alert(alert)
+            if {"all_masked", "any"} & set(self.cfg.diagnostics.fail_on):
+                raise TrainingAborted(f"step 0: all_masked alert, and diagnostics.fail_on includes it: "
+                                      f"{alert.message}")
 
     def unwrapped(self):
         return self.acc.unwrap_model(self.model)

@@ -241,8 +241,8 @@ def _check_contents(cfg, out: Path, warn) -> None:
         raise RunDirError(f"output {out} holds an unfinished run with a checkpoint at step "
                           f"{step_of(ckpts[-1])}: pass --resume to continue it or --overwrite to start afresh")
     step = _last_step(out)
-    removed = clear_run_files(out)
-    if step is not None:
+    if step is not None:  # files other tools put there before the run (e.g. a round's pairs) stay
+        removed = clear_run_files(out)
         warn(f"{out}: an earlier run stopped at step {step} without a checkpoint; starting afresh "
              f"(removed {', '.join(removed)})")
 

@@ -1,0 +1,172 @@
+"""No silent no-learning: the no-learning, exploding and held-out-regression alerts, and fail_on."""
+
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from alignkit.cli import build_cli
+from alignkit.config import DiagnosticsConfig, SFTConfig, as_config
+from alignkit.eval.diagnostics import ALERT_KINDS, Diagnostics
+from alignkit.train.loop import TrainingAborted
+from tests.helpers import pref_rows, sft_rows, write_jsonl
+
+
+def kinds(records, **cfg):
+    return [a.kind for a in Diagnostics(DiagnosticsConfig(**cfg)).replay(records)]
+
+
+def lines(n, **fn):
+    """n train records; each keyword is a function step -> value."""
+    return [{"step": s, **{k.replace("__", "/"): f(s) for k, f in fn.items()}} for s in range(1, n + 1)]
+
+
+def test_no_learning_checks_fire_after_stall_steps_only():
+    ok_loss = lambda s: 2.0 / s  # noqa: E731
+    assert kinds(lines(4, train__grad_norm=lambda s: 0.0, train__loss=ok_loss), stall_steps=5) == []
+    assert kinds(lines(5, train__grad_norm=lambda s: 0.0, train__loss=ok_loss), stall_steps=5) == ["zero_grad"]
+    # ln(V) for a uniform output: a flat loss, even with a non-zero gradient
+    assert kinds(lines(6, train__loss=lambda s: 4.8520, train__grad_norm=lambda s: 1.0), stall_steps=6) \
+        == ["stuck_loss"]
+    # a loss that moves a little is not stuck
+    assert kinds(lines(20, train__loss=lambda s: 4.85 + 1e-3 * (s % 2)), stall_steps=6) == []
+    assert kinds(lines(3, rewards__std=lambda s: 0.0), stall_steps=3) == ["constant_reward"]
+    assert kinds(lines(3, rewards__zero_std_groups=lambda s: 1.0, rewards__std=lambda s: 0.3), stall_steps=3) \
+        == ["constant_reward"]
+    assert kinds(lines(3, rewards__zero_std_groups=lambda s: 0.75), stall_steps=3) == []
+    assert kinds(lines(3, rollout__eos_rate=lambda s: 0.0), stall_steps=3) == ["all_truncated"]
+    assert kinds(lines(3, rollout__eos_rate=lambda s: 0.1 * (s > 2)), stall_steps=3) == []
+    assert kinds(lines(3, train__units=lambda s: 0.0), stall_steps=3) == ["all_masked"]
+    # a condition that clears (one good step) restarts the count
+    trace = lines(3, train__grad_norm=lambda s: 0.0 if s != 2 else 0.5)
+    assert kinds(trace, stall_steps=2) == []
+
+
+def test_exploding_weights_and_gradients():
+    w = [{"step": 0, "train/weight_norm": 10.0}, {"step": 1, "train/weight_norm": 25.0},
+         {"step": 2, "train/weight_norm": 31.0}]
+    d = Diagnostics(DiagnosticsConfig(weight_growth=3.0))
+    alerts = d.replay(w)
+    assert [a.kind for a in alerts] == ["exploding"] and alerts[0].step == 2
+    assert "from 10 (step 0) to 31 (step 2), 3.1x" in alerts[0].message
+    g = lines(9, train__grad_norm=lambda s: 1.0 + 0.1 * s if s < 9 else 400.0)
+    assert kinds(g, window=5, grad_growth=100.0, patience=1) == ["exploding"]
+    assert kinds(lines(40, train__grad_norm=lambda s: 1.0 + 0.5 * (s % 3))) == []
+
+
+def test_heldout_regression_accuracy_and_loss():
+    d = Diagnostics(DiagnosticsConfig())
+    assert d.update(0, {"eval/accuracy": 0.5, "eval/loss": 0.6931}) == []
+    # the demo's case: held-out preference accuracy 0.5 -> 0.29
+    (alert,) = d.update(30, {"eval/accuracy": 0.29, "eval/loss": 0.70})
+    assert alert.kind == "heldout_regression"
+    assert "fell from 0.500 at step 0 to 0.290 at step 30" in alert.message
+    assert kinds([{"step": 0, "eval/loss": 2.0}, {"step": 9, "eval/loss": 2.2}]) == ["heldout_regression"]
+    assert kinds([{"step": 0, "eval/loss": 2.0}, {"step": 9, "eval/loss": 2.05}]) == []
+    assert kinds([{"step": 0, "eval/accuracy": 0.5}, {"step": 9, "eval/accuracy": 0.47}]) == []
+    assert kinds([{"step": 0, "eval/accuracy": 0.5}, {"step": 9, "eval/accuracy": 0.9}]) == []
+
+
+def test_diagnostics_config_is_one_class_and_validates():
+    from alignkit import config
+
+    assert config.DiagnosticsSection is DiagnosticsConfig
+    assert SFTConfig.model_fields["diagnostics"].annotation is DiagnosticsConfig
+    # the reported case: window=2 passed the section's validation, then crashed at start
+    res = CliRunner().invoke(build_cli(), ["sft", "diagnostics.window=2"])
+    assert res.exit_code == 2 and "diagnostics.window: Input should be greater than or equal to 3" in res.output
+    res = CliRunner().invoke(build_cli(), ["sft", "diagnostics.fail_on=[stuck_los]"])
+    assert res.exit_code == 2 and "unknown alert kind(s) ['stuck_los']" in res.output
+    assert as_config(SFTConfig, {}, {"diagnostics.fail_on": "any"}).diagnostics.fail_on == ["any"]
+    assert set(ALERT_KINDS) >= {"zero_grad", "stuck_loss", "constant_reward", "all_truncated", "all_masked",
+                                "exploding", "heldout_regression"}
+
+
+def _alerts(out):
+    path = out / "alerts.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_lr_1e4_raises_the_alerts_and_fail_on_aborts(tmp_path, tiny_model, jsonl):
+    from alignkit.train.sft import train_sft
+
+    data = jsonl("sft.jsonl", sft_rows(16))
+    base = {"model.name_or_path": str(tiny_model), "data.path": str(data), "train.batch_size": 8,
+            "optim.lr": 1e4, "train.max_steps": 6, "log.progress": False, "log.samples": 0,
+            "diagnostics.stall_steps": 3}
+    train_sft(**base, output=str(tmp_path / "warn"))  # exit 0 as before, but not silent
+    found = {a["kind"] for a in _alerts(tmp_path / "warn")}
+    assert "exploding" in found and found & {"stuck_loss", "zero_grad"}, found
+    report = (tmp_path / "warn" / "report.html").read_text()
+    assert "exploding" in report
+    args = ["sft", "--model", str(tiny_model), "--data", str(data), "--output", str(tmp_path / "abort"),
+            "--max-steps", "6", "optim.lr=1e4", "train.batch_size=8", "log.progress=false", "log.samples=0",
+            "diagnostics.stall_steps=3", "diagnostics.fail_on=[exploding]"]
+    res = CliRunner().invoke(build_cli(), args)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "exploding alert, and diagnostics.fail_on includes it" in " ".join(res.output.split())
+    assert [a["kind"] for a in _alerts(tmp_path / "abort")] == ["exploding"]
+    assert not (tmp_path / "abort" / "model").exists()
+    assert (tmp_path / "abort" / "report.html").exists()
+
+
+def test_every_label_masked_is_caught_before_the_first_step(tmp_path, tiny_model, jsonl):
+    from alignkit.data import prepare
+    from alignkit.models.loading import load_causal_lm, load_tokenizer
+    from alignkit.train.common import start_run
+    from alignkit.train.loop import Trainer
+    from alignkit.train.sft import SFTTask
+
+    cfg = as_config(SFTConfig, {"model": {"name_or_path": str(tiny_model)},
+                                "data": {"path": str(jsonl("d.jsonl", sft_rows(8)))}, "output": str(tmp_path / "r"),
+                                "log": {"progress": False}, "train": {"max_steps": 2},
+                                "diagnostics": {"fail_on": ["all_masked"]}}, {})
+    acc = start_run(cfg)
+    tok = load_tokenizer(cfg.model)
+    prep = prepare("sft", cfg.data, tok)
+    for it in prep.train:  # a masking bug: no label survives
+        it["loss_mask"] = [0] * len(it["loss_mask"])
+    tr = Trainer(cfg, SFTTask(tok.pad_token_id), load_causal_lm(cfg.model), prep.train, accelerator=acc)
+    with pytest.raises(TrainingAborted, match="step 0: all_masked alert"):
+        tr.fit()
+    assert tr.step == 0
+    assert [a["kind"] for a in _alerts(tmp_path / "r")] == ["all_masked"]
+
+
+CONST = "def const(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+
+
+def test_constant_reward_raises_the_alert_and_fail_on_aborts(tmp_path, tiny_model):
+    from alignkit.train.grpo import train_grpo
+
+    (tmp_path / "r.py").write_text(CONST)
+    rng = random.Random(0)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w:" + "".join(rng.choice("mnop") for _ in range(3))}
+                                                 for _ in range(8)])
+    base = {"model.name_or_path": str(tiny_model), "data.path": str(prompts), "rewards": [f"python:{tmp_path / 'r.py'}:const"],
+            "generation.max_new_tokens": 4, "train.batch_size": 4, "grpo.num_generations": 2, "train.max_steps": 3,
+            "log.progress": False, "log.samples": 0, "diagnostics.stall_steps": 3}
+    train_grpo(**base, output=str(tmp_path / "warn"))
+    found = [a["kind"] for a in _alerts(tmp_path / "warn")]
+    assert "constant_reward" in found, found
+    with pytest.raises(TrainingAborted, match="constant_reward alert, and diagnostics.fail_on includes it"):
+        train_grpo(**base, output=str(tmp_path / "abort"), **{"diagnostics.fail_on": ["constant_reward"]})
+
+
+def test_demo_style_dpo_regression_raises_the_alert(tmp_path, tiny_model):
+    """Training prefers consonants, the held-out pairs prefer vowels: held-out accuracy falls below
+    its 0.5 before training, and alerts.jsonl says so."""
+    from alignkit.train.preference import train_dpo
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+                                                   for r in pref_rows(24, 1)])
+    held = write_jsonl(tmp_path / "held.jsonl", pref_rows(12, 2))
+    s = train_dpo(**{"model.name_or_path": str(tiny_model), "data.path": str(train), "data.eval_path": str(held),
+                     "train.epochs": 2, "train.batch_size": 8, "optim.lr": 2e-3, "log.progress": False,
+                     "log.samples": 0}, output=str(tmp_path / "dpo"))
+    assert s["eval/accuracy_before"] == pytest.approx(0.5) and s["eval/accuracy"] < 0.3, s
+    alerts = _alerts(tmp_path / "dpo")
+    assert [a["kind"] for a in alerts if a["kind"] == "heldout_regression"] == ["heldout_regression"]
+    assert "Held-out accuracy (eval/accuracy) fell from 0.500 at step 0" in next(
+        a["message"] for a in alerts if a["kind"] == "heldout_regression")
