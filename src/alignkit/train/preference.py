@@ -17,6 +17,7 @@ from alignkit.data.collate import PairBatch, UnpairedBatch, collate_pairs, colla
 from alignkit.losses.preference import PREFERENCE_LOSSES, combine, loss_hparams, nll_term
 from alignkit.ops.dist import gather_cat
 from alignkit.ops.logprobs import DEFAULT_CHUNK, TokenLogprobs, token_logprobs
+from alignkit.ops.masked import masked_mean
 from alignkit.train.loop import Task, Trainer
 from alignkit.train.reference import Reference, make_reference
 
@@ -143,7 +144,7 @@ class PreferenceTask(Task):
                                              kl_ref_logps=kl_ref, **self.opts.hparams_for("kto"))
         metrics = dict(out.metrics)
         lab = batch.label.float()
-        metrics["logps/desirable"] = (tl.sum().detach() * lab).sum() / lab.sum().clamp(min=1)
+        metrics["logps/desirable"] = masked_mean(tl.sum().detach(), lab)
         metrics["lengths/completion"] = tl.lengths().detach()
         return out.losses, metrics, (tl.sum(), ref, batch.label)
 

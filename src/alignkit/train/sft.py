@@ -27,11 +27,10 @@ class SFTTask(Task):
 
     def loss(self, model, batch: SeqBatch):
         tl = token_logprobs(model, batch, chunk_size=self.logprob_chunk)
-        nll = -tl.logps  # (B, T-1), 0 off the labels
         if self.reduction == "token":
-            total = nll.sum()
+            total = -tl.sum().sum()  # summed over label tokens (the masked set: padding never counts)
         else:
-            total = (nll.sum(-1) / tl.lengths().clamp(min=1)).sum()
+            total = -tl.mean().sum()  # each sequence's mean over its label tokens
         return total, {"train/tokens": tl.lengths().sum().detach() / max(len(batch), 1)}
 
     @torch.no_grad()
