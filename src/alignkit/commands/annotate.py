@@ -1,0 +1,12 @@
+"""Human feedback: `alignkit annotate` (serve, add-user NAME, export, import FILE); docs/human-feedback.md."""
+
+from alignkit.cli import Command, register_command
+
+register_command(Command(
+    "annotate", "alignkit.annotate:AnnotateConfig", "alignkit.annotate:run_annotate",
+    "Rank responses in a local web app (or judge two eval runs blind, --mode ab): "
+    "`annotate [serve]`, `annotate add-user NAME [--admin]`, `annotate export`, `annotate import FILE`.",
+    {"db": "db", "task": "task", "mode": "mode", "ab_run": "ab_runs", "overlap": "overlap",
+     "items_per_annotator": "items_per_annotator", "guideline": "guideline", "host": "host", "port": "port",
+     "admin": "admin", "items": "items", "output": "output", "aggregate": "aggregate"},
+    positional="args"))
