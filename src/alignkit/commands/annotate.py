@@ -7,6 +7,6 @@ register_command(Command(
     "Rank responses in a local web app (or judge two eval runs blind, --mode ab): "
     "`annotate [serve]`, `annotate add-user NAME [--admin]`, `annotate export`, `annotate import FILE`.",
     {"db": "db", "task": "task", "mode": "mode", "ab_run": "ab_runs", "overlap": "overlap",
-     "items_per_annotator": "items_per_annotator", "guideline": "guideline", "host": "host", "port": "port",
+     "items_per_annotator": "items_per_annotator", "guideline": "guideline", "host": "host", "port": "port", "url": "url",
      "admin": "admin", "items": "items", "output": "output", "aggregate": "aggregate"},
     positional="args"))
