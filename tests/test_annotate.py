@@ -400,3 +400,56 @@ def test_import_label_studio_and_argilla(tmp_path):
     assert ans == {"labelstudio:7": [2, 1, 3], "labelstudio:x@y": [2, 1], "argilla:u9": [1, 1, 3]}  # competition ranks
     res = collect(Store(db))
     assert [r["responses"] for r in res["rankings"]] == [["second", "first", "third"], ["R", "L"]]
+
+
+@pytest.mark.slow
+def test_sample_annotate_rm_then_blind_ab_end_to_end(tmp_path, tiny_model):
+    """The path of docs/human-feedback.md with tiny models: sample-pairs -> annotate (HTTP) -> export ->
+    rm on the rankings -> eval of two policies -> blind A/B in the app -> win rate in compare.html."""
+    from alignkit.cli import build_cli
+    from alignkit.eval.evaluate import evaluate
+    from alignkit.eval.report import compare_runs
+    from alignkit.labeling import sample_pairs
+    from alignkit.testing import save_tiny_model
+    from alignkit.train.reward import train_rm
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {w}"} for w in ("hi", "yes", "no", "ok")])
+    sample_pairs(model={"name_or_path": str(tiny_model)}, data={"path": str(prompts)}, n=3,
+                 generation={"max_new_tokens": 6}, output=str(tmp_path / "samples"))
+    db = str(tmp_path / "ann.db")
+    cli = build_cli()
+    cli.main(["annotate", "add-user", "alice", "--db", db], standalone_mode=False)  # prints the login link
+    store, summ = prepare_store(AnnotateConfig(db=db, task=str(tmp_path / "samples"), overlap=2))
+    assert summ["added"] == 4
+    toks = [store.add_user("a"), store.add_user("b")]
+    with ServerThread(store) as url:
+        for tok in toks:
+            while (item := http("GET", url + "/api/item", token=tok)[1])["item_id"]:
+                k = len(item["responses"])
+                longest = sorted(range(1, k + 1), key=lambda p: -len(item["responses"][p - 1]["text"]))
+                assert http("POST", url + "/api/answer", {"item_id": item["item_id"], "groups": [[p] for p in longest]},
+                            token=tok)[0] == 200
+    cli.main(["annotate", "export", "--db", db, "--output", str(tmp_path / "export")], standalone_mode=False)
+    s = train_rm(**{"model.name_or_path": str(tiny_model), "data.path": str(tmp_path / "export" / "rankings.jsonl"),
+                    "train.epochs": 1, "train.batch_size": 2, "log.progress": False, "rm.loss": "plackett_luce",
+                    "log.samples": 0}, output=str(tmp_path / "rm"))
+    n_rankings = len((tmp_path / "export" / "rankings.jsonl").read_text().splitlines())
+    assert n_rankings >= 1 and (tmp_path / "rm" / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "rm" / "data_report.json").read_text())  # the rankings were read as data
+    other = save_tiny_model(tmp_path / "other", seed=3)
+    for name, model in (("base", tiny_model), ("new", other)):
+        evaluate(model={"name_or_path": str(model)}, reference=str(tiny_model), data={"path": str(prompts)},
+                 samples=1, generation={"max_new_tokens": 6}, output=str(tmp_path / name))
+    ab_db = str(tmp_path / "ab.db")
+    ab_store, summ = prepare_store(AnnotateConfig(db=ab_db, mode="ab", ab_runs=[str(tmp_path / "base"),
+                                                                                str(tmp_path / "new")]))
+    judge = ab_store.add_user("judge")
+    with ServerThread(ab_store) as url:
+        while (item := http("GET", url + "/api/item", token=judge)[1])["item_id"]:
+            assert set(item) == {"item_id", "prompt", "progress", "responses"}  # which run wrote what: never sent
+            assert all(set(r) == {"position", "text"} for r in item["responses"])
+            http("POST", url + "/api/answer", {"item_id": item["item_id"], "groups": [[1], [2]]}, token=judge)
+    res = run_annotate(args=["export"], db=ab_db, output=str(tmp_path / "ab_export"))
+    assert 0.0 <= res["human/win_rate"] <= 1.0
+    html = compare_runs([tmp_path / "base", tmp_path / "new"], tmp_path / "compare.html").read_text()
+    assert "human/win_rate" in html and "eval" in html

@@ -142,3 +142,42 @@ def test_browser_rank_keyboard_mouse_undo_reload_export(tmp_path):
                   check("Say hello politely.", [3, 2, 1], item3)]  # after the undo: keys 3, 2, 1
     assert by_prompt["Name a prime number."]["rationale"] == "3 is a prime too; 1 is more direct"
     assert [r["responses"] for r in rankings] == best_first
+
+
+@pytest.mark.slow
+def test_browser_blind_ab_judgment(tmp_path):
+    """A/B mode in the browser: two responses, no hint of which run wrote which; key 2 then Enter."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from alignkit.annotate import AnnotateConfig, prepare_store
+    from tests.helpers import write_jsonl
+
+    shots = Path(__file__).resolve().parents[1] / "docs" / "images" if os.environ.get("ALIGNKIT_UPDATE_SCREENSHOTS") \
+        else tmp_path
+    answers = {"base": "Paris.", "dpo": "The capital of France is Paris, on the Seine."}
+    for run, text in answers.items():
+        (tmp_path / run).mkdir()
+        write_jsonl(tmp_path / run / "samples.jsonl", [{"tag": "policy", "prompt": "What is the capital of France?",
+                                                        "completion": text}])
+    store, _ = prepare_store(AnnotateConfig(db=str(tmp_path / "ab.db"), mode="ab", guideline="Which answer is more "
+                                            "helpful? You are not told which model wrote which.",
+                                            ab_runs=[str(tmp_path / "base"), str(tmp_path / "dpo")]))
+    token = store.add_user("judge")
+    with ServerThread(store) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        page = browser.new_context(viewport={"width": 1100, "height": 560}).new_page()
+        page.goto(f"{url}/login?token={token}")
+        expect(page.locator("h1")).to_contain_text("blind A/B")
+        html = page.content()
+        assert "base" not in html and "dpo" not in html and '"A"' not in html  # nothing tells the runs apart
+        shown = [page.locator(f"#resp-{i} .body").inner_text() for i in (1, 2)]
+        assert sorted(shown) == sorted(answers.values())
+        page.keyboard.press(str(shown.index(answers["dpo"]) + 1))
+        page.screenshot(path=str(shots / "annotate-ab.png"))
+        page.keyboard.press("Enter")
+        expect(page.locator("#done")).to_be_visible()
+        browser.close()
+    from alignkit.annotate.export import collect
+
+    ab = collect(Store(str(tmp_path / "ab.db")))["ab"]
+    assert (ab["wins"], ab["losses"], ab["win_rate"]) == (1, 0, 1.0)  # B (dpo) won the one judgment
