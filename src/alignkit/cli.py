@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 import typing
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Type
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type
 
 import click
-from pydantic import BaseModel
 
-from alignkit.config import ConfigError, load_config
+if TYPE_CHECKING:  # pydantic and the config classes load only when a command runs (fast --help)
+    from pydantic import BaseModel
 
 
 @dataclass
@@ -65,6 +66,12 @@ def _type_name(ann) -> str:
     return getattr(ann, "__name__", str(ann))
 
 
+def _is_model(x: Any) -> bool:
+    from pydantic import BaseModel
+
+    return isinstance(x, type) and issubclass(x, BaseModel)
+
+
 def config_help(cls: Type[BaseModel]) -> str:
     rows = []
     for name, f in _leaf_fields(cls):
@@ -79,7 +86,7 @@ def _leaf_fields(cls: Type[BaseModel], prefix: str = ""):
         if name == "command":
             continue
         ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        if _is_model(ann):
             yield from _leaf_fields(ann, f"{prefix}{name}.")
         else:
             yield f"{prefix}{name}", f
@@ -93,7 +100,12 @@ class CommandWithRawEpilog(click.Command):
 
 def _make(cmd: Command) -> click.Command:
     def callback(config_path, overrides, lora, debug, **flags):
+        from alignkit.aliases import cli_tokens_to_overrides
+        from alignkit.config import ConfigError, load_config
+
+        _quiet_hf_progress()
         cls = _load(cmd.config)
+        overrides = cli_tokens_to_overrides(list(overrides))  # TRL style: --learning_rate 5e-7
         flat = dict(cmd.defaults or {})
         # a repeatable flag (list field) given zero times leaves the YAML value alone
         flat.update({cmd.flags[k]: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()
@@ -145,15 +157,18 @@ def _make(cmd: Command) -> click.Command:
                                    multiple=multiple,
                                    help=f"Add an item to {dotted} (repeatable; replaces the YAML list)."
                                    if multiple else f"Shorthand for {dotted}=VALUE."))
-    epilog = "Overrides: KEY=VALUE (dotted, YAML values), e.g. optim.lr=1e-5 train.batch_size=4\n\nFields:\n" \
+    epilog = "Overrides: KEY=VALUE (dotted, YAML values), e.g. optim.lr=1e-5 train.batch_size=4\n" \
+        "TRL / transformers names work too, as KEY=VALUE, --KEY VALUE or in the YAML file\n" \
+        "(learning_rate, per_device_train_batch_size, model_name_or_path, dataset_name, beta, ...).\n\nFields:\n" \
         + config_help(cls)
     return CommandWithRawEpilog(cmd.name, callback=callback, params=params, help=cmd.help, epilog=epilog,
-                                context_settings={"max_content_width": 120})
+                                context_settings={"max_content_width": 120, "ignore_unknown_options": True})
 
 
 def _user_errors() -> tuple:
     """Exceptions that describe a mistake in the input (data, paths, config, run directory): their
     message is the whole story, so the CLI prints it as one line without a traceback."""
+    from alignkit.config import ConfigError
     from alignkit.data.load import DataError
     from alignkit.train.logging import MissingPackage
     from alignkit.train.loop import TrainingAborted
@@ -196,7 +211,7 @@ def run_reporting_errors(fn, debug: bool = False):
 def _is_bool_field(cls: Type[BaseModel], dotted: str) -> bool:
     node: Any = cls
     for part in dotted.split("."):
-        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+        if not _is_model(node) or part not in node.model_fields:
             return False
         node = node.model_fields[part].annotation
     return node is bool
@@ -207,7 +222,7 @@ def _is_list_field(cls: Type[BaseModel], dotted: str) -> bool:
     node: Any = cls
     f = None
     for part in dotted.split("."):
-        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+        if not _is_model(node) or part not in node.model_fields:
             return False
         f = node.model_fields[part]
         node = f.annotation
@@ -231,8 +246,37 @@ def _print_summary(summary: Dict[str, Any]) -> None:
     Console(stderr=True).print(table)
 
 
+def short_help(text: str) -> str:
+    """The first sentence of a command's help, whole: never cut inside a citation ("Azar et al. 2023")."""
+    m = re.search(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)\.(\s|$)", text)
+    return text[: m.start() + 1] if m else text
+
+
+class LazyGroup(click.Group):
+    """Builds a command's click object (which imports its config class, often torch) only when that
+    command runs or shows its own help: ``alignkit --help`` imports neither torch nor pydantic."""
+
+    def list_commands(self, ctx):
+        return sorted(c.name for c in COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name in self.commands:
+            return self.commands[name]
+        cmd = next((c for c in COMMANDS if c.name == name), None)
+        if cmd is None:
+            return None
+        self.commands[name] = built = _make(cmd)
+        return built
+
+    def format_commands(self, ctx, formatter):
+        rows = [(c.name, short_help(c.help)) for c in sorted(COMMANDS, key=lambda c: c.name)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 def build_cli() -> click.Group:
-    # every module of alignkit.commands registers its commands on import
+    # every module of alignkit.commands registers its commands on import (cheap: no config classes)
     import pkgutil
 
     import alignkit.commands as pkg
@@ -240,27 +284,29 @@ def build_cli() -> click.Group:
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         importlib.import_module(f"{pkg.__name__}.{info.name}")
 
-    @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+    @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
     @click.version_option(package_name="alignkit")
     @click.option("--debug", is_flag=True, default=False,
                   help="On an error, show the full traceback instead of a one-line message.")
     def cli(debug):
         """alignkit: align language models with preferences (SFT, reward models, DPO family, PPO/GRPO/RLOO).
 
-        With no --model every command uses the embedded SmolLM2-135M-Instruct."""
+        With no --model every command uses the embedded SmolLM2-135M-Instruct. `alignkit CMD --help` lists
+        every field of a command; `alignkit env` prints versions and devices for bug reports."""
 
-    for cmd in COMMANDS:
-        cli.add_command(_make(cmd))
     return cli
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def _quiet_hf_progress() -> None:
     try:  # our own progress bar is enough
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+
+
+def main(argv: Optional[List[str]] = None) -> None:
     build_cli()(args=argv, prog_name="alignkit")
 
 

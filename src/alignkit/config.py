@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
-    "Section", "ModelConfig", "LoraConfig", "DataConfig", "TrainConfig", "OptimConfig", "LogConfig",
+    "Section", "ModelConfig", "HubConfig", "LoraConfig", "DataConfig", "TrainConfig", "OptimConfig", "LogConfig",
     "DiagnosticsConfig", "RunConfig", "SFTConfig", "RMConfig", "ScoreConfig", "ConfigError", "load_config",
     "apply_overrides", "field_help", "COMMAND_CONFIGS", "register_command_config",
 ]
@@ -41,6 +41,9 @@ class ModelConfig(Section):
     """Recompute activations in the backward pass to save memory."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) when loading by id."""
+    chat_template: Optional[str] = None
+    """Chat template for a tokenizer without one (or to replace its own): a Jinja file (.jinja/.j2/.txt)
+    or a named template (chatml, zephyr, llama3). Saved with the tokenizer in OUTPUT/model."""
 
 
 class LoraConfig(Section):
@@ -56,6 +59,16 @@ class LoraConfig(Section):
     """Module names to adapt, or all-linear."""
     save: Literal["merged", "adapter"] = "merged"
     """What OUTPUT/model holds after a LoRA run: merged full weights or the adapter only."""
+
+
+class HubConfig(Section):
+    push: bool = False
+    """Upload OUTPUT/model (weights, tokenizer, model card) to the Hugging Face Hub at the end of the run
+    (huggingface_hub; the token comes from HF_TOKEN or `hf auth login`, never from the config)."""
+    model_id: Optional[str] = None
+    """Hub repository to push to (user/name). Empty: the output directory's name under your account."""
+    private: bool = False
+    """Create the Hub repository as private."""
 
 
 class DataConfig(Section):
@@ -231,6 +244,8 @@ class RunConfig(Section):
     """Logging, evaluation and checkpoints."""
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     """Live failure-mode warnings."""
+    hub: HubConfig = HubConfig()
+    """Pushing the trained model to the Hugging Face Hub."""
     resume: Optional[str] = None
     """Resume from a checkpoint directory, or 'latest' for OUTPUT's newest checkpoint. The checkpoint's
     config must match (only log, diagnostics, a larger train.max_steps and the like may change)."""
@@ -307,24 +322,36 @@ def _coerce_scalar(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it."""
+def apply_overrides(data: Dict[str, Any], overrides: List[str], cls: Optional[type] = None) -> Dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it.
+
+    With ``cls``, familiar names (``learning_rate=1e-5``, see :mod:`alignkit.aliases`) map to our fields."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for p in parts[:-1]:
-            if not isinstance(node.get(p, {}), dict):
-                raise ConfigError(f"override {item!r}: {p!r} is not a section")
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _coerce_scalar(value)
+        _set_dotted(data, key.strip(), _coerce_scalar(value), cls, item)
     return data
 
 
-def format_validation_error(err: ValidationError, ignore: Optional[Callable[[tuple], bool]] = None) -> str:
-    """One line per error, naming the field; ``ignore(loc)`` drops errors (a pipeline's pending values)."""
+def _set_dotted(data: Dict[str, Any], key: str, value: Any, cls: Optional[type], origin: str) -> None:
+    """Set one dotted key (an alias resolved first when ``cls`` is given); later layers win."""
+    from alignkit.aliases import UnusableKey, resolve_key, set_dotted
+
+    try:
+        pairs = resolve_key(cls, key, value) if cls is not None else [(key, value)]
+        for target, val in pairs:
+            set_dotted(data, target, val, cls)
+    except UnusableKey as e:
+        raise ConfigError(f"override {origin!r}: {e}") from None
+
+
+def format_validation_error(err: ValidationError, cls: Optional[type] = None,
+                            ignore: Optional[Callable[[tuple], bool]] = None) -> str:
+    """One line per error, naming the field (with a "did you mean" for unknown keys of ``cls``);
+    ``ignore(loc)`` drops errors (a pipeline's pending values)."""
+    from alignkit.aliases import suggest
+
     lines = []
     for e in err.errors():
         if ignore is not None and ignore(tuple(e["loc"])):
@@ -332,7 +359,7 @@ def format_validation_error(err: ValidationError, ignore: Optional[Callable[[tup
         loc = ".".join(str(x) for x in e["loc"]) or "(config)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = "unknown field" + (suggest(cls, loc) if cls is not None else "")
         got = e.get("input")
         extra = f" (got {got!r})" if got is not None and e["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
         lines.append(f"  {loc}: {msg}{extra}")
@@ -340,10 +367,17 @@ def format_validation_error(err: ValidationError, ignore: Optional[Callable[[tup
 
 
 def build_config(cls: Type[C], data: Dict[str, Any]) -> C:
+    """Validate ``data`` as ``cls`` after mapping familiar names (TRL, transformers) to our fields."""
+    from alignkit.aliases import UnusableKey, normalize
+
+    try:
+        data = normalize(cls, data)
+    except UnusableKey as e:
+        raise ConfigError(f"invalid configuration:\n  {e}") from None
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err, cls)) from None
 
 
 def load_config(cls: Type[C], path: Optional[Union[str, Path]] = None, overrides: Optional[List[str]] = None,
@@ -360,18 +394,23 @@ def load_config(cls: Type[C], path: Optional[Union[str, Path]] = None, overrides
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        data.update(loaded)
+        data.update(_normalized(cls, loaded, f"config file {p}"))
     if overrides:
-        apply_overrides(data, list(overrides))
+        apply_overrides(data, list(overrides), cls)
     for k, v in flat.items():
         if v is None:
             continue
-        node = data
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
+        _set_dotted(data, k, v, cls, k)
     return build_config(cls, data)
+
+
+def _normalized(cls: type, data: Dict[str, Any], where: str) -> Dict[str, Any]:
+    from alignkit.aliases import UnusableKey, normalize
+
+    try:
+        return normalize(cls, data)
+    except UnusableKey as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def to_yaml(cfg: BaseModel) -> str:
@@ -406,10 +445,7 @@ def as_config(cls: Type[C], config: Union[C, Dict[str, Any], None], overrides: D
         data = dict(config)
     else:
         raise TypeError(f"expected {cls.__name__} or dict, got {type(config).__name__}")
+    data = _normalized(cls, data, "config")
     for k, v in overrides.items():
-        node = data
-        parts = k.replace("__", ".").split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
+        _set_dotted(data, k.replace("__", "."), v, cls, k)
     return build_config(cls, data)

@@ -45,6 +45,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from alignkit.aliases import UnusableKey, normalize as normalize_aliases
 from alignkit.config import (ConfigError, Section, apply_overrides, as_config, build_config,
                              format_validation_error)
 
@@ -297,14 +298,17 @@ def check_stages(spec: PipelineSpec, source: str = "", commands: Optional[Dict[s
         data["output"] = str(outputs[st.name])
         for k, v in (cmd.defaults or {}).items():
             apply_overrides(data, [f"{k}={json.dumps(v)}"])
+        cls = _load(cmd.config)
         try:
-            _load(cmd.config).model_validate(data)
+            cls.model_validate(normalize_aliases(cls, data))  # TRL-style names, as when the stage runs
+        except UnusableKey as e:
+            problems.append(f"{where}: {e}")
         except ValidationError as err:
             def later(loc: tuple) -> bool:  # a summary value's field: checked when the stage starts
                 return any(loc[:len(p)] == p for p in pending)
 
             if any(not later(tuple(e["loc"])) for e in err.errors()):  # "invalid configuration:" + one line each
-                lines = format_validation_error(err, ignore=later).splitlines()[1:]
+                lines = format_validation_error(err, cls, ignore=later).splitlines()[1:]
                 problems.extend(f"{where}: {line.strip()}" for line in lines)
         for path, raw in _python_rewards(data):
             try:
