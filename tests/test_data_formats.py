@@ -72,7 +72,7 @@ def test_prompt_rows_keep_extra_fields():
     ("sft", {"messages": [{"role": "robot", "content": "x"}]}, "unknown role", "messages"),
     ("sft", {"prompt": "p", "completion": 3}, "expected a string", "completion"),
     ("preference", {"prompt": "p", "chosen": "x", "rejected": "x"}, "chosen equals rejected", "rejected"),
-    ("preference", {"chosen": "no turns", "rejected": "here"}, "no '\\n\\nHuman:'", "chosen"),
+    ("preference", {"chosen": "no turns", "rejected": "here"}, "no shared prompt", "chosen"),
     ("preference", {"prompt": "p", "responses": ["only"]}, "at least two responses", "responses"),
     ("preference", {"prompt": "p", "chosen": "a", "rejected": "b", "soft_label": 2}, "outside [0, 1]", "soft_label"),
     ("unpaired", {"prompt": "p", "completion": "c", "label": "maybe"}, "label must be", "label"),

@@ -45,7 +45,7 @@ def test_chat_template_always_wraps_plain_prompt(tiny_tok):
 def test_no_chat_template_is_a_clear_error():
     tok = tiny_tokenizer(chat_template=None)
     enc = Encoder(tok, DataConfig())
-    with pytest.raises(DataError, match="needs a tokenizer with a chat template"):
+    with pytest.raises(DataError, match="needs a chat template.*model.chat_template"):
         enc.encode("sft", [SFTExample(1, messages=[{"role": "user", "content": "a"},
                                                    {"role": "assistant", "content": "b"}])], DataReport())
 

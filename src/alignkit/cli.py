@@ -33,7 +33,8 @@ class Command:
 
 
 TRAIN_FLAGS = {"model": "model.name_or_path", "data": "data.path", "output": "output",
-               "max_steps": "train.max_steps", "resume": "resume", "overwrite": "overwrite"}
+               "max_steps": "train.max_steps", "resume": "resume", "overwrite": "overwrite",
+               "push_to_hub": "hub.push"}
 
 # filled by the modules of alignkit.commands, each registering its own commands
 COMMANDS: List[Command] = []

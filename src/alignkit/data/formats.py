@@ -11,7 +11,13 @@ Shapes (detected per row, so files may mix them):
 - Unpaired feedback: ``{prompt, completion, label: bool}`` (KTO); preference pairs split into two rows.
 - Prompts for online RL: ``{prompt, ...}`` with the extra fields kept for reward functions.
 
-A prompt is either a plain string or a list of chat messages ``[{"role", "content"}]``.
+- Implicit prompts (as TRL extracts them): ``{chosen, rejected}`` conversations whose shared message
+  prefix is the prompt, and plain strings whose shared text prefix is the prompt.
+
+A prompt is either a plain string or a list of chat messages ``[{"role", "content"}]``. Message content
+may be a list of parts (``[{"type": "text", "text": ...}]``; the text parts are joined); a part that is
+not text (an image) cannot be used by a text model and drops the row with that reason. Assistant turns
+keep their ``tool_calls`` and tool turns their ``tool_call_id``/``name``: the chat template renders them.
 Rows that fit no shape are dropped and counted in the :class:`DataReport` with their row number.
 """
 
@@ -23,8 +29,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from alignkit.data.load import DataReport
 
-Message = Dict[str, str]
+Message = Dict[str, Any]
 Prompt = Union[str, List[Message]]
+Response = Union[str, Message]  # an assistant message when it carries tool_calls
+TEXT_PARTS = ("text", "input_text", "output_text")
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
@@ -32,16 +40,17 @@ ROLES = {"system", "user", "assistant", "tool", "developer"}
 class SFTExample:
     row: int
     prompt: Optional[Prompt] = None  # None with `messages`
-    completion: Optional[str] = None
+    completion: Optional[Response] = None
     messages: Optional[List[Message]] = None  # loss on every assistant turn
+    tools: Optional[List[Dict[str, Any]]] = None  # tool schemas passed to the chat template
 
 
 @dataclass
 class PreferenceExample:
     row: int
     prompt: Prompt
-    chosen: str
-    rejected: str
+    chosen: Response
+    rejected: Response
     soft_label: float = 1.0  # P(chosen is preferred); 1.0 is a hard label
     margin: Optional[float] = None
     fields: Dict[str, Any] = field(default_factory=dict)
@@ -51,7 +60,7 @@ class PreferenceExample:
 class UnpairedExample:
     row: int
     prompt: Prompt
-    completion: str
+    completion: Response
     label: bool  # True = desirable
 
 
@@ -72,19 +81,63 @@ class RowError(Exception):
 
 # ---------------------------------------------------------------- validation helpers
 
+def _content(value: Any, i: int, fieldname: str) -> Optional[str]:
+    """Message content: a string, None (a tool-call turn), or a list of parts whose text parts are joined."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise RowError(f"message {i} content is not a string or a list of parts", fieldname)
+    texts = []
+    for j, part in enumerate(value):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS:
+            raise RowError(f"message {i} content part {j} of type {kind!r} cannot be used by a text model", fieldname)
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise RowError(f"message {i} content part {j} has no text", fieldname)
+        texts.append(text)
+    return "".join(texts)
+
+
+def _tool_calls(value: Any, i: int, fieldname: str) -> List[Dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise RowError(f"message {i} tool_calls is not a non-empty list", fieldname)
+    for j, call in enumerate(value):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RowError(f"message {i} tool call {j} has no function name", fieldname)
+    return value
+
+
 def _messages(value: Any, fieldname: str) -> List[Message]:
     if not isinstance(value, list) or not value:
         raise RowError("expected a non-empty list of messages", fieldname)
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
             raise RowError(f"message {i} needs 'role' and 'content'", fieldname)
         if m["role"] not in ROLES:
             raise RowError(f"message {i} has unknown role {m['role']!r}", fieldname)
-        if not isinstance(m["content"], str):
-            raise RowError(f"message {i} content is not a string", fieldname)
-        out.append({"role": m["role"], "content": m["content"]})
+        msg = dict(m)  # other keys (tool_call_id, name, reasoning_content, ...) go to the template as they are
+        msg["content"] = _content(m.get("content"), i, fieldname)
+        if m.get("tool_calls"):
+            if m["role"] != "assistant":
+                raise RowError(f"message {i} has tool_calls but role {m['role']!r}", fieldname)
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], i, fieldname)
+        else:
+            msg.pop("tool_calls", None)
+            if msg["content"] is None:
+                raise RowError(f"message {i} has neither content nor tool_calls", fieldname)
+        out.append(msg)
     return out
+
+
+def as_response(message: Message) -> Response:
+    """An assistant turn as a response: its text, or the whole message when it carries tool calls."""
+    return message if message.get("tool_calls") else message["content"]
 
 
 def _text(value: Any, fieldname: str, allow_empty: bool = False) -> str:
@@ -120,7 +173,21 @@ def parse_hh(transcript: str, fieldname: str) -> List[Message]:
     return msgs
 
 
-def _split_conversations(chosen: List[Message], rejected: List[Message]) -> Tuple[List[Message], str, str]:
+def _common_text_prefix(chosen: str, rejected: str) -> Tuple[str, str, str]:
+    """TRL's implicit prompt of two plain strings: their shared prefix, ending before the last space."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n < min(len(chosen), len(rejected)) and n > 0 and chosen[n - 1] == " ":
+        n -= 1  # the space belongs to the responses
+    if n == 0:
+        raise RowError("no shared prompt: chosen and rejected have no common prefix (and no prompt field)", "chosen")
+    if n == len(chosen) or n == len(rejected):
+        raise RowError("one response is a prefix of the other: no implicit prompt can be split off", "chosen")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _split_conversations(chosen: List[Message], rejected: List[Message]) -> Tuple[List[Message], Response, Response]:
     """Shared message prefix is the prompt; each side must end in exactly one assistant turn."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -134,14 +201,14 @@ def _split_conversations(chosen: List[Message], rejected: List[Message]) -> Tupl
             raise RowError("conversations must differ only in their final assistant turn", name)
     if not prompt:
         raise RowError("no shared prompt before the final assistant turn", "chosen")
-    return prompt, c_rest[0]["content"], r_rest[0]["content"]
+    return prompt, as_response(c_rest[0]), as_response(r_rest[0])
 
 
 def _response(value: Any, fieldname: str) -> Union[str, List[Message]]:
     return _messages(value, fieldname) if isinstance(value, list) else _text(value, fieldname)
 
 
-def _pair(row: Dict[str, Any]) -> Tuple[Prompt, str, str]:
+def _pair(row: Dict[str, Any]) -> Tuple[Prompt, Response, Response]:
     chosen = _response(row["chosen"], "chosen")
     rejected = _response(row["rejected"], "rejected")
     prompt = row.get("prompt")
@@ -155,8 +222,10 @@ def _pair(row: Dict[str, Any]) -> Tuple[Prompt, str, str]:
             chosen, rejected = p + chosen, p + rejected
         # otherwise (UltraFeedback) the conversations repeat the prompt: their shared prefix is it
         return _split_conversations(chosen, rejected)
-    if prompt is None:  # Anthropic HH: prompt is the shared transcript prefix
-        return _split_conversations(parse_hh(chosen, "chosen"), parse_hh(rejected, "rejected"))
+    if prompt is None:
+        if _HH_TURN.search(chosen) and _HH_TURN.search(rejected):  # Anthropic HH: the shared transcript prefix
+            return _split_conversations(parse_hh(chosen, "chosen"), parse_hh(rejected, "rejected"))
+        return _common_text_prefix(chosen, rejected)  # plain strings: the shared text prefix (as TRL)
     return _prompt(prompt), chosen, rejected
 
 
@@ -179,7 +248,10 @@ def parse_sft(row: Dict[str, Any], n: int) -> List[SFTExample]:
         msgs = _messages(row["messages"], "messages")
         if not any(m["role"] == "assistant" for m in msgs):
             raise RowError("no assistant message to learn from", "messages")
-        return [SFTExample(n, messages=msgs)]
+        tools = row.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise RowError("tools is not a list of tool schemas", "tools")
+        return [SFTExample(n, messages=msgs, tools=tools or None)]
     if "prompt" in row and "completion" in row:
         prompt = _prompt(row["prompt"]) if row["prompt"] != "" else ""
         comp = row["completion"]
@@ -187,9 +259,11 @@ def parse_sft(row: Dict[str, Any], n: int) -> List[SFTExample]:
             msgs = _messages(comp, "completion")
             if len(msgs) != 1 or msgs[0]["role"] != "assistant":
                 raise RowError("completion messages must be one assistant turn", "completion")
-            comp = msgs[0]["content"]
+            comp = as_response(msgs[0])
             if isinstance(prompt, str):
                 prompt = [{"role": "user", "content": prompt}]
+            if isinstance(comp, dict):  # a tool-call turn
+                return [SFTExample(n, prompt=prompt, completion=comp)]
         return [SFTExample(n, prompt=prompt, completion=_text(comp, "completion"))]
     if "text" in row:
         return [SFTExample(n, prompt="", completion=_text(row["text"], "text"))]
@@ -211,8 +285,8 @@ def parse_preference(row: Dict[str, Any], n: int, margin_field: Optional[str] = 
         if not isinstance(responses, list) or len(responses) < 2:
             raise RowError("a ranking needs at least two responses, best first", "responses")
         prompt = _prompt(row["prompt"])
-        texts = [_text(r, f"responses[{i}]") if not isinstance(r, dict) else _text(r.get("content"), f"responses[{i}]")
-                 for i, r in enumerate(responses)]
+        texts = [_text(r if not isinstance(r, dict) else _content(r.get("content"), i, f"responses[{i}]"),
+                       f"responses[{i}]") for i, r in enumerate(responses)]
         pairs = [PreferenceExample(n, prompt, texts[i], texts[j], margin=margin, fields=extra)
                  for i in range(len(texts)) for j in range(i + 1, len(texts)) if texts[i] != texts[j]]
         if not pairs:
@@ -236,9 +310,9 @@ def parse_unpaired(row: Dict[str, Any], n: int) -> List[UnpairedExample]:
             raise RowError("label must be true/false", "label")
         comp = row["completion"]
         if isinstance(comp, list):
-            comp = _messages(comp, "completion")[-1]["content"]
+            comp = as_response(_messages(comp, "completion")[-1])
         return [UnpairedExample(n, _prompt(row.get("prompt", "")) if row.get("prompt") else "",
-                                _text(comp, "completion"), bool(label))]
+                                comp if isinstance(comp, dict) else _text(comp, "completion"), bool(label))]
     if "chosen" in row and "rejected" in row:  # a pair becomes one desirable and one undesirable row
         prompt, chosen, rejected = _pair(row)
         if chosen == rejected:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from alignkit.config import DataConfig
-from alignkit.data.formats import (Message, PreferenceExample, Prompt, PromptExample, RowError, SFTExample,
-                                   UnpairedExample)
+from alignkit.data.formats import (Message, PreferenceExample, Prompt, PromptExample, Response, RowError,
+                                   SFTExample, UnpairedExample)
 from alignkit.data.load import DataError, DataReport
+from alignkit.data.templates import TEMPLATE_HINT
 
 
 class Encoder:
@@ -37,11 +38,23 @@ class Encoder:
             return [{"role": "user", "content": prompt}]
         return None
 
-    def _template(self, messages: List[Message], generation_prompt: bool) -> str:
+    def _template(self, messages: List[Message], generation_prompt: bool, tools=None) -> str:
         if not getattr(self.tok, "chat_template", None):
-            raise DataError("chat data needs a tokenizer with a chat template, and this one has none; "
-                            "use {prompt, completion} strings or set data.chat_template=never")
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            raise DataError("chat data needs a chat template, and this tokenizer has none: "
+                            f"{TEMPLATE_HINT} (e.g. model.chat_template=chatml), or give plain "
+                            "{prompt, completion} strings")
+        kw = {"tools": tools} if tools else {}
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kw)
+
+    @staticmethod
+    def _check_rendered(message: Message, rendered: str, fieldname: str) -> None:
+        """A turn's tool calls must reach the text (a template that ignores them would train an empty
+        or partial turn): every function name has to appear in the rendered turn."""
+        for call in message.get("tool_calls") or []:
+            name = call.get("function", call)["name"]
+            if name not in rendered:
+                raise RowError(f"the chat template does not render tool_calls (function {name!r} missing); "
+                               f"{TEMPLATE_HINT}", fieldname)
 
     def _ids(self, text: str, special: bool = False) -> List[int]:
         return self.tok(text, add_special_tokens=special)["input_ids"] if text else []
@@ -64,18 +77,25 @@ class Encoder:
             return self._ids(self._template(chat, True))
         return self._ids(prompt, special=True)
 
-    def encode_response(self, prompt: Prompt, response: str) -> Tuple[List[int], List[int]]:
-        """(prompt ids, response ids) with the response ending in EOS."""
+    def encode_response(self, prompt: Prompt, response: Response) -> Tuple[List[int], List[int]]:
+        """(prompt ids, response ids) with the response ending in EOS. ``response`` is a text or an
+        assistant message (with tool_calls), which needs the chat template."""
         chat = self._as_chat(prompt)
+        if chat is None and isinstance(response, dict):
+            if self.cfg.chat_template == "never":
+                raise RowError("a tool-call response needs the chat template (data.chat_template=never)", "completion")
+            chat = [{"role": "user", "content": prompt}] if prompt else []
         if chat is None:
             return self._ids(prompt, special=True), self._ids(response) + [self.eos_id]
+        turn = response if isinstance(response, dict) else {"role": "assistant", "content": response}
         p_text = self._template(chat, True)
-        full = self._template(chat + [{"role": "assistant", "content": response}], False)
+        full = self._template(chat + [turn], False)
         if not full.startswith(p_text):
             raise RowError("the chat template does not render the prompt as a prefix of the conversation")
+        self._check_rendered(turn, full[len(p_text):], "completion")
         return self._ids(p_text), self._end_at_eos(self._ids(full[len(p_text):]))
 
-    def encode_conversation(self, messages: List[Message]) -> Tuple[List[int], List[int]]:
+    def encode_conversation(self, messages: List[Message], tools=None) -> Tuple[List[int], List[int]]:
         """(ids, loss mask) with a label on every assistant turn, up to and including its EOS."""
         if self.cfg.chat_template == "never":
             raise RowError("message list but data.chat_template=never", "messages")
@@ -85,10 +105,11 @@ class Encoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prefix = self._template(messages[:i], True) if i else self._template([], True)
-            full = self._template(messages[: i + 1], False)
+            prefix = self._template(messages[:i], True, tools)
+            full = self._template(messages[: i + 1], False, tools)
             if not (prefix.startswith(done) and full.startswith(prefix)):
                 raise RowError("the chat template does not render earlier turns as a prefix", "messages")
+            self._check_rendered(m, full[len(prefix):], "messages")
             ctx = self._ids(prefix[len(done):])
             resp = self._ids(full[len(prefix):])
             if self.eos_id in resp:  # labels stop at EOS; the template's trailing text is context
@@ -128,7 +149,7 @@ class Encoder:
     # ------------------------------------------------------------ per kind
     def sft(self, ex: SFTExample, report: DataReport) -> Optional[Dict[str, Any]]:
         if ex.messages is not None:
-            ids, mask = self.encode_conversation(ex.messages)
+            ids, mask = self.encode_conversation(ex.messages, ex.tools)
             if len(ids) > self.max_len:
                 if self.cfg.truncation == "drop":
                     report.drop(ex.row, f"longer than data.max_length={self.max_len}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -9,6 +10,7 @@ from typing import Optional
 import torch
 
 from alignkit.config import LoraConfig, ModelConfig
+from alignkit.data.templates import resolve_chat_template
 from alignkit.models.default import resolve_model_path
 
 log = logging.getLogger("alignkit")
@@ -37,6 +39,9 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
         if tok.eos_token is None:
             raise ValueError(f"tokenizer of {path} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
+    template = resolve_chat_template(cfg.chat_template)
+    if template is not None:  # saved with the tokenizer, so OUTPUT/model chats the same way
+        tok.chat_template = template
     tok.padding_side = padding_side
     return tok
 
@@ -110,20 +115,59 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_model(model, tokenizer, out_dir: Path, lora_save: str = "merged", state_dict=None) -> Path:
-    """Save weights (safetensors) and tokenizer so ``from_pretrained(out_dir)`` loads them."""
+def checkpoint_dtype(cfg: ModelConfig) -> Optional[torch.dtype]:
+    """The dtype a model is saved in: ``model.dtype`` when set, else the base checkpoint's own dtype
+    (a bf16 base stays bf16 after fp32 training or a LoRA merge); None when the checkpoint names none."""
+    if cfg.dtype != "auto":
+        return _DTYPES[cfg.dtype]
+    from transformers import AutoConfig
+
+    try:
+        conf = AutoConfig.from_pretrained(resolve_model_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code,
+                                          revision=cfg.revision)
+    except (OSError, ValueError):
+        return None
+    dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = _DTYPES.get(dt)
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else None
+
+
+def save_model(model, tokenizer, out_dir: Path, lora_save: str = "merged", state_dict=None,
+               dtype: Optional[torch.dtype] = None, base_model: Optional[str] = None) -> Path:
+    """Save weights (safetensors) and tokenizer so ``from_pretrained(out_dir)`` loads them.
+
+    ``dtype``: full weights are cast to it (the base checkpoint's dtype, :func:`checkpoint_dtype`);
+    ``base_model``: what a PEFT adapter records as its base (the hub id, not a local cache path).
+    An adapter-mode reward model also writes ``reward_config.json``: the sequence-classification config
+    (num_labels=1, the pad id its tokenizer pads with) to load the base with.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    def cast(m):
+        return m.to(dtype) if dtype is not None and m.dtype != dtype else m
+
+    if state_dict is not None and dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     if is_peft(model):
         if lora_save == "merged":
             if state_dict is not None:  # gathered weights of a sharded run
                 model.load_state_dict(state_dict, strict=False)
-            model.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+            cast(model.merge_and_unload()).save_pretrained(out_dir, safe_serialization=True)
         else:
+            if base_model:
+                for pc in model.peft_config.values():
+                    pc.base_model_name_or_path = base_model
             model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+            base = model.get_base_model()
+            if getattr(base.config, "num_labels", None) == 1 and type(base).__name__.endswith("ForSequenceClassification"):
+                conf = {**base.config.to_dict(), "num_labels": 1}
+                if tokenizer is not None:
+                    conf["pad_token_id"] = tokenizer.pad_token_id
+                (out_dir / "reward_config.json").write_text(json.dumps(conf, indent=2, default=str))
     else:
-        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+        cast(model).save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
-

@@ -62,7 +62,7 @@ class RewardScorer:
 
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 8, dtype: str = "auto",
                  chat_template: str = "auto", max_length: int = 1024):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from alignkit.config import DataConfig
         from alignkit.data.tokenize import Encoder
@@ -72,8 +72,8 @@ class RewardScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=resolve_dtype(dtype, self.device), use_safetensors=True).to(self.device).eval()
+        self.model = load_sequence_classifier(path, resolve_dtype(dtype, self.device),
+                                              self.tokenizer.pad_token_id).to(self.device).eval()
         self.batch_size = batch_size
         self.encoder = Encoder(self.tokenizer, DataConfig(chat_template=chat_template, max_length=max_length))
         self.path = str(path)
@@ -96,7 +96,37 @@ class RewardScorer:
         return self.score_ids([self.encode(p, c) for p, c in zip(prompts, completions)])
 
 
+def load_sequence_classifier(path: str, dtype: torch.dtype, pad_token_id: Optional[int] = None):
+    """A reward model saved by ``alignkit rm``: full weights, or a LoRA adapter (``adapter_config.json``)
+    whose base is loaded with the saved ``reward_config.json`` (num_labels=1 and the tokenizer's pad id,
+    so HF's pooling and ours read the same position), then merged."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    p = Path(path)
+    if not (p / "adapter_config.json").exists():
+        return AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    from peft import PeftModel
+
+    from alignkit.hub import EMBEDDED_HUB_ID
+    from alignkit.models.default import default_model_dir
+
+    base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if base == EMBEDDED_HUB_ID and (default_model_dir(convert=False) / "model.safetensors").exists():
+        base = str(default_model_dir(convert=False))  # the exact weights it was trained on
+    kw: dict = {"num_labels": 1}
+    if (p / "reward_config.json").exists():
+        saved = json.loads((p / "reward_config.json").read_text())
+        kw["pad_token_id"] = saved.get("pad_token_id")
+    if pad_token_id is not None:
+        kw["pad_token_id"] = pad_token_id
+    config = AutoConfig.from_pretrained(base, **kw)
+    model = AutoModelForSequenceClassification.from_pretrained(base, config=config, dtype=dtype, use_safetensors=True)
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+
 def load_reward_scorer(path: str, **options) -> Callable[[List, List[str]], List[float]]:
-    if not (Path(path) / "config.json").exists():
+    if not ((Path(path) / "config.json").exists() or (Path(path) / "adapter_config.json").exists()):
         raise FileNotFoundError(f"reward model {path}: no config.json (train one with `alignkit rm`)")
     return RewardScorer(path, **options)

@@ -67,8 +67,10 @@ def report_data(prepared: Prepared, out: Path, is_main: bool) -> None:
 
 
 def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save_kwargs: Optional[dict] = None) -> Path:
-    """Save OUTPUT/model (safetensors + tokenizer) and OUTPUT/summary.json on the main process."""
-    from alignkit.models.loading import save_model
+    """Save OUTPUT/model (safetensors + tokenizer + README.md model card) and OUTPUT/summary.json on the
+    main process; push OUTPUT/model to the Hub when hub.push is set."""
+    from alignkit.hub import base_model_id, push_to_hub, write_model_card
+    from alignkit.models.loading import checkpoint_dtype, save_model
 
     from alignkit.train.rundir import atomic_save_dir, release, tensor_bytes
 
@@ -83,12 +85,18 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
         hint = (f"; the latest checkpoint ({latest.name}) is intact: rerun with --resume once there is room"
                 if latest is not None else "")
         with trainer.logger.phase("saving the model"):
-            atomic_save_dir(model_dir, lambda tmp: save_model(trainer.unwrapped(), tokenizer, tmp,
-                                                              lora_save=cfg.lora.save, state_dict=state_dict),
-                            tensor_bytes(trainer.unwrapped()), "the final model", hint)
+            atomic_save_dir(model_dir, lambda tmp: save_model(
+                trainer.unwrapped(), tokenizer, tmp, lora_save=cfg.lora.save, state_dict=state_dict,
+                dtype=checkpoint_dtype(cfg.model), base_model=base_model_id(cfg.model.name_or_path)),
+                tensor_bytes(trainer.unwrapped()), "the final model", hint)
         summary = {"command": cfg.command, "steps": trainer.step, **summary}
+        write_model_card(model_dir, cfg, summary)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         console().print(f"saved {model_dir}", style="green")
+        if cfg.hub.push:
+            with trainer.logger.phase("pushing to the Hub"):
+                url = push_to_hub(model_dir, cfg)
+            console().print(f"pushed to {url}", style="green")
         write_run_report(out)
         release(out)
     acc.wait_for_everyone()

@@ -1,0 +1,183 @@
+"""Hub-ready outputs: the base model's hub id, a model card (README.md) on every model/, and the push.
+
+``model_card`` is a pure function of the resolved config, the run's summary and its data report, so
+tests check its fields without training. ``push_to_hub`` goes through ``huggingface_hub.HfApi``
+(create the repository, upload the folder); the token comes from ``HF_TOKEN`` or ``hf auth login``,
+never from a config file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
+
+METHODS = {
+    "sft": "supervised fine-tuning (next-token loss on response tokens)",
+    "rm": "a reward model (scalar head on the causal-LM backbone, trained on preference pairs)",
+    "dpo": "direct preference optimization (offline, on preference pairs)",
+    "ipo": "IPO (Azar et al. 2023)", "simpo": "SimPO (Meng et al. 2024)", "orpo": "ORPO (Hong et al. 2024)",
+    "kto": "KTO (Ethayarajh et al. 2024)",
+    "ppo": "PPO with a value model and a KL penalty to the reference (online RL)",
+    "grpo": "GRPO: group-normalized advantages over several samples per prompt (online RL)",
+    "rloo": "RLOO: REINFORCE with a leave-one-out baseline (online RL)",
+    "spin": "SPIN self-play fine-tuning", "iterative-dpo": "iterative (online) DPO",
+}
+
+# hyper-parameters shown in the card: (label, dotted field)
+HPARAMS = [("learning rate", "optim.lr"), ("scheduler", "optim.scheduler"), ("warmup ratio", "optim.warmup_ratio"),
+           ("batch size per process", "train.batch_size"), ("gradient accumulation", "train.grad_accum"),
+           ("epochs", "train.epochs"), ("max steps", "train.max_steps"), ("max length", "data.max_length"),
+           ("precision", "train.precision"), ("seed", "train.seed"), ("LoRA", "lora.enabled"), ("LoRA r", "lora.r"),
+           ("LoRA alpha", "lora.alpha")]
+
+
+def base_model_id(name_or_path: Optional[str]) -> str:
+    """The base model as someone else can load it: the hub id when it came from the Hub (the embedded
+    default is ``HuggingFaceTB/SmolLM2-135M-Instruct``), an absolute path for a local directory."""
+    from alignkit.models.default import DEFAULT_ALIASES, DEFAULT_MODEL_NAME, cache_dir
+
+    if name_or_path is None or name_or_path.strip().lower() in DEFAULT_ALIASES:
+        return EMBEDDED_HUB_ID
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        p = p.resolve()
+        if p == (cache_dir() / DEFAULT_MODEL_NAME).resolve():
+            return EMBEDDED_HUB_ID
+        return str(p)
+    return name_or_path
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def _loss_line(cfg: Any) -> str:
+    section = getattr(cfg, cfg.command.replace("-", "_"), None) or getattr(cfg, "dpo", None)
+    if section is None:
+        return ""
+    parts = []
+    for key in ("loss", "beta", "label_smoothing", "gamma", "kl_coef", "num_generations", "sft_weight"):
+        v = getattr(section, key, None)
+        if v not in (None, 0.0) or (key == "loss" and v):
+            parts.append(f"{key}={v}")
+    return ", ".join(parts)
+
+
+def _is_hub_name(name: Optional[str]) -> bool:
+    return bool(name) and not name.startswith("builtin:") and not Path(name).expanduser().exists() \
+        and name.count("/") == 1
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def model_card(cfg: Any, summary: Dict[str, Any], data_report: Optional[List[Dict[str, Any]]] = None,
+               adapter: bool = False, reward: bool = False) -> str:
+    """README.md text: YAML metadata for the Hub, then method, data, hyper-parameters, metrics, loading."""
+    from alignkit import __version__
+
+    base = base_model_id(cfg.model.name_or_path)
+    data_path = _get(cfg, "data.path")
+    name = _get(cfg, "hub.model_id") or Path(cfg.output).name
+    tags = ["alignkit", cfg.command] + (["reward-model"] if reward else []) + (["lora"] if adapter else [])
+    meta = ["---", f"base_model: {base}", f"library_name: {'peft' if adapter else 'transformers'}",
+            f"pipeline_tag: {'text-classification' if reward else 'text-generation'}", "tags:"]
+    meta += [f"- {t}" for t in tags]
+    if _is_hub_name(data_path):
+        meta += ["datasets:", f"- {data_path}"]
+    meta.append("---")
+    method = METHODS.get(cfg.command, cfg.command)
+    loss = _loss_line(cfg)
+    lines = meta + ["", f"# {name}", "",
+                    f"This model is [{base}]({'https://huggingface.co/' + base if _is_hub_name(base) else base}) "
+                    f"trained with `alignkit {cfg.command}`: {method}.",
+                    "", f"- Method: `{cfg.command}`" + (f" ({loss})" if loss else ""),
+                    f"- Saved as: {'a LoRA adapter (PEFT)' if adapter else 'full weights' + (' (LoRA merged)' if _get(cfg, 'lora.enabled') else '')}",
+                    f"- alignkit version: {__version__}", "", "## Training data", ""]
+    if data_path:
+        lines.append(f"- `{data_path}`" + (f" (split {cfg.data.split})" if _is_hub_name(data_path) else ""))
+    for rep in data_report or []:
+        dropped = sum((rep.get("dropped") or {}).values())
+        lines.append(f"- {rep.get('source')}: {rep.get('rows_read')} rows read, {rep.get('examples')} examples kept"
+                     + (f", {dropped} dropped (see data_report.json)" if dropped else ""))
+    if not data_path and not data_report:
+        lines.append("- (see config.yaml)")
+    lines += ["", "## Hyper-parameters", "", "| setting | value |", "|---|---|"]
+    for label, dotted in HPARAMS:
+        v = _get(cfg, dotted)
+        if v is not None and not (dotted.startswith("lora.") and dotted != "lora.enabled" and not _get(cfg, "lora.enabled")):
+            lines.append(f"| {label} | {_fmt(v)} |")
+    if loss:
+        lines.append(f"| loss | {loss} |")
+    metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if metrics:
+        lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+    lines += ["", "## How to load", "", "```python"]
+    repo = _get(cfg, "hub.model_id") or "PATH/TO/model"
+    if adapter and reward:
+        pad = summary.get("pad_token_id", "tokenizer.pad_token_id")
+        lines += ["from peft import AutoPeftModelForSequenceClassification", "from transformers import AutoTokenizer", "",
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+                  f'model = AutoPeftModelForSequenceClassification.from_pretrained("{repo}", num_labels=1, '
+                  f'pad_token_id={pad})', "# the reward is the score head at the last non-padding token"]
+    elif adapter:
+        lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+                  f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")']
+    elif reward:
+        lines += ["from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+                  f'model = AutoModelForSequenceClassification.from_pretrained("{repo}")',
+                  "# the reward is the score head at the last non-padding token (logits[:, 0])"]
+    else:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo}", dtype="auto")']
+    lines += ["```", "", f"Or with alignkit: `alignkit eval --model {repo}`" if not reward else
+              f"Or with alignkit: `alignkit score --reward-model {repo} --data pairs.jsonl`", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(model_dir: Path, cfg: Any, summary: Dict[str, Any]) -> Path:
+    """OUTPUT/model/README.md from the resolved config, the summary and OUTPUT/data_report.json."""
+    model_dir = Path(model_dir)
+    report_path = Path(cfg.output) / "data_report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else None
+    adapter = (model_dir / "adapter_config.json").exists()
+    reward = cfg.command == "rm"
+    path = model_dir / "README.md"
+    path.write_text(model_card(cfg, summary, report, adapter=adapter, reward=reward))
+    return path
+
+
+class HubPushError(RuntimeError):
+    """The upload failed; the model is saved locally all the same."""
+
+
+def push_to_hub(model_dir: Path, cfg: Any) -> str:
+    """Create (or reuse) the Hub repository ``hub.model_id`` and upload ``model_dir``; returns its URL."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        raise HubPushError("hub.push needs huggingface_hub: pip install huggingface_hub") from None
+    repo_id = cfg.hub.model_id or Path(cfg.output).name
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id=repo_id, private=cfg.hub.private, repo_type="model", exist_ok=True)
+        repo_id = getattr(url, "repo_id", None) or repo_id
+        api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",
+                          commit_message=f"alignkit {cfg.command}: {Path(cfg.output).name}")
+    except Exception as e:  # noqa: BLE001 - network, auth, permissions: one clear line
+        raise HubPushError(f"push to the Hub ({repo_id}) failed: {e}; the model is saved in {model_dir}; "
+                           "log in with `hf auth login` or set HF_TOKEN") from None
+    return f"https://huggingface.co/{repo_id}"
