@@ -177,6 +177,9 @@ def _user_errors() -> tuple:
 
     errors = [DataError, ConfigError, TrainingAborted, RunDirError, SaveError, MissingPackage, FileNotFoundError,
               PermissionError, IsADirectoryError, NotADirectoryError]
+    from alignkit.hub import HubPushError
+
+    errors.append(HubPushError)  # the model is saved; the message says where and how to log in
     try:
         from alignkit.rewards.base import RewardError
 
