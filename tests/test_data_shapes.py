@@ -127,3 +127,14 @@ def test_chat_template_from_a_file(tmp_path, jsonl):
                                      add_generation_prompt=True) == "[user] q\n[assistant] "
     with pytest.raises(FileNotFoundError, match="neither a file nor a named template"):
         load_tokenizer(ModelConfig(name_or_path=str(base), chat_template="no-such-template"))
+
+
+def test_fields_a_command_cannot_use_are_reported():
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 8.0, "prompt_id": "x"},
+            {"prompt": "q", "chosen": "c", "rejected": "d", "score_chosen": 7.0}]
+    out, rep = parse("preference", rows)
+    assert len(out) == 2 and dict(rep.unused) == {"score_chosen": 2, "prompt_id": 1}
+    assert "  fields not used: prompt_id (1 rows), score_chosen (2 rows)" in rep.summary_lines()
+    assert rep.to_dict()["unused_fields"] == {"score_chosen": 2, "prompt_id": 1}
+    _, rep = parse("prompt", [{"prompt": "2+3?", "answer": "5"}])  # reward functions get every field
+    assert not rep.unused

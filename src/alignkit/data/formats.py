@@ -339,12 +339,22 @@ def parse_prompt(row: Dict[str, Any], n: int) -> List[PromptExample]:
     return [PromptExample(n, prompt, fields)]
 
 
+# the row fields each kind reads; others are counted in the report as not used (prompt rows keep every
+# field for the reward functions, so nothing is unused there)
+USED_FIELDS = {"sft": frozenset({"messages", "prompt", "completion", "text", "tools"}),
+               "preference": frozenset({"prompt", "chosen", "rejected", "responses", "soft_label"}),
+               "unpaired": frozenset({"prompt", "completion", "label", "chosen", "rejected"}),
+               "prompt": None}
+
 PARSERS = {"sft": parse_sft, "preference": parse_preference, "unpaired": parse_unpaired, "prompt": parse_prompt}
 
 
 def parse_rows(rows: Sequence[Tuple[int, Dict[str, Any]]], kind: str, report: DataReport, **kwargs) -> list:
     """Normalize raw rows to examples of ``kind``; bad rows are dropped into ``report``."""
     parser = PARSERS[kind]
+    used = USED_FIELDS[kind]
+    if used is not None and kwargs.get("margin_field"):
+        used = used | {kwargs["margin_field"]}
     out: list = []
     for n, row in rows:
         report.rows_read += 1
@@ -352,4 +362,7 @@ def parse_rows(rows: Sequence[Tuple[int, Dict[str, Any]]], kind: str, report: Da
             out.extend(parser(row, n, **kwargs))
         except RowError as e:
             report.drop(n, e.reason, e.field)
+            continue
+        if used is not None:
+            report.note_unused(k for k in row if k not in used)
     return out

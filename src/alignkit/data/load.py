@@ -29,6 +29,11 @@ class DataReport:
     truncated: Counter = field(default_factory=Counter)
     samples: List[Dict[str, Any]] = field(default_factory=list)
     max_samples: int = 20
+    unused: Counter = field(default_factory=Counter)  # row fields the command does not use -> rows
+
+    def note_unused(self, fields) -> None:
+        """Fields of a kept row that this command does not use (reported, never dropped silently)."""
+        self.unused.update(fields)
 
     def drop(self, row: int, reason: str, fieldname: Optional[str] = None) -> None:
         self.dropped[reason] += 1
@@ -58,6 +63,7 @@ class DataReport:
         self.examples += other.examples
         self.dropped.update(other.dropped)
         self.truncated.update(other.truncated)
+        self.unused.update(other.unused)
         self.samples.extend(other.samples[: max(0, self.max_samples - len(self.samples))])
 
     def summary_lines(self) -> List[str]:
@@ -66,6 +72,8 @@ class DataReport:
             lines.append(f"  dropped {n}: {reason}")
         for reason, n in sorted(self.truncated.items()):
             lines.append(f"  truncated {n}: {reason}")
+        if self.unused:
+            lines.append("  fields not used: " + ", ".join(f"{k} ({n} rows)" for k, n in sorted(self.unused.items())))
         for s in self.samples[:5]:
             where = f"{s['file']} row {s['row']}" + (f" field {s['field']!r}" if "field" in s else "")
             lines.append(f"    e.g. {where}: {s['what']} ({s['reason']})")
@@ -73,7 +81,8 @@ class DataReport:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"source": self.source, "rows_read": self.rows_read, "examples": self.examples,
-                "dropped": dict(self.dropped), "truncated": dict(self.truncated), "samples": self.samples}
+                "dropped": dict(self.dropped), "truncated": dict(self.truncated), "samples": self.samples,
+                "unused_fields": dict(self.unused)}
 
 
 def _read_jsonl(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
