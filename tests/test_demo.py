@@ -74,9 +74,12 @@ def test_report_regenerates_plots_and_samples(demo_dir, tmp_path):
     assert str(run_dir / "report.html") in res.output
     metrics = {k for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                for k, v in json.loads(line).items() if k not in ("step",) and isinstance(v, (int, float))}
-    figures = set(re.findall(r'<figure data-metric="([^"]+)"><svg', html))
-    assert {"train/loss", "rewards/margin", "logps/chosen", "eval/accuracy"} <= figures
-    assert figures - {"reward_vs_kl"} == metrics  # one plot per logged metric
+    plots = re.findall(r'<figure data-metric="([^"]+)" data-keys="([^"]*)"><svg', html)
+    drawn = [k for name, keys in plots if not name.startswith("reward_vs_kl") for k in keys.split()]
+    single = re.findall(r'<tr data-metric="([^"]+)">', html)
+    assert {"train/loss", "rewards/margin", "logps/chosen", "eval/accuracy"} <= set(drawn)
+    assert ("rewards/accuracy", "rewards/accuracy eval/accuracy") in plots  # held-out over train
+    assert sorted(drawn + single) == sorted(metrics)  # every logged metric once: a plot or a number
     assert "<h2>Samples</h2>" in html and "<th>before</th><th>after</th>" in html
     # --output writes elsewhere
     run(["report", str(run_dir), "--output", str(tmp_path / "r.html")])

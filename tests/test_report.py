@@ -45,7 +45,17 @@ def write_run(path: Path, *, command="ppo", name=None, steps=30, kl_scale=1.0, w
 
 
 def figures(html: str) -> list:
-    return re.findall(r'<figure data-metric="([^"]+)"><svg', html)
+    return re.findall(r'<figure data-metric="([^"]+)" data-keys="[^"]*"><svg', html)
+
+
+def drawn(html: str) -> list:
+    """Every metric key drawn by a plot (an overlay draws two)."""
+    return [k for keys in re.findall(r'<figure data-metric="[^"]+" data-keys="([^"]*)"><svg', html)
+            for k in keys.split()]
+
+
+def figure(html: str, key: str) -> str:
+    return html.split(f'data-metric="{key}"')[1].split("</svg>")[0]
 
 
 def test_report_has_one_svg_per_metric_and_scatter(tmp_path):
@@ -55,19 +65,28 @@ def test_report_has_one_svg_per_metric_and_scatter(tmp_path):
     html = out.read_text()
     metrics = figures(html)
     for key in TRAIN_KEYS + EVAL_KEYS:
-        assert metrics.count(key) == 1, key
-    assert "reward_vs_kl" in metrics  # rewards/mean and kl/ref both present
-    assert html.count("<svg") == len(TRAIN_KEYS) + len(EVAL_KEYS) + 1
-    # loss first among the metric plots, train namespaces before eval ones
-    order = [m for m in metrics if m != "reward_vs_kl"]
+        assert drawn(html).count(key) == 1 + (key in ("rewards/mean", "eval/rewards/gold")), key  # + scatter
+    # each reward against KL in its own panel: the proxy and the gold reward are on different scales
+    assert [m for m in metrics if m.startswith("reward_vs_kl")] == ["reward_vs_kl:eval/rewards/gold",
+                                                                     "reward_vs_kl:rewards/mean"]
+    # eval/kl/ref is overlaid on kl/ref (two curves, labelled train and eval); eval/rewards/gold has no
+    # training twin and keeps its own plot
+    kl = figure(html, "kl/ref")
+    assert 'data-keys="kl/ref eval/kl/ref"' in html and kl.count("<polyline points=") == 1 + 2
+    assert ">train<" in kl and ">eval<" in kl
+    assert html.count("<svg") == len(TRAIN_KEYS) + 1 + 2
+    # loss first among the metric plots
+    order = [m for m in metrics if not m.startswith("reward_vs_kl")]
     assert order[0] == "train/loss"
-    assert order.index("kl/ref") < order.index("eval/kl/ref")
     assert "alignkit report: run1" in html
 
 
 def test_report_alerts_summary_config(tmp_path):
     html = write_report(write_run(tmp_path / "r")).read_text()
     assert 'class="alert"' in html and "kl_blowup" in html and "above the budget 10.0" in html
+    # the red banner comes before everything else and counts every alert
+    assert html.index('<div class="banner bad" id="alerts" data-alerts="1"><b>1 alert</b>: kl_blowup') \
+        < html.index("<h2>Summary</h2>")
     assert "final/reward" in html and "0.87" in html
     assert "<details><summary>config.yaml</summary>" in html and "beta: 0.05  # KL coef" in html
     assert "command: ppo" in html
@@ -87,7 +106,7 @@ def test_report_with_only_metrics(tmp_path):
     run = write_run(tmp_path / "bare", with_extras=False)
     (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + "{truncated\n\n")
     html = write_report(run).read_text()
-    assert len(figures(html)) == len(TRAIN_KEYS) + len(EVAL_KEYS) + 1
+    assert len(figures(html)) == len(TRAIN_KEYS) + 1 + 2
     assert "1 unreadable line(s) skipped in metrics.jsonl" in html
     # no summary.json: last values; no alerts.jsonl: recomputed (KL reaches 14.5 > budget 10)
     assert "last logged value" in html
@@ -119,14 +138,15 @@ def test_compare_runs(tmp_path):
     for key in TRAIN_KEYS + EVAL_KEYS:
         assert metrics.count(key) == 1
     assert "only/b" not in metrics  # logged by one run only
+    assert '<td class="alert"><b>kl_blowup</b></td>' in html  # alerts in red in the runs table
     assert "frontier" in metrics
     # both runs in the legend, labelled by name and command (algorithm)
     assert "ppo-beta0.05 (ppo)" in html and "b (grpo)" in html
     # the frontier uses eval points: 3 eval lines per run -> 6 dots
-    frontier = html.split('data-metric="frontier">')[1].split("</svg>")[0]
+    frontier = figure(html, "frontier")
     assert frontier.count("<circle") == 6 and "eval/rewards/gold" in frontier
     # overlaid curves: two polylines per shared metric plot
-    loss = html.split('data-metric="train/loss">')[1].split("</svg>")[0]
+    loss = figure(html, "train/loss")
     assert loss.count('<polyline points="') == 1 + 2  # axes + one curve per run
 
 
@@ -159,3 +179,67 @@ def test_load_run_reads_name_and_command(tmp_path):
     run = load_run(write_run(tmp_path / "dir", command="dpo", name="my-dpo"))
     assert (run.name, run.command, run.label) == ("my-dpo", "dpo", "my-dpo (dpo)")
     assert run.config["beta"] == 0.05 and len(run.samples) == 3 and run.summary["steps"] == 30
+
+
+def test_single_values_are_numbers_and_alerts_banner_is_red(tmp_path):
+    run = tmp_path / "eval"
+    run.mkdir()
+    # an evaluation: every metric logged once; a training-like run logs train/loss twice
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/rewards/gold": 0.31, "eval/kl/ref": 2.5,
+                                                   "eval/win_rate/gold": 0.625}) + "\n")
+    (run / "alerts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in [
+        {"step": 3, "kind": "heldout_regression", "message": "eval/accuracy fell from 0.5 to 0.29"},
+        {"step": 4, "kind": "kl_blowup", "message": "KL 12 > 10"}]))
+    html = write_report(run).read_text()
+    assert figures(html) == []  # no lone dots on a step axis
+    rows = dict(re.findall(r'<tr data-metric="([^"]+)"><th>[^<]+</th><td>([^<]+)</td>', html))
+    assert rows == {"eval/kl/ref": "2.5", "eval/rewards/gold": "0.31", "eval/win_rate/gold": "0.625"}
+    banner = re.search(r'<div class="banner bad" id="alerts" data-alerts="2">(.*?)</div>', html).group(1)
+    assert "2 alerts" in banner and "heldout_regression, kl_blowup" in banner
+    assert html.count('<div class="alert" data-kind=') == 2
+    assert ".banner.bad{background:#c92a2a" in html  # red
+    assert "No failure mode detected" not in html and "No alerts" not in html
+    (run / "alerts.jsonl").write_text("")
+    html = write_report(run).read_text()
+    assert '<div class="banner none" id="alerts" data-alerts="0">No alerts (alerts.jsonl)' in html
+    assert 'class="ok"' not in html  # no green all-clear
+
+
+def test_throughput_and_memory_panel_and_eval_overlay(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    rows = [{"step": s, "train/loss": 1 / s, "time/step_s": 0.5, "perf/examples_per_s": 16.0,
+             "perf/peak_mem_gb": 1.0 + s / 10} for s in range(1, 6)]
+    rows += [{"step": 0, "eval/loss": 1.2}, {"step": 5, "eval/loss": 0.4}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    html = write_report(run).read_text()
+    perf = html.split("<h2>Throughput and memory</h2>")[1]
+    assert figures(perf) == ["perf/examples_per_s", "perf/peak_mem_gb", "time/step_s"]
+    assert figures(html.split("<h2>Throughput and memory</h2>")[0]) == ["train/loss"]
+    loss = figure(html, "train/loss")
+    assert loss.count("<polyline points=") == 3 and ">train<" in loss and ">eval<" in loss
+
+
+def test_compare_shows_single_values_as_bars(tmp_path):
+    runs = []
+    for name, gold in (("base", 0.1), ("dpo", 0.4), ("ppo", -0.2)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/rewards/gold": gold}) + "\n")
+        runs.append(d)
+    html = compare_runs(runs, tmp_path / "c.html").read_text()
+    bars = figure(html, "eval/rewards/gold")
+    assert bars.count('<rect class="bar"') == 3 and bars.count("<polyline") == 1  # the axes only
+    assert [t for t in re.findall(r'<text class="barlabel"[^>]*>([^<]+)</text>', bars)] == ["base", "dpo", "ppo"]
+    assert "<circle" not in bars
+
+
+def test_tick_labels_are_distinct_and_steps_are_integers():
+    from alignkit.eval.svg import tick_labels
+
+    svg = line_plot({"s": [(0, 1000.1), (1, 1000.2), (2, 1000.4)]}, "t", "step", "y")
+    ys = re.findall(r'<text class="ytick"[^>]*>([^<]+)</text>', svg)
+    xs = re.findall(r'<text class="xtick"[^>]*>([^<]+)</text>', svg)
+    assert len(ys) == len(set(ys)) >= 3 and "1000.1" in ys  # .4g alone would print "1000" for each
+    assert xs == ["0", "1", "2"]  # a step axis has no 0.5 ticks
+    assert tick_labels([0.1, 0.2, 0.30000000000000004]) == ["0.1", "0.2", "0.3"]

@@ -12,6 +12,14 @@ A run directory holds (only ``metrics.jsonl`` is required):
 
 The HTML embeds inline SVG (:mod:`alignkit.eval.svg`), no scripts and no external assets, so it
 can be attached to an issue or opened offline. All text from the run is HTML-escaped.
+
+What is drawn how: a metric logged at two or more steps is a line; a metric logged once is a number
+(in a table; in a comparison, a bar per run), never a lone dot on a step axis. A held-out ``eval/X``
+curve is overlaid on its training twin (``X``; ``eval/loss`` on ``train/loss``, ``eval/accuracy`` on
+``rewards/accuracy``). Every reward gets its own panel (gold and proxy rewards live on different
+scales). ``time/`` and ``perf/`` metrics (and ``time``, the wall clock of each line) form a throughput
+and memory panel. The alert banner lists
+every alert in ``alerts.jsonl`` in red; without alerts it says so in neutral grey, never "all good".
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from alignkit.eval.diagnostics import Diagnostics
-from alignkit.eval.svg import line_plot, scatter_plot
+from alignkit.eval.svg import bar_plot, line_plot, scatter_plot
 
 __all__ = ["RunData", "compare_runs", "load_run", "metric_series", "write_report"]
 
@@ -37,6 +45,9 @@ NAMESPACE_ORDER = ["train", "loss", "rewards", "kl", "logps", "rollout", "divers
 # reward keys for reward-versus-KL plots, most trustworthy first
 REWARD_KEYS = ["eval/rewards/gold", "rewards/gold", "eval/rewards/mean", "rewards/mean"]
 KL_KEYS = ["eval/kl/ref", "kl/ref"]
+# held-out metrics overlaid on a training metric of another name (otherwise eval/X goes with X)
+EVAL_PARTNERS = {"eval/loss": "train/loss", "eval/accuracy": "rewards/accuracy", "eval/margin": "rewards/margin"}
+PERF_NAMESPACES = ("time", "perf")  # the throughput and memory panel
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1280px;color:#222;padding:0 16px}
@@ -45,8 +56,11 @@ table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;paddin
 text-align:left;vertical-align:top}th{background:#f5f5f5}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
 figure{margin:0;border:1px solid #eee;padding:4px}.grid h3{grid-column:1/-1;margin:8px 0 0}
-.alert{background:#fff4e5;border-left:5px solid #d9480f;padding:8px 12px;margin:6px 0}
-.alert b{color:#d9480f}.ok{color:#2b8a3e}.note{color:#666;font-size:13px}
+.alert{background:#fdecec;border-left:5px solid #c92a2a;padding:8px 12px;margin:6px 0}
+.alert b{color:#c92a2a}.note{color:#666;font-size:13px}
+.banner{padding:10px 14px;margin:12px 0;font-size:15px;border-radius:3px}
+.banner.bad{background:#c92a2a;color:#fff}.banner.none{background:#f1f3f5;color:#333}
+table.single td:nth-child(2){text-align:right;font-variant-numeric:tabular-nums}
 pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px}
 .samples td{width:45%}
 """
@@ -192,8 +206,73 @@ def _page(title: str, body: List[str]) -> str:
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def _figure(key: str, svg: str) -> str:
-    return f'<figure data-metric="{escape(key)}">{svg}</figure>'
+def _figure(key: str, svg: str, keys: Sequence[str] = ()) -> str:
+    """A plot; ``data-keys`` names every metric it draws (for tests and the browser check)."""
+    return (f'<figure data-metric="{escape(key)}" data-keys="{escape(" ".join(keys or [key]))}">'
+            f"{svg}</figure>")
+
+
+def _finite_points(pts: Sequence[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    return [(s, v) for s, v in pts if math.isfinite(v)]
+
+
+@dataclass
+class _Plot:
+    key: str  # the metric the plot is named after (the training one of an overlay)
+    curves: Series  # {curve label: points}
+    keys: List[str]  # every metric drawn
+
+
+@dataclass
+class _Layout:
+    """How a run's metrics are shown: line plots by namespace, numbers, and the perf panel."""
+
+    groups: List[Tuple[str, List[_Plot]]]  # namespace -> plots
+    single: Dict[str, Tuple[float, float]]  # key -> (step, value) of metrics logged once
+    perf: List[_Plot]
+
+
+def _eval_partner(key: str, series: Series) -> Optional[str]:
+    """The training metric a held-out ``eval/`` metric is overlaid on, when that was logged as a curve."""
+    if not key.startswith("eval/"):
+        return None
+    partner = EVAL_PARTNERS.get(key, key[len("eval/"):])
+    return partner if len(_finite_points(series.get(partner, ()))) >= 2 else None
+
+
+def _layout(series: Series) -> _Layout:
+    plots: Dict[str, _Plot] = {}
+    single: Dict[str, Tuple[float, float]] = {}
+    for key, pts in series.items():
+        partner = _eval_partner(key, series)
+        if partner is not None and partner not in plots:  # held-out points over the training curve
+            plots[partner] = _Plot(partner, {"train": series[partner], "eval": pts}, [partner, key])
+    drawn = {k for p in plots.values() for k in p.keys}
+    for key, pts in series.items():
+        if key in drawn:
+            continue
+        finite = _finite_points(pts)
+        if len(finite) >= 2:
+            plots[key] = _Plot(key, {key: pts}, [key])
+        else:  # once (or never finite): a number, not a lone dot on a step axis
+            single[key] = finite[-1] if finite else (pts[-1][0] if pts else 0.0, float("nan"))
+    perf = [plots.pop(k) for k in sorted(plots) if _namespace(k) in PERF_NAMESPACES or k == "time"]
+    groups = [(ns, [plots[k] for k in keys]) for ns, keys in _ordered_groups(list(plots))]
+    return _Layout(groups, single, perf)
+
+
+def _plot_figure(plot: _Plot) -> str:
+    return _figure(plot.key, line_plot(plot.curves, plot.key, "step", plot.key.rsplit("/", 1)[-1]), plot.keys)
+
+
+def _single_html(single: Dict[str, Tuple[float, float]]) -> List[str]:
+    if not single:
+        return []
+    rows = "".join(f'<tr data-metric="{escape(k)}"><th>{escape(k)}</th><td>{_fmt(v)}</td>'
+                   f'<td class="note">step {_fmt(s)}</td></tr>'
+                   for k, (s, v) in sorted(single.items(), key=lambda kv: (_namespace(kv[0]) == "eval", kv[0])))
+    return ["<h3>Logged once</h3>", '<p class="note">Metrics with a single value: shown as numbers, not plots.</p>',
+            f'<table class="single">{rows}</table>']
 
 
 def _summary_html(run: RunData, series: Series) -> List[str]:
@@ -209,14 +288,20 @@ def _summary_html(run: RunData, series: Series) -> List[str]:
 
 
 def _alerts_html(run: RunData) -> List[str]:
-    out = ["<h2>Alerts</h2>"]
-    if run.alerts_computed:
-        out.append('<p class="note">No alerts.jsonl: alerts recomputed from metrics.jsonl with '
-                   "default thresholds.</p>")
-    if not run.alerts:
-        return out + ['<p class="ok">No failure mode detected.</p>']
+    """The banner at the top: every alert in red, or a neutral "no alerts" (never a green all-clear:
+    the checks only see the metrics a run logged)."""
+    n = len(run.alerts)
+    source = ("recomputed from metrics.jsonl with default thresholds (no alerts.jsonl)" if run.alerts_computed
+              else "alerts.jsonl")
+    if not n:
+        return [f'<div class="banner none" id="alerts" data-alerts="0">No alerts ({escape(source)}). The live '
+                "checks only see the metrics this run logged; read the plots too.</div>"]
+    kinds = ", ".join(dict.fromkeys(str(a.get("kind", "alert")) for a in run.alerts))
+    out = [f'<div class="banner bad" id="alerts" data-alerts="{n}"><b>{n} alert{"s" if n > 1 else ""}</b>: '
+           f'{escape(kinds)} <span class="src">({escape(source)})</span></div>']
     for a in run.alerts:
-        out.append(f'<div class="alert"><b>{escape(str(a.get("kind", "alert")))}</b> at step '
+        out.append(f'<div class="alert" data-kind="{escape(str(a.get("kind", "alert")))}">'
+                   f'<b>{escape(str(a.get("kind", "alert")))}</b> at step '
                    f'{escape(str(a.get("step", "?")))}: {escape(str(a.get("message", "")))}</div>')
     return out
 
@@ -255,9 +340,11 @@ def _samples_html(samples: List[Dict[str, Any]], max_prompts: int) -> List[str]:
 def write_report(run_dir: Path, *, out: Optional[Path] = None, max_prompts: int = 50) -> Path:
     """Write ``report.html`` (or ``out``) for the run in ``run_dir`` and return its path.
 
-    Sections: summary table, alerts, one line plot per metric grouped by namespace (loss first),
-    a reward-versus-KL scatter when a reward and ``kl/ref`` were logged, sample completions
-    (tags side by side, "before" left of "after"), and the config in a collapsed block.
+    Sections: the alert banner, summary table, a reward-versus-KL scatter per reward when a reward and
+    ``kl/ref`` were logged together at two or more steps, one line plot per metric grouped by namespace
+    (loss first; held-out curves overlaid on their training twins), the metrics logged once as numbers,
+    the throughput and memory panel, sample completions (tags side by side, "before" left of "after"),
+    and the config in a collapsed block.
     """
     run = load_run(Path(run_dir))
     series = metric_series(run.metrics)
@@ -266,22 +353,31 @@ def write_report(run_dir: Path, *, out: Optional[Path] = None, max_prompts: int 
     if run.command:
         body.append(f'<p class="note">command: {escape(run.command)}</p>')
     body += [f'<p class="note">{escape(n)}</p>' for n in run.notes]
-    body += _summary_html(run, series)
     body += _alerts_html(run)
+    body += _summary_html(run, series)
+    layout = _layout(series)
 
-    scatter = {key: pts for key in REWARD_KEYS if (pts := _reward_kl_points(series, key))}
+    # one panel per reward: a gold reward in [-1, 1] and a proxy around 4 on one axis flatten the gold one
+    scatter = [(key, pts) for key in REWARD_KEYS if len(pts := _reward_kl_points(series, key)) >= 2]
     if scatter:
-        body += ["<h2>Reward versus KL</h2>", '<div class="grid">', _figure(
-            "reward_vs_kl", scatter_plot(scatter, "reward vs KL to reference", "KL (nats/sequence)",
-                                         "reward")), "</div>"]
+        body += ["<h2>Reward versus KL</h2>", '<div class="grid">']
+        body += [_figure(f"reward_vs_kl:{key}", scatter_plot({key: pts}, f"{key} vs KL", "KL (nats/sequence)", key),
+                         [key]) for key, pts in scatter]
+        body.append("</div>")
     body.append("<h2>Metrics</h2>")
     if not series:
         body.append('<p class="note">metrics.jsonl has no numeric metrics.</p>')
     body.append('<div class="grid">')
-    for ns, keys in _ordered_groups(list(series)):
+    for ns, plots in layout.groups:
         body.append(f"<h3>{escape(ns or 'other')}</h3>")
-        body += [_figure(k, line_plot({k: series[k]}, k, "step", k.rsplit("/", 1)[-1])) for k in keys]
+        body += [_plot_figure(p) for p in plots]
     body.append("</div>")
+    body += _single_html(layout.single)
+    body.append("<h2>Throughput and memory</h2>")
+    if layout.perf:
+        body += ['<div class="grid">'] + [_plot_figure(p) for p in layout.perf] + ["</div>"]
+    else:
+        body.append('<p class="note">No time/ or perf/ metrics were logged at two or more steps.</p>')
     body += _samples_html(run.samples, max_prompts)
     if run.config_text is not None:
         body.append(f"<h2>Config</h2><details><summary>config.yaml</summary>"
@@ -340,7 +436,8 @@ def compare_runs(run_dirs: List[Path], out: Path) -> Path:
     """Write an HTML comparing runs: overlaid curves and a reward-versus-KL frontier.
 
     Curves are drawn for every metric that at least two of the runs logged (all metrics for a
-    single run), one colour per run, and a table of the final numbers (summary.json) side by side. The
+    single run), one colour per run (a bar per run where every run logged it once, e.g. evaluations),
+    and a table of the final numbers (summary.json) side by side. The
     frontier scatter (as in Figure 2 of the DPO paper) shows
     each run's eval points when the reward is an ``eval/`` key, otherwise its final point; runs
     are labelled by name and, when ``config.yaml`` has one, ``command`` (the algorithm).
@@ -359,9 +456,9 @@ def compare_runs(run_dirs: List[Path], out: Path) -> Path:
     body = [f"<h1>{escape(title)}</h1>", "<h2>Runs</h2><table><tr><th>run</th><th>directory</th>"
             "<th>alerts</th></tr>"]
     for label, run in zip(labels, runs):
-        kinds = ", ".join(sorted({str(a.get("kind")) for a in run.alerts})) or "none"
-        body.append(f"<tr><td>{escape(label)}</td><td>{escape(str(run.path))}</td>"
-                    f"<td>{escape(kinds)}</td></tr>")
+        kinds = ", ".join(sorted({str(a.get("kind")) for a in run.alerts}))
+        cell = f'<td class="alert"><b>{escape(kinds)}</b></td>' if kinds else "<td>none</td>"
+        body.append(f"<tr><td>{escape(label)}</td><td>{escape(str(run.path))}</td>{cell}</tr>")
     body.append("</table>")
     body += _summary_side_by_side(labels, runs)
     frontier, key = _frontier(labels, all_series)
@@ -377,7 +474,11 @@ def compare_runs(run_dirs: List[Path], out: Path) -> Path:
         body.append(f"<h3>{escape(ns or 'other')}</h3>")
         for k in keys:
             curves = {label: s[k] for label, s in zip(labels, all_series) if k in s}
-            body.append(_figure(k, line_plot(curves, k, "step", k.rsplit("/", 1)[-1])))
+            if all(len(_finite_points(pts)) <= 1 for pts in curves.values()):  # one number per run: bars
+                values = {label: (_finite_points(pts) or [(0.0, float("nan"))])[-1][1] for label, pts in curves.items()}
+                body.append(_figure(k, bar_plot(values, k, k.rsplit("/", 1)[-1])))
+            else:
+                body.append(_figure(k, line_plot(curves, k, "step", k.rsplit("/", 1)[-1])))
     body.append("</div>")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

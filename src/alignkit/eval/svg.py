@@ -1,9 +1,11 @@
-"""Tiny dependency-free SVG charts for the HTML reports: line plots and scatter plots.
+"""Tiny dependency-free SVG charts for the HTML reports: line plots, scatter plots and bar charts.
 
-Both functions return one ``<svg>`` element as a string (scalable through its ``viewBox``), with
+Each function returns one ``<svg>`` element as a string (scalable through its ``viewBox``), with
 axes, "nice" ticks, a title, axis labels and a legend when there is more than one series.
-Non-finite points (nan, inf) are skipped; a single point is drawn as a dot; a constant series
-gets a y-range padded around its value; an empty plot says "no finite data".
+Non-finite points (nan, inf) are skipped; a single point is drawn as a dot (the reports show single
+values as numbers or bars instead); a constant series gets a y-range padded around its value; an
+empty plot says "no finite data". Tick labels are printed with just enough digits to be distinct, and
+an integer axis (training steps) only gets integer ticks.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 from html import escape
 from typing import Dict, List, Sequence, Tuple
 
-__all__ = ["PALETTE", "line_plot", "scatter_plot"]
+__all__ = ["PALETTE", "bar_plot", "line_plot", "scatter_plot"]
 
 Points = List[Tuple[float, float]]
 
@@ -38,8 +40,9 @@ def _finite(points: Sequence[Tuple[float, float]]) -> Points:
     return out
 
 
-def _nice_ticks(lo: float, hi: float, target: int = 5) -> Tuple[float, float, List[float]]:
-    """Round axis limits outward to multiples of a 1/2/5·10^k step; returns (lo, hi, ticks)."""
+def _nice_ticks(lo: float, hi: float, target: int = 5, integer: bool = False) -> Tuple[float, float, List[float]]:
+    """Round axis limits outward to multiples of a 1/2/5·10^k step (at least 1 when ``integer``);
+    returns (lo, hi, ticks)."""
     if hi < lo:
         lo, hi = hi, lo
     if not math.isfinite(hi - lo):  # a range beyond float: no rounding possible
@@ -50,16 +53,27 @@ def _nice_ticks(lo: float, hi: float, target: int = 5) -> Tuple[float, float, Li
     raw = (hi - lo) / max(target, 1)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    if integer:
+        step = max(1.0, round(step))
     start, stop = math.floor(lo / step) * step, math.ceil(hi / step) * step
     ticks = [start + i * step for i in range(int(round((stop - start) / step)) + 1)]
     return start, stop, ticks
 
 
-def _fmt(v: float) -> str:
+def _fmt(v: float, digits: int = 4) -> str:
     if abs(v) < 1e-12 * (1 + abs(v)):  # a tick at zero computed as 1e-17
         return "0"
-    return f"{v:.4g}"
+    return f"{v:.{digits}g}"
 
+
+def tick_labels(ticks: Sequence[float]) -> List[str]:
+    """Labels for ``ticks`` with the fewest significant digits (at least 4) that keep them distinct:
+    ticks 1000.1, 1000.2 print as "1000.1", "1000.2", not "1000", "1000"."""
+    for digits in range(4, 17):
+        labels = [_fmt(v, digits) for v in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
 def _decimate(pts: Points, limit: int = MAX_LINE_POINTS) -> Points:
     """Keep first/last and each bucket's min and max so spikes survive downsampling."""
@@ -82,12 +96,14 @@ class _Frame:
 
     def __init__(self, series: Dict[str, Points], title: str, xlabel: str, ylabel: str):
         allpts = [p for pts in series.values() for p in pts]
+        integer_x = bool(allpts) and all(float(p[0]).is_integer() for p in allpts)
         self.labels = list(series)
         self.legend_rows = self._legend_layout() if len(series) > 1 else []
         self.height = HEIGHT + (LEGEND_ROW * len(self.legend_rows) + 4 if self.legend_rows else 0)
         self.plot_bottom = HEIGHT - BOTTOM
         if allpts:
-            self.x0, self.x1, self.xticks = _nice_ticks(min(p[0] for p in allpts), max(p[0] for p in allpts))
+            self.x0, self.x1, self.xticks = _nice_ticks(min(p[0] for p in allpts), max(p[0] for p in allpts),
+                                                        integer=integer_x)
             self.y0, self.y1, self.yticks = _nice_ticks(min(p[1] for p in allpts), max(p[1] for p in allpts))
         else:
             self.x0, self.x1, self.xticks = 0.0, 1.0, []
@@ -123,14 +139,14 @@ class _Frame:
             f'font-weight="bold">{t}</text>',
         ]
         bottom, right = self.plot_bottom, WIDTH - RIGHT
-        for v in self.yticks:
+        for v, label in zip(self.yticks, tick_labels(self.yticks)):
             y = self.py(v)
             parts.append(f'<line x1="{LEFT}" y1="{y:.2f}" x2="{right}" y2="{y:.2f}" stroke="#eee"/>')
-            parts.append(f'<text x="{LEFT - 5}" y="{y + 4:.2f}" text-anchor="end">{_fmt(v)}</text>')
-        for v in self.xticks:
+            parts.append(f'<text class="ytick" x="{LEFT - 5}" y="{y + 4:.2f}" text-anchor="end">{label}</text>')
+        for v, label in zip(self.xticks, tick_labels(self.xticks)):
             x = self.px(v)
             parts.append(f'<line x1="{x:.2f}" y1="{bottom}" x2="{x:.2f}" y2="{bottom + 4}" stroke="#333"/>')
-            parts.append(f'<text x="{x:.2f}" y="{bottom + 16}" text-anchor="middle">{_fmt(v)}</text>')
+            parts.append(f'<text class="xtick" x="{x:.2f}" y="{bottom + 16}" text-anchor="middle">{label}</text>')
         parts.append(f'<polyline points="{LEFT},{TOP} {LEFT},{bottom} {right},{bottom}" '
                      f'fill="none" stroke="#333"/>')
         parts.append(f'<text x="{(LEFT + right) / 2}" y="{bottom + 32}" text-anchor="middle">'
@@ -196,4 +212,41 @@ def scatter_plot(points: Dict[str, List[Tuple[float, float]]], title: str,
             parts.append(f'<circle cx="{frame.px(x):.2f}" cy="{frame.py(y):.2f}" r="3.5" '
                          f'fill="{colour}" fill-opacity="0.8"><title>{escape(label)}: '
                          f"({_fmt(x)}, {_fmt(y)})</title></circle>")
+    return "\n".join(parts + frame.close())
+
+
+def bar_plot(values: Dict[str, float], title: str, ylabel: str = "") -> str:
+    """Bar chart of one value per label (e.g. one final number per run), as an SVG string.
+
+    The value axis always includes 0, so bar lengths compare; each bar carries its value above (or
+    below, when negative) and a hover tooltip. A non-finite value is drawn as a grey "n/a" slot.
+    """
+    labels = list(values)
+    finite = [float(v) for v in values.values() if v is not None and math.isfinite(float(v))]
+    lo, hi = min(finite + [0.0]), max(finite + [0.0])
+    frame = _Frame({"": [(0.0, lo), (1.0, hi)]} if finite else {}, title, "", ylabel)
+    frame.xticks = []
+    frame.legend_rows = []
+    parts = frame.open()
+    n = max(len(labels), 1)
+    slot = (WIDTH - LEFT - RIGHT) / n
+    width = min(48.0, slot * 0.7)
+    zero = frame.py(0.0) if finite else frame.plot_bottom
+    for i, label in enumerate(labels):
+        v = values[label]
+        cx = LEFT + slot * (i + 0.5)
+        short = label if len(label) <= 18 else label[:17] + "…"
+        parts.append(f'<text class="barlabel" x="{cx:.2f}" y="{frame.plot_bottom + 14}" text-anchor="middle">'
+                     f"{escape(short)}</text>")
+        if v is None or not math.isfinite(float(v)):
+            parts.append(f'<text x="{cx:.2f}" y="{zero - 4:.2f}" text-anchor="middle" fill="#999">n/a</text>')
+            continue
+        y = frame.py(float(v))
+        top, h = min(y, zero), abs(zero - y)
+        colour = PALETTE[i % len(PALETTE)]
+        parts.append(f'<rect class="bar" x="{cx - width / 2:.2f}" y="{top:.2f}" width="{width:.2f}" '
+                     f'height="{max(h, 0.5):.2f}" fill="{colour}"><title>{escape(label)}: {_fmt(float(v))}'
+                     f"</title></rect>")
+        ty = top - 4 if float(v) >= 0 else top + h + 12
+        parts.append(f'<text x="{cx:.2f}" y="{ty:.2f}" text-anchor="middle">{_fmt(float(v))}</text>')
     return "\n".join(parts + frame.close())

@@ -19,7 +19,8 @@ chosen_lengths=None, rejected_lengths=None, labels=None, **hparams) -> LossOutpu
   an unknown name raises ``TypeError`` rather than being silently dropped.
 * Output: ``losses`` ``(B,)``, unreduced; ``metrics`` detached ``(B,)`` tensors (or scalars),
   at least ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin`` (chosen - rejected) and
-  ``rewards/accuracy`` (1.0 where the chosen reward is strictly larger).
+  ``rewards/accuracy`` (1.0 where the chosen reward is larger, 0.5 on a tie: the one accuracy
+  definition used everywhere in alignkit, so a policy equal to its reference scores 0.5).
 
 Notation: ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))``, the DPO log-ratio
 margin, and ``sigma`` the logistic function (computed as ``F.logsigmoid`` throughout).
@@ -82,7 +83,7 @@ def _reward_metrics(chosen: Tensor, rejected: Tensor) -> Dict[str, Tensor]:
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/margin": chosen - rejected,
-        "rewards/accuracy": (chosen > rejected).to(chosen.dtype),
+        "rewards/accuracy": (chosen > rejected).to(chosen.dtype) + 0.5 * (chosen == rejected).to(chosen.dtype),
     }
 
 

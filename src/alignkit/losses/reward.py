@@ -33,7 +33,7 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, *,
     or a float, ``None`` = 0; ``labels`` ``(B,)`` in ``[0, 1]`` or ``None``. Returns ``losses (B,)``
     (unreduced) and detached ``(B,)`` metrics ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/margin`` (``r_w - r_l``, without ``m``) and ``rewards/accuracy`` (1.0 where
-    ``r_w > r_l``, ties count 0).
+    ``r_w > r_l``, ties count 0.5, as every accuracy in alignkit: a zero-initialised head scores 0.5).
     """
     if chosen_rewards.shape != rejected_rewards.shape:
         raise ValueError(f"chosen_rewards {tuple(chosen_rewards.shape)} and rejected_rewards "
@@ -47,7 +47,7 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, *,
         losses = -p * F.logsigmoid(logits) - (1.0 - p) * F.logsigmoid(-logits)
     chosen, rejected, d = chosen_rewards.detach(), rejected_rewards.detach(), diff.detach()
     metrics = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": d,
-               "rewards/accuracy": (d > 0).to(d.dtype)}
+               "rewards/accuracy": (d > 0).to(d.dtype) + 0.5 * (d == 0).to(d.dtype)}
     return LossOutput(losses, metrics)
 
 

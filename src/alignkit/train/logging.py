@@ -25,6 +25,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -56,6 +57,21 @@ def require(module: str, requirement: str, what: str):
 def is_main_process() -> bool:
     """Rank 0 of a torchrun / accelerate launch (``RANK`` unset: a single process)."""
     return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def peak_memory_gb(device) -> float:
+    """Peak memory so far, in GiB: the accelerator's peak allocation on CUDA, the process's peak resident
+    set (ru_maxrss) elsewhere. Logged as ``perf/peak_mem_gb`` beside ``perf/examples_per_s``."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 30 if sys.platform == "darwin" else rss / 2 ** 20  # bytes on macOS, KiB on Linux
 
 
 def _fmt(v: float) -> str:

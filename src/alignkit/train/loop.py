@@ -20,7 +20,7 @@ import torch
 
 from alignkit.config import RunConfig
 from alignkit.train.checkpoint import CheckpointManager
-from alignkit.train.logging import MetricLogger
+from alignkit.train.logging import MetricLogger, peak_memory_gb
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -315,6 +315,8 @@ class Trainer:
                 metrics["train/lr"] = self.scheduler.get_last_lr()[0]
                 metrics["train/epoch"] = self.step / self.steps_per_epoch
                 metrics["time/step_s"] = time.perf_counter() - t0
+                metrics["perf/examples_per_s"] = self.global_batch / max(metrics["time/step_s"], 1e-9)
+                metrics["perf/peak_mem_gb"] = peak_memory_gb(self.acc.device)
                 metrics.update(self.task.on_step_end(self.step, metrics))
                 last = metrics
                 if self.step % cfg.log.every == 0 or self.step == self.total_steps:

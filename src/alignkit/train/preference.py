@@ -174,8 +174,10 @@ class PreferenceTask(Task):
                     sc, sr = pc - rc, pr - rr  # implicit rewards (up to beta)
                 else:
                     sc, sr = pc / lc.clamp(min=1), pr / lr.clamp(min=1)
-                # ties count half: before training policy == reference and every pair ties
-                metrics = dict(metrics, accuracy=(sc > sr).float() + 0.5 * (sc == sr).float())
+                # ties count half: before training policy == reference and every pair ties. The loss's
+                # rewards/accuracy is the same quantity; held out it is logged once, as eval/accuracy
+                metrics = {k: v for k, v in metrics.items() if k != "rewards/accuracy"}
+                metrics["accuracy"] = (sc > sr).float() + 0.5 * (sc == sr).float()
             else:
                 losses, metrics, (pol, ref, labels) = self._unpaired(model, b)
                 reward = (pol - ref).tolist()
