@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,12 @@ def ranking_rows(n, seed, k=4):
             resp.append("".join(letters))
         out.append({"prompt": prompt, "responses": resp})
     return out
+
+
+def chromium_path() -> str:
+    """The system Chromium that Playwright drives (its own browser download cannot work here)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise RuntimeError("no Chromium found: `apt-get install -y chromium chromium-driver` (scripts/test.sh does it)")

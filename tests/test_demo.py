@@ -2,13 +2,16 @@
 reward-model evaluation on what it produced."""
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from alignkit.cli import build_cli
 from tests.gold_toy import SPEC
+from tests.helpers import chromium_path
 
 STAGES = ["pairs", "labels", "rm_pairs", "rm", "dpo", "ppo", "eval_base", "eval_dpo", "eval_ppo", "compare"]
 
@@ -92,7 +95,7 @@ def test_compare_two_runs(demo_dir, tmp_path):
     run(["compare", str(out / "dpo"), str(out / "ppo"), "--output", str(target)])
     html = target.read_text()
     assert "dpo (dpo)" in html and "ppo (ppo)" in html
-    shared = set(re.findall(r'<figure data-metric="([^"]+)"><svg', html))
+    shared = set(re.findall(r'<figure data-metric="([^"]+)" data-keys="[^"]*"><svg', html))
     assert "train/loss" in shared and "train/grad_norm" in shared
     assert "Final numbers" in html and "<th>steps</th>" in html
 
@@ -108,6 +111,93 @@ def test_reward_model_eval_cli_on_the_demo_rm(demo_dir, tmp_path):
               else 0.0 for r in rows) / len(rows)
     assert doc["metrics"]["rm/accuracy"] == pytest.approx(acc) and doc["metrics"]["rm/num_pairs"] == 8
     assert sum(b["count"] for b in doc["calibration"]) == 16  # every pair counted both ways
+
+
+# what the page itself reports, evaluated in Chromium after layout (so "has data" means drawn, not just present)
+PAGE_CHECK = """() => {
+  const figs = [...document.querySelectorAll('figure')].map(f => {
+    const drawn = [...f.querySelectorAll('.series, .pt, .bar')].filter(e => {
+      const b = e.getBBox(); return b.width > 0 || b.height > 0; });
+    const ticks = cls => [...f.querySelectorAll('text.' + cls)].map(t => t.textContent);
+    return {metric: f.dataset.metric, drawn: drawn.length, lines: f.querySelectorAll('.series').length,
+            dots: f.querySelectorAll('.pt').length, empty: f.textContent.includes('no finite data'),
+            x: ticks('xtick'), y: ticks('ytick'), width: f.getBoundingClientRect().width};
+  });
+  const banner = document.querySelector('#alerts');
+  return {figs, banner: banner && {n: Number(banner.dataset.alerts), text: banner.textContent,
+                                   bg: getComputedStyle(banner).backgroundColor},
+          alerts: [...document.querySelectorAll('div.alert')].map(a => a.dataset.kind),
+          alertColor: [...document.querySelectorAll('div.alert b')].map(b => getComputedStyle(b).color),
+          singles: document.querySelectorAll('tr[data-metric]').length};
+}"""
+RED = "rgb(201, 42, 42)"
+
+
+@pytest.mark.slow
+def test_demo_reports_in_headless_chromium(demo_dir, tmp_path):
+    """Every report of the demo (and the comparison), rendered by Chromium: no console errors, every plot
+    draws data, no duplicate tick labels, no lone dot on a step axis, and the alert banner says exactly
+    what alerts.jsonl holds (red when it holds anything). Screenshots go to the test's folder, or to
+    docs/images/ with ALIGNKIT_UPDATE_SCREENSHOTS=1."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_report import write_run
+
+    out, _ = demo_dir
+    shots = Path(__file__).resolve().parents[1] / "docs" / "images" if os.environ.get("ALIGNKIT_UPDATE_SCREENSHOTS") \
+        else tmp_path
+    shots.mkdir(parents=True, exist_ok=True)
+    synthetic = write_run(tmp_path / "kl_blowup_run")  # a run with an alert, so the red path is seen too
+    run(["report", str(synthetic)])
+    pages = {s: out / s / "report.html" for s in ("rm", "dpo", "ppo", "eval_base", "eval_dpo", "eval_ppo")}
+    pages["compare"] = out / "compare" / "compare.html"
+    pages["synthetic"] = synthetic / "report.html"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        errors = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        for name, path in pages.items():
+            page.goto(path.as_uri())
+            got = page.evaluate(PAGE_CHECK)
+            assert not errors, (name, errors)
+            assert got["figs"] or got["singles"], name  # an evaluation logs every metric once: numbers
+            for f in got["figs"]:
+                where = (name, f["metric"])
+                assert f["drawn"] > 0 and not f["empty"], where  # every plot has data on screen
+                assert f["width"] > 200, where
+                assert len(set(f["x"])) == len(f["x"]) and len(set(f["y"])) == len(f["y"]), (where, f)
+                if not f["metric"].startswith(("reward_vs_kl", "frontier")):
+                    assert not (f["dots"] == 1 and f["lines"] == 0), where  # a single value is a number or bar
+            if name == "compare":
+                continue
+            alerts_file = path.parent / "alerts.jsonl"
+            kinds = [json.loads(l)["kind"] for l in alerts_file.read_text().splitlines() if l.strip()] \
+                if alerts_file.exists() else None
+            if kinds is not None:  # eval directories have none: the report recomputes from the metrics
+                assert got["banner"]["n"] == len(kinds) and got["alerts"] == kinds, (name, got["banner"], kinds)
+            n = got["banner"]["n"]
+            assert len(got["alerts"]) == n
+            if n:
+                assert got["banner"]["bg"] == RED and set(got["alertColor"]) == {RED}, name
+                assert f"{n} alert" in got["banner"]["text"]
+            else:
+                assert "No alerts" in got["banner"]["text"] and got["banner"]["bg"] != RED
+            assert "No failure mode detected" not in got["banner"]["text"]
+        assert pages and page.evaluate(PAGE_CHECK)["banner"]["n"] == 1  # the synthetic run's kl_blowup
+        # small screenshots: the top of a page, or the part of it a heading starts
+        for name, heading in (("dpo", None), ("dpo", "Metrics"), ("ppo", "Reward versus KL"),
+                              ("ppo", "Throughput and memory"), ("eval_ppo", None), ("compare", "Shared metrics"),
+                              ("synthetic", None)):
+            page.set_viewport_size({"width": 1100, "height": 760})
+            page.goto(pages[name].as_uri())
+            suffix = ""
+            if heading:
+                page.locator("h2", has_text=heading).first.evaluate("h => h.scrollIntoView()")
+                suffix = "_" + heading.split()[0].lower()
+            page.screenshot(path=str(shots / f"report_{name}{suffix}.png"))
+        browser.close()
 
 
 @pytest.mark.slow

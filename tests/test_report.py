@@ -72,7 +72,7 @@ def test_report_has_one_svg_per_metric_and_scatter(tmp_path):
     # eval/kl/ref is overlaid on kl/ref (two curves, labelled train and eval); eval/rewards/gold has no
     # training twin and keeps its own plot
     kl = figure(html, "kl/ref")
-    assert 'data-keys="kl/ref eval/kl/ref"' in html and kl.count("<polyline points=") == 1 + 2
+    assert 'data-keys="kl/ref eval/kl/ref"' in html and kl.count("<polyline class=\"series\"") == 2
     assert ">train<" in kl and ">eval<" in kl
     assert html.count("<svg") == len(TRAIN_KEYS) + 1 + 2
     # loss first among the metric plots
@@ -147,7 +147,7 @@ def test_compare_runs(tmp_path):
     assert frontier.count("<circle") == 6 and "eval/rewards/gold" in frontier
     # overlaid curves: two polylines per shared metric plot
     loss = figure(html, "train/loss")
-    assert loss.count('<polyline points="') == 1 + 2  # axes + one curve per run
+    assert loss.count('<polyline class="series"') == 2  # one curve per run
 
 
 def test_compare_same_names_get_unique_labels(tmp_path):
@@ -217,7 +217,7 @@ def test_throughput_and_memory_panel_and_eval_overlay(tmp_path):
     assert figures(perf) == ["perf/examples_per_s", "perf/peak_mem_gb", "time/step_s"]
     assert figures(html.split("<h2>Throughput and memory</h2>")[0]) == ["train/loss"]
     loss = figure(html, "train/loss")
-    assert loss.count("<polyline points=") == 3 and ">train<" in loss and ">eval<" in loss
+    assert loss.count("<polyline class=\"series\"") == 2 and ">train<" in loss and ">eval<" in loss
 
 
 def test_compare_shows_single_values_as_bars(tmp_path):

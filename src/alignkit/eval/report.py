@@ -61,6 +61,7 @@ figure{margin:0;border:1px solid #eee;padding:4px}.grid h3{grid-column:1/-1;marg
 .banner{padding:10px 14px;margin:12px 0;font-size:15px;border-radius:3px}
 .banner.bad{background:#c92a2a;color:#fff}.banner.none{background:#f1f3f5;color:#333}
 table.single td:nth-child(2){text-align:right;font-variant-numeric:tabular-nums}
+.cols{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px}
 .samples td{width:45%}
 """
@@ -283,8 +284,17 @@ def _summary_html(run: RunData, series: Series) -> List[str]:
         caption = "last logged value of each metric (no summary.json)"
     if not items:
         return []
-    rows = "".join(f"<tr><th>{escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in items)
-    return ["<h2>Summary</h2>", f'<p class="note">{escape(caption)}</p>', f"<table>{rows}</table>"]
+    # KEY_before (held-out numbers before training) goes in a column beside KEY, not in a row of its own
+    keys = {str(k) for k, _ in items}
+    before = {str(k)[:-len("_before")]: v for k, v in items if str(k).endswith("_before")
+              and str(k)[:-len("_before")] in keys}
+    rows = [f"<tr><th>{escape(str(k))}</th>" + (f"<td>{_fmt(before[k]) if k in before else ''}</td>" if before else "")
+            + f"<td>{_fmt(v)}</td></tr>" for k, v in items if not (str(k).endswith("_before") and
+                                                                   str(k)[:-len("_before")] in before)]
+    head = "<tr><th></th><th>before training</th><th>final</th></tr>" if before else ""
+    per = max(12, -(-len(rows) // 3))  # long summaries in up to three side-by-side tables
+    tables = "".join(f"<table>{head}{''.join(rows[i:i + per])}</table>" for i in range(0, len(rows), per))
+    return ["<h2>Summary</h2>", f'<p class="note">{escape(caption)}</p>', f'<div class="cols">{tables}</div>']
 
 
 def _alerts_html(run: RunData) -> List[str]:

@@ -188,11 +188,11 @@ def line_plot(series: Dict[str, List[Tuple[float, float]]], title: str,
         colour = PALETTE[i % len(PALETTE)]
         if len(pts) == 1:
             x, y = pts[0]
-            parts.append(f'<circle cx="{frame.px(x):.2f}" cy="{frame.py(y):.2f}" r="3" fill="{colour}">'
+            parts.append(f'<circle class="pt" cx="{frame.px(x):.2f}" cy="{frame.py(y):.2f}" r="3" fill="{colour}">'
                          f"<title>{escape(label)}: ({_fmt(x)}, {_fmt(y)})</title></circle>")
         elif pts:
             coords = " ".join(f"{frame.px(x):.2f},{frame.py(y):.2f}" for x, y in _decimate(pts))
-            parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" '
+            parts.append(f'<polyline class="series" points="{coords}" fill="none" stroke="{colour}" '
                          f'stroke-width="1.6"><title>{escape(label)}</title></polyline>')
     return "\n".join(parts + frame.close())
 
@@ -209,7 +209,7 @@ def scatter_plot(points: Dict[str, List[Tuple[float, float]]], title: str,
     for i, (label, pts) in enumerate(clean.items()):
         colour = PALETTE[i % len(PALETTE)]
         for x, y in pts:
-            parts.append(f'<circle cx="{frame.px(x):.2f}" cy="{frame.py(y):.2f}" r="3.5" '
+            parts.append(f'<circle class="pt" cx="{frame.px(x):.2f}" cy="{frame.py(y):.2f}" r="3.5" '
                          f'fill="{colour}" fill-opacity="0.8"><title>{escape(label)}: '
                          f"({_fmt(x)}, {_fmt(y)})</title></circle>")
     return "\n".join(parts + frame.close())
@@ -224,7 +224,9 @@ def bar_plot(values: Dict[str, float], title: str, ylabel: str = "") -> str:
     labels = list(values)
     finite = [float(v) for v in values.values() if v is not None and math.isfinite(float(v))]
     lo, hi = min(finite + [0.0]), max(finite + [0.0])
-    frame = _Frame({"": [(0.0, lo), (1.0, hi)]} if finite else {}, title, "", ylabel)
+    room = 0.12 * (hi - lo)  # headroom for the value printed beyond each bar's end
+    frame = _Frame({"": [(0.0, lo - room if lo < 0 else lo), (1.0, hi + room if hi > 0 else hi)]} if finite else {},
+                   title, "", ylabel)
     frame.xticks = []
     frame.legend_rows = []
     parts = frame.open()
