@@ -8,24 +8,16 @@ to docs/images/ with ALIGNKIT_UPDATE_SCREENSHOTS=1.
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from alignkit.annotate.store import Store
 from tests.annotate_server import ServerThread
+from tests.helpers import chromium_path
 
 XSS = "<script>window.__xss = 1; alert('xss')</script><img src=x onerror=\"window.__xss = 2; alert('img')\">"
 CODE = "Use a loop:\n```python\nfor i in range(3):\n    print(i < 2 and '<ok>')\n```\nDone."
-
-
-def chromium_path() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    raise RuntimeError("no Chromium found: `apt-get install -y chromium chromium-driver` (scripts/test.sh does it)")
 
 
 @pytest.mark.slow

@@ -173,3 +173,17 @@ def test_tensorboard_gets_hparams(tmp_path, tiny_model):
     assert hp["optim.lr"].number_value > 0 and hp["command"].string_value == "sft"
     exp = plugin_data_pb2.HParamsPluginData.FromString(plugin["_hparams_/experiment"])
     assert "hparam/eval/loss" in {m.name.tag for m in exp.experiment.metric_infos}
+
+
+def test_trackio_gets_the_metrics_and_is_finished(tmp_path, monkeypatch):
+    # trackio (Hugging Face's local tracker) shares wandb's API; a recording module stands in for it
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "trackio", fake)
+    cfg = SFTConfig(output=str(tmp_path / "r"), log={"report_to": ["trackio"], "run_name": "try", "progress": False})
+    logger = MetricLogger(tmp_path / "r", cfg, is_main=True)
+    logger.log(1, {"train/loss": 0.5, "bad": float("nan")})
+    logger.close()
+    logger.close()  # idempotent: finished once
+    (run,) = fake.runs
+    assert run.kw["name"] == "try" and run.kw["config"]["output"] == str(tmp_path / "r")
+    assert run.logged == [(1, {"train/loss": 0.5})] and run.finished  # non-finite values are not sent

@@ -71,6 +71,7 @@ def sample_pairs(config: Union[SamplePairsConfig, Dict[str, Any], None] = None, 
     from alignkit.data import prepare
     from alignkit.models.loading import load_causal_lm, load_tokenizer
     from alignkit.rollout.generate import generate
+    from alignkit.train.logging import phase
 
     cfg = as_config(SamplePairsConfig, config, overrides)
     out = Path(cfg.output)
@@ -80,7 +81,8 @@ def sample_pairs(config: Union[SamplePairsConfig, Dict[str, Any], None] = None, 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_causal_lm(cfg.model, trainable=False).to(device).eval()
     torch.manual_seed(cfg.seed)
-    ro = generate(model, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.n, compute_logprobs=False)
+    with phase(f"sampling {len(items) * cfg.n} answers", label="sample_pairs"):
+        ro = generate(model, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.n, compute_logprobs=False)
     rows = []
     for i, it in enumerate(items):
         idx = [j for j, p in enumerate(ro.prompt_index) if p == i]

@@ -232,6 +232,7 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
     from alignkit.models.default import resolve_model_path
     from alignkit.models.loading import load_tokenizer
     from alignkit.rollout.generate import batched_logprobs, generate
+    from alignkit.train.logging import phase
 
     cfg = as_config(EvalConfig, config, overrides)
     if cfg.reward_model:
@@ -250,10 +251,13 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
     shown = [display_prompt(p) for p in prompts]
     policy = _load_lm(cfg.model.name_or_path, cfg.model)
     torch.manual_seed(cfg.seed)
-    ro = generate(policy, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples,
-                  compute_logprobs=False)
+    n_samples = len(items) * cfg.samples
+    with phase(f"sampling {n_samples} policy answers", label="eval"):
+        ro = generate(policy, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples,
+                      compute_logprobs=False)
     temp = cfg.generation.temperature or 1.0
-    lp = batched_logprobs(policy, ro.sequences, temperature=temp, batch_size=cfg.batch_size)
+    with phase("policy log-probs", label="eval"):
+        lp = batched_logprobs(policy, ro.sequences, temperature=temp, batch_size=cfg.batch_size)
     same = resolve_model_path(cfg.reference) == resolve_model_path(cfg.model.name_or_path)
     ref_model = None
     if same:  # the policy is its own reference: KL 0, every comparison a tie
@@ -265,7 +269,8 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
                              "KL needs both models' log-probs of the same tokens")
         del policy
         ref_model = _load_lm(cfg.reference, cfg.model)
-        ref_lp = batched_logprobs(ref_model, ro.sequences, temperature=temp, batch_size=cfg.batch_size)
+        with phase("reference log-probs", label="eval"):
+            ref_lp = batched_logprobs(ref_model, ro.sequences, temperature=temp, batch_size=cfg.batch_size)
     kl_tokens = per_token_kl(lp, ref_lp, ro.sequences.loss_mask[:, 1:], cfg.kl_estimator)
     stored: Dict[str, List[float]] = {}
     if same:
@@ -275,8 +280,9 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
                                                               {"proxy": cfg.rewards, "gold": cfg.gold})
     else:
         torch.manual_seed(cfg.seed)
-        rro = generate(ref_model, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples,
-                       compute_logprobs=False)
+        with phase(f"sampling {n_samples} reference answers", label="eval"):
+            rro = generate(ref_model, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples,
+                           compute_logprobs=False)
         ref_texts, ref_index = rro.texts, rro.prompt_index
     del ref_model
     rows = [dict(items[i]["fields"]) for i in ro.prompt_index]
@@ -284,7 +290,8 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
     rewards, ref_rewards = {}, {}
     for name, specs in (("proxy", cfg.rewards), ("gold", cfg.gold)):
         if specs:
-            rewards[name] = _score(specs, [prompts[i] for i in ro.prompt_index], ro.texts, rows)
+            with phase(f"scoring with the {name} reward", label="eval"):
+                rewards[name] = _score(specs, [prompts[i] for i in ro.prompt_index], ro.texts, rows)
             if same:
                 ref_rewards[name] = rewards[name]
             elif name in stored:  # scored by the earlier eval with the same specs: not again
