@@ -76,10 +76,18 @@ class DataConfig(Section):
     """Training data: a JSONL/JSON/Parquet/CSV file, a datasets.save_to_disk directory, or a hub name."""
     split: str = "train"
     """Split to read from a dataset directory or hub dataset."""
+    subset: Optional[str] = None
+    """Configuration (subset) of a hub dataset, e.g. 'en' (load_dataset's name argument)."""
     eval_path: Optional[str] = None
-    """Held-out data (same formats). Empty: split eval_fraction off the training data."""
+    """Held-out data (same formats). Empty: the training dataset's eval_split or test twin, else
+    eval_fraction of its rows."""
+    eval_split: Optional[str] = None
+    """Split of the held-out data (of eval_path, else of path). Empty: the test twin of split when the
+    dataset has one (test_prefs for train_prefs, test for train) and eval_fraction is 0, else
+    eval_fraction of the training rows."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
-    """Fraction of the training rows held out for evaluation when eval_path is empty."""
+    """Fraction of the training rows held out for evaluation when there is no eval_path, eval_split or
+    test twin."""
     max_length: int = Field(1024, gt=1)
     """Maximum tokens of prompt plus response."""
     max_prompt_length: Optional[int] = Field(None, gt=0)

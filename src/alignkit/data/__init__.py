@@ -5,13 +5,15 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from alignkit.config import DataConfig
 from alignkit.data.formats import parse_rows
-from alignkit.data.load import DataError, DataReport, read_rows
+from alignkit.data.load import (DataError, DataReport, looks_like_hub_id, read_rows, resolve_data_path, split_names,
+                                twin_split)
 from alignkit.data.tokenize import Encoder
 
 __all__ = ["prepare", "Prepared", "DataError", "DataReport", "Encoder", "read_rows", "parse_rows"]
@@ -28,34 +30,93 @@ class Prepared:
         return [line for r in self.reports for line in r.summary_lines()]
 
 
-def _load_split(source: str, kind: str, cfg: DataConfig, encoder: Encoder, **parse_kwargs):
-    name, rows = read_rows(source, split=cfg.split, max_rows=cfg.max_rows)
-    report = DataReport(source=name)
+def _load_split(source: str, split: str, role: str, kind: str, cfg: DataConfig, encoder: Encoder, **parse_kwargs):
+    info: Dict[str, Any] = {}
+    name, rows = read_rows(source, split=split, max_rows=cfg.max_rows, subset=cfg.subset, info=info)
+    report = DataReport(source=name, role=role, split=info.get("split"), origin=info.get("origin"))
     examples = parse_rows(rows, kind, report, **parse_kwargs)
     encoded = encoder.encode(kind, examples, report)
+    report.examples = len(encoded)
     return encoded, report
+
+
+def content_key(item: Dict[str, Any]) -> str:
+    """What an example says, without its row number: equal keys are the same training content."""
+    return json.dumps({k: v for k, v in item.items() if k != "row"}, sort_keys=True, default=str)
+
+
+def count_overlap(train: List[Dict[str, Any]], eval_items: List[Dict[str, Any]]) -> int:
+    """Held-out examples whose content also appears among the training examples."""
+    seen = {content_key(x) for x in train}
+    return sum(content_key(x) in seen for x in eval_items)
+
+
+def _eval_source(cfg: DataConfig) -> Optional[Tuple[str, str]]:
+    """(source, split) of the held-out data, or None (no held-out data, or a fraction of the training rows).
+
+    ``data.eval_path`` with ``data.eval_split``, else the test twin of ``data.split`` in that dataset
+    (``test_prefs`` for ``train_prefs``); without ``eval_path``: ``data.eval_split`` of the training
+    dataset, else (when ``eval_fraction`` is 0) its test twin when it has one."""
+    if cfg.eval_path:
+        if cfg.eval_split:
+            return cfg.eval_path, cfg.eval_split
+        names = split_names(cfg.eval_path, cfg.subset)
+        if names is None:  # a file: one table
+            return cfg.eval_path, cfg.split
+        twin = twin_split(cfg.split, names)
+        if twin:
+            return cfg.eval_path, twin
+        same = resolve_data_path(cfg.eval_path).resolve() == resolve_data_path(cfg.path).resolve() \
+            if not looks_like_hub_id(cfg.eval_path) else cfg.eval_path == cfg.path
+        if len(names) == 1 and not same:
+            return cfg.eval_path, names[0]
+        if cfg.split in names and not same:
+            return cfg.eval_path, cfg.split
+        raise DataError(f"{cfg.eval_path}: which split is held out? It has {', '.join(names)} and none is the test "
+                        f"twin of data.split={cfg.split!r}; set data.eval_split")
+    if cfg.eval_split:
+        if cfg.eval_split == cfg.split:
+            raise DataError(f"data.eval_split={cfg.eval_split!r} is the training split; choose another split")
+        return cfg.path, cfg.eval_split
+    if cfg.eval_fraction > 0:
+        return None
+    twin = twin_split(cfg.split, split_names(cfg.path, cfg.subset))
+    return (cfg.path, twin) if twin else None
 
 
 def prepare(kind: str, cfg: DataConfig, tokenizer, seed: int = 0, require_eval: bool = False,
             **parse_kwargs) -> Prepared:
     """Load, parse and tokenize training (and held-out) data of ``kind``.
 
-    kind: sft | preference | unpaired | prompt. Raises DataError when nothing usable is left.
+    kind: sft | preference | unpaired | prompt. Raises DataError when nothing usable is left; the
+    error carries the reports read so far (``error.reports``) so the caller can still write them.
+    Held-out data: see :func:`_eval_source`; each side's report names its source, split and counts,
+    and held-out examples that repeat a training example are counted (``overlap_with_train``).
     """
     if not cfg.path:
         raise DataError("no training data: pass --data FILE (or data.path=...)")
     encoder = Encoder(tokenizer, cfg)
-    train, report = _load_split(cfg.path, kind, cfg, encoder, **parse_kwargs)
-    reports = [report]
+    reports: List[DataReport] = []
+    try:
+        return _prepare(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs)
+    except DataError as e:
+        e.reports = reports  # type: ignore[attr-defined]
+        raise
+
+
+def _prepare(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs) -> Prepared:
+    train, report = _load_split(cfg.path, cfg.split, "train", kind, cfg, encoder, **parse_kwargs)
+    reports.append(report)
     if not train:
-        raise DataError(f"{cfg.path}: no usable {kind} examples out of {report.rows_read} rows\n"
-                        + "\n".join(report.summary_lines()))
+        raise DataError(f"{cfg.path}: no usable {kind} examples out of {report.rows_read} rows (every row is "
+                        f"listed in data_report.json)\n" + "\n".join(report.summary_lines()))
     eval_items: List[Dict[str, Any]] = []
-    if cfg.eval_path:
-        eval_items, ereport = _load_split(cfg.eval_path, kind, cfg, encoder, **parse_kwargs)
+    source = _eval_source(cfg)
+    if source is not None:
+        eval_items, ereport = _load_split(source[0], source[1], "eval", kind, cfg, encoder, **parse_kwargs)
         reports.append(ereport)
         if not eval_items:
-            raise DataError(f"{cfg.eval_path}: no usable {kind} examples for evaluation")
+            raise DataError(f"{source[0]}: no usable {kind} examples for evaluation")
     elif cfg.eval_fraction > 0:
         # split by source row so the expanded pairs of one ranking never straddle the split
         rows = sorted({x["row"] for x in train})
@@ -66,6 +127,12 @@ def prepare(kind: str, cfg: DataConfig, tokenizer, seed: int = 0, require_eval: 
         train = [x for x in train if x["row"] not in held]
         if not train:
             raise DataError(f"{cfg.path}: eval_fraction={cfg.eval_fraction} leaves no training examples")
+        report.examples = len(train)
+        reports.append(DataReport(source=report.source, role="eval", origin=report.origin,
+                                  split=f"{cfg.eval_fraction:g} of the training rows (seed {seed})",
+                                  rows_read=n_eval, examples=len(eval_items)))
     elif require_eval:
-        raise DataError("this command needs held-out data: set data.eval_path or data.eval_fraction")
+        raise DataError("this command needs held-out data: set data.eval_path, data.eval_split or data.eval_fraction")
+    if eval_items:
+        reports[-1].overlap_with_train = count_overlap(train, eval_items)
     return Prepared(train, eval_items, reports, encoder)

@@ -363,6 +363,8 @@ def parse_rows(rows: Sequence[Tuple[int, Dict[str, Any]]], kind: str, report: Da
         except RowError as e:
             report.drop(n, e.reason, e.field)
             continue
+        if kind == "sft" and row.get("prompt") == "" and "completion" in row:
+            report.note(n, "empty prompt: trained as plain text (loss on the whole completion)", "prompt")
         if used is not None:
             report.note_unused(k for k in row if k not in used)
     return out

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +16,17 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the row and the field."""
 
 
+ROWS_INLINE = 1000  # data_report.json lists up to this many rows per side; all of them go to a side file beyond
+
+
 @dataclass
 class DataReport:
-    """Counts and examples of rows that were dropped or changed, per reason.
+    """Counts and the row numbers of rows that were dropped, truncated or kept with a note, per reason.
 
-    Nothing is dropped or truncated silently: every such row lands here and the trainers print the
-    summary and write it to ``OUTPUT/data_report.json``.
+    Nothing is dropped or truncated silently: every such row lands here (all of them, not a sample)
+    and the trainers print the summary and write it to ``OUTPUT/data_report.json``. ``role`` is
+    train or eval, ``split`` the split read (or how the held-out rows were chosen), ``origin`` where
+    the rows came from (local file, dataset directory, Hugging Face Hub, built-in).
     """
 
     source: str = ""
@@ -27,8 +34,12 @@ class DataReport:
     examples: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
-    samples: List[Dict[str, Any]] = field(default_factory=list)
-    max_samples: int = 20
+    noted: Counter = field(default_factory=Counter)
+    samples: List[Dict[str, Any]] = field(default_factory=list)  # every dropped/truncated/noted row
+    role: str = "train"
+    split: Optional[str] = None
+    origin: Optional[str] = None
+    overlap_with_train: Optional[int] = None
     unused: Counter = field(default_factory=Counter)  # row fields the command does not use -> rows
 
     def note_unused(self, fields) -> None:
@@ -43,12 +54,16 @@ class DataReport:
         self.truncated[reason] += 1
         self._note("truncated", row, reason, None)
 
+    def note(self, row: int, reason: str, fieldname: Optional[str] = None) -> None:
+        """A row that is kept but worth knowing about (e.g. an empty SFT prompt)."""
+        self.noted[reason] += 1
+        self._note("kept", row, reason, fieldname)
+
     def _note(self, what: str, row: int, reason: str, fieldname: Optional[str]) -> None:
-        if len(self.samples) < self.max_samples:
-            entry = {"what": what, "file": self.source, "row": row, "reason": reason}
-            if fieldname:
-                entry["field"] = fieldname
-            self.samples.append(entry)
+        entry = {"what": what, "file": self.source, "row": row, "reason": reason}
+        if fieldname:
+            entry["field"] = fieldname
+        self.samples.append(entry)
 
     @property
     def n_dropped(self) -> int:
@@ -64,30 +79,87 @@ class DataReport:
         self.dropped.update(other.dropped)
         self.truncated.update(other.truncated)
         self.unused.update(other.unused)
-        self.samples.extend(other.samples[: max(0, self.max_samples - len(self.samples))])
+        self.noted.update(other.noted)
+        self.samples.extend(other.samples)
 
     def summary_lines(self) -> List[str]:
-        lines = [f"{self.source}: {self.rows_read} rows read, {self.examples} examples kept"]
+        where = ", ".join(x for x in (self.origin, f"split {self.split}" if self.split else None) if x)
+        head = f"{self.role} data: {self.source}" + (f" ({where})" if where else "")
+        lines = [f"{head}: {self.rows_read} rows read, {self.examples} examples kept"]
         for reason, n in sorted(self.dropped.items()):
             lines.append(f"  dropped {n}: {reason}")
         for reason, n in sorted(self.truncated.items()):
             lines.append(f"  truncated {n}: {reason}")
         if self.unused:
             lines.append("  fields not used: " + ", ".join(f"{k} ({n} rows)" for k, n in sorted(self.unused.items())))
+        for reason, n in sorted(self.noted.items()):
+            lines.append(f"  kept {n}: {reason}")
         for s in self.samples[:5]:
             where = f"{s['file']} row {s['row']}" + (f" field {s['field']!r}" if "field" in s else "")
             lines.append(f"    e.g. {where}: {s['what']} ({s['reason']})")
+        if len(self.samples) > 5:
+            lines.append(f"    ... every row is listed in data_report.json")
+        if self.overlap_with_train:
+            lines.append(f"  warning: {self.overlap_with_train} of {self.examples} eval examples also appear in "
+                         f"the training data (same content): held-out numbers are optimistic")
         return lines
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"source": self.source, "rows_read": self.rows_read, "examples": self.examples,
-                "dropped": dict(self.dropped), "truncated": dict(self.truncated), "samples": self.samples,
-                "unused_fields": dict(self.unused)}
+    def to_dict(self, rows_file: Optional[str] = None) -> Dict[str, Any]:
+        """The ``data_report.json`` entry. ``rows_file``: when the rows are too many to list inline
+        (more than ``ROWS_INLINE``) they are in that side file and the entry names it."""
+        out = {"role": self.role, "source": self.source, "origin": self.origin, "split": self.split,
+               "rows_read": self.rows_read, "examples": self.examples, "dropped": dict(self.dropped),
+               "truncated": dict(self.truncated), "kept_with_note": dict(self.noted),
+               "unused_fields": dict(self.unused)}
+        if self.overlap_with_train is not None:
+            out["overlap_with_train"] = self.overlap_with_train
+        if rows_file and len(self.samples) > ROWS_INLINE:
+            out["rows_file"] = rows_file
+            out["samples"] = self.samples[:20]
+        else:
+            out["samples"] = self.samples
+        return out
+
+
+def write_data_report(reports: List["DataReport"], out: Path) -> Path:
+    """``out/data_report.json`` (one entry per side) and, when some side has more than ``ROWS_INLINE``
+    listed rows, ``out/data_report_rows.jsonl`` with every one of them."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    side = "data_report_rows.jsonl"
+    many = [r for r in reports if len(r.samples) > ROWS_INLINE]
+    if many:
+        with (out / side).open("w") as f:
+            for r in many:
+                for entry in r.samples:
+                    f.write(json.dumps({"role": r.role, **entry}) + "\n")
+    path = out / "data_report.json"
+    path.write_text(json.dumps([r.to_dict(side) for r in reports], indent=2))
+    return path
+
+
+def _utf8_error(path: Path, data: bytes, e: UnicodeDecodeError, first_line: int = 1) -> "DataError":
+    line = first_line + data.count(b"\n", 0, e.start)
+    col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); "
+                     f"re-save the file as UTF-8")
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text (a leading byte-order mark is dropped); a bad byte names its line and column."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(path, data, e) from None
 
 
 def _read_jsonl(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, raw, e, lineno) from None
             if not line.strip():
                 continue
             try:
@@ -101,7 +173,7 @@ def _read_jsonl(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
 
 def _read_json(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path, path.read_bytes()))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if isinstance(data, dict):
@@ -121,9 +193,10 @@ def _read_json(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
 
 
 def _read_csv(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        for i, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-            yield i, {k: _maybe_json(v) for k, v in row.items()}
+    # utf-8-sig: a byte-order mark (Excel writes one) must not become part of the first column's name
+    text = _decode(path, path.read_bytes())
+    for i, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2):  # line 1 is the header
+        yield i, {k: _maybe_json(v) for k, v in row.items()}
 
 
 def _maybe_json(v: Any) -> Any:
@@ -158,12 +231,27 @@ def resolve_data_path(source: str) -> Path:
     return Path(source).expanduser()
 
 
-def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None) -> Tuple[str, List[Tuple[int, Dict[str, Any]]]]:
-    """Return (display name, [(row number, row dict)]) for a file, a dataset directory or a hub name.
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml",
+                 ".gz", ".zst", ".bz2", ".xz")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_BARE_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-    Row numbers are 1-based line numbers for JSONL/CSV and 0-based indices otherwise, so the number
-    in an error message is the one a user finds in the file.
-    """
+
+def looks_like_hub_id(name: str, allow_bare: bool = False) -> bool:
+    """Whether ``name`` can only mean a Hugging Face Hub repository: ``owner/name`` (``name`` alone
+    with ``allow_bare``, as old model ids like ``gpt2``), not a path (no leading ``.``/``/``/``~``,
+    one slash at most, no data-file extension)."""
+    if not name or name.startswith((".", "/", "~")) or "\\" in name:
+        return False
+    if Path(name).suffix.lower() in DATA_SUFFIXES:
+        return False
+    if "/" in name and Path(name.split("/")[0]).is_dir():  # runs/sft: meant as a path under ./runs
+        return False
+    return bool(_HUB_ID.match(name) or (allow_bare and _BARE_HUB_ID.match(name)))
+
+
+def split_names(source: str, subset: Optional[str] = None) -> Optional[List[str]]:
+    """The splits of a dataset directory or hub dataset; None for a file (one table, no splits)."""
     path = resolve_data_path(source)
     if path.is_dir():
         from datasets import DatasetDict, load_from_disk
@@ -171,13 +259,62 @@ def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None)
         try:
             ds = load_from_disk(str(path))
         except Exception as e:  # noqa: BLE001 - report any loader failure with the path
-            raise DataError(f"{path}: not a datasets.save_to_disk directory ({e})") from None
+            raise DataError(f"{path}: not a datasets.save_to_disk directory ({_one_line(e)})") from None
+        return list(ds) if isinstance(ds, DatasetDict) else None
+    if path.exists() or not looks_like_hub_id(source):
+        return None
+    try:
+        from datasets import get_dataset_split_names
+
+        return list(get_dataset_split_names(source, subset))
+    except Exception:  # noqa: BLE001 - read_rows reports the hub failure itself
+        return None
+
+
+def twin_split(split: str, names: Optional[List[str]]) -> Optional[str]:
+    """The held-out twin of a training split among ``names``: ``test_prefs`` for ``train_prefs``,
+    ``test`` for ``train``, else the same with validation/valid/eval/dev."""
+    if not names or "train" not in split:
+        return None
+    for held in ("test", "validation", "valid", "eval", "dev"):
+        cand = split.replace("train", held)
+        if cand in names and cand != split:
+            return cand
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None, subset: Optional[str] = None,
+              info: Optional[Dict[str, Any]] = None) -> Tuple[str, List[Tuple[int, Dict[str, Any]]]]:
+    """Return (display name, [(row number, row dict)]) for a file, a dataset directory or a hub name.
+
+    Row numbers are 1-based line numbers for JSONL/CSV and 0-based indices otherwise, so the number
+    in an error message is the one a user finds in the file. The Hub is asked only for names that
+    look like hub ids (``owner/name``) and are not local paths; a missing path is "no such file or
+    directory". ``info`` (a dict) receives ``origin`` and ``split`` (None for a file).
+    """
+    info = {} if info is None else info
+    path = resolve_data_path(source)
+    info["split"] = None
+    if path.is_dir():
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 - report any loader failure with the path
+            raise DataError(f"{path}: not a datasets.save_to_disk directory ({_one_line(e)})") from None
+        info["origin"] = "local dataset directory"
         if isinstance(ds, DatasetDict):
             if split not in ds:
-                raise DataError(f"{path}: no split {split!r} (has {', '.join(ds)})")
+                raise DataError(f"{path}: no split {split!r} (has {', '.join(ds)}); set the split to one of them")
             ds = ds[split]
+            info["split"] = split
         rows = _read_dataset(ds)
     elif path.exists():
+        info["origin"] = "built-in dataset" if source.startswith(BUILTIN_PREFIX) else "local file"
         suffix = "".join(path.suffixes[-1:]).lower()
         if suffix in (".jsonl", ".ndjson"):
             rows = _read_jsonl(path)
@@ -192,14 +329,17 @@ def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None)
         else:
             raise DataError(f"{path}: unknown file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
     else:
-        if "/" not in source or source.startswith((".", "/", "~")):
+        if not looks_like_hub_id(source):
             raise DataError(f"{source}: no such file or directory")
+        info["origin"] = "Hugging Face Hub" + (f", subset {subset}" if subset else "")
+        info["split"] = split
         try:
             from datasets import load_dataset
 
-            rows = _read_dataset(load_dataset(source, split=split))
+            rows = _read_dataset(load_dataset(source, subset, split=split))
         except Exception as e:  # noqa: BLE001
-            raise DataError(f"{source}: not a local file and could not be loaded from the hub ({e})") from None
+            raise DataError(f"{source}: no such local file or directory, and loading it from the Hugging Face Hub "
+                            f"failed ({_one_line(e)})") from None
     out = []
     for n, row in rows:
         out.append((n, row))

@@ -88,4 +88,23 @@ def resolve_model_path(name_or_path: str | None) -> str:
     """Map empty / alias names to the embedded model's directory; anything else is returned as is."""
     if name_or_path is None or name_or_path.strip().lower() in DEFAULT_ALIASES:
         return str(default_model_dir())
+    from alignkit.data.load import looks_like_hub_id
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"model {name_or_path}: is a file, not a model directory; pass the directory "
+                                    f"that holds config.json (e.g. runs/sft/model)")
+        return str(path)
+    if not looks_like_hub_id(name_or_path, allow_bare=True):  # a path that is not there: never a hub lookup
+        raise FileNotFoundError(f"model {name_or_path}: no such directory (and not a Hugging Face Hub id, which "
+                                f"looks like owner/name); pass an existing model directory, e.g. runs/sft/model")
+    if name_or_path not in _ANNOUNCED:  # say once which way a name was taken
+        _ANNOUNCED.add(name_or_path)
+        import sys
+
+        print(f"model {name_or_path}: not a local directory; loading it from the Hugging Face Hub", file=sys.stderr)
     return name_or_path
+
+
+_ANNOUNCED: set = set()

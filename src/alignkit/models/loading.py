@@ -99,6 +99,7 @@ def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with LoRA adapters (peft). For SEQ_CLS the score head stays fully trainable."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
+    check_lora_targets(model, cfg.target_modules)
     pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=cfg.target_modules, task_type=task_type, bias="none")
     flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
@@ -111,6 +112,23 @@ def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
         # it reads is right, so this one message is silenced for this call only.
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return get_peft_model(model, pcfg)
+
+
+def check_lora_targets(model, targets) -> None:
+    """Every name in ``lora.target_modules`` must name modules of ``model`` (peft matches the end of a
+    module's dotted name); a missing one is a one-line :class:`~alignkit.config.ConfigError` listing
+    the model's linear layers. A single string other than all-linear is a peft regex: left to peft."""
+    if isinstance(targets, str):
+        return
+    from alignkit.config import ConfigError
+
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                         or type(m).__name__ == "Conv1D"})
+        raise ConfigError(f"lora.target_modules: {', '.join(missing)} not found in the model (its linear layers: "
+                          f"{', '.join(linear)}); use names from that list or lora.target_modules=all-linear")
 
 
 def is_peft(model) -> bool:

@@ -56,14 +56,34 @@ def claim_output(cfg: RunConfig, acc) -> None:
 
 
 def report_data(prepared: Prepared, out: Path, is_main: bool) -> None:
-    if not is_main:
-        return
+    """Print each side's summary (source, split, rows, drops) and write ``OUTPUT/data_report.json``."""
+    if is_main:
+        write_data_reports(prepared.reports, out)
+
+
+def write_data_reports(reports, out: Path) -> None:
+    from alignkit.data.load import write_data_report
+
     c = console()
-    for line in prepared.summary_lines():
-        style = "yellow" if ("dropped" in line or "truncated" in line) else None
+    for line in [line for r in reports for line in r.summary_lines()]:
+        style = "yellow" if ("dropped" in line or "truncated" in line or "warning" in line) else None
         c.print(line, style=style, markup=False, highlight=False)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "data_report.json").write_text(json.dumps([r.to_dict() for r in prepared.reports], indent=2))
+    write_data_report(reports, out)
+
+
+def prepare_data(kind: str, cfg: RunConfig, tokenizer, acc, **kwargs) -> Prepared:
+    """``alignkit.data.prepare`` for a run: the data report is written to OUTPUT (and printed) also
+    when the data is refused, e.g. every row dropped."""
+    from alignkit.data import DataError, prepare
+
+    try:
+        data = prepare(kind, cfg.data, tokenizer, **kwargs)
+    except DataError as e:
+        if acc.is_main_process and getattr(e, "reports", None):
+            write_data_reports(e.reports, cfg.output)
+        raise
+    report_data(data, cfg.output, acc.is_main_process)
+    return data
 
 
 def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save_kwargs: Optional[dict] = None) -> Path:

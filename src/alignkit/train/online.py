@@ -329,16 +329,14 @@ def load_reference(cfg, accelerator, needed: bool):
 def run_online(cfg, build) -> Dict[str, Any]:
     """Shared body of train_ppo/train_grpo/train_rloo. ``build(cfg, tok, policy, reward, gold, engine, acc)``
     returns ``(task, model)`` where ``model`` is what the optimizer trains (policy, or policy+value)."""
-    from alignkit.data import prepare
     from alignkit.models.default import resolve_model_path
     from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
     from alignkit.rewards import build_reward
-    from alignkit.train.common import fit_and_finish, report_data, start_run
+    from alignkit.train.common import fit_and_finish, prepare_data, start_run
 
     acc = start_run(cfg)
     tok = load_tokenizer(cfg.model)
-    data = prepare("prompt", cfg.data, tok, seed=cfg.train.seed)
-    report_data(data, cfg.output, acc.is_main_process)
+    data = prepare_data("prompt", cfg, tok, acc, seed=cfg.train.seed)
     reward = build_reward(cfg.rewards)
     gold = build_reward(cfg.gold_reward) if cfg.gold_reward else None
     policy = load_causal_lm(cfg.model)

@@ -216,17 +216,15 @@ def assign_kl_partners(items: List[Dict[str, Any]], seed: int) -> None:
 
 def train_dpo(config: Union[DPOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Train with a preference loss; the Python twin of ``alignkit dpo``."""
-    from alignkit.data import prepare
     from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
-    from alignkit.train.common import fit_and_finish, report_data, start_run
+    from alignkit.train.common import fit_and_finish, prepare_data, start_run
 
     cfg = as_config(DPOConfig, config, overrides)
     opts = cfg.dpo
     acc = start_run(cfg)
     tok = load_tokenizer(cfg.model)
     kind = "preference" if opts.paired else "unpaired"
-    data = prepare(kind, cfg.data, tok, seed=cfg.train.seed)
-    report_data(data, cfg.output, acc.is_main_process)
+    data = prepare_data(kind, cfg, tok, acc, seed=cfg.train.seed)
     if not opts.paired:
         assign_kl_partners(data.train, cfg.train.seed)
         if data.eval:

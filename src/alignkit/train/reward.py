@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from alignkit.config import RMConfig, as_config
-from alignkit.data import prepare
 from alignkit.data.collate import SeqBatch, pad_sequences
 from alignkit.losses.reward import RANKING_LOSSES, all_pairs_bradley_terry_loss, plackett_luce_loss
 from alignkit.models.reward import reward_scores
@@ -186,14 +185,13 @@ def train_rm(config: Union[RMConfig, Dict[str, Any], None] = None, **overrides) 
     """Train a reward model; the Python twin of ``alignkit rm``."""
     from alignkit.models.loading import apply_lora, load_reward_model, load_tokenizer
     from alignkit.models.reward import reward_pad_token
-    from alignkit.train.common import fit_and_finish, report_data, start_run
+    from alignkit.train.common import fit_and_finish, prepare_data, start_run
 
     cfg = as_config(RMConfig, config, overrides)
     acc = start_run(cfg)
     tok = load_tokenizer(cfg.model)
     pad_id = reward_pad_token(tok)
-    data = prepare("preference", cfg.data, tok, seed=cfg.train.seed, margin_field=cfg.rm.margin_field)
-    report_data(data, cfg.output, acc.is_main_process)
+    data = prepare_data("preference", cfg, tok, acc, seed=cfg.train.seed, margin_field=cfg.rm.margin_field)
     train_items, split_train = group_rankings(data.train)
     eval_items, split_eval = group_rankings(data.eval)
     if (split_train or split_eval) and acc.is_main_process:

@@ -7,7 +7,6 @@ from typing import Any, Dict, List, Union
 import torch
 
 from alignkit.config import SFTConfig, as_config
-from alignkit.data import prepare
 from alignkit.data.collate import SeqBatch, collate_sft
 from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 from alignkit.train.loop import Task, Trainer
@@ -48,13 +47,12 @@ class SFTTask(Task):
 def train_sft(config: Union[SFTConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run SFT; the Python twin of ``alignkit sft``. Returns the summary (final metrics, paths)."""
     from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
-    from alignkit.train.common import fit_and_finish, report_data, start_run
+    from alignkit.train.common import fit_and_finish, prepare_data, start_run
 
     cfg = as_config(SFTConfig, config, overrides)
     acc = start_run(cfg)
     tok = load_tokenizer(cfg.model)
-    data = prepare("sft", cfg.data, tok, seed=cfg.train.seed)
-    report_data(data, cfg.output, acc.is_main_process)
+    data = prepare_data("sft", cfg, tok, acc, seed=cfg.train.seed)
     model = load_causal_lm(cfg.model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
