@@ -190,24 +190,16 @@ def _user_errors() -> tuple:
 
 
 def run_reporting_errors(fn, debug: bool = False):
-    """Call ``fn``; an exception becomes one ``Error: ...`` line and exit code 1 (``debug``: the
-    traceback). Mistakes in the input are shown as they are; anything else is named as an
-    unexpected error with the hint to rerun with ``--debug``."""
+    """Call ``fn``; a mistake in the input (:func:`_user_errors`) becomes one ``Error: ...`` line and
+    exit code 1 (``debug``: the traceback). Anything else is a bug and keeps its traceback."""
     from alignkit.train.rundir import release_all
 
     try:
         return fn()
-    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
-        raise
     except Exception as e:
-        if debug:
+        if debug or isinstance(e, click.ClickException) or not isinstance(e, _user_errors()):
             raise
-        if isinstance(e, _user_errors()):
-            msg = str(e)
-        else:
-            text = " ".join(str(e).split()) or "(no message)"
-            msg = f"{type(e).__name__}: {text} (unexpected; rerun with --debug for the traceback)"
-        raise click.ClickException(msg) from None
+        raise click.ClickException(str(e)) from None
     finally:
         release_all()
 
