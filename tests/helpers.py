@@ -71,3 +71,13 @@ def chromium_path() -> str:
         if path:
             return path
     raise RuntimeError("no Chromium found: `apt-get install -y chromium chromium-driver` (scripts/test.sh does it)")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for torch.distributed launches (a fixed port collides with
+    other test runs on the same machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -10,16 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import sft_rows
-
-
-def _free_port() -> int:
-    """A port nobody listens on now (a fixed one collides with other test runs on the machine)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port, sft_rows
 
 
 def _run(args, nproc, tmp_path):
@@ -27,7 +18,7 @@ def _run(args, nproc, tmp_path):
     if nproc == 1:
         cmd = [sys.executable, "-m", "alignkit.cli"] + args
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                "-m", "alignkit.cli"] + args
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -79,7 +70,7 @@ def test_fsdp_through_an_accelerate_config_equals_one_process(tmp_path, tiny_mod
     _run(common + ["--output", str(tmp_path / "one"), "train.batch_size=8"], 1, tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg),
-                          "--main_process_port", str(_free_port()), "-m", "alignkit"] + common
+                          "--main_process_port", str(free_port()), "-m", "alignkit"] + common
                          + ["--output", str(tmp_path / "fsdp"), "train.batch_size=4"],
                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -19,6 +19,7 @@ CHAR = "python:alignkit.rewards.toy:char_share"
 QUIET = ["log.progress=false", "log.samples=0", "generation.max_new_tokens=6"]
 
 
+from tests.helpers import free_port  # noqa: E402
 from tests.helpers import one_thread as _one_thread  # noqa: E402,F401  (autouse: one thread per module)
 
 
@@ -206,7 +207,7 @@ def test_ppo_on_two_processes(tmp_path, tiny_model, jsonl):
     data = jsonl("p.jsonl", prompt_rows(16))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     out = tmp_path / "ppo"
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
             "-m", "alignkit.cli", "ppo", "--model", str(tiny_model), "--data", str(data), "--output", str(out),
             "--max-steps", "2", "--reward", "regex:[a-m]", "train.batch_size=4", "ppo.num_minibatches=2",
             "optim.lr=1e-2", "ppo.normalize_reward=true", *QUIET]
