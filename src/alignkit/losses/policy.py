@@ -35,6 +35,7 @@ import torch
 
 from alignkit.losses.base import LossOutput, Registry
 from alignkit.ops.kl import kl_k3
+from alignkit.ops.masked import masked_mean
 
 Aggregation = Literal["token_mean", "sequence_mean", "sum_norm", "sum"]
 AGGREGATIONS = ("token_mean", "sequence_mean", "sum_norm", "sum")
@@ -74,12 +75,6 @@ def aggregate_token_losses(per_token: torch.Tensor, mask: torch.Tensor,
     return seq_sum  # "sum"
 
 
-def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Scalar mean of ``x`` over ``valid`` (bool, same shape); 0 when nothing is valid."""
-    total = torch.where(valid, x, torch.zeros_like(x)).sum()
-    return total / valid.sum().clamp(min=1).to(x.dtype)
-
-
 def _token_advantages(advantages: torch.Tensor, like: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``(B,)`` sequence-level or ``(B, T)`` token-level advantages -> detached, clean ``(B, T)``."""
     adv = advantages.detach()
@@ -112,9 +107,9 @@ def _surrogate_metrics(ratio: torch.Tensor, is_clipped: torch.Tensor, log_ratio:
         # k3 of KL(pi_old || pi_theta), unbiased on tokens sampled from pi_old: (r - 1) - log r
         approx_kl = kl_k3(torch.zeros_like(log_ratio), log_ratio)
         return {
-            "policy/clip_frac": _masked_mean(is_clipped.to(ratio.dtype), valid).detach(),
-            "policy/approx_kl": _masked_mean(approx_kl, valid).detach(),
-            "policy/ratio_mean": _masked_mean(ratio, valid).detach(),
+            "policy/clip_frac": masked_mean(is_clipped.to(ratio.dtype), valid).detach(),
+            "policy/approx_kl": masked_mean(approx_kl, valid).detach(),
+            "policy/ratio_mean": masked_mean(ratio, valid).detach(),
         }
 
 
@@ -189,7 +184,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
                    torch.where(valid, ref_logprobs.detach().to(logprobs.dtype), zeros))  # (B, T)
         if beta != 0.0:
             per_token = per_token + beta * kl
-        metrics["kl/ref"] = _masked_mean(kl.detach(), valid)
+        metrics["kl/ref"] = masked_mean(kl.detach(), valid)
     losses = aggregate_token_losses(per_token, valid, aggregation, max_len=max_len,
                                     num_tokens=num_tokens)
     return LossOutput(losses, metrics)

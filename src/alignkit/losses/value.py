@@ -13,11 +13,7 @@ import torch
 
 from alignkit.losses.base import LossOutput
 from alignkit.losses.policy import Aggregation, aggregate_token_losses
-
-
-def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    total = torch.where(valid, x, torch.zeros_like(x)).sum()
-    return total / valid.sum().clamp(min=1).to(x.dtype)
+from alignkit.ops.masked import masked_mean, masked_var
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
@@ -55,8 +51,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     losses = aggregate_token_losses(per_token, valid, aggregation, max_len=max_len,
                                     num_tokens=num_tokens)
     metrics = {
-        "value/clip_frac": _masked_mean(is_clipped.to(values.dtype), valid).detach(),
-        "value/mse": _masked_mean(err.detach(), valid),
+        "value/clip_frac": masked_mean(is_clipped.to(values.dtype), valid).detach(),
+        "value/mse": masked_mean(err.detach(), valid),
     }
     return LossOutput(losses, metrics)
 
@@ -69,18 +65,11 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     ``nan`` when the returns have zero variance (undefined). Unbiased variances (the ratio does not
     depend on the choice).
     """
-    valid = mask.bool()
-    zeros = torch.zeros_like(returns, dtype=torch.promote_types(returns.dtype, torch.float32))
-    r = torch.where(valid, returns.to(zeros.dtype), zeros)
-    diff = torch.where(valid, r - values.to(zeros.dtype), zeros)
-    n = valid.sum().to(zeros.dtype)
-
-    def var(x: torch.Tensor) -> torch.Tensor:
-        mean = x.sum() / n.clamp(min=1.0)
-        return torch.where(valid, x - mean, zeros).square().sum() / (n - 1.0).clamp(min=1.0)
-
-    var_r = var(r)
-    return torch.where(var_r > 0, 1.0 - var(diff) / var_r, torch.full_like(var_r, float("nan")))
+    dtype = torch.promote_types(returns.dtype, torch.float32)
+    r = returns.to(dtype)
+    var_r = masked_var(r, mask)  # nan/inf at masked positions never reach it
+    var_diff = masked_var(r - values.to(dtype), mask)
+    return torch.where(var_r > 0, 1.0 - var_diff / var_r, torch.full_like(var_r, float("nan")))
 
 
 __all__ = ["value_loss", "explained_variance"]
