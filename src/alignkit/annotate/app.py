@@ -200,7 +200,8 @@ class App:
             return _error(401, "unknown or revoked login link")
         # an admin lands on the statistics (the annotation page would assign it an item)
         resp = RedirectResponse("/admin" if user.is_admin else "/", status_code=303)
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+        https = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/", secure=https)
         return _secure(resp)
 
     async def logout(self, request: Request) -> Response:
