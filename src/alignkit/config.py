@@ -197,8 +197,8 @@ class DiagnosticsConfig(Section):
     norm, a flat loss, equal rewards or zero-variance groups, every completion truncated, every label
     masked."""
     weight_growth: float = Field(3.0, gt=1)
-    """Alert (exploding) when the norm of the trained weights exceeds this multiple of its value before
-    training."""
+    """Alert (exploding) when the root mean square of the trained weights exceeds this multiple of its
+    value before training (and 1.0)."""
     grad_growth: float = Field(100.0, gt=1)
     """Alert (exploding) when the gradient norm exceeds this multiple of its median over the first
     window logged steps."""

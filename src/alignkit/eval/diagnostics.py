@@ -45,8 +45,9 @@ No-learning checks (each must hold on ``stall_steps`` logged steps in a row):
     ``train/units`` 0: every label of the batch is masked, there is no loss to learn from.
 
 ``exploding``
-    weights or updates growing without a NaN: ``train/weight_norm`` above ``weight_growth`` times
-    its value before training (fires at once), or ``train/grad_norm`` above ``grad_growth`` times
+    weights or updates growing without a NaN: the root mean square of the trained weights
+    (``train/weight_rms``) above ``weight_growth`` times its value before training and above 1
+    (healthy weights, LoRA adapters included, stay far below 1; fires at once), or ``train/grad_norm`` above ``grad_growth`` times
     its median over the first ``window`` logged steps.
 ``heldout_regression``
     held-out accuracy (``eval/accuracy``) more than ``heldout_drop`` below its value before
@@ -82,7 +83,7 @@ MARGIN_KEY = "rewards/margin"
 CHOSEN_LOGP_KEY = "logps/chosen"
 LOSS_KEY = "train/loss"
 GRAD_NORM_KEY = "train/grad_norm"
-WEIGHT_NORM_KEY = "train/weight_norm"
+WEIGHT_RMS_KEY = "train/weight_rms"
 UNITS_KEY = "train/units"
 REWARD_STD_KEY = "rewards/std"
 ZERO_STD_KEY = "rewards/zero_std_groups"
@@ -195,7 +196,7 @@ class Diagnostics:
             "constant_reward": ((REWARD_STD_KEY, ZERO_STD_KEY), self._check_constant_reward),
             "all_truncated": ((EOS_RATE_KEY,), self._check_all_truncated),
             "all_masked": ((UNITS_KEY,), self._check_all_masked),
-            "exploding": ((WEIGHT_NORM_KEY, GRAD_NORM_KEY), self._check_exploding),
+            "exploding": ((WEIGHT_RMS_KEY, GRAD_NORM_KEY), self._check_exploding),
             "heldout_regression": (HELDOUT_ACCURACY_KEYS + HELDOUT_LOSS_KEYS, self._check_heldout),
         }
         assert set(self._checks) == set(ALERT_KINDS)
@@ -429,10 +430,10 @@ class Diagnostics:
 
     def _check_exploding(self) -> Optional[str]:
         cfg = self.config
-        weights = [p for p in self.history.get(WEIGHT_NORM_KEY, []) if math.isfinite(p[1])]
-        if len(weights) >= 2 and weights[0][1] > 0 and weights[-1][1] > cfg.weight_growth * weights[0][1]:
+        weights = [p for p in self.history.get(WEIGHT_RMS_KEY, []) if math.isfinite(p[1])]
+        if len(weights) >= 2 and weights[0][1] > 0 and weights[-1][1] > max(cfg.weight_growth * weights[0][1], 1.0):
             (s0, w0), (s1, w1) = weights[0], weights[-1]
-            return _Urgent(f"The weight norm grew from {w0:.4g} (step {int(s0)}) to {w1:.4g} (step {int(s1)}), "
+            return _Urgent(f"The weights' root mean square grew from {w0:.4g} (step {int(s0)}) to {w1:.4g} (step {int(s1)}), "
                            f"{w1 / w0:.1f}x, without a NaN: the updates are far too large. Lower optim.lr "
                            f"(and check optim.max_grad_norm).")
         grads = [p for p in self.history.get(GRAD_NORM_KEY, []) if math.isfinite(p[1])]

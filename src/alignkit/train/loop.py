@@ -305,7 +305,7 @@ class Trainer:
                         metrics[k] = metrics.get(k, 0.0) + (v - metrics.get(k, 0.0)) / n_updates
                 if self.diagnostics is not None and ((self.step + 1) % cfg.log.every == 0
                                                      or self.step + 1 == self.total_steps):
-                    metrics["train/weight_norm"] = self._weight_norm()  # read with the other metrics
+                    metrics["train/weight_rms"] = self._weight_rms()  # read with the other metrics
                 metrics = host_floats(metrics)  # the step's one read of its metrics
                 metrics.update(host_floats(planned))
                 with warnings.catch_warnings():  # a skipped (NaN) update still advances the schedule
@@ -360,18 +360,20 @@ class Trainer:
                 raise TrainingAborted(f"step {alert.step}: {alert.kind} alert, and diagnostics.fail_on includes it: "
                                       f"{alert.message}")
 
-    def _weight_norm(self) -> torch.Tensor:
-        """L2 norm of the trained weights, as a device tensor (read with the step's other metrics)."""
+    def _weight_rms(self) -> torch.Tensor:
+        """Root mean square of the trained weights (L2 norm / sqrt(count)), as a device tensor (read with
+        the step's other metrics)."""
         params = [p.detach() for p in self.model.parameters() if p.requires_grad]
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float()) for p in params]))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float()) for p in params]))
+        return norm / math.sqrt(max(1, sum(p.numel() for p in params)))
 
     def _preflight(self) -> None:
-        """Checks before the first step: the baseline weight norm for the ``exploding`` alert, and a
+        """Checks before the first step: the baseline weight RMS for the ``exploding`` alert, and a
         first look at the data: when the first items hold no loss units (every label masked) the
         ``all_masked`` alert fires before any compute is spent (and aborts with fail_on)."""
         if self.diagnostics is None:
             return
-        self._diagnose({"train/weight_norm": float(self._weight_norm())})
+        self._diagnose({"train/weight_rms": float(self._weight_rms())})
         try:
             sample = self.train_items[:max(self.micro, 16)]
             units = float(self.task.units(self.task.collate(sample))) if sample else 1.0
