@@ -272,10 +272,10 @@ def _may_change(key: str) -> bool:
 
 def config_differences(saved: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     """``"field: A in the checkpoint, B now"`` for every field that differs and may not change on
-    resume (a field only one side has counts when its value is not null)."""
+    resume. A field only one side has (added or removed by another alignkit version) is skipped."""
     a, b = _flatten(saved), _flatten(new)
     diffs = []
-    for key in sorted(set(a) | set(b)):
+    for key in sorted(set(a) & set(b)):
         if _may_change(key):
             continue
         va, vb = a.get(key), b.get(key)
