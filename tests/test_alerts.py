@@ -105,13 +105,20 @@ def test_lr_1e4_raises_the_alerts_and_fail_on_aborts(tmp_path, tiny_model, jsonl
     assert "exploding" in report
     args = ["sft", "--model", str(tiny_model), "--data", str(data), "--output", str(tmp_path / "abort"),
             "--max-steps", "6", "optim.lr=1e4", "train.batch_size=8", "log.progress=false", "log.samples=0",
-            "diagnostics.stall_steps=3", "diagnostics.fail_on=[exploding]"]
+            "diagnostics.stall_steps=3", "diagnostics.fail_on=[stuck_loss]"]
     res = CliRunner().invoke(build_cli(), args)
     assert res.exit_code == 1 and "Traceback" not in res.output
-    assert "exploding alert, and diagnostics.fail_on includes it" in " ".join(res.output.split())
-    assert [a["kind"] for a in _alerts(tmp_path / "abort")] == ["exploding"]
+    assert "step 4: stuck_loss alert, and diagnostics.fail_on includes it" in " ".join(res.output.split())
+    assert [a["kind"] for a in _alerts(tmp_path / "abort")][-1] == "stuck_loss"
+    steps = [json.loads(l)["step"] for l in (tmp_path / "abort" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4  # stopped at the alert, not at max_steps
     assert not (tmp_path / "abort" / "model").exists()
     assert (tmp_path / "abort" / "report.html").exists()
+    # [any]: the first alert of all (exploding, at step 1) stops the run
+    args = [str(tmp_path / "any") if a == str(tmp_path / "abort") else a for a in args[:-1]]
+    res = CliRunner().invoke(build_cli(), args + ["diagnostics.fail_on=any"])
+    assert res.exit_code == 1 and "step 1: exploding alert" in " ".join(res.output.split())
+    assert [a["kind"] for a in _alerts(tmp_path / "any")] == ["exploding"]
 
 
 def test_every_label_masked_is_caught_before_the_first_step(tmp_path, tiny_model, jsonl):
