@@ -75,6 +75,20 @@ def test_phase_without_a_terminal_prints_start_and_end_lines(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_phase_in_a_terminal_is_a_spinner_with_a_count(monkeypatch):
+    from rich.console import Console
+
+    from alignkit.train import logging as lg
+
+    console = Console(file=io.StringIO(), width=80, force_terminal=True, force_jupyter=False)
+    monkeypatch.setattr(lg, "_console", lambda: console)
+    with phase("evaluating 48 examples", label="sft", total=48) as p:
+        p.advance(12)
+        text = "".join(seg.text for line in console.render_lines(p.progress.get_renderable(), console.options)
+                       for seg in line)
+    assert "[sft] evaluating 48 examples" in text and "12/48" in text  # the label is text, not a style tag
+
+
 class FakeWandb(types.ModuleType):
     """The part of wandb's API alignkit uses, recording calls (for when wandb is not installed)."""
 

@@ -135,7 +135,9 @@ def phase(what: str, *, label: str = "", enabled: bool = True, total: Optional[i
             cols[2:2] = [BarColumn(bar_width=20), MofNCompleteColumn()]
         progress = Progress(*cols, console=console, transient=True)
         progress.start()
-    task = progress.add_task(f"{prefix}{what}", total=total, live="")
+    from rich.markup import escape
+
+    task = progress.add_task(escape(f"{prefix}{what}"), total=total, live="")  # "[sft]" is not a style tag
     try:
         yield _Phase(progress, task)
     finally:
@@ -311,7 +313,9 @@ class MetricLogger:
                                         MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                                         TimeRemainingColumn(), console=console, transient=False)
         self.progress.start()
-        self.task_id = self.progress.add_task(self.label, total=total, completed=done, live="")
+        from rich.markup import escape
+
+        self.task_id = self.progress.add_task(escape(self.label), total=total, completed=done, live="")
 
     def advance(self, step: int, metrics: Dict[str, float]) -> None:
         if self.progress is None:
