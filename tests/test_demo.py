@@ -79,7 +79,8 @@ def test_report_regenerates_plots_and_samples(demo_dir, tmp_path):
                for k, v in json.loads(line).items() if k not in ("step",) and isinstance(v, (int, float))}
     plots = re.findall(r'<figure data-metric="([^"]+)" data-keys="([^"]*)"><svg', html)
     drawn = [k for name, keys in plots if not name.startswith("reward_vs_kl") for k in keys.split()]
-    single = re.findall(r'<tr data-metric="([^"]+)">', html)
+    single = re.findall(r'<tr data-metric="([^"]+)">', html) \
+        + [k for keys in re.findall(r'data-in-summary="([^"]*)"', html) for k in keys.split()]
     assert {"train/loss", "rewards/margin", "logps/chosen", "eval/accuracy"} <= set(drawn)
     assert ("rewards/accuracy", "rewards/accuracy eval/accuracy") in plots  # held-out over train
     assert sorted(drawn + single) == sorted(metrics)  # every logged metric once: a plot or a number
@@ -128,7 +129,7 @@ PAGE_CHECK = """() => {
                                    bg: getComputedStyle(banner).backgroundColor},
           alerts: [...document.querySelectorAll('div.alert')].map(a => a.dataset.kind),
           alertColor: [...document.querySelectorAll('div.alert b')].map(b => getComputedStyle(b).color),
-          singles: document.querySelectorAll('tr[data-metric]').length};
+          singles: document.querySelectorAll('tr[data-metric], [data-in-summary]').length};
 }"""
 RED = "rgb(201, 42, 42)"
 

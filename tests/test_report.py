@@ -199,6 +199,12 @@ def test_single_values_are_numbers_and_alerts_banner_is_red(tmp_path):
     assert html.count('<div class="alert" data-kind=') == 2
     assert ".banner.bad{background:#c92a2a" in html  # red
     assert "No failure mode detected" not in html and "No alerts" not in html
+    # a value the summary already shows (an evaluation's summary.json drops the eval/ prefix) is only named
+    (run / "summary.json").write_text(json.dumps({"kl/ref": 2.5, "rewards/gold": 0.3}))
+    html = write_report(run).read_text()
+    rows = dict(re.findall(r'<tr data-metric="([^"]+)"><th>[^<]+</th><td>([^<]+)</td>', html))
+    assert rows == {"eval/rewards/gold": "0.31", "eval/win_rate/gold": "0.625"}
+    assert 'data-in-summary="eval/kl/ref"' in html
     (run / "alerts.jsonl").write_text("")
     html = write_report(run).read_text()
     assert '<div class="banner none" id="alerts" data-alerts="0">No alerts (alerts.jsonl)' in html

@@ -266,14 +266,28 @@ def _plot_figure(plot: _Plot) -> str:
     return _figure(plot.key, line_plot(plot.curves, plot.key, "step", plot.key.rsplit("/", 1)[-1]), plot.keys)
 
 
-def _single_html(single: Dict[str, Tuple[float, float]]) -> List[str]:
+def _single_html(single: Dict[str, Tuple[float, float]], summary: Dict[str, Any]) -> List[str]:
+    """Metrics logged once, as numbers; those the summary table already shows (same value, under the
+    same key or without ``eval/``, as an evaluation's summary.json has them) are only named."""
     if not single:
         return []
-    rows = "".join(f'<tr data-metric="{escape(k)}"><th>{escape(k)}</th><td>{_fmt(v)}</td>'
-                   f'<td class="note">step {_fmt(s)}</td></tr>'
-                   for k, (s, v) in sorted(single.items(), key=lambda kv: (_namespace(kv[0]) == "eval", kv[0])))
-    return ["<h3>Logged once</h3>", '<p class="note">Metrics with a single value: shown as numbers, not plots.</p>',
-            f'<table class="single">{rows}</table>']
+
+    def in_summary(key: str, value: float) -> bool:
+        return any(_number(summary.get(k)) == value for k in (key, key[len("eval/"):] if key.startswith("eval/") else key))
+
+    shown = {k: sv for k, sv in single.items() if not in_summary(k, sv[1])}
+    named = sorted(k for k in single if k not in shown)
+    out = ["<h3>Logged once</h3>"]
+    if shown:
+        rows = "".join(f'<tr data-metric="{escape(k)}"><th>{escape(k)}</th><td>{_fmt(v)}</td>'
+                       f'<td class="note">step {_fmt(s)}</td></tr>'
+                       for k, (s, v) in sorted(shown.items(), key=lambda kv: (_namespace(kv[0]) == "eval", kv[0])))
+        out += ['<p class="note">Metrics with a single value: shown as numbers, not plots.</p>',
+                f'<table class="single">{rows}</table>']
+    if named:
+        out.append(f'<p class="note" data-in-summary="{escape(" ".join(named))}">{len(named)} metric(s) logged once '
+                   "with the value shown in the summary above: " + escape(", ".join(named)) + ".</p>")
+    return out
 
 
 def _summary_html(run: RunData, series: Series) -> List[str]:
@@ -382,7 +396,7 @@ def write_report(run_dir: Path, *, out: Optional[Path] = None, max_prompts: int 
         body.append(f"<h3>{escape(ns or 'other')}</h3>")
         body += [_plot_figure(p) for p in plots]
     body.append("</div>")
-    body += _single_html(layout.single)
+    body += _single_html(layout.single, run.summary)
     body.append("<h2>Throughput and memory</h2>")
     if layout.perf:
         body += ['<div class="grid">'] + [_plot_figure(p) for p in layout.perf] + ["</div>"]
