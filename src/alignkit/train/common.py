@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from alignkit.config import RunConfig, to_yaml
 from alignkit.data import Prepared
+from alignkit.train.rundir import read_records
 
 log = logging.getLogger("alignkit")
 
@@ -190,32 +191,20 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
 def _logged_before(out: Path) -> Dict[str, float]:
     """The held-out metrics logged at step 0 (before training) in ``out/metrics.jsonl``."""
     before: Dict[str, float] = {}
-    for rec in _read_jsonl(out / "metrics.jsonl"):
+    for rec in read_records(out / "metrics.jsonl"):
         if rec.get("step") == 0:
             before.update({k: v for k, v in rec.items() if k.startswith("eval/")})
     return before
 
 
-def _read_jsonl(path: Path) -> List[Dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def _has_samples(out: Path, tag: str) -> bool:
-    return any(r.get("tag") == tag for r in _read_jsonl(out / "samples.jsonl"))
+    return any(r.get("tag") == tag for r in read_records(out / "samples.jsonl"))
 
 
 def _drop_samples(out: Path, tag: str) -> None:
     """Remove the ``tag`` samples (a resumed run writes its own "after" answers)."""
     path = out / "samples.jsonl"
-    rows = _read_jsonl(path)
+    rows = read_records(path)
     if rows and any(r.get("tag") == tag for r in rows):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("tag") != tag))
 

@@ -278,7 +278,9 @@ class Trainer:
         if self.diagnostics is not None and self.acc.is_main_process:
             # the trends (and the before-training baseline of held-out metrics) continue from the
             # logged history; alerts it raised are already in alerts.jsonl
-            self.diagnostics.replay(_read_records(self.out / "metrics.jsonl"))
+            from alignkit.train.rundir import read_records
+
+            self.diagnostics.replay(read_records(self.out / "metrics.jsonl"))
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> Dict[str, float]:
@@ -403,20 +405,6 @@ def host_floats(metrics: Dict[str, Any]) -> Dict[str, float]:
         dev = next(iter(tensors.values())).device
         out.update(zip(tensors, torch.stack([t.to(dev) for t in tensors.values()]).tolist()))
     return {k: out[k] for k in metrics}
-
-
-def _read_records(path: Path) -> List[Dict[str, Any]]:
-    import json
-
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 class _nullcontext:

@@ -174,19 +174,28 @@ def _checkpoints(out: Path) -> List[Path]:
     return step_dirs(out / "checkpoints")
 
 
+def read_records(path: Path) -> List[Dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (metrics.jsonl, samples.jsonl); [] when it is missing;
+    a line cut short by a crash is skipped."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def _last_step(out: Path) -> Optional[int]:
     """The last step logged in ``out/metrics.jsonl`` (None when there is none)."""
-    path = out / "metrics.jsonl"
-    step = None
-    try:
-        for line in path.read_text().splitlines():
-            try:
-                step = int(json.loads(line).get("step", step))
-            except (ValueError, TypeError, AttributeError):
-                continue
-    except OSError:
-        return None
-    return step
+    steps = [r["step"] for r in read_records(out / "metrics.jsonl") if isinstance(r.get("step"), int)]
+    return steps[-1] if steps else None
 
 
 def clear_run_files(out: Path) -> List[str]:
