@@ -426,7 +426,9 @@ def test_sample_annotate_rm_then_blind_ab_end_to_end(tmp_path, tiny_model):
         for tok in toks:
             while (item := http("GET", url + "/api/item", token=tok)[1])["item_id"]:
                 k = len(item["responses"])
-                longest = sorted(range(1, k + 1), key=lambda p: -len(item["responses"][p - 1]["text"]))
+                # both annotators prefer longer answers, then the alphabetically first: one strict order
+                text = {r["position"]: r["text"] for r in item["responses"]}
+                longest = sorted(range(1, k + 1), key=lambda p: (-len(text[p]), text[p]))
                 assert http("POST", url + "/api/answer", {"item_id": item["item_id"], "groups": [[p] for p in longest]},
                             token=tok)[0] == 200
     cli.main(["annotate", "export", "--db", db, "--output", str(tmp_path / "export")], standalone_mode=False)
