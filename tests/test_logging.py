@@ -61,6 +61,18 @@ def test_progress_bar_fits_80_columns(tmp_path, monkeypatch):
     assert re.search(r"ETA (-:--:--|\d:\d\d:\d\d)$", lines[0]), text  # the ETA is not cut
     assert metrics_text(metrics) in text  # every metric name and value in full on the next row
     assert "acc=0.5312" in text and "lr=1.00e-05" in text
+    # a phase inside training (a checkpoint, an evaluation) gets a row of its own, the bar keeps its width
+    logger.start(total=4000, done=0)
+    logger.advance(1234, metrics)
+    with logger.phase("saving checkpoint step-00001234 of a run with a long name", total=3) as p:
+        p.advance()
+        lines = ["".join(seg.text for seg in line).rstrip()
+                 for line in console.render_lines(Group(*logger.progress.get_renderables()), console.options)]
+    logger.close()
+    assert all(len(l) <= 80 for l in lines) and re.search(r"ETA (-:--:--|\d:\d\d:\d\d)$", lines[0]), lines
+    assert re.search(r"━{20}", lines[0].replace("╸", "━").replace("╺", "━")), lines  # a 20-column bar
+    assert re.search(r"\[sft\] saving checkpoint step-00001234 of a run with a long name 1/3 \d:\d\d:\d\d",
+                     " ".join(lines[2:])), lines
 
 
 def test_phase_without_a_terminal_prints_start_and_end_lines(capsys):

@@ -137,7 +137,8 @@ def phase(what: str, *, label: str = "", enabled: bool = True, total: Optional[i
         progress.start()
     from rich.markup import escape
 
-    task = progress.add_task(escape(f"{prefix}{what}"), total=total, live="")  # "[sft]" is not a style tag
+    # "[sft]" is text, not a style tag: escaped for the columns, kept plain for the spinner row
+    task = progress.add_task(escape(f"{prefix}{what}"), total=total, live="", plain=f"{prefix}{what}")
     try:
         yield _Phase(progress, task)
     finally:
@@ -341,14 +342,24 @@ def _two_row_progress():
     from rich.progress import Progress
     from rich.text import Text
 
+    from rich.spinner import Spinner
+
     class TwoRowProgress(Progress):
-        """The bar on one row and the main task's live metrics (folded, never cut) on the next."""
+        """The bar on one row and the main task's live metrics (folded, never cut) on the next; a phase
+        running inside training (evaluation, a checkpoint) gets a spinner row of its own below them."""
 
         def get_renderables(self):
-            yield self.make_tasks_table(self.tasks)
-            live = next((t.fields.get("live") for t in self.tasks if t.fields.get("live")), "")
-            if live:
-                yield Text(live, overflow="fold")
+            if not self.tasks:
+                return
+            main, *phases = self.tasks
+            yield self.make_tasks_table([main])
+            if main.fields.get("live"):
+                yield Text(main.fields["live"], overflow="fold")
+            for t in phases:
+                done = f" {int(t.completed)}/{int(t.total)}" if t.total else ""
+                text = f"{t.fields.get('plain', t.description)}{done} {_clock(t.elapsed or 0)}"
+                yield Spinner("dots", Text(text, overflow="fold"),
+                              style="green")
 
     return TwoRowProgress
 
