@@ -122,9 +122,9 @@ def sample_with_ended(model, tok, prompt_ids: List[List[int]], gen, n: int = 1) 
     never produced, so callers count (and may drop) them."""
     from alignkit.rollout.generate import generate
 
-    if gen.engine != "hf":
-        raise ValueError(f"generation.engine={gen.engine!r}: the feedback commands sample with HF generate "
-                         "(generation.engine=hf)")
+    if gen.engine == "vllm":
+        raise ValueError("generation.engine='vllm': the feedback commands sample in-process "
+                         "(generation.engine=fast or hf)")
     if not prompt_ids:
         return [], []
     ro = generate(model, tok, prompt_ids, gen, n=n, compute_logprobs=False)

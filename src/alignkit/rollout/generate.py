@@ -1,12 +1,18 @@
-"""Rollout engine: batched sampling from the policy.
+"""Rollouts: batched sampling from the policy, for every generating command.
+
+The default engine (``generation.engine=fast``, :mod:`alignkit.rollout.engine`) is our own decode loop:
+static KV cache, prompts grouped by length, finished rows leaving the batch, LoRA merged into the
+weights for the rollout, behaviour log-probs from the sampling step. ``hf`` is transformers'
+``generate`` (the reference path); ``vllm`` the optional GPU engine (:mod:`alignkit.rollout.vllm_engine`).
 
 Prompts are left-padded for generation (position ids follow the attention mask, so padding does not
 shift them); the result is re-packed right-padded as prompt + response with a response mask, ready
 for :func:`alignkit.ops.logprobs.token_logprobs`. Responses stop at EOS; a response that hits
 ``max_new_tokens`` first is marked as not ended (``ended=False``) and carries no EOS.
 
-``logprobs`` are the behaviour policy's log-probs of the sampled tokens from a forward pass at the
-sampling temperature (full softmax: top-p/top-k truncation is not reflected, as in TRL and OpenRLHF).
+``logprobs`` are the behaviour policy's log-probs of the sampled tokens at the sampling temperature
+(full softmax: top-p/top-k truncation is not reflected, as in TRL and OpenRLHF): from the sampling
+step itself with the fast engine, else from one extra forward pass.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pydantic import Field
 
 from alignkit.config import Section
 from alignkit.data.collate import SeqBatch, pad_sequences
+from alignkit.ops.wrappers import unwrap as _unwrap
 from alignkit.ops.wrappers import unwrap
 
 
@@ -33,8 +40,13 @@ class GenerationConfig(Section):
     """Keep only the k most likely tokens (0: all)."""
     batch_size: int = Field(16, gt=0)
     """Sequences generated per forward batch."""
-    engine: Literal["hf", "vllm"] = "hf"
-    """hf: transformers generate (CPU or GPU); vllm: vLLM on a GPU (optional extra, alignkit[vllm])."""
+    engine: Literal["fast", "hf", "vllm"] = "fast"
+    """fast: alignkit's decode loop (static KV cache, length grouping, finished rows leave the batch, LoRA
+    merged for the rollout; CPU or GPU); hf: transformers generate; vllm: vLLM on a GPU (optional extra,
+    alignkit[vllm])."""
+    compile: bool = False
+    """fast engine on a GPU: torch.compile the one-token decode step (pays for long generations; the
+    first rollout compiles)."""
 
 
 @dataclass
@@ -101,27 +113,60 @@ def hf_generate(model, tokenizer, prompts: Sequence[List[int]], cfg: GenerationC
     return out
 
 
+_FAST = {}
+
+
+def fast_engine(cfg: GenerationConfig):
+    """The process's fast engine for these settings (it keeps compiled decode steps between rollouts)."""
+    from alignkit.rollout.engine import FastEngine
+
+    key = bool(cfg.compile)
+    if key not in _FAST:
+        _FAST[key] = FastEngine(compile=key)
+    return _FAST[key]
+
+
 def generate(model, tokenizer, prompts: Sequence[List[int]], cfg: GenerationConfig, *, n: int = 1,
              engine=None, compute_logprobs: bool = True) -> Rollout:
-    """Sample ``n`` responses for each prompt (token-id lists). Returns a :class:`Rollout`."""
+    """Sample ``n`` responses for each prompt (token-id lists). Returns a :class:`Rollout`.
+
+    ``engine``: an external engine object (vLLM) with ``generate(prompts, cfg)``; otherwise
+    ``cfg.engine`` picks the fast decode loop or transformers' ``generate``.
+    """
     expanded = [p for p in prompts for _ in range(n)]
     index = [i for i in range(len(prompts)) for _ in range(n)]
-    raw = engine.generate(expanded, cfg) if engine is not None else hf_generate(model, tokenizer, expanded, cfg)
     eos = {tokenizer.eos_token_id}
-    responses, ended = [], []
-    for toks in raw:
+    step_logps = None
+    if engine is not None:
+        raw = engine.generate(expanded, cfg)
+    elif cfg.engine == "hf":
+        raw = hf_generate(model, tokenizer, expanded, cfg)
+    else:
+        raw, step_logps = fast_engine(cfg).generate(model, expanded, cfg, sorted(eos), tokenizer.pad_token_id)
+    responses, ended, kept_logps = [], [], []
+    for j, toks in enumerate(raw):
         r, e = _cut_at_eos(toks, eos)
+        lp = step_logps[j][:len(r)] if step_logps is not None else None
         if not r:  # an empty generation still needs one token to score; use EOS
-            r, e = [tokenizer.eos_token_id], True
+            r, e, lp = [tokenizer.eos_token_id], True, None
         responses.append(r)
         ended.append(e)
+        kept_logps.append(lp)
     seqs = [p + r for p, r in zip(expanded, responses)]
     masks = [[0] * len(p) + [1] * len(r) for p, r in zip(expanded, responses)]
     batch = pad_sequences(seqs, masks, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     ro = Rollout(batch, [len(p) for p in expanded], responses, texts, torch.tensor(ended), index)
     if compute_logprobs:
-        ro.logprobs = batched_logprobs(model, batch, temperature=cfg.temperature or 1.0, batch_size=cfg.batch_size)
+        if step_logps is not None and all(lp is not None for lp in kept_logps):
+            # the engine's own log-probs, placed in label space: token k of row i sits at column p_i - 1 + k
+            out = torch.zeros(len(seqs), batch.input_ids.shape[1] - 1)
+            for i, (p, lp) in enumerate(zip(expanded, kept_logps)):
+                out[i, len(p) - 1:len(p) - 1 + len(lp)] = torch.tensor(lp)
+            ro.logprobs = out
+        else:
+            ro.logprobs = batched_logprobs(model, batch, temperature=cfg.temperature or 1.0,
+                                           batch_size=cfg.batch_size)
     return ro
 
 

@@ -89,7 +89,7 @@ class VLLMEngine:
             import vllm
         except ImportError:
             raise ImportError("generation.engine=vllm needs vLLM on a CUDA machine: pip install 'alignkit[vllm]' "
-                              "(or use generation.engine=hf)") from None
+                              "(or use generation.engine=fast)") from None
         self._vllm = vllm
         kwargs = dict(model=str(model_path), gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed,
                       enforce_eager=enforce_eager)

@@ -1,0 +1,234 @@
+"""The fast rollout engine (``generation.engine=fast``, the default): our own decode loop.
+
+Where ``transformers.generate`` spends much of a small model's decode step in Python (logits
+processors, stopping criteria, cache bookkeeping, the LoRA wrappers of every layer), this loop does
+per step exactly one forward of the still-running rows and one sampling op:
+
+- **Prompts grouped by length.** Prompts are sorted by length before they are cut into batches, so a
+  batch pads little; results come back in the caller's order.
+- **Static KV cache.** One preallocated cache per batch (``transformers.StaticCache``, prompt +
+  ``max_new_tokens`` positions), written in place; the model computes logits for the last position
+  only (``logits_to_keep=1``). On a GPU, ``generation.compile=true`` compiles the decode step.
+- **Finished rows leave the batch.** When a row samples EOS, it is dropped from the batch and from
+  the cache (``Cache.reorder_cache`` with the surviving rows), so later steps only pay for rows still
+  running. (Not with ``compile``: a compiled step keeps fixed shapes.)
+- **Behaviour log-probs for free.** The log-prob of each sampled token under the sampling
+  distribution (logits / temperature, full softmax: top-p/top-k truncation is not reflected, as in
+  TRL and OpenRLHF) is taken from the logits the step already computed; no second pass.
+- **LoRA merged for the rollout.** :func:`merged_lora` adds each adapter's ``scale * B @ A`` into its
+  base weight and switches the adapter off for the duration of the rollout, so decoding runs plain
+  linear layers; on exit the base weights are copied back from a saved copy, bit for bit
+  (adding then subtracting the delta would not round-trip exactly in floating point).
+
+Sampling draws from torch's global RNG (``torch.multinomial``), so a fixed seed gives the same tokens
+on every run. Greedy decoding (temperature 0) gives the tokens of ``model.generate`` (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from alignkit.ops.wrappers import unwrap
+
+
+@contextlib.contextmanager
+def merged_lora(model) -> Iterator[int]:
+    """Merge every active LoRA adapter of ``model`` into its base weight for the ``with`` block.
+
+    Yields the number of merged layers (0 for a model without LoRA: then nothing happens). Inside,
+    the adapters are switched off (the merged base computes the same function); on exit each base
+    weight gets its saved original back (``copy_``, bit-identical) and each adapter its previous
+    on/off state. Works under ``torch.no_grad`` only (rollouts never need gradients).
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        yield 0
+        return
+    saved: List[Tuple[torch.nn.Module, torch.Tensor, bool]] = []
+    try:
+        with torch.no_grad():
+            for module in unwrap(model).modules():
+                if not isinstance(module, LoraLayer) or getattr(module, "merged", False):
+                    continue
+                if module.disable_adapters:
+                    continue
+                base = module.get_base_layer()
+                w = getattr(base, "weight", None)
+                active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
+                if w is None or not active or getattr(module, "use_dora", {}).get(active[0], False):
+                    continue  # DoRA and other variants: leave the adapter as it is
+                delta = sum(module.get_delta_weight(a) for a in active)
+                saved.append((module, w.detach().clone(), module._disable_adapters))
+                w.add_(delta.to(w.dtype))
+                module._disable_adapters = True
+        yield len(saved)
+    finally:
+        with torch.no_grad():
+            for module, original, was_disabled in saved:
+                module.get_base_layer().weight.copy_(original)
+                module._disable_adapters = was_disabled
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens (B,) and their behaviour log-probs (B,) from last-position logits (B, V).
+
+    temperature 0: argmax, log-prob under the plain softmax. Otherwise sample from
+    softmax(logits / temperature) restricted to the top-k tokens and the top-p nucleus (the smallest
+    set whose probability reaches top_p, the most likely token always kept); the log-prob is taken
+    under the untruncated tempered softmax.
+    """
+    logits = logits.float()
+    if temperature <= 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    scaled = logits / temperature
+    logp = torch.log_softmax(scaled, -1)
+    masked = scaled
+    if top_k and top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        masked = masked.masked_fill(masked < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = masked.sort(-1, descending=True)
+        probs = torch.softmax(srt, -1)
+        # drop a token when the tokens before it already reach top_p (the first one always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        masked = masked.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+    tokens = torch.multinomial(torch.softmax(masked, -1), 1).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def length_groups(prompts: Sequence[Sequence[int]], batch_size: int) -> List[List[int]]:
+    """Prompt indices in batches of ``batch_size``, longest prompts first (stable for ties)."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in newer transformers, else
+    ``past_key_values``."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _make_cache(model, batch: int, max_len: int, static: bool):
+    from transformers import DynamicCache, StaticCache
+
+    if static:
+        try:
+            return StaticCache(config=model.config, max_cache_len=max_len)
+        except Exception:  # noqa: BLE001 - a model whose config StaticCache cannot read: dynamic cache
+            pass
+    return DynamicCache(config=model.config)
+
+
+class FastEngine:
+    """Batched sampling with our own decode loop (see the module docstring).
+
+    ``generate(model, prompts, cfg, eos_ids, pad_id)`` returns ``(tokens, logprobs)``: for each prompt
+    the sampled token ids (up to and including the first EOS, or ``max_new_tokens`` of them) and their
+    behaviour log-probs. ``compile=True`` (CUDA only) compiles the one-token decode step with a
+    static cache and keeps finished rows in the batch.
+    """
+
+    def __init__(self, static_cache: bool = True, compile: bool = False):
+        self.static_cache = static_cache
+        self.compile = compile
+        self._compiled: Dict[int, object] = {}
+
+    def _step_fn(self, model):
+        if not self.compile:
+            return model
+        key = id(model)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(model, mode="reduce-overhead", fullgraph=False, dynamic=False)
+        return self._compiled[key]
+
+    @torch.no_grad()
+    def generate(self, model, prompts: Sequence[Sequence[int]], cfg, eos_ids: Sequence[int], pad_id: int,
+                 ) -> Tuple[List[List[int]], List[List[float]]]:
+        model = unwrap(model)
+        device = next(model.parameters()).device
+        tokens: List[Optional[List[int]]] = [None] * len(prompts)
+        logps: List[Optional[List[float]]] = [None] * len(prompts)
+        was_training = model.training
+        model.eval()
+        try:
+            with merged_lora(model):
+                for group in length_groups(prompts, cfg.batch_size):
+                    out_t, out_l = self._batch(model, [prompts[i] for i in group], cfg, eos_ids, pad_id, device)
+                    for i, t, l in zip(group, out_t, out_l):
+                        tokens[i], logps[i] = t, l
+        finally:
+            model.train(was_training)
+        return tokens, logps  # type: ignore[return-value]
+
+    def _batch(self, model, prompts, cfg, eos_ids, pad_id, device):
+        B, L, new = len(prompts), max(len(p) for p in prompts), cfg.max_new_tokens
+        compiled = self.compile and device.type == "cuda"
+        ids = torch.full((B, L), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, L + new), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            attn[i, L - len(p):L] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        plen = attn[:, :L].sum(-1)  # (B,) real prompt tokens: the next position id of each row
+        eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+        cache = _make_cache(model, B, L + new, self.static_cache or compiled)
+        # prefill: positions follow the attention mask, so left padding does not shift them
+        pos = (attn[:, :L].cumsum(-1) - 1).clamp(min=0)
+        ckw = _cache_kwarg(model)
+        out = model(input_ids=ids, attention_mask=attn if cache.is_compileable else attn[:, :L],
+                    position_ids=pos, use_cache=True, **{ckw: cache},
+                    cache_position=torch.arange(L, device=device), logits_to_keep=1)
+        rows = torch.arange(B, device=device)  # original row of each running row
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # compiled path: rows past their EOS
+        step_tokens, step_logps = [], []  # per step: (B,) tensors over the original rows
+        logits = out.logits[:, -1]
+        step = self._step_fn(model)
+        for k in range(new):
+            tok, lp = sample_next(logits, cfg.temperature, cfg.top_p, cfg.top_k)
+            if rows.numel() < B:  # scatter the running rows back to their original places
+                tok_b = torch.full((B,), pad_id, dtype=torch.long, device=device).index_copy(0, rows, tok)
+                lp_b = torch.zeros(B, device=device).index_copy(0, rows, lp)
+            else:
+                tok_b, lp_b = tok, lp
+            step_tokens.append(tok_b)
+            step_logps.append(lp_b)
+            if k == new - 1:
+                break
+            finished = torch.isin(tok, eos)
+            if compiled:  # fixed shapes: finished rows keep decoding (cut below); stop when all are done
+                done = done | finished
+                if k % 8 == 7 and bool(done.all()):
+                    break
+            elif bool(finished.any()):  # one host read per step; finished rows leave batch and cache
+                keep = (~finished).nonzero().squeeze(-1)
+                if keep.numel() == 0:
+                    break
+                rows, tok, attn, plen = rows[keep], tok[keep], attn[keep], plen[keep]
+                cache.reorder_cache(keep)
+            attn[:, L + k] = 1
+            kv = attn if cache.is_compileable else attn[:, :L + k + 1]
+            out = step(input_ids=tok[:, None], attention_mask=kv, position_ids=(plen + k)[:, None],
+                       use_cache=True, **{ckw: cache},
+                       cache_position=torch.tensor([L + k], device=device), logits_to_keep=1)
+            logits = out.logits[:, -1]
+        T = torch.stack(step_tokens, 1).tolist()  # (B, steps): the one transfer of the batch
+        P = torch.stack(step_logps, 1).tolist()
+        eos_set = set(int(e) for e in eos_ids)
+        res_t, res_l = [], []
+        for t, l in zip(T, P):
+            cut = next((j + 1 for j, x in enumerate(t) if x in eos_set), len(t))
+            res_t.append(t[:cut])
+            res_l.append(l[:cut])
+        return res_t, res_l
