@@ -253,11 +253,11 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
     torch.manual_seed(cfg.seed)
     n_samples = len(items) * cfg.samples
     with phase(f"sampling {n_samples} policy answers", label="eval"):
-        ro = generate(policy, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples,
-                      compute_logprobs=False)
+        # the policy's log-probs of its samples come with them (the fast engine's sampling step; other
+        # engines add one forward pass)
+        ro = generate(policy, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples)
     temp = cfg.generation.temperature or 1.0
-    with phase("policy log-probs", label="eval"):
-        lp = batched_logprobs(policy, ro.sequences, temperature=temp, batch_size=cfg.batch_size)
+    lp = ro.logprobs
     same = resolve_model_path(cfg.reference) == resolve_model_path(cfg.model.name_or_path)
     ref_model = None
     if same:  # the policy is its own reference: KL 0, every comparison a tie
