@@ -29,11 +29,15 @@ def test_two_processes_equal_one(tmp_path, tiny_model, jsonl):
     data = jsonl("d.jsonl", sft_rows(32))
     common = ["sft", "--model", str(tiny_model), "--data", str(data), "--max-steps", "3", "optim.lr=1e-3",
               "log.samples=0"]
-    one = _run(common + ["--output", str(tmp_path / "one"), "train.batch_size=8"], 1, tmp_path)
+    # one process accumulating 4 x 2 (equal to batch 8: test_loop) sees the same micro-batches as two
+    # processes of 4, so every logged metric must match: rank 0 logs the global numbers, not its half's
+    # (train/tokens of rank 0 alone is the mean length of its 4 rows, which differs)
+    one = _run(common + ["--output", str(tmp_path / "one"), "train.batch_size=4", "train.grad_accum=2"], 1, tmp_path)
     two = _run(common + ["--output", str(tmp_path / "two"), "train.batch_size=4"], 2, tmp_path)
     rows = {n: [json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
             for n in ("one", "two")}
-    assert [r["train/loss"] for r in rows["one"]] == pytest.approx([r["train/loss"] for r in rows["two"]], rel=1e-5)
+    for key in ("train/loss", "train/tokens", "train/units", "train/grad_norm"):
+        assert [r[key] for r in rows["one"]] == pytest.approx([r[key] for r in rows["two"]], rel=1e-5), key
     for res in (one, two):  # rank 0 alone prints the step lines and the summary, with global numbers
         assert len(re.findall(r"^\[sft\] step 3/3 loss=", res.stdout, re.M)) == 1, res.stdout
         assert res.stderr.count("summary") == 1, res.stderr[-3000:]
