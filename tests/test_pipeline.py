@@ -183,6 +183,7 @@ def test_a_typo_in_the_last_stage_fails_before_the_first_stage_runs(tiny_model, 
          "config": {"model": {"name_or_path": "${stages.pairs.output}"},  # a directory made later: fine
                     "data": {"path": "${stages.labels.output}/prefs.jsonl"},
                     "train": {"max_steps": "${stages.labels.summary.pairs}"},  # known only later: fine
+                    "learning_rate": 0.01,  # a TRL name: an alias of optim.lr, fine
                     "dpo": {"betaa": 0.1}}},  # the typo
     ]
     out = tmp_path / "pipe"
@@ -191,7 +192,7 @@ def test_a_typo_in_the_last_stage_fails_before_the_first_stage_runs(tiny_model, 
         run_pipeline(PipelineConfig(file=str(p)))
     msg = str(info.value)
     assert "nothing was run" in msg and "2 problem(s)" in msg
-    assert "stage 'dpo' (dpo)" in msg and "dpo.betaa: unknown field" in msg
+    assert "stage 'dpo' (dpo)" in msg and "dpo.betaa: unknown field (did you mean dpo.beta?)" in msg
     assert "stage 'score' (label)" in msg and "rewards.0" in msg and "char_shar" in msg
     assert "max_steps" not in msg  # the summary placeholder is not an error
     assert not out.exists()  # stage 1 never started: no directory, no pipeline.jsonl

@@ -171,15 +171,13 @@ def _user_errors() -> tuple:
     message is the whole story, so the CLI prints it as one line without a traceback."""
     from alignkit.config import ConfigError
     from alignkit.data.load import DataError
+    from alignkit.hub import HubPushError  # the model is saved; the message says where and how to log in
     from alignkit.train.logging import MissingPackage
     from alignkit.train.loop import TrainingAborted
     from alignkit.train.rundir import RunDirError, SaveError
 
     errors = [DataError, ConfigError, TrainingAborted, RunDirError, SaveError, MissingPackage, FileNotFoundError,
-              PermissionError, IsADirectoryError, NotADirectoryError]
-    from alignkit.hub import HubPushError
-
-    errors.append(HubPushError)  # the model is saved; the message says where and how to log in
+              PermissionError, IsADirectoryError, NotADirectoryError, HubPushError]
     try:
         from alignkit.rewards.base import RewardError
 
