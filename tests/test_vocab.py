@@ -19,12 +19,14 @@ def test_trl_names_map_to_our_fields_in_yaml_overrides_and_python(tmp_path):
         "max_length": 512, "max_prompt_length": 128, "output_dir": "o", "seed": 3, "bf16": True,
         "gradient_checkpointing": True, "logging_steps": 5, "save_steps": 10, "report_to": "none",
         "lora_r": 8, "use_peft": True, "warmup_ratio": 0.1, "lr_scheduler_type": "constant_with_warmup",
-        "adam_beta2": 0.99, "max_grad_norm": 0.5, "optim": {"weight_decay": 0.1}}))
+        "adam_beta2": 0.99, "max_grad_norm": 0.5, "optim": {"weight_decay": 0.1},
+        "dataset_config": "en", "dataset_train_split": "train_prefs", "dataset_test_split": "test_prefs"}))
     cfg = load_config(SFTConfig, y, ["optim.learning_rate=2e-6"])
     assert (cfg.model.name_or_path, cfg.data.path, cfg.output) == ("m", "d.jsonl", "o")
     assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs, cfg.train.seed) == (2, 4, 2.0, 3)
     assert cfg.train.precision == "bf16" and cfg.model.gradient_checkpointing
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (512, 128)
+    assert (cfg.data.subset, cfg.data.split, cfg.data.eval_split) == ("en", "train_prefs", "test_prefs")
     assert cfg.optim.lr == 2e-6  # the override (section-local alias) wins over the YAML value
     assert cfg.optim.scheduler == "constant" and cfg.optim.warmup_ratio == 0.1
     assert cfg.optim.betas == [0.9, 0.99] and cfg.optim.max_grad_norm == 0.5 and cfg.optim.weight_decay == 0.1
@@ -41,10 +43,9 @@ def test_alias_targets_exist_or_are_command_specific():
 
     build_cli()
     classes = {c.config: _load(c.config) for c in COMMANDS}
-    later = {"data.eval_split", "data.subset"}  # added by the hub/split work; dropped from here once landed
     for name, alias in ALIASES.items():
         found = [t for t in alias.targets if any(_field_type(cls, t)[0] for cls in classes.values())]
-        assert found or set(alias.targets) <= later, name
+        assert found, name
 
 
 def test_two_spellings_with_different_values_are_an_error():
