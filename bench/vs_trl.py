@@ -114,7 +114,8 @@ def _alignkit(task, model_dir, data, out, steps, device):
                                 "generation.max_new_tokens": SHAPE["new_tokens"], "optim.lr": 1e-6,
                                 "rewards": ["python:alignkit.rewards.toy:char_share"]}, output=str(out))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [m["time/step_s"] for m in lines if "time/step_s" in m]
+    ends = [m["time"] for m in lines if "time/step_s" in m]  # seconds since the start, at each step's log line
+    return [b - a for a, b in zip([0.0] + ends[:-1], ends)]  # step end to step end, logging included
 
 
 def _prompt_ids(tok, n):
@@ -166,20 +167,21 @@ def _trl(task, model_dir, data, out, steps, device, fast):
         return _hf_generation(model_dir, device)
     times, last = [], [0.0]
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            _sync(device)
+    class Clock(TrainerCallback):  # step end to step end: data loading and logging count, as in alignkit's
+        def on_train_begin(self, args, state, control, **kw):
             last[0] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             _sync(device)
-            times.append(time.perf_counter() - last[0])
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
 
     gpu = device == "cuda"
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = [json.loads(x) for x in Path(data).read_text().splitlines()]
     B, L = SHAPE["batch"], SHAPE["max_length"]
-    common = dict(output_dir=str(out), max_steps=steps, logging_steps=1, report_to=[], save_strategy="no",
+    common = dict(output_dir=str(out), max_steps=steps, report_to=[], save_strategy="no",
                   use_cpu=not gpu, bf16=gpu, dataloader_num_workers=0, disable_tqdm=True, warmup_steps=0)
     if fast:  # TRL's fastest settings we know of on a GPU: no gradient checkpointing, padding-free where offered
         common["gradient_checkpointing"] = False
