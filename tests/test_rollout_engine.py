@@ -5,7 +5,7 @@ for bit."""
 import pytest
 import torch
 
-from alignkit.rollout.engine import FastEngine, length_groups, merged_lora, sample_next
+from alignkit.rollout.engine import FastEngine, draw, length_groups, merged_lora, sample_next
 from alignkit.rollout.generate import GenerationConfig, _cut_at_eos, batched_logprobs, generate, hf_generate
 
 
@@ -61,6 +61,18 @@ def test_sample_next_truncation():
     assert set(tok.tolist()) == {0}
     tok, lp = sample_next(logits[:1], 0.0)
     assert tok.tolist() == [0] and torch.allclose(lp, torch.log_softmax(logits[0], -1)[:1])
+
+
+def test_inverse_cdf_draw_follows_the_distribution():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(40000, 1)
+    torch.manual_seed(0)
+    freq = torch.bincount(draw(probs), minlength=5).float() / 40000
+    assert freq[1] == 0 and freq[4] == 0  # zero-probability tokens are never drawn
+    assert torch.allclose(freq, probs[0], atol=0.01)
+    torch.manual_seed(5)
+    a = draw(probs[:50])
+    torch.manual_seed(5)
+    assert torch.equal(a, draw(probs[:50]))
 
 
 def test_length_groups():
