@@ -120,6 +120,17 @@ class TrainConfig(Section):
     logprob_chunk: int = Field(1024, ge=0)
     """Label positions per chunk when computing log-probs (never a full [B, T, V] logits tensor);
     0 computes full logits: faster on a GPU, far more memory (see bench/logprobs_memory.py)."""
+    packing: bool = True
+    """Padding-free packing (sft, rm, dpo family): several sequences per row with position ids restarting
+    per sequence and attention that never crosses a boundary (flash-attention varlen on a GPU). Checked
+    on the model at start; a model that cannot pack exactly gets padded batches and a message."""
+    prefix_sharing: bool = True
+    """Paired losses (dpo family, rm): prompt, chosen and rejected in one sequence, each response seeing
+    the prompt and itself, so the prompt runs once per pair (needs packing and a mask-capable attention)."""
+    max_tokens_per_batch: Optional[int] = Field(None, gt=0)
+    """Micro-batches by a token budget: consecutive items while their tokens fit (one over the budget
+    goes alone) instead of batch_size items. The items per step (batch_size x grad_accum x processes)
+    and the loss normalization are unchanged."""
     max_bad_steps: int = Field(5, gt=0)
     """Abort after this many consecutive steps with a NaN/Inf loss or gradient (each is skipped)."""
 

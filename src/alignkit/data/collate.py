@@ -1,9 +1,21 @@
-"""Padded batches as small dataclasses. Right padding; masks come from lengths, not from pad ids."""
+"""Batches as small dataclasses: padded rows, or packed rows without padding between sequences.
+
+Padded (the plain layout): one sequence per row, right padding; masks come from lengths, not pad ids.
+
+Packed (``Packing(pack=True)``): several sequences per row, each with position ids restarting at 0,
+rows filled first-fit-decreasing up to ``ROW_TOKENS`` tokens (or the longest sequence, if longer). The model must not attend across sequences: ``ops/packing.py``
+turns the layout into the model's inputs (transformers' packed-sequence path or a block mask).
+With ``share_prompt`` a pair is one unit ``[prompt][chosen][rejected]``: both responses sit at the
+positions they would have after the prompt, each attends to the prompt and to itself only, and the
+first token of the rejected response is predicted from the prompt's last hidden state
+(``label_from``), so the prompt runs once per pair (Wang et al. 2024, "Accelerating Direct Preference
+Optimization with Prefix Sharing").
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -13,16 +25,139 @@ class SeqBatch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T) 1 on real tokens
     loss_mask: torch.Tensor  # (B, T) 1 on tokens that are labels (response tokens, EOS included)
+    # packed layouts only (None in a padded batch): R rows of L tokens holding ``num_seqs`` sequences
+    position_ids: Optional[torch.Tensor] = None  # (R, L) restart at 0 per sequence (a shared prompt's responses continue it)
+    seq_index: Optional[torch.Tensor] = None  # (R, L) long, the sequence a token belongs to; -1: padding, shared prompt
+    label_from: Optional[torch.Tensor] = None  # (R, L) long, the position whose hidden state predicts this token
+    block: Optional[torch.Tensor] = None  # (R, L) long, attention block (a token attends within its block...)
+    prefix_block: Optional[torch.Tensor] = None  # (R, L) long, ...and to this block (its shared prompt), -1 none
+    num_seqs: int = 0
 
     def to(self, device) -> "SeqBatch":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if torch.is_tensor(getattr(self, f.name))})
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
+
+    @property
+    def shared(self) -> bool:
+        """Prefix-shared layout: needs a block mask (some tokens see another block)."""
+        return self.prefix_block is not None
 
     @property
     def num_label_tokens(self) -> int:
         return int(self.loss_mask[:, 1:].sum())
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self.num_seqs if self.packed else self.input_ids.shape[0]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a task lays out its micro-batches (decided per run by ``ops.packing.resolve_packing``)."""
+
+    pack: bool = False
+    """Padding-free packing: several sequences per row, attention kept within each."""
+    share_prompt: bool = False
+    """Pairs as [prompt][chosen][rejected] (implies pack)."""
+    max_tokens: Optional[int] = None
+    """Micro-batches by a token budget instead of a row count (``train.max_tokens_per_batch``)."""
+
+
+PADDED = Packing()
+
+# a segment of a packing unit: (ids, loss mask, sequence index or -1, parent segment index or None)
+_Segment = Tuple[List[int], List[int], int, Optional[int]]
+
+
+#: packed rows hold up to this many tokens (or the longest unit, when longer): short sequences share rows,
+#: long ones are never cut, and attention (a masked L x L on CPU) stays a small share of the compute
+ROW_TOKENS = 1024
+
+
+def _first_fit_decreasing(lengths: Sequence[int], capacity: int = ROW_TOKENS) -> List[List[int]]:
+    """Unit indices per row, each row at most max(capacity, longest unit) tokens, filled first-fit in
+    decreasing length order."""
+    cap = max(max(lengths), capacity)
+    rows: List[List[int]] = []
+    room: List[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(cap - lengths[i])
+    for r in rows:
+        r.sort()  # keep the data order within a row (deterministic, easy to read)
+    return rows
+
+
+def pack_units(units: Sequence[Sequence[_Segment]], pad_id: int, num_seqs: int,
+               row_tokens: int = ROW_TOKENS) -> SeqBatch:
+    """Lay out units (lists of segments kept together in one row) into packed rows.
+
+    A segment without a parent is a sequence of its own: positions from 0, attention within itself,
+    its first token is not a label (nothing precedes it, as in a padded row). A segment with a parent
+    (a response after its shared prompt) continues the parent's positions, also attends to the parent,
+    and its first token is predicted from the parent's last token.
+    """
+    lengths = [sum(len(seg[0]) for seg in u) for u in units]
+    rows = _first_fit_decreasing(lengths, row_tokens)
+    R, L = len(rows), max(sum(lengths[i] for i in r) for r in rows)
+    ids = torch.full((R, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((R, L), dtype=torch.long)
+    loss = torch.zeros((R, L), dtype=torch.long)
+    pos = torch.zeros((R, L), dtype=torch.long)
+    seq = torch.full((R, L), -1, dtype=torch.long)
+    src = (torch.arange(L) - 1).clamp(min=0).repeat(R, 1)
+    block = torch.zeros((R, L), dtype=torch.long)
+    prefix = torch.full((R, L), -1, dtype=torch.long)
+    shared = False
+    nb = 0
+    for r, members in enumerate(rows):
+        off = 0
+        for u in members:
+            starts: List[Tuple[int, int, int]] = []  # (offset, length, block) of each segment of the unit
+            for seg_ids, seg_mask, s_idx, parent in units[u]:
+                n = len(seg_ids)
+                sl = slice(off, off + n)
+                ids[r, sl] = torch.tensor(seg_ids, dtype=torch.long)
+                attn[r, sl] = 1
+                loss[r, sl] = torch.tensor(seg_mask, dtype=torch.long)
+                seq[r, sl] = s_idx
+                block[r, sl] = nb
+                if parent is None:
+                    pos[r, sl] = torch.arange(n)
+                    loss[r, off] = 0  # the first token of a sequence is never a label
+                else:
+                    p_off, p_len, p_block = starts[parent]
+                    pos[r, sl] = torch.arange(p_len, p_len + n)
+                    src[r, off] = p_off + p_len - 1  # the prompt's last token predicts the response's first
+                    prefix[r, sl] = p_block
+                    shared = True
+                starts.append((off, n, nb))
+                nb += 1
+                off += n
+        if off < L:  # the row's padding: one more block, positions from 0, never a label
+            pos[r, off:] = torch.arange(L - off)
+            block[r, off:] = nb
+            nb += 1
+    return SeqBatch(ids, attn, loss, pos, seq, src, block if shared else None, prefix if shared else None,
+                    num_seqs)
+
+
+def layout_sequences(seqs: Sequence[List[int]], masks: Sequence[List[int]], pad_id: int,
+                     packing: Packing = PADDED) -> SeqBatch:
+    """Sequences ``i = 0..n-1``, padded or packed."""
+    if not packing.pack:
+        return pad_sequences(seqs, masks, pad_id)
+    return pack_units([[(list(s), list(m), i, None)] for i, (s, m) in enumerate(zip(seqs, masks))], pad_id,
+                      len(seqs))
 
 
 def pad_sequences(seqs: Sequence[List[int]], masks: Sequence[List[int]], pad_id: int,
@@ -40,13 +175,47 @@ def pad_sequences(seqs: Sequence[List[int]], masks: Sequence[List[int]], pad_id:
     return SeqBatch(ids, attn, loss)
 
 
-def collate_sft(items: List[Dict[str, Any]], pad_id: int) -> SeqBatch:
-    return pad_sequences([x["input_ids"] for x in items], [x["loss_mask"] for x in items], pad_id)
+def collate_sft(items: List[Dict[str, Any]], pad_id: int, packing: Packing = PADDED) -> SeqBatch:
+    return layout_sequences([x["input_ids"] for x in items], [x["loss_mask"] for x in items], pad_id, packing)
+
+
+def _prompt_response(p: List[int], r: List[int]):
+    return p + r, [0] * len(p) + [1] * len(r)
+
+
+def layout_prompted(groups: Sequence[Tuple[List[int], Sequence[Tuple[List[int], int]]]], pad_id: int,
+                    packing: Packing = PADDED) -> SeqBatch:
+    """Sequences ``prompt + response`` from ``groups`` of ``(prompt, [(response, sequence index), ...])``
+    (indices 0..n-1, each once): padded rows, packed rows, or (``share_prompt``) one
+    ``[prompt][response 1][response 2]...`` unit per group, each response seeing the prompt and itself."""
+    n = sum(len(rs) for _, rs in groups)
+    if not packing.share_prompt:
+        seqs: List[List[int]] = [[] for _ in range(n)]
+        masks: List[List[int]] = [[] for _ in range(n)]
+        for p, rs in groups:
+            for r, i in rs:
+                seqs[i], masks[i] = _prompt_response(list(p), list(r))
+        return layout_sequences(seqs, masks, pad_id, packing)
+    units = []
+    for p, rs in groups:
+        if p:
+            units.append([(list(p), [0] * len(p), -1, None)] + [(list(r), [1] * len(r), i, 0) for r, i in rs])
+        else:  # no prompt to share: sequences of their own
+            units.extend([[(list(r), [1] * len(r), i, None)] for r, i in rs])
+    return pack_units(units, pad_id, n)
+
+
+def layout_pairs(prompts: Sequence[List[int]], chosen: Sequence[List[int]], rejected: Sequence[List[int]],
+                 pad_id: int, packing: Packing = PADDED) -> SeqBatch:
+    """``prompt + chosen`` as sequences 0..B-1 and ``prompt + rejected`` as B..2B-1."""
+    B = len(prompts)
+    return layout_prompted([(p, [(c, i), (r, B + i)]) for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))],
+                           pad_id, packing)
 
 
 @dataclass
 class PairBatch:
-    """Chosen sequences in rows [0, B), rejected in rows [B, 2B): one forward pass for both."""
+    """Chosen sequences first (0..B-1), rejected after (B..2B-1): one forward pass for both."""
 
     seq: SeqBatch
     soft_label: torch.Tensor  # (B,) P(chosen preferred)
@@ -69,24 +238,16 @@ class PairBatch:
         return self.num_pairs
 
 
-def _prompt_response(p: List[int], r: List[int]):
-    return p + r, [0] * len(p) + [1] * len(r)
-
-
-def collate_pairs(items: List[Dict[str, Any]], pad_id: int) -> PairBatch:
-    seqs, masks = [], []
-    for key in ("chosen_ids", "rejected_ids"):
-        for x in items:
-            s, m = _prompt_response(x["prompt_ids"], x[key])
-            seqs.append(s)
-            masks.append(m)
+def collate_pairs(items: List[Dict[str, Any]], pad_id: int, packing: Packing = PADDED) -> PairBatch:
+    seq = layout_pairs([x["prompt_ids"] for x in items], [x["chosen_ids"] for x in items],
+                       [x["rejected_ids"] for x in items], pad_id, packing)
     margin = torch.tensor([x["margin"] for x in items], dtype=torch.float32) if "margin" in items[0] else None
     ref = {}
     if "ref_chosen_logps" in items[0]:
         ref = {k: torch.tensor([x[k] for x in items], dtype=torch.float32)
                for k in ("ref_chosen_logps", "ref_rejected_logps")}
-    return PairBatch(pad_sequences(seqs, masks, pad_id),
-                     torch.tensor([x.get("soft_label", 1.0) for x in items], dtype=torch.float32), margin, **ref)
+    return PairBatch(seq, torch.tensor([x.get("soft_label", 1.0) for x in items], dtype=torch.float32), margin,
+                     **ref)
 
 
 @dataclass
@@ -110,7 +271,7 @@ class UnpairedBatch:
         return self.label.shape[0]
 
 
-def collate_unpaired(items: List[Dict[str, Any]], pad_id: int) -> UnpairedBatch:
+def collate_unpaired(items: List[Dict[str, Any]], pad_id: int, packing: Packing = PADDED) -> UnpairedBatch:
     n = len(items)
     main = [_prompt_response(x["prompt_ids"], x["completion_ids"]) for x in items]
     # shift completions by one so no example is paired with its own completion
@@ -120,5 +281,5 @@ def collate_unpaired(items: List[Dict[str, Any]], pad_id: int) -> UnpairedBatch:
     ref = {}
     if "ref_logps" in items[0]:
         ref = {k: torch.tensor([x[k] for x in items], dtype=torch.float32) for k in ("ref_logps", "ref_kl_logps")}
-    return UnpairedBatch(pad_sequences(*zip(*main), pad_id), pad_sequences(*zip(*mism), pad_id),
+    return UnpairedBatch(layout_sequences(*zip(*main), pad_id, packing), layout_sequences(*zip(*mism), pad_id, packing),
                          torch.tensor([bool(x["label"]) for x in items]), **ref)

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 import torch
 
 from alignkit.data.collate import SeqBatch, pad_sequences
-from alignkit.ops.logprobs import position_ids
+from alignkit.ops.packing import last_hidden
 
 
 def _score_head(model) -> torch.nn.Module:
@@ -32,13 +32,24 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (pos * attention_mask.long()).argmax(-1)
 
 
+def last_token_of_each(batch: SeqBatch) -> torch.Tensor:
+    """(num_seqs,) flat index (row * L + column) of each packed sequence's last token."""
+    R, L = batch.seq_index.shape
+    flat = batch.seq_index.reshape(-1)
+    where = torch.arange(R * L, device=flat.device)
+    out = torch.zeros(batch.num_seqs + 1, dtype=torch.long, device=flat.device)  # bin 0: index -1
+    return out.scatter_reduce(0, flat + 1, where, reduce="amax")[1:]
+
+
 def reward_scores(model, batch: SeqBatch) -> torch.Tensor:
-    """(B,) scalar rewards of ``model`` (a *ForSequenceClassification with num_labels=1)."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=position_ids(batch.attention_mask), output_hidden_states=True, use_cache=False)
-    hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
-    idx = last_token_index(batch.attention_mask)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
+    """(B,) scalar rewards of ``model`` (a *ForSequenceClassification with num_labels=1); B = sequences,
+    padded or packed (then read at each sequence's last token)."""
+    _, hidden = last_hidden(model, batch)  # (B, T, H), after the final norm
+    if batch.packed:
+        last = hidden.reshape(-1, hidden.shape[-1])[last_token_of_each(batch)]  # (num_seqs, H)
+    else:
+        idx = last_token_index(batch.attention_mask)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
     return _score_head(model)(last).squeeze(-1).float()
 
 

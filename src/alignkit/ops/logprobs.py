@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from alignkit.data.collate import SeqBatch
+from alignkit.ops.packing import model_inputs, position_ids  # noqa: F401  (position_ids: re-exported)
 from alignkit.ops.masked import masked_mean, masked_sum
 from alignkit.ops.wrappers import unwrap
 
@@ -32,22 +33,29 @@ class TokenLogprobs:
     logps: torch.Tensor  # (B, T-1) log p(x_{t+1} | x_<=t), 0 where mask is 0
     mask: torch.Tensor  # (B, T-1) float, 1 on label tokens
     entropy: Optional[torch.Tensor] = None  # (B, T-1) when asked for; 0 where mask is 0 (chunked path)
+    # packed batches: the sequence each label belongs to (B, T-1), -1 none; per-sequence reductions use it
+    seq_index: Optional[torch.Tensor] = None
+    num_seqs: int = 0
+
+    def _per_seq(self, x: torch.Tensor) -> torch.Tensor:
+        """(num_seqs,) sums of ``x`` (0 off the labels) over each packed sequence's labels."""
+        out = torch.zeros(self.num_seqs + 1, dtype=x.dtype, device=x.device)
+        return out.index_add(0, self.seq_index.reshape(-1) + 1, x.reshape(-1))[1:]  # bin 0 takes index -1
 
     def sum(self) -> torch.Tensor:
-        """(B,) summed log-prob of each sequence's label tokens."""
+        """(B,) summed log-prob of each sequence's label tokens (B = sequences, also when packed)."""
+        if self.seq_index is not None:
+            return self._per_seq(torch.where(self.mask != 0, self.logps, torch.zeros_like(self.logps)))
         return masked_sum(self.logps, self.mask, -1)
 
     def lengths(self) -> torch.Tensor:
-        return self.mask.sum(-1)
+        return self._per_seq(self.mask) if self.seq_index is not None else self.mask.sum(-1)
 
     def mean(self) -> torch.Tensor:
         """(B,) mean log-prob per label token (0 for a row without labels)."""
+        if self.seq_index is not None:
+            return self.sum() / self.lengths().clamp(min=1)
         return masked_mean(self.logps, self.mask, -1)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions counted over real tokens only, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass(frozen=True)
@@ -143,18 +151,45 @@ def _head_agrees(model, out, head: torch.nn.Linear, post: LogitPost) -> bool:
     return _HEAD_AGREES[key]
 
 
-def _hidden_states(model, batch: SeqBatch, pos: torch.Tensor, head, post: LogitPost) -> Optional[torch.Tensor]:
+def _hidden_states(model, inputs, head, post: LogitPost) -> Optional[torch.Tensor]:
     """Final hidden states (B, T, H) from the *wrapped* model's forward, so DDP/accelerate hooks run,
     with the LM head applied to one position only (logits_to_keep=1). None: use full logits (a model
     without logits_to_keep, or one whose logits our head does not reproduce)."""
     try:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
-                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
     except TypeError:  # a model without logits_to_keep
         return None
     if getattr(out, "logits", None) is not None and not _head_agrees(model, out, head, post):
         return None
     return out.hidden_states[-1]
+
+
+def _label_sources(batch: SeqBatch) -> torch.Tensor:
+    """(B, T-1) position whose hidden state predicts label ``t`` (token ``t+1``): ``t``, except where a
+    prefix-shared layout says otherwise (a response's first token follows its prompt's last)."""
+    if batch.label_from is not None:
+        return batch.label_from[:, 1:]
+    B, T = batch.input_ids.shape
+    return torch.arange(T - 1, device=batch.input_ids.device).expand(B, T - 1)
+
+
+def _full_logps(logits: torch.Tensor, batch: SeqBatch, temperature: float, with_entropy: bool):
+    """Log-probs (and entropy) of the labels from full logits (B, T, V)."""
+    labels = batch.input_ids[:, 1:]
+    if batch.label_from is None:
+        logits = logits[:, :-1]
+    else:
+        logits = logits[torch.arange(logits.shape[0], device=logits.device)[:, None], _label_sources(batch)]
+    logp_all = torch.log_softmax(logits.float() / temperature, -1)
+    logps = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logps, ent
+
+
+def _result(batch: SeqBatch, logps: torch.Tensor, mask: torch.Tensor, ent: Optional[torch.Tensor]) -> TokenLogprobs:
+    if batch.seq_index is None:
+        return TokenLogprobs(logps * mask, mask, ent)
+    return TokenLogprobs(logps * mask, mask, ent, batch.seq_index[:, 1:], batch.num_seqs)
 
 
 def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_entropy: bool = False,
@@ -166,23 +201,24 @@ def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_ent
     (:class:`LogitPost`: softcap, scale, bias). It falls back to full logits when the model is wrapped
     in a way that hides its head (FSDP, custom code) or when its logits differ from our head's
     (checked once per model): correct, just without the memory saving.
+
+    Padded and packed batches alike (``data/collate.py``); for packed ones ``.sum()``/``.lengths()``
+    reduce per sequence.
     """
     labels = batch.input_ids[:, 1:]  # (B, T-1)
     mask = batch.loss_mask[:, 1:].float()
-    pos = position_ids(batch.attention_mask)
+    inputs = model_inputs(model, batch)
     head = _output_layer(model)
     post = LogitPost.of(model)
-    hidden = _hidden_states(model, batch, pos, head, post) if head is not None and chunk_size > 0 else None
+    hidden = _hidden_states(model, inputs, head, post) if head is not None and chunk_size > 0 else None
     if hidden is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
-                       use_cache=False).logits
-        logits = logits[:, :-1].float() / temperature
-        logp_all = torch.log_softmax(logits, -1)
-        logps = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-        return TokenLogprobs(logps * mask, mask, ent)
+        logits = model(**inputs, use_cache=False).logits
+        logps, ent = _full_logps(logits, batch, temperature, with_entropy)
+        return _result(batch, logps, mask, ent)
     B, T1 = labels.shape
-    h = hidden[:, :-1].reshape(B * T1, -1)  # (B*(T-1), H)
+    T = T1 + 1
+    h = hidden.reshape(B * T, -1)  # (B*T, H), a view
+    src = (_label_sources(batch) + torch.arange(B, device=h.device)[:, None] * T).reshape(-1)  # (B*(T-1),)
     flat_labels = labels.reshape(-1)
     flat_mask = mask.reshape(-1).bool()
     # only label positions need the head: prompts and padding are skipped entirely (entropy too: it is
@@ -194,8 +230,8 @@ def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_ent
     lp_parts, ent_parts = [], []
     for start in range(0, idx.numel(), chunk_size):
         sel = idx[start:start + chunk_size]
-        args = (h.index_select(0, sel), head.weight, head.bias, flat_labels.index_select(0, sel), temperature,
-                with_entropy, post)
+        args = (h.index_select(0, src.index_select(0, sel)), head.weight, head.bias,
+                flat_labels.index_select(0, sel), temperature, with_entropy, post)
         if need_grad:
             lp, ent = checkpoint(_chunk_logps, *args, use_reentrant=False)
         else:
@@ -206,17 +242,11 @@ def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_ent
         out_lp = out_lp.index_put((idx,), torch.cat(lp_parts))
         if with_entropy:
             out_ent = out_ent.index_put((idx,), torch.cat(ent_parts))
-    logps = out_lp.view(B, T1) * mask
-    return TokenLogprobs(logps, mask, out_ent.view(B, T1) if with_entropy else None)
+    return _result(batch, out_lp.view(B, T1), mask, out_ent.view(B, T1) if with_entropy else None)
 
 
 def reference_logprobs(model, batch: SeqBatch, temperature: float = 1.0) -> TokenLogprobs:
     """The plain version: full logits, full log-softmax. For tests and as documentation."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=position_ids(batch.attention_mask)).logits.float()
-    logp_all = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
-    labels = batch.input_ids[:, 1:]
-    mask = batch.loss_mask[:, 1:].float()
-    logps = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1)
-    return TokenLogprobs(logps * mask, mask, ent)
+    logits = model(**model_inputs(model, batch)).logits
+    logps, ent = _full_logps(logits, batch, temperature, True)
+    return _result(batch, logps, batch.loss_mask[:, 1:].float(), ent)

@@ -68,13 +68,37 @@ class Task:
         """Return (sum of the loss over the batch's units, metrics as per-unit means)."""
         raise NotImplementedError
 
+    #: token budget per micro-batch (``train.max_tokens_per_batch``, set by offline tasks); None: a row count
+    max_tokens: Optional[int] = None
+
+    def item_tokens(self, item: Dict[str, Any]) -> int:
+        """Tokens an item adds to a micro-batch (for the token budget)."""
+        return len(item["input_ids"])
+
+    def split(self, items: List[Dict[str, Any]], micro_batch_size: int) -> List[List[Dict[str, Any]]]:
+        """The items of each micro-batch: ``micro_batch_size`` at a time or, with a token budget,
+        consecutive items while their tokens fit (an item over the budget goes alone). Normalization
+        is by global units either way, so the split never changes the update."""
+        if not self.max_tokens:
+            return [items[i:i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
+        out: List[List[Dict[str, Any]]] = [[]]
+        used = 0
+        for it in items:
+            n = self.item_tokens(it)
+            if out[-1] and used + n > self.max_tokens:
+                out.append([])
+                used = 0
+            out[-1].append(it)
+            used += n
+        return out
+
     def plan(self, model, items: List[Dict[str, Any]], micro_batch_size: int) -> Iterator[Update]:
         """Yield the :class:`Update` s (micro-batches + metrics) of one global batch of ``items``.
 
         Offline methods do one update per global batch; online RL generates a rollout and then yields
         several updates (epochs x minibatches) over it, with the rollout's metrics on the first.
         """
-        yield Update([self.collate(items[i:i + micro_batch_size]) for i in range(0, len(items), micro_batch_size)])
+        yield Update([self.collate(chunk) for chunk in self.split(items, micro_batch_size)])
 
     def evaluate(self, model, items: List[Dict[str, Any]], batch_size: int) -> Dict[str, float]:
         return {}

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import RunConfig, Section, as_config
-from alignkit.data.collate import PairBatch, UnpairedBatch, collate_pairs, collate_unpaired
+from alignkit.data.collate import PADDED, Packing, PairBatch, UnpairedBatch, collate_pairs, collate_unpaired
 from alignkit.losses.preference import PREFERENCE_LOSSES, combine, loss_hparams, nll_term
 from alignkit.ops.dist import gather_cat
 from alignkit.ops.logprobs import DEFAULT_CHUNK, TokenLogprobs, token_logprobs
@@ -96,13 +96,24 @@ class PreferenceTask(Task):
     name = "dpo"
 
     def __init__(self, opts: DPOOptions, pad_id: int, reference: Optional[Reference],
-                 logprob_chunk: int = DEFAULT_CHUNK):
+                 logprob_chunk: int = DEFAULT_CHUNK, packing: Packing = PADDED):
         self.opts, self.pad_id, self.ref, self.logprob_chunk = opts, pad_id, reference, logprob_chunk
+        self.packing = packing
+        self.max_tokens = packing.max_tokens
         self.specs = [(PREFERENCE_LOSSES.get(n), w) for n, w in opts.losses()]
 
     # ------------------------------------------------------------------ batching
     def collate(self, items: List[Dict[str, Any]]):
-        return collate_pairs(items, self.pad_id) if self.opts.paired else collate_unpaired(items, self.pad_id)
+        """Pairs padded, packed or prefix-shared; KTO's examples and mismatched pairs padded or packed."""
+        if self.opts.paired:
+            return collate_pairs(items, self.pad_id, self.packing)
+        return collate_unpaired(items, self.pad_id, self.packing)
+
+    def item_tokens(self, item: Dict[str, Any]) -> int:
+        p = len(item["prompt_ids"])
+        if self.opts.paired:
+            return p * (1 if self.packing.share_prompt else 2) + len(item["chosen_ids"]) + len(item["rejected_ids"])
+        return 2 * p + len(item["completion_ids"]) + len(item.get("kl_completion_ids", item["completion_ids"]))
 
     def units(self, batch) -> float:
         return float(len(batch))
@@ -217,6 +228,7 @@ def assign_kl_partners(items: List[Dict[str, Any]], seed: int) -> None:
 def train_dpo(config: Union[DPOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Train with a preference loss; the Python twin of ``alignkit dpo``."""
     from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
+    from alignkit.ops.packing import resolve_packing
     from alignkit.train.common import fit_and_finish, prepare_data, start_run
 
     cfg = as_config(DPOConfig, config, overrides)
@@ -232,8 +244,12 @@ def train_dpo(config: Union[DPOConfig, Dict[str, Any], None] = None, **overrides
     model = load_causal_lm(cfg.model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    reference = make_reference(cfg, model, data, tok, acc) if opts.needs_reference else None
-    task = PreferenceTask(opts, tok.pad_token_id, reference, cfg.train.logprob_chunk)
+    packing = resolve_packing(model, cfg.train.packing, cfg.train.prefix_sharing and opts.paired,
+                              cfg.train.max_tokens_per_batch)
+    reference = make_reference(cfg, model, data, tok, acc, packing) if opts.needs_reference else None
+    if reference is not None and reference.packing is not None:
+        packing = reference.packing  # a separate reference model that cannot pack (or share) exactly
+    task = PreferenceTask(opts, tok.pad_token_id, reference, cfg.train.logprob_chunk, packing)
     trainer = Trainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
     return fit_and_finish(trainer, tok, cfg, data.eval, loss=opts.loss,
                           reference=reference.mode if reference else "none")

@@ -9,17 +9,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from alignkit.data.collate import PairBatch, SeqBatch, UnpairedBatch, collate_pairs, collate_unpaired
+from alignkit.data.collate import PADDED, Packing, PairBatch, SeqBatch, UnpairedBatch, collate_pairs, collate_unpaired
 from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 from alignkit.ops.wrappers import unwrap
 
 
 class Reference:
     mode = "base"
+    #: the batch layout this reference can score exactly, when narrower than the policy's (a separate
+    #: reference model of another architecture); None: whatever the policy uses
+    packing: Optional[Packing] = None
 
     def __init__(self, logprob_chunk: int = DEFAULT_CHUNK):
         self.logprob_chunk = logprob_chunk  # train.logprob_chunk of the run
@@ -76,26 +79,29 @@ class PrecomputedReference(Reference):
 
 @torch.no_grad()
 def precompute(ref: Reference, items: List[Dict[str, Any]], pad_id: int, paired: bool, device,
-               batch_size: int = 8, policy=None) -> None:
+               batch_size: int = 8, policy=None, packing: Packing = PADDED) -> None:
     """Store reference log-probs in each item (``ref_chosen_logps``/``ref_rejected_logps`` or
-    ``ref_logps``/``ref_kl_logps``), computed by ``ref`` in one pass (``policy``: for an adapter reference)."""
+    ``ref_logps``/``ref_kl_logps``), computed by ``ref`` in one pass (``policy``: for an adapter reference;
+    ``packing``: the batch layout, so the reference pass is packed and shares prompts like training)."""
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         if paired:
-            b = collate_pairs(chunk, pad_id).to(device)
+            b = collate_pairs(chunk, pad_id, packing).to(device)
             rc, rr = ref.pair_logps(policy, b)
             for it, c, r in zip(chunk, rc.tolist(), rr.tolist()):
                 it["ref_chosen_logps"], it["ref_rejected_logps"] = c, r
         else:
-            b = collate_unpaired(chunk, pad_id).to(device)
+            b = collate_unpaired(chunk, pad_id, packing).to(device)
             lp, kl = ref.unpaired_logps(policy, b)
             for it, a, k in zip(chunk, lp.tolist(), kl.tolist()):
                 it["ref_logps"], it["ref_kl_logps"] = a, k
 
 
-def make_reference(cfg, policy, data, tokenizer, accelerator) -> Reference:
-    """Build the reference that ``cfg.dpo.reference`` asks for (see the module docstring)."""
+def make_reference(cfg, policy, data, tokenizer, accelerator, packing: Packing = PADDED) -> Reference:
+    """Build the reference that ``cfg.dpo.reference`` asks for (see the module docstring); ``packing``
+    is the policy's batch layout, narrowed for a separate reference model that cannot do all of it."""
     from alignkit.models.loading import is_peft, load_causal_lm
+    from alignkit.ops.packing import resolve_packing
 
     opts = cfg.dpo
     mode = opts.reference
@@ -117,6 +123,12 @@ def make_reference(cfg, policy, data, tokenizer, accelerator) -> Reference:
                                                "gradient_checkpointing": False})
         # same dtype as the policy and run under the same autocast, so at step 0 reference == policy exactly
         ref = ModelReference(load_causal_lm(ref_cfg).to(accelerator.device), cfg.train.logprob_chunk)
+        if opts.ref_model and packing.pack:  # another model: check that it packs (and shares) exactly too
+            ref_packing = resolve_packing(ref.model, packing.pack, packing.share_prompt, packing.max_tokens)
+            if ref_packing != packing:
+                packing = ref_packing
+                if mode == "model":
+                    ref.packing = packing
         if mode == "model":
             return ref
     from alignkit.train.logging import phase
@@ -126,6 +138,6 @@ def make_reference(cfg, policy, data, tokenizer, accelerator) -> Reference:
                                        enabled=accelerator.is_main_process and cfg.log.progress):
         for items in (data.train, data.eval):
             precompute(ref, items, tokenizer.pad_token_id, opts.paired, accelerator.device, cfg.train.batch_size,
-                       policy=policy)
+                       policy=policy, packing=packing)
     del ref  # nothing of the reference stays in memory while training
     return PrecomputedReference()

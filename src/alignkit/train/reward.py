@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from alignkit.config import RMConfig, as_config
-from alignkit.data.collate import SeqBatch, pad_sequences
+from alignkit.data.collate import PADDED, Packing, SeqBatch, layout_prompted
 from alignkit.losses.reward import RANKING_LOSSES, all_pairs_bradley_terry_loss, plackett_luce_loss
 from alignkit.models.reward import reward_scores
 from alignkit.train.loop import Task, Trainer
@@ -91,18 +91,23 @@ class RankingBatch:
         return self.index.shape[0]
 
 
-def collate_rankings(items: List[Dict[str, Any]], pad_id: int) -> RankingBatch:
-    seqs, masks = [], []
+def collate_rankings(items: List[Dict[str, Any]], pad_id: int, packing: Packing = PADDED) -> RankingBatch:
+    """Padded, packed, or (``packing.share_prompt``) one ``[prompt][response 1]...[response K]`` unit per
+    element: the prompt runs once for its K responses."""
+    groups = []
+    n = 0
     K = max(len(x["responses"]) for x in items)
     index = torch.zeros((len(items), K), dtype=torch.long)
     mask = torch.zeros((len(items), K), dtype=torch.bool)
     for b, x in enumerate(items):
+        responses = []
         for k, r in enumerate(x["responses"]):
-            index[b, k], mask[b, k] = len(seqs), True
-            seqs.append(x["prompt_ids"] + r)
-            masks.append([0] * len(x["prompt_ids"]) + [1] * len(r))
+            index[b, k], mask[b, k] = n, True
+            responses.append((r, n))
+            n += 1
+        groups.append((x["prompt_ids"], responses))
     margin = torch.tensor([x["margin"] for x in items], dtype=torch.float32) if "margin" in items[0] else None
-    return RankingBatch(pad_sequences(seqs, masks, pad_id), index, mask,
+    return RankingBatch(layout_prompted(groups, pad_id, packing), index, mask,
                         torch.tensor([x.get("soft_label", 1.0) for x in items], dtype=torch.float32), margin)
 
 
@@ -111,13 +116,19 @@ class RewardTask(Task):
 
     name = "rm"
 
-    def __init__(self, pad_id: int, center_coef: float = 0.0, loss: str = "bradley_terry"):
-        self.pad_id, self.center_coef = pad_id, center_coef
+    def __init__(self, pad_id: int, center_coef: float = 0.0, loss: str = "bradley_terry",
+                 packing: Packing = PADDED):
+        self.pad_id, self.center_coef, self.packing = pad_id, center_coef, packing
+        self.max_tokens = packing.max_tokens
         self.loss_fn = RANKING_LOSSES.get(loss).fn
         self.listwise = loss == "plackett_luce"
 
     def collate(self, items: List[Dict[str, Any]]) -> RankingBatch:
-        return collate_rankings(items, self.pad_id)
+        return collate_rankings(items, self.pad_id, self.packing)
+
+    def item_tokens(self, item: Dict[str, Any]) -> int:
+        n = sum(len(r) for r in item["responses"])
+        return n + len(item["prompt_ids"]) * (1 if self.packing.share_prompt else len(item["responses"]))
 
     def units(self, batch: RankingBatch) -> float:
         return float(len(batch))
@@ -185,6 +196,7 @@ def train_rm(config: Union[RMConfig, Dict[str, Any], None] = None, **overrides) 
     """Train a reward model; the Python twin of ``alignkit rm``."""
     from alignkit.models.loading import apply_lora, load_reward_model, load_tokenizer
     from alignkit.models.reward import reward_pad_token
+    from alignkit.ops.packing import resolve_packing
     from alignkit.train.common import fit_and_finish, prepare_data, start_run
 
     cfg = as_config(RMConfig, config, overrides)
@@ -200,6 +212,7 @@ def train_rm(config: Union[RMConfig, Dict[str, Any], None] = None, **overrides) 
     model = load_reward_model(cfg.model, pad_token_id=pad_id)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
-    task = RewardTask(pad_id, cfg.rm.center_rewards_coef, cfg.rm.loss)
+    packing = resolve_packing(model, cfg.train.packing, cfg.train.prefix_sharing, cfg.train.max_tokens_per_batch)
+    task = RewardTask(pad_id, cfg.rm.center_rewards_coef, cfg.rm.loss, packing)
     trainer = Trainer(cfg, task, model, train_items, eval_items, accelerator=acc, tokenizer=tok)
     return fit_and_finish(trainer, tok, cfg, eval_items, samples=False)  # a reward model does not generate

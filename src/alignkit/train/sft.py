@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Union
 import torch
 
 from alignkit.config import SFTConfig, as_config
-from alignkit.data.collate import SeqBatch, collate_sft
+from alignkit.data.collate import PADDED, Packing, SeqBatch, collate_sft
 from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 from alignkit.train.loop import Task, Trainer
 
@@ -15,11 +15,13 @@ from alignkit.train.loop import Task, Trainer
 class SFTTask(Task):
     name = "sft"
 
-    def __init__(self, pad_id: int, reduction: str = "token", logprob_chunk: int = DEFAULT_CHUNK):
-        self.pad_id, self.reduction, self.logprob_chunk = pad_id, reduction, logprob_chunk
+    def __init__(self, pad_id: int, reduction: str = "token", logprob_chunk: int = DEFAULT_CHUNK,
+                 packing: Packing = PADDED):
+        self.pad_id, self.reduction, self.logprob_chunk, self.packing = pad_id, reduction, logprob_chunk, packing
+        self.max_tokens = packing.max_tokens
 
     def collate(self, items: List[Dict[str, Any]]) -> SeqBatch:
-        return collate_sft(items, self.pad_id)
+        return collate_sft(items, self.pad_id, self.packing)
 
     def units(self, batch: SeqBatch) -> float:
         return float(batch.num_label_tokens) if self.reduction == "token" else float(len(batch))
@@ -47,6 +49,7 @@ class SFTTask(Task):
 def train_sft(config: Union[SFTConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run SFT; the Python twin of ``alignkit sft``. Returns the summary (final metrics, paths)."""
     from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
+    from alignkit.ops.packing import resolve_packing
     from alignkit.train.common import fit_and_finish, prepare_data, start_run
 
     cfg = as_config(SFTConfig, config, overrides)
@@ -56,7 +59,8 @@ def train_sft(config: Union[SFTConfig, Dict[str, Any], None] = None, **overrides
     model = load_causal_lm(cfg.model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    task = SFTTask(tok.pad_token_id, cfg.sft.loss_reduction, cfg.train.logprob_chunk)
+    packing = resolve_packing(model, cfg.train.packing, max_tokens=cfg.train.max_tokens_per_batch)
+    task = SFTTask(tok.pad_token_id, cfg.sft.loss_reduction, cfg.train.logprob_chunk, packing)
     trainer = Trainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
     return fit_and_finish(trainer, tok, cfg, data.eval)
 

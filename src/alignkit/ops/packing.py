@@ -1,0 +1,166 @@
+"""Packed batches at the model: the inputs that keep attention inside each sequence, and the check
+that a model gives the same numbers packed as padded.
+
+A packed row (``data/collate.py``) holds several sequences whose position ids restart at 0.
+
+- Plain packing goes through transformers' own packed-sequence path: no attention mask, position ids
+  only. transformers derives the sequence boundaries from the position ids and builds a block-causal
+  mask (sdpa, eager, sliding windows included) or calls flash-attention's varlen kernel (GPU).
+- Prefix sharing needs "each response sees the prompt and itself", which position ids cannot say, so
+  it passes a 4D mask built here: key k is visible to query q when k <= q, k is in q's block or in
+  q's prompt block, and (sliding-window layers) ``pos[q] - pos[k] < window``. Boolean for sdpa,
+  additive for eager; flash-attention has no arbitrary masks, so sharing is off there.
+
+``resolve_packing`` runs a tiny probe (three short forwards, no gradient) comparing packed and shared
+layouts with separate padded rows on the run's model, and turns off what is not exact, saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from alignkit.data.collate import PADDED, Packing, SeqBatch, layout_pairs, layout_sequences
+from alignkit.ops.wrappers import unwrap
+
+log = logging.getLogger("alignkit")
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _attn_implementation(model) -> str:
+    cfg = getattr(unwrap(model), "config", None)
+    return str(getattr(cfg, "_attn_implementation", None) or "eager")
+
+
+def _window_mask(allowed: torch.Tensor, pos: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    if not window:
+        return allowed
+    return allowed & ((pos[:, :, None] - pos[:, None, :]) < window)
+
+
+def shared_attention_mask(model, batch: SeqBatch, dtype: torch.dtype):
+    """The 4D mask (R, 1, L, L) of a prefix-shared batch, or a dict of them by layer type
+    (``full_attention`` / ``sliding_attention``) for models that mix both."""
+    L = batch.input_ids.shape[1]
+    blk, pre, pos = batch.block, batch.prefix_block, batch.position_ids
+    causal = torch.ones(L, L, dtype=torch.bool, device=blk.device).tril()
+    allowed = causal & ((blk[:, None, :] == blk[:, :, None]) | (blk[:, None, :] == pre[:, :, None]))  # (R, q, k)
+    cfg = unwrap(model).config
+    window = getattr(cfg, "sliding_window", None)
+    types = set(getattr(cfg, "layer_types", None) or [])
+    impl = _attn_implementation(model)
+
+    def fmt(m: torch.Tensor) -> torch.Tensor:
+        m = m[:, None]  # (R, 1, L, L)
+        if impl == "sdpa":
+            return m
+        # eager and others add the mask to the scores
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+
+    if types and types != {"full_attention"}:
+        return {t: fmt(_window_mask(allowed, pos, window if t == "sliding_attention" else None)) for t in types}
+    if types == {"full_attention"}:
+        return fmt(allowed)
+    return fmt(_window_mask(allowed, pos, window))  # e.g. Mistral: every layer uses config.sliding_window
+
+
+def model_inputs(model, batch: SeqBatch) -> Dict[str, object]:
+    """Keyword arguments for ``model(...)`` that give each sequence of ``batch`` the numbers it would
+    have alone in a padded row."""
+    if not batch.packed:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                "position_ids": position_ids(batch.attention_mask)}
+    if not batch.shared:  # transformers' packed-sequence path (block-causal mask or flash varlen)
+        return {"input_ids": batch.input_ids, "attention_mask": None, "position_ids": batch.position_ids}
+    dtype = next(unwrap(model).parameters()).dtype
+    if torch.is_autocast_enabled(batch.input_ids.device.type):
+        dtype = torch.get_autocast_dtype(batch.input_ids.device.type)
+    return {"input_ids": batch.input_ids, "attention_mask": shared_attention_mask(model, batch, dtype),
+            "position_ids": batch.position_ids}
+
+
+def last_hidden(model, batch: SeqBatch, **kw) -> Tuple[object, torch.Tensor]:
+    """(model output, final hidden states (R, L, H)) of one forward over ``batch``."""
+    out = model(**model_inputs(model, batch), output_hidden_states=True, use_cache=False, **kw)
+    return out, out.hidden_states[-1]
+
+
+# ------------------------------------------------------------------------------------- the probe
+_PROBE = ([3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14], [15, 16])  # prompt, chosen, rejected, extra
+
+
+@torch.no_grad()
+def _probe(model, packing: Packing) -> Tuple[bool, str]:
+    """Compare the final hidden states of a packed (or prefix-shared) batch with separate rows."""
+    inner = unwrap(model)
+    vocab = int(getattr(inner.config, "vocab_size", 0) or 0)
+    if vocab < 17:
+        return False, "vocabulary too small for the check"
+    p, c, r, x = _PROBE
+    device = next(inner.parameters()).device
+    was = inner.training
+    inner.eval()
+    try:
+        if packing.share_prompt:
+            test = layout_pairs([p], [c], [r], 0, packing)
+            seqs, offsets = [p + c, p + r], [len(p), len(p)]  # the shared layout holds the responses' tokens
+        else:
+            seqs, offsets = [p + c, x, r], [0, 0, 0]
+            test = layout_sequences(seqs, [[0] * len(q) for q in seqs], 0, packing)
+            if test.input_ids.shape[0] == len(seqs):
+                return False, "unexpected probe layout"  # nothing shares a row: the probe would test nothing
+        want, got = [], []
+        for k, off in enumerate(offsets):
+            where = (test.seq_index == k).nonzero().tolist()  # [(row, col)] in order
+            got += where
+            want += [(k, off + j) for j in range(len(where))]
+        test = test.to(device)
+        plain = layout_sequences(seqs, [[0] * len(s) for s in seqs], 0, PADDED).to(device)
+        _, h_plain = last_hidden(model, plain)
+        _, h_test = last_hidden(model, test)
+    except Exception as e:  # a model that rejects position ids, 4D masks or mask dicts
+        return False, f"{type(e).__name__}: {e}"
+    finally:
+        inner.train(was)
+    a = torch.stack([h_plain[i, j] for i, j in want]).float()
+    b = torch.stack([h_test[i, j] for i, j in got]).float()
+    diff = float((a - b).abs().max())
+    tol = (1e-4 if h_plain.dtype == torch.float32 else 3e-2) * (1.0 + float(a.abs().max()))
+    if not diff <= tol:
+        return False, f"the packed forward differs from the padded one (max |diff| {diff:.3g})"
+    return True, ""
+
+
+def resolve_packing(model, pack: bool, share_prompt: bool = False, max_tokens: Optional[int] = None,
+                    say=None) -> Packing:
+    """The layout a run uses: what was asked for, minus what this model cannot do exactly.
+
+    ``say``: where the one-line explanation goes when something is turned off (default: the log).
+    """
+    say = say or log.warning
+    name = type(unwrap(model)).__name__
+    share_prompt = share_prompt and pack
+    impl = _attn_implementation(model)
+    on_cpu = next(unwrap(model).parameters()).device.type == "cpu"
+    if pack and impl.startswith("flash") and on_cpu:
+        pass  # flash-attention runs on the GPU only; its varlen path is transformers' own packed format
+    elif pack:
+        ok, why = _probe(model, Packing(pack=True))
+        if not ok:
+            say(f"train.packing: {name} cannot attend within packed sequences exactly ({why}); "
+                "using padded batches")
+            pack = share_prompt = False
+    if share_prompt:
+        ok, why = (False, f"attention implementation {impl!r} takes no custom masks") \
+            if impl.startswith("flash") else _probe(model, Packing(pack=True, share_prompt=True))
+        if not ok:
+            say(f"train.prefix_sharing: {name} cannot share the prompt exactly ({why}); "
+                "chosen and rejected are packed as separate sequences")
+            share_prompt = False
+    return Packing(pack=pack, share_prompt=share_prompt, max_tokens=max_tokens)

@@ -1,0 +1,237 @@
+"""Padding-free packing and prefix sharing give the padded numbers: losses and gradients (fp32, 1e-5)
+for SFT, reward models and every preference loss under every reference mode; token-budget micro-batches
+keep the update; a model that cannot pack exactly falls back with a message."""
+
+import copy
+
+import pytest
+import torch
+
+from alignkit.config import DataConfig, LoraConfig, ModelConfig
+from alignkit.data import prepare
+from alignkit.data.collate import PADDED, Packing, layout_pairs, pack_units
+from alignkit.losses.preference import PREFERENCE_LOSSES
+from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from alignkit.ops.logprobs import reference_logprobs, token_logprobs
+from alignkit.ops.packing import resolve_packing
+from alignkit.testing import TINY_ARCHITECTURES, tiny_causal_lm
+from alignkit.train.preference import DPOOptions, PreferenceTask, assign_kl_partners
+from alignkit.train.reference import AdapterReference, ModelReference, PrecomputedReference, precompute
+from alignkit.train.sft import SFTTask
+from tests.helpers import pref_rows, ranking_rows, sft_rows, write_jsonl
+
+PACKED = Packing(pack=True)
+SHARED = Packing(pack=True, share_prompt=True)
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _grads(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()
+            if p.requires_grad]
+
+
+def _loss_and_grads(task, model, items):
+    model.zero_grad()
+    loss, _ = task.loss(model, task.collate(items))
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+def _assert_same(a, b):
+    torch.testing.assert_close(a[0], b[0], **TOL)
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(x, y, **TOL)
+
+
+def test_pack_layout_by_hand():
+    """Two sequences and one shared-prompt pair: positions, labels, blocks and label sources."""
+    units = [[([1, 2, 3], [0, 1, 1], 0, None)], [([4, 5], [0, 1], 1, None)], [([6, 7, 8, 9], [0, 0, 1, 1], 2, None)]]
+    b = pack_units(units, pad_id=0, num_seqs=3, row_tokens=5)
+    assert b.input_ids.tolist() == [[6, 7, 8, 9, 0], [1, 2, 3, 4, 5]]  # first fit, longest first; order kept in a row
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert b.loss_mask.tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 1]]  # a sequence's first token is no label
+    assert b.seq_index.tolist() == [[2, 2, 2, 2, -1], [0, 0, 0, 1, 1]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]] and len(b) == 3
+    s = layout_pairs([[7, 8]], [[9, 10]], [[11]], 0, SHARED)
+    assert s.input_ids.tolist() == [[7, 8, 9, 10, 11]]
+    assert s.position_ids.tolist() == [[0, 1, 2, 3, 2]]  # the rejected response sits right after the prompt
+    assert s.loss_mask.tolist() == [[0, 0, 1, 1, 1]]
+    assert s.label_from.tolist()[0][2:] == [1, 2, 1]  # token 11 is predicted from the prompt's last token
+    assert s.seq_index.tolist() == [[-1, -1, 0, 0, 1]]
+    assert s.block.tolist() == [[0, 0, 1, 1, 2]] and s.prefix_block.tolist() == [[-1, -1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("kind", TINY_ARCHITECTURES)
+def test_packed_and_shared_logprobs_equal_padded_on_every_architecture(kind):
+    """Sliding windows (Mistral, Gemma 2), softcaps, learned absolute positions (GPT-2): per-sequence
+    log-prob sums and their gradients are the padded ones, chunked head and full logits alike."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda n: torch.randint(3, 90, (n,), generator=g).tolist()  # noqa: E731
+    P, C, R = [rnd(n) for n in (5, 9, 3, 7)], [rnd(n) for n in (4, 8, 6, 2)], [rnd(n) for n in (7, 3, 5, 9)]
+    model = tiny_causal_lm(kind)
+    assert resolve_packing(model, True, True) == SHARED
+    weights = torch.arange(1.0, 9.0)
+    out = {}
+    for name, packing in (("padded", PADDED), ("packed", PACKED), ("shared", SHARED)):
+        for chunk in (0, 5):
+            b = layout_pairs(P, C, R, 0, packing)
+            model.zero_grad()
+            tl = token_logprobs(model, b, chunk_size=chunk)
+            (tl.sum() * weights).sum().backward()
+            out[name, chunk] = (tl.sum().detach(), _grads(model), tl.lengths())
+    for key, (s, g_, n) in out.items():
+        _assert_same((s, g_), out["padded", 0][:2])
+        assert n.tolist() == out["padded", 0][2].tolist()
+    shared = layout_pairs(P, C, R, 0, SHARED)
+    torch.testing.assert_close(reference_logprobs(model, shared).sum(), out["padded", 0][0], **TOL)
+    assert shared.input_ids.numel() < layout_pairs(P, C, R, 0, PADDED).input_ids.numel()
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return load_tokenizer(ModelConfig(name_or_path=str(tiny_model)))
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_sft_packed_equals_padded(tiny_model, tok, tmp_path, reduction):
+    data = prepare("sft", DataConfig(path=str(write_jsonl(tmp_path / "s.jsonl", sft_rows(12)))), tok)
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_model)))
+    padded, packed = (SFTTask(tok.pad_token_id, reduction, 4, p) for p in (PADDED, PACKED))
+    b = packed.collate(data.train)
+    assert b.input_ids.shape[0] < len(data.train) and packed.units(b) == padded.units(padded.collate(data.train))
+    _assert_same(_loss_and_grads(packed, model, data.train), _loss_and_grads(padded, model, data.train))
+
+
+@pytest.mark.parametrize("loss", ["bradley_terry", "plackett_luce"])
+def test_reward_model_packed_and_shared_equal_padded(tiny_model, tok, tmp_path, loss):
+    from alignkit.models.loading import load_reward_model
+    from alignkit.train.reward import RewardTask, group_rankings
+
+    rows = pref_rows(4, 0) + ranking_rows(3, 1, k=3)
+    data = prepare("preference", DataConfig(path=str(write_jsonl(tmp_path / "r.jsonl", rows))), tok)
+    items, _ = group_rankings(data.train)
+    model = load_reward_model(ModelConfig(name_or_path=str(tiny_model)), pad_token_id=tok.pad_token_id)
+    with torch.no_grad():  # a zero head would make every gradient but the head's zero
+        model.score.weight.normal_(0, 0.5)
+    assert resolve_packing(model, True, True) == SHARED
+    res = {p: _loss_and_grads(RewardTask(tok.pad_token_id, 0.1, loss, p), model, items)
+           for p in (PADDED, PACKED, SHARED)}
+    _assert_same(res[PACKED], res[PADDED])
+    _assert_same(res[SHARED], res[PADDED])
+
+
+def _policy(tiny_model):
+    torch.manual_seed(0)
+    policy = apply_lora(load_causal_lm(ModelConfig(name_or_path=str(tiny_model))), LoraConfig(enabled=True, r=4))
+    with torch.no_grad():  # move the policy away from the reference so the test means something
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return policy
+
+
+@pytest.fixture(scope="module")
+def pref_items(tiny_model, tok, tmp_path_factory):
+    path = write_jsonl(tmp_path_factory.mktemp("p") / "p.jsonl", pref_rows(6, 3))
+    return prepare("preference", DataConfig(path=str(path)), tok).train
+
+
+@pytest.mark.parametrize("loss", [n for n in PREFERENCE_LOSSES.names() if PREFERENCE_LOSSES.get(n).paired])
+def test_every_paired_loss_and_reference_mode_shared_equals_separate(tiny_model, tok, pref_items, loss):
+    """Prefix-shared = packed = padded for each paired loss, with the reference as a frozen model, the
+    adapter switched off, and precomputed (its pass packed and shared too); an SFT term included."""
+    policy = _policy(tiny_model)
+    opts = DPOOptions(loss=loss, sft_weight=0.5, beta=0.5)
+    frozen = ModelReference(load_causal_lm(ModelConfig(name_or_path=str(tiny_model))), 4)
+    refs = {"model": lambda p: frozen, "adapter": lambda p: AdapterReference(4), "none": lambda p: None}
+    spec = PREFERENCE_LOSSES.get(loss)
+    modes = ["model", "adapter", "precomputed"] if spec.needs_reference else ["none"]
+    for mode in modes:
+        res = {}
+        for packing in (PADDED, PACKED, SHARED):
+            items = [dict(x) for x in pref_items]
+            if mode == "precomputed":
+                precompute(AdapterReference(4), items, tok.pad_token_id, True, torch.device("cpu"), batch_size=4,
+                           policy=policy, packing=packing)
+                ref = PrecomputedReference()
+            else:
+                ref = refs[mode](packing)
+            task = PreferenceTask(opts, tok.pad_token_id, ref, 4, packing)
+            res[packing] = _loss_and_grads(task, policy, items)
+        assert res[PADDED][0] != pytest.approx(0.0)
+        _assert_same(res[PACKED], res[PADDED])
+        _assert_same(res[SHARED], res[PADDED])
+
+
+def test_kto_packed_equals_padded(tiny_model, tok, tmp_path):
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in pref_rows(4, 5)]
+    rows += [{"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in pref_rows(4, 6)]
+    items = prepare("unpaired", DataConfig(path=str(write_jsonl(tmp_path / "k.jsonl", rows))), tok).train
+    assign_kl_partners(items, 0)
+    policy = _policy(tiny_model)
+    res = {p: _loss_and_grads(PreferenceTask(DPOOptions(loss="kto"), tok.pad_token_id, AdapterReference(4), 4, p),
+                              policy, items) for p in (PADDED, PACKED)}
+    _assert_same(res[PACKED], res[PADDED])
+
+
+def test_token_budget_keeps_the_update(tiny_model, tok, pref_items):
+    """Micro-batches by a token budget (train.max_tokens_per_batch) accumulate to the one-batch update,
+    since the loop normalizes by global units (pairs) whatever the split."""
+    from alignkit.train.loop import Task
+
+    policy = _policy(tiny_model)
+    one = PreferenceTask(DPOOptions(loss="dpo"), tok.pad_token_id, AdapterReference(4), 4, SHARED)
+    budget = copy.copy(one)
+    budget.max_tokens = 40
+    chunks = budget.split(pref_items, 8)
+    assert len(chunks) > 2 and [x for c in chunks for x in c] == pref_items
+    assert all(sum(map(budget.item_tokens, c)) <= 40 or len(c) == 1 for c in chunks)
+    whole = _loss_and_grads(one, policy, pref_items)
+    policy.zero_grad()
+    total = 0.0
+    for c in chunks:  # what Trainer.accumulate does: each micro-batch's sum over the global unit count
+        loss, _ = budget.loss(policy, budget.collate(c))
+        (loss / len(pref_items)).backward()
+        total += float(loss.detach())
+    torch.testing.assert_close(torch.tensor(total), whole[0], **TOL)
+    for x, y in zip(_grads(policy), whole[1]):
+        torch.testing.assert_close(x * len(pref_items), y, **TOL)
+    assert Task().split(list(range(5)), 2) == [[0, 1], [2, 3], [4]]  # no budget: a row count
+
+
+def test_a_model_that_cannot_pack_falls_back_with_a_message():
+    model = tiny_causal_lm("llama")
+    forward = model.forward
+
+    def ignores_position_ids(*a, position_ids=None, attention_mask=None, **kw):  # e.g. an ALiBi-style model
+        return forward(*a, **kw)
+
+    model.forward = ignores_position_ids
+    said = []
+    assert resolve_packing(model, True, True, 512, say=said.append) == Packing(max_tokens=512)
+    assert len(said) == 1 and "LlamaForCausalLM" in said[0] and "padded batches" in said[0]
+
+
+def test_sft_trainer_token_budget_4x2_equals_8(tmp_path, tiny_model):
+    """The shared loop with packing and a token budget: same update as one padded micro-batch of 8."""
+    from alignkit.config import SFTConfig, as_config
+    from alignkit.train.common import start_run
+    from alignkit.train.loop import Trainer
+
+    data = write_jsonl(tmp_path / "s.jsonl", sft_rows(16))
+    grads = []
+    for i, (packing, budget) in enumerate(((PADDED, None), (PACKED, 40))):
+        cfg = as_config(SFTConfig, {"model": {"name_or_path": str(tiny_model)}, "data": {"path": str(data)},
+                                    "output": str(tmp_path / f"r{i}"), "log": {"progress": False},
+                                    "train": {"precision": "fp32", "batch_size": 8}}, {})
+        acc = start_run(cfg)
+        tok = load_tokenizer(cfg.model)
+        prep = prepare("sft", cfg.data, tok)
+        task = SFTTask(tok.pad_token_id, "token", 4, Packing(pack=packing.pack, max_tokens=budget))
+        tr = Trainer(cfg, task, load_causal_lm(cfg.model), prep.train, accelerator=acc, tokenizer=tok)
+        (update,) = list(tr.task.plan(tr.model, tr._global_batch(0), tr.micro))
+        assert (len(update.micro_batches) > 1) == bool(budget)
+        tr.accumulate(update.micro_batches)
+        grads.append([p.grad.clone() for p in tr.model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL)
