@@ -3,7 +3,8 @@
 Padded (the plain layout): one sequence per row, right padding; masks come from lengths, not pad ids.
 
 Packed (``Packing(pack=True)``): several sequences per row, each with position ids restarting at 0,
-rows filled first-fit-decreasing up to ``ROW_TOKENS`` tokens (or the longest sequence, if longer). The model must not attend across sequences: ``ops/packing.py``
+rows filled first-fit-decreasing; the row length is the cheapest of a few candidates between the
+longest sequence and ``ROW_TOKENS`` (padding removed against longer attention: ``_choose_rows``). The model must not attend across sequences: ``ops/packing.py``
 turns the layout into the model's inputs (transformers' packed-sequence path or a block mask).
 With ``share_prompt`` a pair is one unit ``[prompt][chosen][rejected]``: both responses sit at the
 positions they would have after the prompt, each attends to the prompt and to itself only, and the
@@ -72,14 +73,16 @@ PADDED = Packing()
 _Segment = Tuple[List[int], List[int], int, Optional[int]]
 
 
-#: packed rows hold up to this many tokens (or the longest unit, when longer): short sequences share rows,
-#: long ones are never cut, and attention (a masked L x L on CPU) stays a small share of the compute
+#: packed rows hold at most this many tokens (or the longest unit, when longer)
 ROW_TOKENS = 1024
+#: row length at which a layer's attention (a masked L x L on CPU) costs about as much as its matmuls
+#: (2 d + 1.5 d_ffn for a 0.1-1B model); it prices long rows when choosing the layout
+ATTENTION_TOKENS = 4096
 
 
-def _first_fit_decreasing(lengths: Sequence[int], capacity: int = ROW_TOKENS) -> List[List[int]]:
-    """Unit indices per row, each row at most max(capacity, longest unit) tokens, filled first-fit in
-    decreasing length order."""
+def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    """Unit indices per row, each row at most ``capacity`` tokens (or the longest unit), filled
+    first-fit in decreasing length order."""
     cap = max(max(lengths), capacity)
     rows: List[List[int]] = []
     room: List[int] = []
@@ -97,6 +100,22 @@ def _first_fit_decreasing(lengths: Sequence[int], capacity: int = ROW_TOKENS) ->
     return rows
 
 
+def _choose_rows(lengths: Sequence[int], row_tokens: int = ROW_TOKENS) -> List[List[int]]:
+    """The cheapest of a few row capacities (the longest unit, 1.5x, 2x, ``row_tokens``): cost = rows x
+    row length x (1 + row length / ATTENTION_TOKENS). The longest unit's capacity is a candidate, so
+    the layout never costs more than the padded batch; longer rows pay off when they remove padding."""
+    longest = max(lengths)
+    top = max(longest, row_tokens)
+    best, best_cost = [], float("inf")
+    for cap in sorted({longest, min(top, longest * 3 // 2), min(top, 2 * longest), top}):
+        rows = _first_fit_decreasing(lengths, cap)
+        L = max(sum(lengths[i] for i in r) for r in rows)
+        cost = len(rows) * L * (1 + L / ATTENTION_TOKENS)
+        if cost < best_cost:
+            best, best_cost = rows, cost
+    return best
+
+
 def pack_units(units: Sequence[Sequence[_Segment]], pad_id: int, num_seqs: int,
                row_tokens: int = ROW_TOKENS) -> SeqBatch:
     """Lay out units (lists of segments kept together in one row) into packed rows.
@@ -107,7 +126,7 @@ def pack_units(units: Sequence[Sequence[_Segment]], pad_id: int, num_seqs: int,
     and its first token is predicted from the parent's last token.
     """
     lengths = [sum(len(seg[0]) for seg in u) for u in units]
-    rows = _first_fit_decreasing(lengths, row_tokens)
+    rows = _choose_rows(lengths, row_tokens)
     R, L = len(rows), max(sum(lengths[i] for i in r) for r in rows)
     ids = torch.full((R, L), pad_id, dtype=torch.long)
     attn = torch.zeros((R, L), dtype=torch.long)
