@@ -35,7 +35,8 @@ def prompts_file(tmp_path_factory):
 
 
 def ppo_setup(tiny_model, prompts_file, *, shared, lora, **ppo):
-    from alignkit.train.ppo import PolicyWithValue, PPOTask, build_critic
+    from alignkit.train.online import RLTask
+    from alignkit.train.ppo import PolicyWithValue, build_critic
     from alignkit.train.rl_config import PPOConfig
 
     cfg = as_config(PPOConfig, {"model": {"name_or_path": str(tiny_model)}, "data": {"path": str(prompts_file)},
@@ -51,7 +52,9 @@ def ppo_setup(tiny_model, prompts_file, *, shared, lora, **ppo):
     else:
         ref = load_causal_lm(cfg.model).eval()  # the policy's dtype (fp32), as the trainers load it
     model = PolicyWithValue(policy, None if shared else build_critic(cfg, tok))
-    return PPOTask(cfg, tok, build_reward(cfg.rewards), ref_model=ref, adapter_ref=lora), model, items
+    task = RLTask(cfg, tok, build_reward(cfg.rewards), ref_model=ref, adapter_ref=lora)
+    task.setup(None)
+    return task, model, items
 
 
 @pytest.mark.parametrize("shared,lora", [(True, False), (False, False), (True, True)])
@@ -77,7 +80,7 @@ def test_sequence_reward_lands_on_the_last_response_token(tiny_model, prompts_fi
     # beta=0, gamma=lam=1, zero value head, no whitening: every response token's advantage equals the
     # sequence reward, whether the response ended with EOS or was cut at max_new_tokens
     task, model, items = ppo_setup(tiny_model, prompts_file, shared=True, lora=False, kl_coef=0.0, lam=1.0,
-                                   whiten_advantages=False, epochs=1)
+                                   whiten_advantages=False, normalize_reward=False, epochs=1)
     task.cfg.missing_eos_penalty = 0.25
     task.gen = task.gen.model_copy(update={"max_new_tokens": 3})
     task.reward = build_reward(["length:target=2"])  # distinct, non-zero rewards
@@ -182,9 +185,9 @@ def test_response_space_round_trip_and_last_index():
 
 
 def test_schedule_covers_every_row_once_per_epoch():
-    from alignkit.train.online import OnlineTask
+    from alignkit.train.online import RLTask
 
-    class T(OnlineTask):
+    class T(RLTask):
         def __init__(self):
             pass
 

@@ -31,7 +31,7 @@ SETTINGS = {
                    {"grpo.num_generations": 4, "grpo.epochs": 2, "grpo.clip_eps_high": 0.28,
                     "grpo.aggregation": "token_mean"}),
     "rloo": ("alignkit.train.grpo:train_rloo",
-             {"rloo.num_generations": 4, "rloo.kl_coef": 0.05}),
+             {"rloo.num_generations": 4, "rloo.kl_coef": 0.05, "rloo.normalize_reward": False}),
 }
 
 # pinned on commit 1aee7be (before the refactor): step-1 metrics and ||w_1 - w_0||_2 over all weights

@@ -154,6 +154,69 @@ def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Te
 
 
 # --------------------------------------------------------------------------------------------
+# Batch baseline (REINFORCE++) and whitening across processes
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``G_t = sum_{i >= t} r_i`` over each row's masked positions (gamma = 1). ``(B, T) -> (B, T)``.
+
+    The response may sit anywhere in the row (label space after a prompt); positions off the mask
+    contribute nothing and get 0.
+    """
+    valid = mask.bool()
+    r = torch.where(valid, rewards.to(torch.promote_types(rewards.dtype, torch.float32)), torch.zeros(()))
+    return torch.where(valid, r.flip(-1).cumsum(-1).flip(-1), torch.zeros((), dtype=r.dtype))
+
+
+def reward_to_go_reference(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Slow, obvious :func:`reward_to_go` with Python loops; for tests."""
+    out = torch.zeros(rewards.shape, dtype=torch.float64)
+    for b in range(rewards.shape[0]):
+        for t in range(rewards.shape[1]):
+            if mask[b, t]:
+                out[b, t] = sum(float(rewards[b, i]) for i in range(t, rewards.shape[1]) if mask[b, i])
+    return out
+
+
+@torch.no_grad()
+def whiten(x: torch.Tensor, mask: torch.Tensor, reduce=None, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked positions, 0 elsewhere; mean and unbiased
+    variance over **every process** when ``reduce`` (a sum over processes of a 1-D tensor) is given.
+
+    With ``reduce=None`` this is :func:`alignkit.ops.masked.masked_whiten` (one process's statistics).
+    """
+    from alignkit.ops.masked import masked_whiten
+
+    if reduce is None:
+        return masked_whiten(x, mask, eps=eps)
+    valid = mask.bool()
+    clean = torch.where(valid, x.double(), torch.zeros((), dtype=torch.float64))
+    n, total = reduce(torch.stack([valid.sum().double(), clean.sum()]))
+    mean = total / n.clamp(min=1.0)
+    sq = reduce(torch.where(valid, clean - mean, torch.zeros((), dtype=torch.float64)).square().sum()[None])[0]
+    var = sq / (n - 1.0).clamp(min=1.0)
+    out = (clean - mean) * torch.rsqrt(var + eps)
+    return torch.where(valid, out, torch.zeros((), dtype=out.dtype)).to(x.dtype)
+
+
+@torch.no_grad()
+def batch_baseline_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, reduce=None) -> torch.Tensor:
+    """REINFORCE++ advantages (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
+    Language Models", sec. 3.1-3.2): the token-level return
+
+    ``A_t = r(x, y) - beta * sum_{i >= t} KL_i`` (the reward-to-go of per-token rewards ``-beta*KL_i`` plus
+    the sequence reward on the last token, gamma = 1), then normalized over the **global batch**:
+    ``A_norm = (A - mean_batch(A)) / std_batch(A)``. The batch mean is the baseline; no critic, no groups.
+
+    ``token_rewards``: ``(B, T)`` with the sequence reward already on each response's last token;
+    ``reduce``: sum over processes (None: this process's batch). Returns ``(B, T)``.
+    """
+    return whiten(reward_to_go(token_rewards, mask), mask, reduce)
+
+
+# --------------------------------------------------------------------------------------------
 # KL-penalty controllers
 # --------------------------------------------------------------------------------------------
 
@@ -269,6 +332,7 @@ class RunningMoments:
 
 
 __all__: List[str] = [
-    "gae", "gae_reference", "group_normalized_advantages", "leave_one_out_advantages",
+    "gae", "gae_reference", "group_normalized_advantages", "leave_one_out_advantages", "reward_to_go",
+    "reward_to_go_reference", "whiten", "batch_baseline_advantages",
     "FixedKLController", "AdaptiveKLController", "RunningMoments",
 ]

@@ -1,9 +1,13 @@
-"""Online-RL commands: ppo, grpo, rloo; sampling commands: bon, rejection-sampling."""
+"""Online-RL commands: ppo, grpo, rloo and rl (any preset); sampling commands: bon, rejection-sampling.
+
+Every online-RL command is the same task with a different default preset; ``--preset NAME`` picks
+another bundle of stages (ppo, grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp) and every option set
+on top overrides the preset's value (docs/online-rl.md)."""
 
 from alignkit.cli import TRAIN_FLAGS, Command, register_command
 
 _RL = "alignkit.train.rl_config"
-_REWARD_FLAGS = {"reward": "rewards", "gold_reward": "gold_reward"}
+_REWARD_FLAGS = {"reward": "rewards", "gold_reward": "gold_reward", "preset": "preset"}
 _KINDS = ("Reward shorthand --reward KIND:ARG[@WEIGHT] (repeatable): model:PATH, ensemble:P1,P2[;mean|min|"
           "mean_minus_std[=K]], match:FIELD, regex:PATTERN, length:target=N|max=N|min=N, python:MODULE:FN.")
 
@@ -19,6 +23,20 @@ register_command(Command(
     "rloo", f"{_RL}:RLOOConfig", "alignkit.train.grpo:train_rloo",
     "RLOO: REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024). " + _KINDS,
     {**TRAIN_FLAGS, **_REWARD_FLAGS, "num_generations": "rloo.num_generations"}))
+register_command(Command(
+    "rl", f"{_RL}:RLConfig", "alignkit.train.online:train_rl",
+    "Online RL from a preset of stages: --preset ppo|grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp (default grpo); "
+    "rl.* options override the preset field by field. " + _KINDS,
+    {**TRAIN_FLAGS, **_REWARD_FLAGS, "num_generations": "rl.num_generations"}))
+for _name, _preset, _what in (
+        ("dapo", "dapo", "DAPO (Yu et al. 2025): clip-higher, dynamic sampling, token-level loss, overlong shaping"),
+        ("dr-grpo", "dr_grpo", "Dr. GRPO (Liu et al. 2025): no std scaling, per-response sum / max_new_tokens, no KL"),
+        ("gspo", "gspo", "GSPO (Zheng et al. 2025): clipped length-normalized sequence ratio"),
+        ("reinforce-pp", "reinforce_pp", "REINFORCE++ (Hu 2025): token KL reward, global batch baseline, no critic")):
+    register_command(Command(
+        _name, f"{_RL}:RLConfig", "alignkit.train.online:train_rl",
+        f"{_what}; the same as `alignkit rl --preset {_preset}`. " + _KINDS,
+        {**TRAIN_FLAGS, **_REWARD_FLAGS, "num_generations": "rl.num_generations"}, defaults={"preset": _preset}))
 
 _SAMPLE_FLAGS = {"model": "model.name_or_path", "data": "data.path", "output": "output", "reward": "rewards",
                  "n": "n"}

@@ -227,5 +227,96 @@ def rloo_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
     return LossOutput(losses, metrics)
 
 
-__all__ = ["Aggregation", "AGGREGATIONS", "POLICY_LOSSES", "aggregate_token_losses",
-           "ppo_loss", "grpo_loss", "rloo_loss"]
+def gspo_sequence_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's length-normalized sequence importance ratio (Zheng et al. 2025, "Group Sequence Policy
+    Optimization", sec. 4.1, eq. 7):
+
+    ``s_i = (pi(y_i | x) / pi_old(y_i | x)) ^ (1 / |y_i|) = exp(1/|y_i| * sum_t (log pi(y_i,t) - log pi_old(y_i,t)))``
+
+    ``(B, T)`` log-probs and mask -> ``(B,)``; gradients flow through ``logprobs`` only.
+    """
+    valid = mask.bool()
+    log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))  # (B, T)
+    length = valid.sum(-1).clamp(min=1).to(logprobs.dtype)  # (B,) |y_i|
+    return torch.exp(log_ratio.sum(-1) / length)
+
+
+def gspo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], advantages: torch.Tensor,
+              mask: torch.Tensor, *, clip_eps: float = 3e-4, clip_eps_high: Optional[float] = 4e-4,
+              aggregation: Aggregation = "sequence_mean", max_len: Optional[int] = None,
+              num_tokens: Union[float, torch.Tensor, None] = None) -> LossOutput:
+    """GSPO objective (Zheng et al. 2025, sec. 4.1, eq. 5), negated, with the sequence ratio of
+    :func:`gspo_sequence_ratio`:
+
+    ``l_i = -min(s_i A_i, clip(s_i, 1 - clip_eps, 1 + clip_eps_high) A_i)``, one value per response,
+    placed on each of its tokens and then aggregated (``sequence_mean`` gives ``l_i`` itself, the
+    paper's ``1/G sum_i``; ``token_mean`` weighs response ``i`` by its length).
+
+    ``advantages``: ``(B,)`` sequence-level (group-normalized in the paper). ``old_logprobs=None`` means
+    one update per rollout: ``s_i = 1`` and the gradient is ``A_i * grad(1/|y_i| sum_t log pi)``.
+    Metrics: ``policy/clip_frac`` and ``policy/ratio_mean`` over sequences, ``policy/approx_kl`` per token.
+    """
+    valid = mask.bool()
+    if old_logprobs is None:
+        old_logprobs = logprobs.detach()
+    adv = advantages.detach()
+    if adv.dim() == 2:  # token-level input: a sequence method needs one value per response
+        adv = torch.where(valid, adv, torch.zeros_like(adv)).sum(-1) / valid.sum(-1).clamp(min=1).to(adv.dtype)
+    adv = adv.to(logprobs.dtype)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = gspo_sequence_ratio(logprobs, old_logprobs, mask)  # (B,)
+    unclipped, clipped = ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + high) * adv
+    seq_loss = -torch.minimum(unclipped, clipped)  # (B,)
+    per_token = torch.where(valid, seq_loss[:, None].expand_as(logprobs), torch.zeros_like(logprobs))
+    losses = aggregate_token_losses(per_token, valid, aggregation, max_len=max_len, num_tokens=num_tokens)
+    with torch.no_grad():
+        log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))
+        metrics = {"policy/clip_frac": (clipped < unclipped).to(ratio.dtype).mean(),
+                   "policy/ratio_mean": ratio.detach().mean(),
+                   "policy/approx_kl": _masked_mean(kl_k3(torch.zeros_like(log_ratio), log_ratio), valid)}
+    return LossOutput(losses, metrics)
+
+
+def kl_penalty_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                    estimator: str = "k3", aggregation: Aggregation = "sequence_mean",
+                    max_len: Optional[int] = None) -> torch.Tensor:
+    """The KL-to-reference loss term (KL placed in the loss, as GRPO: Shao et al. 2024, eq. 3-4):
+    the per-token estimate (``k1``/``k2``/``k3``, Schulman 2020) of ``KL(pi || pi_ref)`` on the sampled
+    tokens, aggregated like the policy loss. Returns ``(B,)``; multiply by the coefficient beta."""
+    from alignkit.ops.kl import kl_estimate
+
+    valid = mask.bool()
+    zeros = torch.zeros_like(logprobs)
+    # clean padding before exp so nan/inf there cannot leak into values or gradients
+    kl = kl_estimate(torch.where(valid, logprobs, zeros),
+                     torch.where(valid, ref_logprobs.detach().to(logprobs.dtype), zeros), estimator)  # (B, T)
+    return aggregate_token_losses(kl, valid, aggregation, max_len=max_len)
+
+
+# The policy-loss stage of the online-RL task (alignkit.train.online): one signature
+# ``fn(logprobs, old_logprobs | None, advantages, mask, *, clip_eps, clip_eps_high, aggregation, max_len)``.
+# ``old_logprobs=None`` means a single update per rollout (pi_old = pi, ratio 1).
+RL_POLICY_LOSSES = Registry("rl policy")
+
+
+@RL_POLICY_LOSSES.register("clipped_token", needs_reference=False, paired=False)
+def clipped_token_loss(logprobs, old_logprobs, advantages, mask, **kw) -> LossOutput:
+    """Clipped token ratio (PPO eq. 7; GRPO eq. 3; DAPO with clip_eps_high): :func:`ppo_loss`."""
+    return ppo_loss(logprobs, logprobs.detach() if old_logprobs is None else old_logprobs, advantages, mask, **kw)
+
+
+@RL_POLICY_LOSSES.register("clipped_sequence", needs_reference=False, paired=False)
+def clipped_sequence_loss(logprobs, old_logprobs, advantages, mask, **kw) -> LossOutput:
+    """Clipped length-normalized sequence ratio (GSPO, Zheng et al. 2025, eq. 5-7): :func:`gspo_loss`."""
+    return gspo_loss(logprobs, old_logprobs, advantages, mask, **kw)
+
+
+@RL_POLICY_LOSSES.register("reinforce", needs_reference=False, paired=False)
+def reinforce_loss(logprobs, old_logprobs, advantages, mask, **kw) -> LossOutput:
+    """Plain REINFORCE ``-A log pi`` (Williams 1992; RLOO, Ahmadian et al. 2024, eq. 9): :func:`rloo_loss`
+    (the clipped token ratio when a rollout gets several updates)."""
+    return rloo_loss(logprobs, advantages, mask, old_logprobs=old_logprobs, **kw)
+
+
+__all__ = ["Aggregation", "AGGREGATIONS", "POLICY_LOSSES", "RL_POLICY_LOSSES", "aggregate_token_losses",
+           "ppo_loss", "grpo_loss", "rloo_loss", "gspo_loss", "gspo_sequence_ratio", "kl_penalty_loss"]

@@ -1,10 +1,15 @@
-"""Machinery shared by the online-RL trainers (PPO, GRPO, RLOO).
+"""The one online-RL task: PPO, GRPO, Dr. GRPO, DAPO, GSPO, RLOO and REINFORCE++ are presets of it.
 
-One training step of the shared loop is one rollout batch. :meth:`OnlineTask.plan` samples from the
-current policy, scores the samples, computes advantages (the algorithm's business), then yields one
-list of micro-batches per optimizer update: ``epochs x num_minibatches`` updates over the shuffled
-rollout. Everything random (sampling, shuffling) draws from torch's global RNG, which checkpoints
-save and restore, so a resumed run repeats a straight one exactly.
+One training step of the shared loop is one rollout batch. :meth:`RLTask.plan` runs the stages of
+:mod:`alignkit.train.rl_stages` in order (rollout -> reward shaping -> KL placement -> advantage ->
+whitening), then yields one :class:`~alignkit.train.loop.Update` per optimizer update:
+``epochs x num_minibatches`` updates over the shuffled rollout; :meth:`RLTask.loss` applies the policy
+loss named by the config (:data:`alignkit.losses.policy.RL_POLICY_LOSSES`) with the chosen aggregation,
+plus the KL loss term, the value loss (critic) and the entropy bonus where configured. No algorithm
+overrides ``plan``: an algorithm is a preset (:data:`alignkit.train.rl_config.PRESETS`).
+
+Everything random (sampling, shuffling, extra prompts of dynamic sampling) draws from torch's global
+RNG, which checkpoints save and restore, so a resumed run repeats a straight one exactly.
 
 Log-probs of a rollout ("old" = behaviour policy, reference, values) are computed with the very
 micro-batches of the first epoch (same rows, same padding, same code path as the loss), so at the
@@ -24,7 +29,14 @@ from alignkit.eval.metrics import distinct_n
 from alignkit.ops.logprobs import TokenLogprobs, token_logprobs
 from alignkit.ops.wrappers import unwrap
 from alignkit.rollout.generate import Rollout, generate
+from alignkit.advantages import AdaptiveKLController, FixedKLController, RunningMoments, whiten
+from alignkit.losses.policy import RL_POLICY_LOSSES, aggregate_token_losses, kl_penalty_loss
+from alignkit.losses.value import explained_variance, value_loss
+from alignkit.ops.kl import kl_estimate, kl_k1
+from alignkit.ops.masked import masked_mean
+from alignkit.train import metric_keys as K
 from alignkit.train.loop import Task, Trainer, Update
+from alignkit.train.rl_stages import ADVANTAGES, AdvantageInputs, place_kl, shape_rewards
 
 
 def policy_of(model):
@@ -123,31 +135,89 @@ def rows_of(seq: SeqBatch, rows: Sequence[int]) -> SeqBatch:
     return SeqBatch(seq.input_ids[idx, :T], seq.attention_mask[idx, :T], seq.loss_mask[idx, :T])
 
 
-class OnlineTask(Task):
-    """Base of the online-RL tasks: rollout, rewards, metrics, schedule, log-prob passes, evaluation."""
+def select_rows(parts: Sequence[Tuple[Rollout, List[int]]], pad_id: int) -> Rollout:
+    """One rollout of the given rows of several rollouts (dynamic sampling keeps groups from several
+    rounds), re-padded on the right to the longest kept sequence; ``prompt_index`` renumbered by group."""
+    ids, attn, lm, plen, resp, texts, ended, pidx = [], [], [], [], [], [], [], []
+    for g, (ro, rows) in enumerate(parts):
+        for r in rows:
+            n = int(ro.sequences.attention_mask[r].sum())
+            ids.append(ro.sequences.input_ids[r, :n])
+            attn.append(ro.sequences.attention_mask[r, :n])
+            lm.append(ro.sequences.loss_mask[r, :n])
+            plen.append(ro.prompt_lengths[r])
+            resp.append(ro.response_ids[r])
+            texts.append(ro.texts[r])
+            ended.append(bool(ro.ended[r]))
+            pidx.append(g)
+    T = max(len(x) for x in ids)
 
-    samples_per_prompt = 1
+    def pad(rows, value):
+        return torch.stack([torch.cat([x, torch.full((T - len(x),), value, dtype=x.dtype)]) for x in rows])
 
-    def __init__(self, cfg, tokenizer, reward, gold=None, ref_model=None, adapter_ref: bool = False, engine=None):
+    return Rollout(SeqBatch(pad(ids, pad_id), pad(attn, 0), pad(lm, 0)), plen, resp, texts,
+                   torch.tensor(ended, dtype=torch.bool), pidx)
+
+
+class RLTask(Task):
+    """The online-RL task; its stages are chosen by ``cfg.algo`` (an :class:`RLOptions` section)."""
+
+    def __init__(self, cfg, tokenizer, reward, gold=None, ref_model=None, adapter_ref: bool = False, engine=None,
+                 prompts: Sequence[Dict[str, Any]] = ()):
         self.cfg, self.tok, self.gen = cfg, tokenizer, cfg.generation
+        self.opts = o = cfg.algo
+        self.name = cfg.preset_name
         self.reward, self.gold = reward, gold
         self.ref_model, self.adapter_ref, self.engine = ref_model, adapter_ref, engine
         self.temperature = cfg.generation.temperature or 1.0
-        self.acc = None  # Task.setup(accelerator): cross-process means, autocast
+        self.samples_per_prompt = o.num_generations
+        self.agg, self.token_units = loss_aggregation(o.aggregation)
+        self.max_len = cfg.generation.max_new_tokens
+        self.critic = o.advantage == "gae"
+        self.kl_ctl = AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.adaptive_kl \
+            else FixedKLController(o.kl_coef)
+        self.moments = RunningMoments() if o.normalize_reward else None
+        self.prompts = list(prompts)  # the pool dynamic sampling draws extra prompts from
+        self.steps_done = 0  # rollouts so far (critic warm-up); saved in checkpoints
+        self._beta = self.kl_ctl.value  # beta of the current rollout (the loss-placed KL term)
+        self._warmup = False  # this rollout trains the critic alone
         self._engine_stale = True  # the engine starts from the checkpoint on disk, not from resumed weights
 
-    # ------------------------------------------------------------------ hooks for subclasses
+    # ------------------------------------------------------------------ set-up
+    def param_groups(self, model):
+        """With a critic and ``value.lr``: the critic (value head or separate critic) in its own group."""
+        lr = self.cfg.value.lr
+        if not self.critic or lr is None:
+            return None
+        inner = unwrap(model)
+        critic = inner.value_head if inner.value_head is not None else inner.critic
+        ids = {id(p) for p in critic.parameters()}
+        trainable = [p for p in inner.parameters() if p.requires_grad]
+        return [{"params": [p for p in trainable if id(p) not in ids]},
+                {"params": [p for p in trainable if id(p) in ids], "lr": lr}]
+
     def update_shape(self) -> Tuple[int, int]:
         """(epochs, minibatches per epoch) of optimizer updates per rollout."""
-        return 1, 1
+        return self.opts.epochs, self.opts.num_minibatches
 
-    def forward(self, model, seq: SeqBatch) -> Tuple[TokenLogprobs, Optional[torch.Tensor]]:
-        """Per-token log-probs (with entropy) of the policy and, for actor-critic, values (B, T-1)."""
-        return token_logprobs(model, seq, temperature=self.temperature, with_entropy=True,
+    @property
+    def several_updates(self) -> bool:
+        return self.opts.epochs * self.opts.num_minibatches > 1
+
+    def forward(self, model, seq: SeqBatch, with_entropy: bool = True, detach_value: bool = False,
+                ) -> Tuple[TokenLogprobs, Optional[torch.Tensor]]:
+        """Per-token log-probs (with entropy) of the policy and, with a critic, values (B, T-1)."""
+        if self.critic:
+            return model(input_ids=seq.input_ids, attention_mask=seq.attention_mask, loss_mask=seq.loss_mask,
+                         with_entropy=with_entropy, detach_value=detach_value)
+        return token_logprobs(model, seq, temperature=self.temperature, with_entropy=with_entropy,
                               chunk_size=self.cfg.train.logprob_chunk), None
 
     def collate(self, items):  # rollouts replace collation (see plan)
         return items
+
+    def units(self, mb) -> float:
+        return float(mb.mask.sum()) if self.token_units else float(len(mb))
 
     @property
     def has_reference(self) -> bool:
@@ -209,10 +279,164 @@ class OnlineTask(Task):
             ro = generate(policy, self.tok, [it["prompt_ids"] for it in items], self.gen,
                           n=self.samples_per_prompt, engine=self.engine, compute_logprobs=False)
         raw, metrics = self.score(ro, items)
-        scores = raw.clone()
-        if self.cfg.missing_eos_penalty:
-            scores = torch.where(ro.ended, scores, scores - self.cfg.missing_eos_penalty)
-        return ro, scores, metrics
+        return ro, raw, metrics
+
+    # ------------------------------------------------------------------ dynamic sampling (DAPO)
+    def draw_prompts(self, n: int) -> List[Dict[str, Any]]:
+        """``n`` more prompts for this process, drawn from the training prompts with torch's global RNG
+        (one draw for every process, identical on each, so each takes its own share; resumable)."""
+        if not self.prompts:
+            raise ValueError("dynamic sampling needs the task's prompt pool (RLTask(prompts=...))")
+        world, rank = self.world, (self.acc.process_index if self.acc is not None else 0)
+        idx = torch.randint(0, len(self.prompts), (n * world,)).tolist()
+        return [self.prompts[i] for i in idx[rank * n:(rank + 1) * n]]
+
+    def sample(self, model, items: List[Dict[str, Any]]) -> Tuple[Rollout, torch.Tensor, Dict[str, float]]:
+        """The rollout stage: :meth:`rollout` of the step's prompts; with ``dynamic_sampling`` (Yu et al.
+        2025, eq. 11) groups whose rewards are all equal are dropped and more prompts are sampled until
+        the batch holds ``len(items)`` informative groups or ``max_sampling_rounds`` rounds were run
+        (then dropped groups top it up, counted). The reward metrics are those of the step's own prompts."""
+        o = self.opts
+        ro, raw, metrics = self.rollout(model, items)
+        if not o.dynamic_sampling:
+            metrics[K.SAMPLING_ROUNDS] = 1.0
+            return ro, raw, metrics
+        G, target = self.samples_per_prompt, len(items)
+        kept: List[Tuple[Rollout, torch.Tensor, List[int]]] = []  # (rollout, its rewards, rows of one group)
+        spare: List[Tuple[Rollout, torch.Tensor, List[int]]] = []
+        rounds = dropped = 0
+        while True:
+            rounds += 1
+            grouped = raw.view(-1, G)
+            informative = (grouped.max(dim=1).values > grouped.min(dim=1).values).tolist()
+            for g, ok in enumerate(informative):
+                (kept if ok else spare).append((ro, raw, list(range(g * G, (g + 1) * G))))
+            dropped += informative.count(False)
+            short = torch.tensor([float(max(0, target - len(kept)))])
+            if float(self._reduce(short)[0]) == 0 or rounds >= o.max_sampling_rounds:
+                break
+            ro, raw, _ = self.rollout(model, self.draw_prompts(target))
+        chosen = kept[:target]
+        n_short = target - len(chosen)
+        chosen += spare[:n_short]
+        metrics.update({K.SAMPLING_ROUNDS: float(rounds),
+                        K.DROPPED_GROUPS: float(self._reduce(torch.tensor([float(dropped)]))[0]),
+                        K.SHORT_GROUPS: float(self._reduce(torch.tensor([float(n_short)]))[0])})
+        ro = select_rows([(r, rows) for r, _, rows in chosen], self.tok.pad_token_id)
+        raw = torch.cat([rw[torch.tensor(rows)] for _, rw, rows in chosen])
+        return ro, raw, metrics
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a 1-D tensor over processes (itself on one process)."""
+        if self.acc is None or self.acc.num_processes == 1:
+            return t
+        return self.acc.reduce(t.to(self.acc.device), reduction="sum").cpu()
+
+    # ------------------------------------------------------------------ the stages
+    def plan(self, model, items, micro_batch_size: int) -> Iterator[Update]:
+        """rollout -> reward shaping -> KL placement -> advantage -> whitening -> updates."""
+        o = self.opts
+        ro, raw, metrics = self.sample(model, items)
+        sched = self.schedule(len(ro), micro_batch_size)
+        seq = ro.sequences
+        N, T1 = seq.input_ids.shape[0], seq.input_ids.shape[1] - 1
+        mask = seq.loss_mask[:, 1:].float()  # (N, T-1) response tokens
+        lengths = [len(r) for r in ro.response_ids]
+        self._warmup = self.critic and self.steps_done < self.cfg.value.warmup_steps
+        self.steps_done += 1
+        # 2. reward shaping, for every algorithm
+        scores = shape_rewards(raw, ro.ended, ro.response_lengths, missing_eos_penalty=self.cfg.missing_eos_penalty,
+                               overlong_buffer=o.overlong_buffer, overlong_factor=o.overlong_penalty,
+                               max_len=self.max_len, moments=self.moments, reward_clip=o.reward_clip,
+                               gather=self._gather)
+        stats: Dict[str, torch.Tensor] = {}
+        if self.has_reference or self.several_updates or self.critic:  # log-probs at rollout time are needed
+            stats = self.rollout_stats(model, ro, sched[:o.num_minibatches], ref=self.has_reference)
+            metrics[K.ENTROPY] = float(masked_mean(stats["entropy"], mask))
+        # 3. KL placement
+        beta = self._beta = self.kl_ctl.value
+        kl = None
+        if self.has_reference:
+            k1 = kl_k1(stats["old_logps"], stats["ref_logps"]) * mask
+            metrics[K.KL_REF] = float(self._gather(k1.sum(-1)).mean())
+            metrics[K.KL_REF_TOKEN] = float(self._gather(k1.sum()[None]).sum() / self._gather(mask.sum()[None]).sum()
+                                            .clamp(min=1.0))
+            kl = kl_estimate(stats["old_logps"], stats["ref_logps"], o.kl_estimator) * mask  # (N, T-1)
+            penalty = float(self._gather(kl.sum(-1)).mean())  # nats per sequence, the named estimator
+            metrics.update({K.KL_PENALTY: penalty, K.KL_COEF: beta})
+            self.kl_ctl.update(penalty, N * self.world)
+        last = last_response_index(ro.prompt_lengths, lengths)
+        scores, token_rewards = place_kl(o.kl_placement, scores, kl, beta, last)
+        metrics[K.REWARD_SHAPED] = float(self._gather(scores).mean())
+        if self.samples_per_prompt > 1:
+            grouped = self._gather(raw).view(-1, self.samples_per_prompt)
+            metrics[K.ZERO_STD_GROUPS] = float((grouped.max(1).values == grouped.min(1).values).float().mean())
+        # 4. advantage, then whitening
+        index, valid = response_index(ro.prompt_lengths, lengths, T1)
+        inputs = AdvantageInputs(scores=scores, token_rewards=token_rewards, mask=mask,
+                                 group_size=self.samples_per_prompt, values=stats.get("values"),
+                                 response_space=(lambda x: to_response_space(x, index, valid),
+                                                 lambda y: from_response_space(y, index, valid, T1)),
+                                 reduce=self._reduce if self.world > 1 else None, opts=o)
+        targets = ADVANTAGES[o.advantage](inputs)
+        adv = targets["advantages"]
+        if o.whiten_advantages and o.advantage != "batch_baseline":  # batch_baseline is normalized already
+            if adv.dim() == 1:
+                adv = adv[:, None] * mask  # whiten over response tokens
+            adv = whiten(adv, mask, self._reduce if (o.whiten_scope == "global" and self.world > 1) else None)
+        tok_adv = adv if adv.dim() == 2 else adv[:, None].expand(N, T1)
+        metrics[K.ADV_MEAN] = float(masked_mean(tok_adv, mask))
+        metrics[K.ADV_STD] = float(masked_mean((tok_adv - masked_mean(tok_adv, mask)).square(), mask).sqrt())
+        if self.critic:
+            metrics.update({K.EXPLAINED_VARIANCE: float(explained_variance(stats["values"], targets["returns"], mask)),
+                            K.VALUE_MEAN: float(masked_mean(stats["values"], mask))})
+        per_row = {"advantages": adv,
+                   "old_logps": stats.get("old_logps") if (self.several_updates or self.critic) else None,
+                   "ref_logps": stats.get("ref_logps") if (o.kl_placement == "loss" and beta > 0) else None,
+                   "returns": targets.get("returns"), "old_values": stats.get("values")}
+        yield from self.yield_updates(ro, sched, per_row, metrics)
+
+    def loss(self, model, mb):
+        """Policy loss (registry entry) + beta * KL (placement ``loss``) + vf_coef * value loss - entropy bonus,
+        each aggregated the same way; during critic warm-up the value loss alone."""
+        o = self.opts
+        tl, values = self.forward(model, mb.seq, with_entropy=o.ent_coef > 0, detach_value=self._warmup)
+        mask = mb.mask
+        kw = {"aggregation": self.agg, "max_len": self.max_len if self.agg == "sum_norm" else None}
+        units = max(self.units(mb), 1e-12)
+        metrics: Dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=mask.device)
+        if not self._warmup:
+            pg = RL_POLICY_LOSSES.get(o.policy_loss).fn(tl.logps, mb.old_logps, mb.advantages, mask,
+                                                        clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high, **kw)
+            total = pg.losses.sum()
+            metrics.update(pg.metrics)
+            metrics[K.POLICY_LOSS] = pg.losses.detach().sum() / units
+            if mb.ref_logps is not None:
+                total = total + self._beta * kl_penalty_loss(tl.logps, mb.ref_logps, mask, estimator=o.kl_estimator,
+                                                             **kw).sum()
+            if o.ent_coef:
+                total = total - o.ent_coef * aggregate_token_losses(tl.entropy, mask, self.agg,
+                                                                    max_len=kw["max_len"]).sum()
+        if values is not None:
+            vf = value_loss(values, mb.old_values, mb.returns, mask, clip_range=o.vf_clip, **kw)
+            total = total + o.vf_coef * vf.losses.sum()
+            metrics.update({K.VALUE_LOSS: vf.losses.detach().sum() / units, **vf.metrics})
+        return total, metrics
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {"kl_ctl": self.kl_ctl.state_dict(), "steps_done": self.steps_done}
+        if self.moments is not None:
+            state["reward_moments"] = self.moments.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if "kl_ctl" in state:
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.steps_done = int(state.get("steps_done", 0))
+        if self.moments is not None and "reward_moments" in state:
+            self.moments.load_state_dict(state["reward_moments"])
 
     def schedule(self, n_rows: int, micro: int) -> List[List[List[int]]]:
         """Row indices: updates -> micro-batches -> rows. Each epoch reshuffles (torch's global RNG)
@@ -296,9 +520,6 @@ class OnlineTask(Task):
         _, m = self.score(ro, list(items), prefix="eval/")
         return m
 
-    # ------------------------------------------------------------------ checkpoint state
-    def state_dict(self) -> Dict[str, Any]:
-        return {}
 
 
 class OnlineTrainer(Trainer):
@@ -326,9 +547,23 @@ def load_reference(cfg, accelerator, needed: bool):
     return ref, False
 
 
-def run_online(cfg, build) -> Dict[str, Any]:
-    """Shared body of train_ppo/train_grpo/train_rloo. ``build(cfg, tok, policy, reward, gold, engine, acc)``
-    returns ``(task, model)`` where ``model`` is what the optimizer trains (policy, or policy+value)."""
+def build_task(cfg, tok, policy, reward, gold, engine, acc, prompts=()):
+    """(task, trainable model) for ``cfg``: loads the reference when a KL term is on, and wraps policy +
+    critic into one module when the advantage is gae."""
+    o = cfg.algo
+    ref, adapter = load_reference(cfg, acc, needed=o.kl_placement != "none" and (o.kl_coef > 0 or o.adaptive_kl))
+    model = policy
+    if o.advantage == "gae":
+        from alignkit.train.ppo import PolicyWithValue, build_critic
+
+        critic = None if cfg.value.shared else build_critic(cfg, tok)
+        model = PolicyWithValue(policy, critic, temperature=cfg.generation.temperature or 1.0,
+                                logprob_chunk=cfg.train.logprob_chunk)
+    return RLTask(cfg, tok, reward, gold, ref, adapter, engine, prompts=prompts), model
+
+
+def run_online(cfg) -> Dict[str, Any]:
+    """Shared body of every online-RL command (train_ppo, train_grpo, train_rloo, train_rl)."""
     from alignkit.models.default import resolve_model_path
     from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
     from alignkit.rewards import build_reward
@@ -348,6 +583,14 @@ def run_online(cfg, build) -> Dict[str, Any]:
         from alignkit.rollout.vllm_engine import make_engine
 
         engine = make_engine(resolve_model_path(cfg.model.name_or_path), tok, seed=cfg.train.seed)
-    task, model = build(cfg, tok, policy, reward, gold, engine, acc)
+    task, model = build_task(cfg, tok, policy, reward, gold, engine, acc, prompts=data.train)
     trainer = OnlineTrainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
     return fit_and_finish(trainer, tok, cfg, data.eval)
+
+
+def train_rl(config=None, **overrides) -> Dict[str, Any]:
+    """Run any preset (``preset=dapo``, ...); the Python twin of ``alignkit rl``."""
+    from alignkit.config import as_config
+    from alignkit.train.rl_config import RLConfig
+
+    return run_online(as_config(RLConfig, config, overrides))

@@ -7,7 +7,7 @@ the YAML mapping form of :class:`alignkit.rewards.RewardSpec`.
 
 from __future__ import annotations
 
-from typing import Any, List, Literal, Optional
+from typing import Any, ClassVar, Dict, List, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -41,11 +41,147 @@ class RewardsMixin(Section):
         return self
 
 
-class OnlineRLConfig(RunConfig, RewardsMixin):
-    """Sections shared by ppo, grpo and rloo. One step = one rollout batch of
-    train.batch_size x train.grad_accum x processes prompts; train.batch_size is also the number of
-    sequences per forward micro-batch."""
+KLPlacement = Literal["none", "token_reward", "sequence_reward", "loss"]
+AdvantageKind = Literal["gae", "group", "leave_one_out", "batch_baseline"]
+PolicyLossKind = Literal["clipped_token", "clipped_sequence", "reinforce"]
+WhitenScope = Literal["global", "process"]
 
+
+class RLOptions(Section):
+    """The stage choices of the one online-RL task (docs/online-rl.md, "Stages"). A preset fills every
+    field the user leaves out; the class defaults below are those of the grpo preset."""
+
+    num_generations: int = Field(8, ge=1)
+    """Samples per prompt (G). Group advantages (group, leave_one_out) compare the samples of a prompt."""
+    epochs: int = Field(1, gt=0)
+    """Passes over each rollout batch (more than one update per rollout uses the clipped ratio)."""
+    num_minibatches: int = Field(1, gt=0)
+    """Optimizer updates per epoch: each epoch splits the shuffled rollout into this many minibatches."""
+    # ---- reward shaping (every algorithm)
+    normalize_reward: bool = False
+    """Normalize sequence rewards with the running mean/std of every reward seen so far (all processes;
+    saved in checkpoints): makes kl_coef and the loss scale independent of the reward's scale."""
+    reward_clip: Optional[float] = Field(None, gt=0)
+    """Clip (normalized) sequence rewards to [-reward_clip, reward_clip]."""
+    overlong_buffer: float = Field(0.0, ge=0, lt=1)
+    """DAPO soft overlong punishment (Yu et al. 2025, eq. 13): the last overlong_buffer x max_new_tokens
+    tokens are a zone where the penalty grows linearly from 0 to overlong_penalty (0: off)."""
+    overlong_penalty: float = Field(1.0, ge=0)
+    """Largest overlong penalty (reached at generation.max_new_tokens)."""
+    # ---- KL to the reference
+    kl_placement: KLPlacement = "loss"
+    """Where the KL to the reference acts: none, token_reward (-kl_coef*KL_t on every token's reward, PPO),
+    sequence_reward (r - kl_coef*sum_t KL_t, RLOO) or loss (kl_coef*KL_t added to the per-token loss, GRPO)."""
+    kl_coef: float = Field(0.04, ge=0)
+    """KL coefficient beta (initial value when adaptive); 0 with kl_placement none loads no reference."""
+    kl_estimator: KLKind = "k3"
+    """Per-token KL estimate (Schulman 2020): k1 log-ratio, k2 half squared log-ratio, k3 (r-1)-log r."""
+    adaptive_kl: bool = False
+    """Adapt beta towards kl_target (Ziegler et al. 2019, eq. 2); the coefficient is saved in checkpoints."""
+    kl_target: float = Field(6.0, gt=0)
+    """Target KL to the reference, nats per sequence (adaptive_kl)."""
+    kl_horizon: float = Field(10000.0, gt=0)
+    """Horizon of the adaptive controller, in samples: larger adapts more slowly."""
+    # ---- advantage
+    advantage: AdvantageKind = "group"
+    """gae (critic; Schulman et al. 2016), group ((r - mean_g)/std_g; GRPO), leave_one_out (r - mean of the
+    others; RLOO), batch_baseline (reward-to-go minus the global batch mean, over the global std; REINFORCE++)."""
+    scale_by_std: bool = True
+    """group: divide by the group std (false: Dr. GRPO, Liu et al. 2025)."""
+    whiten_advantages: bool = False
+    """Whiten advantages (zero mean, unit variance) over the response tokens of the rollout."""
+    whiten_scope: WhitenScope = "global"
+    """Statistics for whitening and batch_baseline: global (every process's rollout) or process (its own)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """GAE discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    # ---- policy loss and aggregation
+    policy_loss: PolicyLossKind = "clipped_token"
+    """clipped_token (PPO/GRPO ratio per token), clipped_sequence (GSPO length-normalized sequence ratio),
+    reinforce (-A log pi; clipped token ratio when a rollout gets several updates)."""
+    clip_eps: float = Field(0.2, gt=0)
+    """Lower clip range of the ratio (Schulman et al. 2017, eq. 7)."""
+    clip_eps_high: Optional[float] = Field(None, gt=0)
+    """Upper clip range (DAPO clip-higher; empty: clip_eps)."""
+    aggregation: Literal["token_mean", "sequence_mean", "sum_norm", "sum"] = "sequence_mean"
+    """Token reduction: token_mean (every token of the update weighs the same; DAPO), sequence_mean (mean
+    over each response, then over responses; GRPO paper), sum_norm (per-response sum / max_new_tokens; Dr.
+    GRPO), sum (the completion is one action; RLOO)."""
+    ent_coef: float = Field(0.0, ge=0)
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    # ---- critic (advantage: gae)
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss."""
+    vf_clip: Optional[float] = Field(0.2, gt=0)
+    """Clip range of the value around its rollout-time estimate (empty: unclipped value loss)."""
+    # ---- dynamic sampling (DAPO)
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (no signal) and sample more prompts until the batch is full
+    (Yu et al. 2025, eq. 11); needs num_generations >= 2."""
+    max_sampling_rounds: int = Field(4, ge=1)
+    """Cap on rollout rounds per step with dynamic_sampling; a batch still short after it is topped up with
+    dropped groups (counted in sampling/short_groups)."""
+
+
+#: Named bundles of stage choices. A field the user sets wins over its preset's value.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022
+    "ppo": dict(num_generations=1, epochs=4, num_minibatches=1, kl_placement="token_reward", kl_coef=0.05,
+                kl_estimator="k1", advantage="gae", whiten_advantages=True, policy_loss="clipped_token",
+                aggregation="token_mean", normalize_reward=True),
+    # Shao et al. 2024
+    "grpo": dict(num_generations=8, kl_placement="loss", kl_coef=0.04, kl_estimator="k3", advantage="group",
+                 scale_by_std=True, policy_loss="clipped_token", aggregation="sequence_mean"),
+    # Liu et al. 2025: no std scaling, no length normalization per response, no KL
+    "dr_grpo": dict(num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=False,
+                    policy_loss="clipped_token", aggregation="sum_norm"),
+    # Yu et al. 2025: clip-higher, dynamic sampling, token-level loss, overlong shaping, no KL
+    "dapo": dict(num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
+                 policy_loss="clipped_token", clip_eps=0.2, clip_eps_high=0.28, aggregation="token_mean",
+                 dynamic_sampling=True, overlong_buffer=0.2),
+    # Zheng et al. 2025: length-normalized sequence ratio, small clip range
+    "gspo": dict(num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
+                 policy_loss="clipped_sequence", clip_eps=3e-4, clip_eps_high=4e-4, aggregation="sequence_mean",
+                 num_minibatches=2),
+    # Ahmadian et al. 2024
+    "rloo": dict(num_generations=4, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1",
+                 advantage="leave_one_out", policy_loss="reinforce", aggregation="sum", normalize_reward=True),
+    # Hu 2025: token-level KL in the reward, reward-to-go, global batch normalization, no critic
+    "reinforce_pp": dict(num_generations=4, kl_placement="token_reward", kl_coef=0.01, kl_estimator="k2",
+                         advantage="batch_baseline", policy_loss="clipped_token", aggregation="token_mean"),
+}
+PRESET_NAMES = tuple(PRESETS)
+#: old option names kept working (GRPO's beta is the KL coefficient)
+_LEGACY_FIELDS = {"beta": "kl_coef"}
+
+
+class ValueOptions(Section):
+    shared: bool = False
+    """Value head on the policy's backbone (one forward pass, less memory) instead of a separate critic."""
+    init: str = "policy"
+    """Separate critic's starting weights: policy (the policy's backbone, a zero head), reward (the first
+    model: reward, head included; InstructGPT) or a model path. It must share the policy's tokenizer."""
+    lr: Optional[float] = Field(None, gt=0)
+    """Learning rate of the critic (value head or separate critic), its own optimizer group following the
+    same schedule (empty: optim.lr)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Rollout steps at the start that train the critic alone (the policy is not updated), so the first
+    policy updates see a fitted baseline. A shared value head trains on detached features meanwhile."""
+
+
+class OnlineRLConfig(RunConfig, RewardsMixin):
+    """Sections shared by every online-RL command. One step = one rollout batch of
+    train.batch_size x train.grad_accum x processes prompts; train.batch_size is also the number of
+    sequences per forward micro-batch. The stage options live in the command's own section
+    (``ppo:``, ``grpo:``, ``rloo:`` or ``rl:``), filled from ``preset``."""
+
+    section: ClassVar[str] = "rl"
+    default_preset: ClassVar[str] = "grpo"
+
+    preset: Optional[Literal["ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"]] = None
+    """Named bundle of stage choices (ppo, grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp); every option you
+    set overrides its preset's value. Empty: the command's own algorithm."""
     generation: GenerationConfig = GenerationConfig(max_new_tokens=64)
     """Sampling of the rollouts (temperature, top_p, top_k, max_new_tokens, engine hf|vllm)."""
     ref_model: Optional[str] = None
@@ -55,112 +191,87 @@ class OnlineRLConfig(RunConfig, RewardsMixin):
     """Subtracted from the reward of responses that hit generation.max_new_tokens without EOS."""
     eval_samples: int = Field(1, gt=0)
     """Samples per held-out prompt when evaluating (eval/rewards/*), drawn with a fixed seed."""
+    value: ValueOptions = ValueOptions()
+    """Value model (critic) options; used when the advantage is gae."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        """Fill the algorithm section with the preset's values for every field the user left out."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        name = data.get("preset") or cls.default_preset
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
+        given = data.get(cls.section)
+        if isinstance(given, RLOptions):  # an options object is complete (and assignment re-validates it)
+            return data
+        given = dict(given or {})
+        for old, new in _LEGACY_FIELDS.items():
+            if old in given:
+                if new in given:
+                    raise ValueError(f"{cls.section}.{old} and {cls.section}.{new} are the same option; give one")
+                given[new] = given.pop(old)
+        data[cls.section] = {**PRESETS[name], **given}
+        return data
 
-class PPOOptions(Section):
-    epochs: int = Field(4, gt=0)
-    """PPO epochs over each rollout batch."""
-    num_minibatches: int = Field(1, gt=0)
-    """Optimizer updates per epoch: each epoch splits the shuffled rollout into this many minibatches."""
-    clip_eps: float = Field(0.2, gt=0)
-    """Clip range of the probability ratio (Schulman et al. 2017, eq. 7)."""
-    vf_coef: float = Field(0.1, ge=0)
-    """Weight of the value loss."""
-    vf_clip: Optional[float] = Field(0.2, gt=0)
-    """Clip range of the value around its rollout-time estimate (empty: unclipped value loss)."""
-    ent_coef: float = Field(0.0, ge=0)
-    """Weight of the entropy bonus (subtracted from the loss)."""
-    gamma: float = Field(1.0, ge=0, le=1)
-    """GAE discount."""
-    lam: float = Field(0.95, ge=0, le=1)
-    """GAE lambda."""
-    whiten_advantages: bool = True
-    """Whiten advantages over the rollout's response tokens (zero mean, unit variance)."""
-    kl_coef: float = Field(0.05, ge=0)
-    """KL-penalty coefficient beta (initial value when adaptive): per-token reward -beta * KL."""
-    kl_estimator: KLKind = "k1"
-    """Per-token KL estimate in the reward: k1 (log-ratio, Ziegler et al. 2019), k2 or k3."""
-    adaptive_kl: bool = False
-    """Adapt beta towards kl_target (Ziegler et al. 2019, eq. 2); the coefficient is saved in checkpoints."""
-    kl_target: float = Field(6.0, gt=0)
-    """Target KL to the reference, nats per sequence (adaptive_kl)."""
-    kl_horizon: float = Field(10000.0, gt=0)
-    """Horizon of the adaptive controller, in samples: larger adapts more slowly."""
-    normalize_reward: bool = False
-    """Normalize sequence rewards with running mean/std over all rollouts so far (saved in checkpoints)."""
-    reward_clip: Optional[float] = Field(None, gt=0)
-    """Clip (normalized) sequence rewards to [-reward_clip, reward_clip]."""
+    @model_validator(mode="after")
+    def _check_stages(self):
+        o = self.algo
+        if o.advantage in ("group", "leave_one_out") and o.num_generations < 2:
+            raise ValueError(f"{self.section}.advantage={o.advantage} compares the samples of a prompt: "
+                             f"{self.section}.num_generations must be at least 2")
+        if o.dynamic_sampling and o.num_generations < 2:
+            raise ValueError(f"{self.section}.dynamic_sampling drops prompts whose samples all got the same "
+                             f"reward: {self.section}.num_generations must be at least 2")
+        return self
 
+    @property
+    def algo(self) -> "RLOptions":
+        """The stage options of this command (its ``ppo``/``grpo``/``rloo``/``rl`` section)."""
+        return getattr(self, self.section)
 
-class ValueOptions(Section):
-    shared: bool = False
-    """Value head on the policy's backbone (one forward pass, less memory) instead of a separate critic."""
-    init: str = "policy"
-    """Separate critic's starting weights: policy (the policy's backbone, a zero head), reward (the first
-    model: reward, head included; InstructGPT) or a model path. It must share the policy's tokenizer."""
+    @property
+    def preset_name(self) -> str:
+        return self.preset or self.default_preset
 
 
 class PPOConfig(OnlineRLConfig):
     """PPO with a value model (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022)."""
 
+    section: ClassVar[str] = "ppo"
+    default_preset: ClassVar[str] = "ppo"
     command: Literal["ppo"] = "ppo"
-    ppo: PPOOptions = PPOOptions()
-    """PPO options."""
-    value: ValueOptions = ValueOptions()
-    """Value model (critic) options."""
-
-
-class GroupOptions(Section):
-    """Options shared by the critic-free group methods."""
-
-    num_generations: int = Field(8, ge=2)
-    """Samples per prompt (G); advantages compare the samples of one prompt."""
-    epochs: int = Field(1, gt=0)
-    """Passes over each rollout batch (more than one update per rollout uses the clipped ratio)."""
-    num_minibatches: int = Field(1, gt=0)
-    """Optimizer updates per epoch over each rollout batch."""
-    clip_eps: float = Field(0.2, gt=0)
-    """Lower clip range of the ratio when there are several updates per rollout."""
-    clip_eps_high: Optional[float] = Field(None, gt=0)
-    """Upper clip range (DAPO clip-higher; empty: clip_eps)."""
-
-
-class GRPOOptions(GroupOptions):
-    beta: float = Field(0.04, ge=0)
-    """Weight of the k3 KL to the reference in the loss (Shao et al. 2024, eq. 3-4); 0 loads no reference."""
-    scale_by_std: bool = True
-    """Divide group-centred rewards by the group std (false: Dr. GRPO, Liu et al. 2025)."""
-    aggregation: Literal["token_mean", "sequence_mean", "sum_norm"] = "sequence_mean"
-    """Token reduction: sequence_mean (GRPO paper), token_mean (DAPO: every token of the step weighs the same),
-    sum_norm (Dr. GRPO: per-sequence sum / generation.max_new_tokens)."""
-
-
-class RLOOOptions(GroupOptions):
-    num_generations: int = Field(4, ge=2)
-    """Samples per prompt (k); each sample's baseline is the mean reward of the other k-1."""
-    kl_coef: float = Field(0.05, ge=0)
-    """KL penalty folded into the sequence reward: r - kl_coef * sum_t KL_t (0 loads no reference)."""
-    kl_estimator: KLKind = "k1"
-    """Per-token KL estimate summed into the penalty: k1, k2 or k3."""
-    aggregation: Literal["token_mean", "sequence_mean", "sum_norm", "sum"] = "sum"
-    """Token reduction: sum (the whole completion is one action, Ahmadian et al. 2024), sequence_mean,
-    token_mean or sum_norm."""
+    ppo: RLOptions = RLOptions(**PRESETS["ppo"])
+    """Stage options (defaults: the ppo preset)."""
 
 
 class GRPOConfig(OnlineRLConfig):
-    """Group relative policy optimization (Shao et al. 2024)."""
+    """Group relative policy optimization (Shao et al. 2024) and its family (--preset dr_grpo|dapo|gspo)."""
 
+    section: ClassVar[str] = "grpo"
     command: Literal["grpo"] = "grpo"
-    grpo: GRPOOptions = GRPOOptions()
-    """GRPO options."""
+    grpo: RLOptions = RLOptions(**PRESETS["grpo"])
+    """Stage options (defaults: the grpo preset)."""
 
 
 class RLOOConfig(OnlineRLConfig):
     """REINFORCE leave-one-out (Ahmadian et al. 2024)."""
 
+    section: ClassVar[str] = "rloo"
+    default_preset: ClassVar[str] = "rloo"
     command: Literal["rloo"] = "rloo"
-    rloo: RLOOOptions = RLOOOptions()
-    """RLOO options."""
+    rloo: RLOptions = RLOptions(**PRESETS["rloo"])
+    """Stage options (defaults: the rloo preset)."""
+
+
+class RLConfig(OnlineRLConfig):
+    """Any online-RL algorithm as a preset of stages (--preset ppo|grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp)."""
+
+    command: Literal["rl"] = "rl"
+    rl: RLOptions = RLOptions()
+    """Stage options (defaults: the chosen preset)."""
 
 
 class SamplingConfig(RewardsMixin):
