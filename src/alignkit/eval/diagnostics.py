@@ -74,11 +74,11 @@ __all__ = ["ALERT_KINDS", "Alert", "Diagnostics", "DiagnosticsConfig", "Trend", 
 
 Point = Tuple[float, float]  # (step, value)
 
-KL_KEY = "kl/ref"
-LENGTH_KEY = "rollout/length_mean"
-PROXY_KEY = "rewards/mean"
+from alignkit.train.metric_keys import DISTINCT_2 as DIVERSITY_KEY  # noqa: E402  keys defined once
+from alignkit.train.metric_keys import KL_REF as KL_KEY  # noqa: E402  nats per sequence in every trainer
+from alignkit.train.metric_keys import LENGTH_MEAN as LENGTH_KEY  # noqa: E402
+from alignkit.train.metric_keys import REWARD_MEAN as PROXY_KEY  # noqa: E402
 GOLD_KEYS = ("rewards/gold", "eval/rewards/gold")
-DIVERSITY_KEY = "diversity/distinct_2"
 MARGIN_KEY = "rewards/margin"
 CHOSEN_LOGP_KEY = "logps/chosen"
 LOSS_KEY = "train/loss"

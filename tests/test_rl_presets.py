@@ -1,0 +1,379 @@
+"""The presets of the one online-RL task (issue 14): each preset's first update against an independent
+slow reference written from the papers' formulas, GSPO's sequence ratio and REINFORCE++'s baseline
+against their formulas, DAPO's dynamic sampling and overlong shaping, preset/override resolution, the
+critic's own learning rate and warm-up, and the metric-key module."""
+
+import math
+
+import pytest
+import torch
+
+from alignkit.config import ModelConfig, as_config
+from alignkit.data import prepare
+from alignkit.models.loading import load_causal_lm, load_tokenizer
+from alignkit.ops.logprobs import token_logprobs
+from alignkit.rewards import build_reward
+from alignkit.train.rl_config import PRESETS, GRPOConfig, PPOConfig, RLConfig, RLOOConfig
+from tests.helpers import one_thread as _one_thread  # noqa: F401  (autouse: one thread per module)
+from tests.helpers import write_jsonl
+from tests.test_online_rl import prompt_rows
+
+CHAR = "python:alignkit.rewards.toy:char_share"
+REWARDS = [CHAR, "length:target=3,unit=chars@0.1"]  # distinct rewards within a group on a random tiny model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model):
+    from alignkit.testing import save_tiny_model
+
+    d = tmp_path_factory.mktemp("presets")
+    ref = save_tiny_model(d / "ref", seed=1)  # a reference that differs from the policy: KL != 0 at step 0
+    return write_jsonl(d / "p.jsonl", prompt_rows(16, 0)), ref
+
+
+def make_task(tiny_model, prompts, ref_path, preset, **rl):
+    from alignkit.train.online import RLTask
+    from alignkit.train.ppo import PolicyWithValue
+
+    cfg = as_config(RLConfig, {"preset": preset, "model": {"name_or_path": str(tiny_model)},
+                               "data": {"path": str(prompts)}, "rewards": REWARDS, "missing_eos_penalty": 0.1,
+                               "generation": {"max_new_tokens": 6}, "value": {"shared": True}, "rl": rl}, {})
+    tok = load_tokenizer(cfg.model)
+    items = prepare("prompt", cfg.data, tok).train
+    torch.manual_seed(0)
+    policy = load_causal_lm(cfg.model)
+    o = cfg.algo
+    ref = None
+    if o.kl_placement != "none" and o.kl_coef > 0:
+        ref = load_causal_lm(ModelConfig(name_or_path=str(ref_path))).eval()
+    model = PolicyWithValue(policy, None) if o.advantage == "gae" else policy
+    task = RLTask(cfg, tok, build_reward(cfg.rewards), ref_model=ref, prompts=items)
+    task.setup(None)
+    return task, model, policy, items[:4]
+
+
+# ------------------------------------------------------------------ the slow reference
+def kl_token(lp, rl, kind):
+    x = rl - lp  # log(pi_ref / pi)
+    return {"k1": -x, "k2": 0.5 * x * x, "k3": torch.exp(x) - x - 1}[kind]
+
+
+def whiten_list(values):
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return [(v - mean) / math.sqrt(var + 1e-8) for v in values]
+
+
+def reference_loss(task, ro, policy, ref_model):
+    """The loss of the first update, row by row in float64 from the formulas, with autograd on the policy."""
+    o, cfg = task.opts, task.cfg
+    N, G, L = len(ro), o.num_generations, cfg.generation.max_new_tokens
+    raw = task.reward([""] * N, ro.texts, [{}] * N)  # the reward functions read only the texts here
+    lp, rl = [], []  # per row: response-token log-probs (with grad) and reference log-probs
+    for i in range(N):
+        n = int(ro.sequences.attention_mask[i].sum())
+        row = type(ro.sequences)(*(t[i:i + 1, :n] for t in (ro.sequences.input_ids, ro.sequences.attention_mask,
+                                                              ro.sequences.loss_mask)))
+        m = row.loss_mask[0, 1:].bool()
+        lp.append(token_logprobs(policy, row).logps[0][m].double())
+        if ref_model is not None:
+            with torch.no_grad():
+                rl.append(token_logprobs(ref_model, row).logps[0][m].double())
+    # reward shaping: missing-EOS penalty, DAPO eq. 13 overlong zone, running (here: batch) normalization
+    s = []
+    for i in range(N):
+        r = raw[i] - (0.0 if bool(ro.ended[i]) else cfg.missing_eos_penalty)
+        cache = round(o.overlong_buffer * L)
+        if cache and len(lp[i]) > L - cache:
+            r += o.overlong_penalty * ((L - cache) - len(lp[i])) / cache
+        s.append(r)
+    if o.normalize_reward:
+        mean = sum(s) / N
+        std = math.sqrt(sum((x - mean) ** 2 for x in s) / (N - 1))
+        s = [(x - mean) / (std + 1e-8) for x in s]
+    beta = o.kl_coef if rl else 0.0
+    kl = [kl_token(lp[i].detach(), rl[i], o.kl_estimator) if rl else torch.zeros(len(lp[i]), dtype=torch.float64)
+          for i in range(N)]
+    # KL placement -> per-token rewards r_t and sequence scores
+    tok_r = []
+    for i in range(N):
+        r_t = [0.0] * len(lp[i])
+        if o.kl_placement == "token_reward":
+            r_t = [-beta * float(k) for k in kl[i]]
+        elif o.kl_placement == "sequence_reward":
+            s[i] -= beta * float(kl[i].sum())
+        r_t[-1] += s[i]
+        tok_r.append(r_t)
+    seq = [sum(r) for r in tok_r]  # the sequence score the group methods compare
+    # advantages
+    if o.advantage == "gae":  # zero value head: delta_t = r_t, A_t = sum_l (gamma*lam)^l r_{t+l}
+        adv = [[sum((o.gamma * o.lam) ** (k - t) * r[k] for k in range(t, len(r))) for t in range(len(r))]
+               for r in tok_r]
+        returns = [list(a) for a in adv]
+    elif o.advantage == "group":
+        adv = []
+        for g in range(0, N, G):
+            grp = seq[g:g + G]
+            mean = sum(grp) / G
+            std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (G - 1))
+            adv += [[(x - mean) / (std + 1e-6) if o.scale_by_std else x - mean] * len(lp[g + j])
+                    for j, x in enumerate(grp)]
+    elif o.advantage == "leave_one_out":
+        adv = []
+        for g in range(0, N, G):
+            grp = seq[g:g + G]
+            adv += [[x - (sum(grp) - x) / (G - 1)] * len(lp[g + j]) for j, x in enumerate(grp)]
+    else:  # batch_baseline: reward-to-go, then (A - mean) / std over every token of the batch
+        adv = [[sum(r[t:]) for t in range(len(r))] for r in tok_r]
+    if o.whiten_advantages or o.advantage == "batch_baseline":
+        flat = whiten_list([a for row in adv for a in row])
+        k, adv = 0, [list(row) for row in adv]
+        for row in adv:
+            for t in range(len(row)):
+                row[t], k = flat[k], k + 1
+    # per-token policy loss at ratio 1 (value and gradient), plus the KL loss term
+    per_tok = []
+    for i in range(N):
+        a = torch.tensor(adv[i], dtype=torch.float64)
+        if o.policy_loss == "clipped_token":
+            f = -a * torch.exp(lp[i] - lp[i].detach())
+        elif o.policy_loss == "clipped_sequence":  # GSPO: s_i = exp(mean_t log ratio), one value per response
+            f = (-a[0] * torch.exp((lp[i] - lp[i].detach()).mean())).expand(len(lp[i]))
+        else:
+            f = -a * lp[i]
+        if o.kl_placement == "loss" and rl:
+            f = f + beta * kl_token(lp[i], rl[i], o.kl_estimator)
+        per_tok.append(f)
+    n_tok = sum(len(f) for f in per_tok)
+    agg = {"token_mean": lambda: sum(f.sum() for f in per_tok) / n_tok,
+           "sequence_mean": lambda: sum(f.mean() for f in per_tok) / N,
+           "sum_norm": lambda: sum(f.sum() / L for f in per_tok) / N,
+           "sum": lambda: sum(f.sum() for f in per_tok) / N}[o.aggregation]
+    loss = agg()
+    value = 0.0
+    if o.advantage == "gae":  # zero head: V = V_old = 0, loss 0.5 * R_t^2, token mean
+        value = o.vf_coef * sum(0.5 * r * r for row in returns for r in row) / n_tok
+    return loss, value
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_preset_first_update_matches_a_slow_reference(setup, tiny_model, preset):
+    prompts, ref_path = setup
+    # one update per rollout so the first update sees the whole rollout; a KL coefficient on every
+    # preset that places one (a reference that differs from the policy makes every KL term count)
+    over = {"epochs": 1, "num_minibatches": 1, "dynamic_sampling": False}
+    if PRESETS[preset]["kl_placement"] != "none":
+        over["kl_coef"] = 0.3
+    task, model, policy, items = make_task(tiny_model, prompts, ref_path, preset, **over)
+    captured = {}
+    sample = task.sample
+
+    def sample_and_keep(*a, **k):
+        out = sample(*a, **k)
+        captured["ro"] = out[0]
+        return out
+
+    task.sample = sample_and_keep
+    (update,) = list(task.plan(model, items, 3))
+    total = sum(task.loss(model, mb)[0] for mb in update.micro_batches)
+    units = sum(task.units(mb) for mb in update.micro_batches)
+    fast = total / units
+    model.zero_grad()
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    ro = captured["ro"]
+    ref_loss, ref_value = reference_loss(task, ro, policy, task.ref_model)
+    assert float(fast.detach()) == pytest.approx(float(ref_loss.detach()) + ref_value, rel=1e-4, abs=1e-6)
+    ref_loss.backward()
+    ref_grads = [p.grad for p in policy.parameters()]
+    scale = max(float(g.abs().max()) for g in ref_grads)
+    assert scale > 1e-4  # a real gradient
+    for a, b in zip(fast_grads, ref_grads):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-3, atol=1e-5 * scale)
+    if task.has_reference:
+        assert update.metrics["kl/ref"] != 0.0 and update.metrics["kl/coef"] == 0.3
+
+
+# ------------------------------------------------------------------ the papers' formulas
+def test_gspo_sequence_ratio_and_loss_follow_the_paper():
+    from alignkit.losses.policy import gspo_loss, gspo_sequence_ratio
+
+    torch.manual_seed(0)
+    lp = torch.randn(3, 5, dtype=torch.float64) * 0.1 - 2
+    old = lp + torch.randn(3, 5, dtype=torch.float64) * 0.05
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
+    ratio = gspo_sequence_ratio(lp, old, mask)
+    for i in range(3):  # s_i = (prod_t pi/pi_old) ** (1/|y_i|)  (Zheng et al. 2025, eq. 7)
+        prod, n = 1.0, 0
+        for t in range(5):
+            if mask[i, t]:
+                prod *= math.exp(float(lp[i, t])) / math.exp(float(old[i, t]))
+                n += 1
+        assert float(ratio[i]) == pytest.approx(prod ** (1 / n), rel=1e-12)
+    adv = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    out = gspo_loss(lp, old, adv, mask, clip_eps=0.01, clip_eps_high=0.02, aggregation="sequence_mean")
+    want = [-min(float(ratio[i]) * float(adv[i]), min(max(float(ratio[i]), 0.99), 1.02) * float(adv[i]))
+            for i in range(3)]  # eq. 5: -min(s A, clip(s, 1-eps, 1+eps_high) A)
+    assert out.losses.tolist() == pytest.approx(want, rel=1e-12)
+    # the gradient of one response is A_i * s_i * mean_t grad log pi (unclipped), 0 where clipped
+    lp.requires_grad_(True)
+    gspo_loss(lp, old, adv, mask, clip_eps=10, clip_eps_high=10).losses.sum().backward()
+    i, n = 1, 5
+    assert lp.grad[i].tolist() == pytest.approx([-float(adv[i] * ratio[i]) / n] * n, rel=1e-9)
+
+
+def test_reinforce_pp_baseline_follows_the_paper():
+    from alignkit.advantages import batch_baseline_advantages, reward_to_go, reward_to_go_reference
+    from alignkit.train.rl_stages import place_kl
+
+    torch.manual_seed(0)
+    N, T = 4, 6
+    mask = torch.zeros(N, T)
+    spans = [(1, 4), (0, 6), (2, 3), (3, 6)]  # responses at different offsets (after prompts)
+    for i, (a, b) in enumerate(spans):
+        mask[i, a:b] = 1
+    kl = torch.rand(N, T) * mask
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.2])
+    last = torch.tensor([b - 1 for _, b in spans])
+    beta = 0.1
+    _, token_rewards = place_kl("token_reward", scores, kl, beta, last)
+    assert torch.allclose(reward_to_go(token_rewards, mask).double(), reward_to_go_reference(token_rewards, mask))
+    adv = batch_baseline_advantages(token_rewards, mask)
+    # Hu 2025, sec. 3: A_t = r(x, y) - beta * sum_{i >= t} KL_i, normalized over the whole batch
+    raw = {}
+    for i, (a, b) in enumerate(spans):
+        for t in range(a, b):
+            raw[(i, t)] = float(scores[i]) - beta * float(kl[i, t:b].sum())
+    vals = list(raw.values())
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    for (i, t), v in raw.items():
+        assert float(adv[i, t]) == pytest.approx((v - mean) / std, rel=1e-5, abs=1e-6)
+    assert (adv[mask == 0] == 0).all()
+
+
+def test_overlong_penalty_is_dapo_eq_13():
+    from alignkit.train.rl_stages import overlong_penalty
+
+    # L_max = 10, buffer 0.2 -> L_cache = 2: free up to 8 tokens, then -1/2 per token
+    got = overlong_penalty(torch.tensor([3.0, 8, 9, 10]), 10, 0.2, factor=1.0)
+    assert got.tolist() == [0.0, 0.0, -0.5, -1.0]
+    assert overlong_penalty(torch.tensor([10.0]), 10, 0.0).tolist() == [0.0]
+
+
+# ------------------------------------------------------------------ dynamic sampling
+class ScriptedEngine:
+    """Prompts whose text ends in an even digit get identical answers (no signal), others differ."""
+
+    def __init__(self, tok, G):
+        self.tok, self.G, self.calls = tok, G, 0
+
+    def generate(self, prompts, cfg):
+        self.calls += 1
+        eos = self.tok.eos_token_id
+        out = []
+        for k, p in enumerate(prompts):
+            flat = int(p[-1]) % 2 == 0 and self.informative_off
+            out.append([self.tok.convert_tokens_to_ids("a")] * (1 if flat else 1 + k % self.G) + [eos])
+        return out
+
+    informative_off = True
+
+    def update_weights(self, model):
+        pass
+
+
+def test_dynamic_sampling_fills_the_batch_and_stops_at_its_cap(setup, tiny_model):
+    prompts, ref_path = setup
+    task, model, policy, items = make_task(tiny_model, prompts, ref_path, "dapo", num_generations=2,
+                                           max_sampling_rounds=6)
+    task.reward = build_reward(["length:target=1,unit=chars"])  # "a" scores 0, longer answers less
+    eng = task.engine = ScriptedEngine(task.tok, 2)
+    torch.manual_seed(0)
+    ro, raw, m = task.sample(model, items)
+    assert len(ro) == 2 * len(items)  # the batch is full ...
+    groups = raw.view(-1, 2)
+    assert (groups.max(1).values > groups.min(1).values).all()  # ... of informative groups only
+    assert m["sampling/short_groups"] == 0 and m["sampling/rounds"] == eng.calls
+    flat_first = sum(int(it["prompt_ids"][-1]) % 2 == 0 for it in items)
+    assert m["sampling/dropped_groups"] >= flat_first  # at least the step's own flat prompts were dropped
+    # every group flat: sampling stops at the cap and tops the batch up with dropped groups, counted
+    eng.calls = 0
+    task.reward = build_reward(["length:target=100@0"])  # a constant 0 reward: no group has signal
+    ro, raw, m = task.sample(model, items)
+    assert eng.calls == 6 and m["sampling/rounds"] == 6
+    assert m["sampling/short_groups"] == len(items) and len(ro) == 2 * len(items)
+    assert m["sampling/dropped_groups"] == 6 * len(items)
+
+
+# ------------------------------------------------------------------ presets, overrides, CLI names
+def test_presets_fill_what_the_user_leaves_out():
+    base = {"rewards": [CHAR]}
+    c = as_config(GRPOConfig, base, {"preset": "dapo", "grpo.clip_eps_high": 0.3})
+    assert c.algo.dynamic_sampling and c.algo.aggregation == "token_mean" and c.algo.clip_eps_high == 0.3
+    c = as_config(GRPOConfig, base, {"grpo.beta": 0.1})  # today's flag name still works
+    assert c.algo.kl_coef == 0.1 and c.algo.advantage == "group" and c.algo.kl_estimator == "k3"
+    assert as_config(PPOConfig, base, {}).algo.advantage == "gae"
+    assert as_config(RLOOConfig, base, {}).algo.policy_loss == "reinforce"
+    c = as_config(RLConfig, base, {"preset": "reinforce_pp"})
+    assert c.algo.advantage == "batch_baseline" and c.algo.kl_placement == "token_reward"
+    with pytest.raises(Exception, match="num_generations"):
+        as_config(RLConfig, base, {"preset": "rloo", "rl.num_generations": 1})
+
+
+def test_every_preset_is_a_cli_command_or_preset():
+    from alignkit.cli import COMMANDS, build_cli
+
+    build_cli()
+    names = {c.name: c for c in COMMANDS}
+    for cmd in ("ppo", "grpo", "rloo", "rl", "dapo", "dr-grpo", "gspo", "reinforce-pp"):
+        assert cmd in names
+    assert names["gspo"].defaults == {"preset": "gspo"}
+
+
+# ------------------------------------------------------------------ critic optimizer group and warm-up
+def test_critic_learning_rate_and_warmup(setup, tiny_model):
+    from alignkit.train.online import RLTask
+    from alignkit.train.ppo import PolicyWithValue
+
+    prompts, _ = setup
+    cfg = as_config(PPOConfig, {"model": {"name_or_path": str(tiny_model)}, "data": {"path": str(prompts)},
+                                "rewards": REWARDS, "generation": {"max_new_tokens": 5},
+                                "value": {"shared": True, "lr": 0.5, "warmup_steps": 1},
+                                "ppo": {"epochs": 1, "kl_coef": 0.0}}, {})
+    tok = load_tokenizer(cfg.model)
+    items = prepare("prompt", cfg.data, tok).train[:4]
+    policy = load_causal_lm(cfg.model)
+    model = PolicyWithValue(policy, None)
+    task = RLTask(cfg, tok, build_reward(cfg.rewards))
+    task.setup(None)
+    groups = task.param_groups(model)
+    assert groups[1]["lr"] == 0.5 and "lr" not in groups[0]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.value_head.parameters()}
+    assert len(groups[0]["params"]) == len(list(policy.parameters()))
+    torch.manual_seed(0)
+    (update,) = list(task.plan(model, items, 8))  # warm-up step: the critic alone
+    loss = sum(task.loss(model, mb)[0] for mb in update.micro_batches)
+    loss.backward()
+    assert all(p.grad is None for p in policy.parameters())
+    assert model.value_head.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    (update,) = list(task.plan(model, items, 8))  # after warm-up: the policy learns too
+    sum(task.loss(model, mb)[0] for mb in update.micro_batches).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+    assert task.state_dict()["steps_done"] == 2
+
+
+# ------------------------------------------------------------------ metric keys
+def test_metric_keys_are_defined_once_and_documented():
+    from pathlib import Path
+
+    from alignkit.train import metric_keys as K
+
+    assert K.KL_REF == "kl/ref" and K.METRICS["kl/ref"].unit == "nats/sequence"
+    assert K.METRICS["kl/ref_token"].unit == "nats/token"
+    assert K.unit_of("eval/kl/ref") == "nats/sequence" and K.unit_of("rewards/length") == "reward"
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "online-rl.md").read_text()
+    assert K.markdown_table() in doc  # the docs' table is the module's
