@@ -342,7 +342,7 @@ def test_critic_learning_rate_and_warmup(setup, tiny_model):
     cfg = as_config(PPOConfig, {"model": {"name_or_path": str(tiny_model)}, "data": {"path": str(prompts)},
                                 "rewards": REWARDS, "generation": {"max_new_tokens": 5},
                                 "value": {"shared": True, "lr": 0.5, "warmup_steps": 1},
-                                "ppo": {"epochs": 1, "kl_coef": 0.0}}, {})
+                                "ppo": {"epochs": 1, "kl_coef": 0.0, "normalize_reward": False}}, {})
     tok = load_tokenizer(cfg.model)
     items = prepare("prompt", cfg.data, tok).train[:4]
     policy = load_causal_lm(cfg.model)
