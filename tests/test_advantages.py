@@ -157,3 +157,12 @@ def test_running_moments_merge_equals_concatenation():
     full = torch.cat([allx, torch.tensor([1.0, 2.0], dtype=torch.float64)])
     assert rm2.var == pytest.approx(torch.var(full).item(), abs=1e-12)
     torch.testing.assert_close(rm2.normalize(full), (full - full.mean()) / (full.std() + 1e-8))
+
+
+def test_group_of_equal_rewards_gets_exactly_zero_advantage():
+    from alignkit.advantages import group_normalized_advantages
+
+    r = torch.tensor([-1.2] * 8 + [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float32)
+    adv = group_normalized_advantages(r, 8)
+    assert (adv[:8] == 0).all()  # not (rounding error of the mean) / eps
+    assert adv[8:].abs().min() > 0.9

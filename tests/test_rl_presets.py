@@ -185,7 +185,7 @@ def test_each_preset_first_update_matches_a_slow_reference(setup, tiny_model, pr
     policy.zero_grad()
     ro = captured["ro"]
     ref_loss, ref_value = reference_loss(task, ro, policy, task.ref_model)
-    assert float(fast.detach()) == pytest.approx(float(ref_loss.detach()) + ref_value, rel=1e-4, abs=1e-6)
+    assert float(fast.detach()) == pytest.approx(float(ref_loss.detach()) + ref_value, rel=1e-4, abs=1e-5)
     ref_loss.backward()
     ref_grads = [p.grad for p in policy.parameters()]
     scale = max(float(g.abs().max()) for g in ref_grads)

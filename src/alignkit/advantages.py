@@ -132,6 +132,10 @@ def group_normalized_advantages(rewards: torch.Tensor, group_size: int, *,
     """
     grouped = _grouped(rewards, group_size)  # (N/G, G)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
+    # a group of equal rewards carries no signal: exactly 0, not the rounding error of its mean divided
+    # by eps (in float32, 8 x -1.2 has a mean 1e-7 off, which / 1e-6 would be an advantage of 0.1)
+    flat = grouped.max(dim=1, keepdim=True).values == grouped.min(dim=1, keepdim=True).values
+    centered = torch.where(flat, torch.zeros_like(centered), centered)
     if scale_by_std:
         std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped)
         centered = centered / (std + eps)

@@ -154,7 +154,7 @@ ALIASES: Dict[str, Alias] = {
     "lora_target_modules": _a("lora.target_modules", convert=_target_modules),
     "lora_target": _a("lora.target_modules", convert=_target_modules),
     # preference / RL losses
-    "beta": _a("dpo.beta", "grpo.beta", "ppo.kl_coef", "rloo.kl_coef"),
+    "beta": _a("dpo.beta", "grpo.kl_coef", "ppo.kl_coef", "rloo.kl_coef", "rl.kl_coef"),
     "pref_beta": _a("dpo.beta"),
     "loss_type": _a("dpo.loss", convert=_loss_type),
     "pref_loss": _a("dpo.loss", convert=_loss_type),
@@ -165,12 +165,13 @@ ALIASES: Dict[str, Alias] = {
     "precompute_ref_log_probs": _a("dpo.reference", convert=lambda v: "precomputed" if v else SKIP),
     "desirable_weight": _a("dpo.desirable_weight"),
     "undesirable_weight": _a("dpo.undesirable_weight"),
-    "num_generations": _a("grpo.num_generations", "rloo.num_generations"),
-    "kl_coef": _a("ppo.kl_coef", "rloo.kl_coef", "grpo.beta"),
+    "num_generations": _a("grpo.num_generations", "rloo.num_generations", "rl.num_generations"),
+    "kl_coef": _a("ppo.kl_coef", "rloo.kl_coef", "grpo.kl_coef", "rl.kl_coef"),
     "cliprange": _a("ppo.clip_eps"),
     "vf_coef": _a("ppo.vf_coef"),
     "num_ppo_epochs": _a("ppo.epochs"),
-    "num_mini_batches": _a("ppo.num_minibatches", "grpo.num_minibatches", "rloo.num_minibatches"),
+    "num_mini_batches": _a("ppo.num_minibatches", "grpo.num_minibatches", "rloo.num_minibatches",
+                           "rl.num_minibatches"),
     "reward_model_path": _a("rewards", convert=lambda v: [f"model:{v}"] if isinstance(v, str) else v),
 }
 
