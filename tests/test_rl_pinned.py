@@ -2,7 +2,9 @@
 
 The numbers below were produced by the trainers as they were before the refactor (commit 1aee7be,
 each with its own hand-written ``plan()``), on the tiny random model, one thread, the settings
-listed. Each run is one rollout step; we pin the logged first-step metrics and the size of the
+listed, sampling with ``generation.engine=hf`` (transformers generate, the only engine then; the fast
+engine that became the default later samples other tokens from the same distribution). Each run is one
+rollout step; we pin the logged first-step metrics and the size of the
 first step's change to the weights. The refactored task (presets of one staged task) must give the
 same numbers with the same settings. Where the defaults changed since (reward normalization,
 issue 14 item 6) the old value is passed explicitly, so this is also the recipe for today's results.
