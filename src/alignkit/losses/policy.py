@@ -273,7 +273,7 @@ def gspo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
         log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))
         metrics = {"policy/clip_frac": (clipped < unclipped).to(ratio.dtype).mean(),
                    "policy/ratio_mean": ratio.detach().mean(),
-                   "policy/approx_kl": _masked_mean(kl_k3(torch.zeros_like(log_ratio), log_ratio), valid)}
+                   "policy/approx_kl": masked_mean(kl_k3(torch.zeros_like(log_ratio), log_ratio), valid)}
     return LossOutput(losses, metrics)
 
 
