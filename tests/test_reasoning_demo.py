@@ -16,11 +16,12 @@ def test_rewards_check_the_tagged_answer():
 
 def test_rows_have_checkable_answers():
     rows = reasoning_rows(20, seed=0)
-    assert len(rows) == 20 and all("<answer>" in r["prompt"] for r in rows)
-    add = rows[0]["prompt"].split("?")[0].replace("What is ", "").split(" + ")
+    text = [r["prompt"][0]["content"] for r in rows]  # one user message each (the chat template applies)
+    assert len(rows) == 20 and all("<answer>" in t for t in text)
+    add = text[0].split("?")[0].replace("What is ", "").split(" + ")
     assert int(rows[0]["answer"]) == int(add[0]) + int(add[1])
-    word = rows[1]["prompt"].split('"')[1]
-    listed = rows[1]["prompt"].split(": ", 1)[1].split("?")[0].split(", ")
+    word = text[1].split('"')[1]
+    listed = text[1].split(": ", 1)[1].split("?")[0].split(", ")
     assert int(rows[1]["answer"]) == listed.count(word)
     assert reasoning_rows(20, seed=0) == rows and reasoning_rows(20, seed=1) != rows
 

@@ -112,8 +112,8 @@ def reasoning_demo(cfg: DemoConfig) -> Dict[str, Any]:
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     train, held = reasoning_rows(256, seed=1), reasoning_rows(64, seed=2)
-    seen = {r["prompt"] for r in train}
-    held = [r for r in held if r["prompt"] not in seen]  # held-out prompts never seen in training
+    seen = {json.dumps(r["prompt"]) for r in train}
+    held = [r for r in held if json.dumps(r["prompt"]) not in seen]  # held-out prompts never seen in training
     for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     variables = {"prompts": str(data / "train.jsonl"), "heldout": str(data / "heldout.jsonl"), **cfg.vars}

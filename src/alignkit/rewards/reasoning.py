@@ -45,7 +45,7 @@ def answer_format(prompts: Sequence[Any], completions: Sequence[str], **_: Any) 
 
 
 def reasoning_rows(n: int, seed: int) -> List[Dict[str, Any]]:
-    """``n`` prompt rows ``{prompt, answer}``: additions of two numbers from 2 to 30 and counts of a word
+    """``n`` prompt rows ``{prompt: [user message], answer}``: additions of two numbers from 2 to 30 and counts of a word
     in a short list, each with the answer-format instruction. Different seeds give disjoint-looking sets
     (held-out prompts use another seed; exact duplicates are removed against nothing else)."""
     rng = random.Random(seed)
@@ -60,5 +60,6 @@ def reasoning_rows(n: int, seed: int) -> List[Dict[str, Any]]:
             items = [w] * rng.randint(2, 6) + [other] * rng.randint(1, 3)
             rng.shuffle(items)
             q, ans = f'How many times does the word "{w}" appear in this list: {", ".join(items)}?', items.count(w)
-        rows.append({"prompt": f"{q} {INSTRUCTION}", "answer": str(ans)})
+        # a message list, so the chat template applies (a plain string prompt is fed raw: data.chat_template=auto)
+        rows.append({"prompt": [{"role": "user", "content": f"{q} {INSTRUCTION}"}], "answer": str(ans)})
     return rows
