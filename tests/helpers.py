@@ -81,3 +81,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class Crash(Exception):
+    """A simulated interruption (see :func:`crash_after_save`)."""
+
+
+def crash_after_save(monkeypatch, step: int):
+    """Make ``Trainer._save`` raise :class:`Crash` right after it wrote the checkpoint of ``step``.
+    Returns a function that restores the real ``_save`` (for the resumed run)."""
+    from alignkit.train.loop import Trainer
+
+    orig = Trainer._save
+
+    def save_then_crash(self):
+        orig(self)
+        if self.step == step:
+            raise Crash("simulated interruption")
+
+    monkeypatch.setattr(Trainer, "_save", save_then_crash)
+    return lambda: monkeypatch.setattr(Trainer, "_save", orig)

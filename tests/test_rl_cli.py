@@ -161,29 +161,18 @@ def test_bon_and_rejection_sampling_feed_sft_and_dpo(tmp_path, tiny_model, jsonl
          "log.progress=false", "log.samples=0"])
 
 
-class Crash(Exception):
-    pass
-
-
 def test_ppo_resume_is_identical_to_a_straight_run(tmp_path, tiny_model, jsonl, monkeypatch):
-    from alignkit.train.loop import Trainer
+    from tests.helpers import Crash, crash_after_save
 
     data = jsonl("p.jsonl", prompt_rows(24))
     base = ["ppo", "--model", tiny_model, "--data", data, "--max-steps", 4, "--reward", CHAR, "train.batch_size=4",
             "optim.lr=1e-2", "ppo.adaptive_kl=true", "ppo.kl_target=0.1", "ppo.kl_horizon=100",
             "ppo.normalize_reward=true", "ppo.epochs=2", "log.save_every=2", *QUIET]
     cli(base + ["--output", tmp_path / "straight"])
-    orig = Trainer._save
-
-    def save_then_crash(self):
-        orig(self)
-        if self.step == 2:
-            raise Crash("simulated interruption")
-
-    monkeypatch.setattr(Trainer, "_save", save_then_crash)
+    undo = crash_after_save(monkeypatch, 2)
     with pytest.raises(Crash):
         cli(base + ["--output", tmp_path / "resumed"])
-    monkeypatch.setattr(Trainer, "_save", orig)
+    undo()
     cli(base + ["--output", tmp_path / "resumed", "--resume"])
     for part in ("model/model.safetensors", "checkpoints/step-00000004/model.safetensors"):  # policy; policy+critic
         a, b = load_file(tmp_path / "straight" / part), load_file(tmp_path / "resumed" / part)

@@ -45,28 +45,17 @@ def test_every_preset_raises_a_zero_one_reward_with_its_defaults(tmp_path, tiny_
     assert after > before + 0.04, (before, after)
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_resume_mid_run_is_bitwise_identical(tmp_path, tiny_model, files, preset, monkeypatch):
-    from alignkit.train.loop import Trainer
+    from tests.helpers import Crash, crash_after_save
 
     opts = {"train.max_steps": 3, "train.batch_size": 2, "generation.max_new_tokens": 4, "log.save_every": 1}
     run(preset, tiny_model, files, tmp_path / "straight", **opts)
-    orig = Trainer._save
-
-    def save_then_crash(self):
-        orig(self)
-        if self.step == 2:
-            raise Crash("simulated interruption")
-
-    monkeypatch.setattr(Trainer, "_save", save_then_crash)
+    undo = crash_after_save(monkeypatch, 2)
     with pytest.raises(Crash):
         run(preset, tiny_model, files, tmp_path / "resumed", **opts)
-    monkeypatch.setattr(Trainer, "_save", orig)
+    undo()
     run(preset, tiny_model, files, tmp_path / "resumed", resume="latest", **opts)
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
