@@ -10,8 +10,9 @@ Tasks (both sides with their default settings except the shared shape below):
   rm          Bradley-Terry reward model on preference pairs, batch 4, max 128 tokens
   dpo         DPO (sigmoid loss, beta 0.1, frozen reference model), batch 4 pairs, max 128 tokens
   grpo        GRPO, 4 prompts x 4 samples, 32 new tokens, a rule reward (share of the letter 'a')
-  generation  sampling 16 prompts x 32 new tokens: alignkit's rollout engine against transformers'
-              `generate` (what TRL's trainers call without vLLM)
+  generation  sampling 16 prompts x 32 new tokens from a LoRA policy (r 16, every linear layer):
+              alignkit's rollout engine against transformers' `generate` on the same peft model
+              (what TRL's trainers call without vLLM)
 Sizes: tiny (2 layers, hidden 64, SmolLM2's 49k vocabulary), 135m (SmolLM2-135M's architecture),
 1.7b (SmolLM2-1.7B's architecture; GPU only). Weights are random (fixed seed); the tokenizer is
 SmolLM2's, read from the embedded model directory (no download).
@@ -145,10 +146,20 @@ def _alignkit_generation(model_dir, device):
 
 
 def _gen_model(cls, model_dir, device):
+    """The policy of an RL run: the model with a LoRA adapter (r 16 on every linear layer, B drawn at random
+    so the adapter is not a no-op), the same on both sides."""
     import torch
+    from peft import LoraConfig, get_peft_model
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return cls.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = get_peft_model(cls.from_pretrained(model_dir, dtype=dtype),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    return model.to(device).eval()
 
 
 def _sync(device):
