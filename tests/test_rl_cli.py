@@ -74,7 +74,7 @@ def math_rows(n, seed):
 def test_grpo_trains_on_match_and_regex_rewards(tmp_path, tiny_model, jsonl):
     data = jsonl("math.jsonl", math_rows(48, 0))
     run = tmp_path / "grpo"
-    cli(["grpo", "--model", tiny_model, "--data", data, "--output", run, "--max-steps", 12,
+    cli(["grpo", "--model", tiny_model, "--data", data, "--output", run, "--max-steps", 16,
          "--reward", "match:answer", "--reward", "regex:^[0-9]@0.5", "--num-generations", 8,
          "train.batch_size=8", "optim.lr=1e-2", "optim.scheduler=constant", "grpo.aggregation=token_mean", *QUIET])
     rows = metrics(run)
