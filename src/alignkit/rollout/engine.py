@@ -128,8 +128,9 @@ def _cache_kwarg(model) -> str:
     ``past_key_values``."""
     import inspect
 
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: (*args, **kwargs)
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
