@@ -408,25 +408,27 @@ class Diagnostics:
                            f"per prompt, or dynamic sampling.")
         return ""
 
-    def _check_all_truncated(self) -> Optional[str]:
-        held = self._stalled(EOS_RATE_KEY, lambda v: v <= 0.0)
+    def _zero_for_stall(self, key: str, message: str) -> Optional[str]:
+        """The alert ``message`` once ``key`` has been 0 for ``stall_steps`` logged steps; "" while it has
+        not; None before the key is logged at all."""
+        held = self._stalled(key, lambda v: v <= 0.0)
         if held is None:
             return None
-        if not held:
-            return ""
-        return _Urgent(f"Every completion has been cut at max_new_tokens for {self.config.stall_steps} logged "
-                       f"steps (rollout/eos_rate = 0): no sample ends, so rewards judge unfinished text. "
-                       f"Raise generation.max_new_tokens or check the stop/EOS token.")
+        return _Urgent(message) if held else ""
+
+    def _check_all_truncated(self) -> Optional[str]:
+        return self._zero_for_stall(
+            EOS_RATE_KEY,
+            f"Every completion has been cut at max_new_tokens for {self.config.stall_steps} logged "
+            f"steps (rollout/eos_rate = 0): no sample ends, so rewards judge unfinished text. "
+            f"Raise generation.max_new_tokens or check the stop/EOS token.")
 
     def _check_all_masked(self) -> Optional[str]:
-        held = self._stalled(UNITS_KEY, lambda v: v <= 0.0)
-        if held is None:
-            return None
-        if not held:
-            return ""
-        return _Urgent(f"Every label has been masked for {self.config.stall_steps} logged steps (0 loss tokens "
-                       f"per update): there is nothing to learn from. Check the chat template / response "
-                       f"masking and data.max_length (prompts may fill the whole length).")
+        return self._zero_for_stall(
+            UNITS_KEY,
+            f"Every label has been masked for {self.config.stall_steps} logged steps (0 loss tokens "
+            f"per update): there is nothing to learn from. Check the chat template / response "
+            f"masking and data.max_length (prompts may fill the whole length).")
 
     def _check_exploding(self) -> Optional[str]:
         cfg = self.config
