@@ -27,16 +27,13 @@ from typing import Any, Dict, List
 
 from alignkit.annotate import agreement as A
 from alignkit.annotate.store import Store
+from alignkit.feedback.common import write_jsonl
 
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "n/a" if v != v else f"{v:.3f}"
     return escape(str(v))
-
-
-def _write_jsonl(path: Path, rows: List[Dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def collect(store: Store, aggregate: str = "borda") -> Dict[str, Any]:
@@ -184,9 +181,9 @@ def export(store: Store, output: str, aggregate: str = "borda") -> Dict[str, Any
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     res = collect(store, aggregate)
-    _write_jsonl(out / "rankings.jsonl", res["rankings"])
-    _write_jsonl(out / "pairs.jsonl", res["pairs"])
-    _write_jsonl(out / "answers.jsonl", res["answers"])
+    write_jsonl(out / "rankings.jsonl", res["rankings"])
+    write_jsonl(out / "pairs.jsonl", res["pairs"])
+    write_jsonl(out / "answers.jsonl", res["answers"])
     report = {k: res[k] for k in ("counts", "agreement", "annotators", "aggregate")}
     summary: Dict[str, Any] = {"rankings": len(res["rankings"]), "pairs": len(res["pairs"]), **res["counts"],
                                **{f"agreement/{k}": v for k, v in res["agreement"].items()}}
