@@ -93,9 +93,13 @@ def row_tokens(tok, rows, task: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- workers
-def _alignkit(task, model_dir, data, out, steps, device):
+def _alignkit(task, model_dir, data, out, steps, device, overrides=()):
     common = {"model.name_or_path": str(model_dir), "data.path": str(data), "train.max_steps": steps,
               "log.progress": False, "log.samples": 0, "diagnostics.enabled": False, "optim.warmup_steps": 0}
+    for kv in overrides:  # --alignkit-set key=value (YAML-typed), applied over the shared shape
+        import yaml
+        key, _, value = kv.partition("=")
+        common[key] = yaml.safe_load(value)
     B, L = SHAPE["batch"], SHAPE["max_length"]
     if task == "generation":
         return _alignkit_generation(model_dir, device)
@@ -169,7 +173,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _trl(task, model_dir, data, out, steps, device, fast):
+def _trl(task, model_dir, data, out, steps, device, fast, trl_precision="default"):
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -193,7 +197,9 @@ def _trl(task, model_dir, data, out, steps, device, fast):
     rows = [json.loads(x) for x in Path(data).read_text().splitlines()]
     B, L = SHAPE["batch"], SHAPE["max_length"]
     common = dict(output_dir=str(out), max_steps=steps, report_to=[], save_strategy="no",
-                  use_cpu=not gpu, bf16=gpu, dataloader_num_workers=0, disable_tqdm=True, warmup_steps=0)
+                  use_cpu=not gpu, dataloader_num_workers=0, disable_tqdm=True, warmup_steps=0)
+    if trl_precision == "fp32":  # else TRL's own default: bf16 autocast whenever fp16 is not set, CPU included
+        common["bf16"] = False
     if fast:  # TRL's fastest settings we know of on a GPU: no gradient checkpointing, padding-free where offered
         common["gradient_checkpointing"] = False
     load = dict(dtype=torch.float32)
@@ -265,9 +271,9 @@ def worker(a) -> None:
         torch.cuda.reset_peak_memory_stats()
     out = Path(a.workdir) / f"{a.task}-{a.size}-{a.side}"
     if a.side == "alignkit":
-        times = _alignkit(a.task, a.model_dir, a.data, out, a.steps, a.device)
+        times = _alignkit(a.task, a.model_dir, a.data, out, a.steps, a.device, a.alignkit_set)
     else:
-        times = _trl(a.task, a.model_dir, a.data, out, a.steps, a.device, a.trl_fast)
+        times = _trl(a.task, a.model_dir, a.data, out, a.steps, a.device, a.trl_fast, a.trl_precision)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     print("RESULT " + json.dumps({"times": times, "peak_gib": peak}), flush=True)
@@ -280,7 +286,8 @@ def run_side(a, task, size, side, model_dir, data):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [a.trl_path, env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--task", task, "--size", size, "--side", side,
            "--model-dir", str(model_dir), "--data", str(data), "--workdir", str(a.workdir), "--steps",
-           str(a.steps if task != "grpo" else a.grpo_steps), "--device", a.device] + (["--trl-fast"] if a.trl_fast else [])
+           str(a.steps if task != "grpo" else a.grpo_steps), "--device", a.device, "--trl-precision", a.trl_precision]
+    cmd += (["--trl-fast"] if a.trl_fast else []) + [x for kv in a.alignkit_set for x in ("--alignkit-set", kv)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -318,6 +325,10 @@ def main():
     ap.add_argument("--trl-path", default=os.environ.get("TRL_PATH"), help="a directory holding trl (PYTHONPATH)")
     ap.add_argument("--trl-fast", action="store_true", help="TRL's fastest GPU settings (no gradient checkpointing, "
                                                             "padding-free SFT/DPO)")
+    ap.add_argument("--trl-precision", default="default", choices=["default", "fp32"],
+                    help="default: TRL's own (bf16 autocast whenever fp16 is off, on a CPU too); fp32: bf16=False")
+    ap.add_argument("--alignkit-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an alignkit config override for the alignkit side (repeatable), e.g. train.precision=fp32")
     ap.add_argument("--src-model", default=None, help="directory with SmolLM2's config and tokenizer")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="also write the results here")

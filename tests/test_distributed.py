@@ -1,4 +1,7 @@
-"""Two CPU processes (gloo) with the same global batch give the same model as one process."""
+"""Two CPU processes (gloo) with the same global batch give the same model as one process.
+
+Every run here pins ``train.precision=fp32``: the claim is agreement to fp32 rounding; under bf16 autocast
+(the default where bf16 is native) a different batch split rounds differently."""
 
 import json
 import os
@@ -28,7 +31,7 @@ def _run(args, nproc, tmp_path):
 def test_two_processes_equal_one(tmp_path, tiny_model, jsonl):
     data = jsonl("d.jsonl", sft_rows(32))
     common = ["sft", "--model", str(tiny_model), "--data", str(data), "--max-steps", "3", "optim.lr=1e-3",
-              "log.samples=0"]
+              "log.samples=0", "train.precision=fp32"]
     # one process accumulating 4 x 2 (equal to batch 8: test_loop) sees the same micro-batches as two
     # processes of 4, so every logged metric must match: rank 0 logs the global numbers, not its half's
     # (train/tokens of rank 0 alone is the mean length of its 4 rows, which differs)
@@ -70,7 +73,7 @@ def test_fsdp_through_an_accelerate_config_equals_one_process(tmp_path, tiny_mod
     cfg = tmp_path / "fsdp.yaml"
     cfg.write_text(FSDP_CONFIG)
     common = ["sft", "--model", str(tiny_model), "--data", str(data), "--max-steps", "3", "optim.lr=1e-3",
-              "log.progress=false", "log.save_every=2"]
+              "log.progress=false", "log.save_every=2", "train.precision=fp32"]
     _run(common + ["--output", str(tmp_path / "one"), "train.batch_size=8"], 1, tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg),
@@ -94,7 +97,7 @@ def test_kto_two_processes_share_one_kl_reference_point(tmp_path, tiny_model, js
     data = jsonl("p.jsonl", pref_rows(32, 0))
     common = ["kto", "--model", str(tiny_model), "--data", str(data), "--max-steps", "4", "optim.lr=1e-2",
               "optim.scheduler=constant", "optim.warmup_steps=0", "log.progress=false", "log.every=1",
-              "train.seed=3"]
+              "train.seed=3", "train.precision=fp32"]
     _run(common + ["--output", str(tmp_path / "one"), "train.batch_size=8"], 1, tmp_path)
     _run(common + ["--output", str(tmp_path / "two"), "train.batch_size=4"], 2, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]

@@ -137,9 +137,11 @@ def test_eval_on_tiny_models_matches_recomputation(tiny_model, tiny_ref, tmp_pat
 
     prompts = jsonl("p.jsonl", [{"prompt": [{"role": "user", "content": f"q{i} e"}]} for i in range(3)])
     out = tmp_path / "ev"
-    m = evaluate({"model": {"name_or_path": str(tiny_model)}, "reference": str(tiny_ref),
+    # fp32 (auto loads frozen models in bf16 where bf16 is native): the recomputation below is fp32
+    m = evaluate({"model": {"name_or_path": str(tiny_model), "dtype": "float32"}, "reference": str(tiny_ref),
                   "data": {"path": str(prompts)}, "samples": 3, "gold": [_gold_spec()],
-                  "rewards": ["length:max=4"], "generation": {"max_new_tokens": 12}, "output": str(out)})
+                  "rewards": ["length:max=4"], "generation": {"max_new_tokens": 12, "dtype": "model"},
+                  "output": str(out)})
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     pol = [r for r in rows if r["tag"] == "policy"]
     ref = [r for r in rows if r["tag"] == "reference"]

@@ -113,7 +113,8 @@ def test_rollout_logprobs_equal_fresh_token_logprobs(tiny_model, tiny_tok):
     model = load_causal_lm(ModelConfig(name_or_path=str(tiny_model))).eval()
     prompts = [tiny_tok.encode(p) for p in ("a", "hello there", "xyz q")]  # different lengths: left padding
     torch.manual_seed(1)
-    ro = generate(model, tiny_tok, prompts, GenerationConfig(max_new_tokens=7, temperature=0.8, batch_size=4), n=2)
+    ro = generate(model, tiny_tok, prompts, GenerationConfig(max_new_tokens=7, temperature=0.8, batch_size=4,
+                                                             dtype="model"), n=2)  # decode with these fp32 weights
     fresh = token_logprobs(model, ro.sequences, temperature=0.8).logps
     mask = ro.sequences.loss_mask[:, 1:].bool()
     assert torch.allclose(ro.logprobs[mask], fresh[mask], atol=1e-5)

@@ -95,7 +95,8 @@ def _run(algo, tiny_model, prompts, out):
     train = getattr(importlib.import_module(mod), fn)
     train(**{"model.name_or_path": str(tiny_model), "data.path": str(prompts), "rewards": [CHAR, "length:target=3@0.1"],
              # the pinned rollouts were sampled by transformers' generate (the fast engine draws other samples)
-             "generation.engine": "hf", "generation.max_new_tokens": 6, "train.max_steps": 1, "train.batch_size": 4, "optim.lr": 1e-2,
+             "generation.engine": "hf", "train.precision": "fp32",  # pinned in fp32 (auto: bf16 where native)
+             "generation.max_new_tokens": 6, "train.max_steps": 1, "train.batch_size": 4, "optim.lr": 1e-2,
              "log.progress": False, "log.samples": 0, **opts}, output=str(out))
     row = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in l][0]
     w0 = load_file(str(tiny_model / "model.safetensors"))

@@ -32,7 +32,7 @@ def test_greedy_tokens_equal_transformers_generate(model_and_prompts, static, ba
 
 def test_seeded_sampling_repeats_and_logprobs_match_a_forward_pass(model_and_prompts):
     tok, model, prompts = model_and_prompts
-    cfg = GenerationConfig(max_new_tokens=16, temperature=0.8, top_p=0.9, top_k=40, batch_size=4)
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0.8, top_p=0.9, top_k=40, batch_size=4, dtype="model")
     runs = []
     for _ in range(2):
         torch.manual_seed(123)
@@ -111,6 +111,52 @@ def test_lora_merge_for_rollout_restores_base_weights_bit_identically(model_and_
         fast, _ = FastEngine().generate(policy, prompts, cfg, [tok.eos_token_id], tok.pad_token_id)
     assert fast == unmerged
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    FastEngine(dtype=torch.bfloat16).generate(policy, prompts, cfg, [tok.eos_token_id], tok.pad_token_id)
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())  # a bf16 decode copy too
     assert all(not m.disable_adapters for m in policy.modules() if hasattr(m, "lora_A"))
     for n, p in policy.named_parameters():  # still trainable exactly as before
         assert p.requires_grad == ("lora_" in n)
+
+
+def _bf16_params(model):
+    """A copy of ``model`` with its parameters (not its buffers) in bf16: what the engine decodes with."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for p in out.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return out
+
+
+def test_bf16_decode_copy_gives_generate_tokens_of_bf16_weights_and_follows_updates(model_and_prompts):
+    """``dtype=bf16`` decodes a bf16 copy of an fp32 model: greedy tokens equal transformers' generate on
+    the bf16 weights, the fp32 model is untouched, and a later call sees the model's updated weights."""
+    import copy
+
+    tok, model0, prompts = model_and_prompts
+    model = copy.deepcopy(model0)
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0, batch_size=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = FastEngine(dtype=torch.bfloat16)
+    for round_ in range(2):
+        fast, logps = engine.generate(model, prompts, cfg, [tok.eos_token_id], tok.pad_token_id)
+        ref = [_cut_at_eos(r, {tok.eos_token_id})[0] for r in hf_generate(_bf16_params(model), tok, prompts, cfg)]
+        assert fast == ref, round_
+        assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
+        with torch.no_grad():  # change the model: the next call must decode the new weights, not stale ones
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert engine._shadow is not None and engine._shadow[0]() is model  # one copy, refilled in place
+
+
+def test_generation_dtype_auto_follows_native_bf16(monkeypatch):
+    from alignkit.rollout import generate as gen_mod
+
+    cfg = GenerationConfig()
+    monkeypatch.setattr("alignkit.models.loading.native_bf16", lambda device_type=None: True)
+    assert gen_mod.decode_dtype(cfg, "cpu") == torch.bfloat16
+    assert gen_mod.decode_dtype(cfg.model_copy(update={"dtype": "model"}), "cpu") is None
+    monkeypatch.setattr("alignkit.models.loading.native_bf16", lambda device_type=None: False)
+    assert gen_mod.decode_dtype(cfg, "cpu") is None
+    assert gen_mod.decode_dtype(cfg.model_copy(update={"dtype": "bfloat16"}), "cpu") == torch.bfloat16

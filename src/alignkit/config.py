@@ -31,8 +31,8 @@ class ModelConfig(Section):
     name_or_path: Optional[str] = None
     """Hugging Face model id or local directory. Empty: the embedded default (SmolLM2-135M-Instruct)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype. auto: float32 for trained weights (bf16 autocast on a GPU), bfloat16 for frozen
-    models (references, scorers) on a GPU."""
+    """Weight dtype. auto: float32 for trained weights (bf16 autocast where bf16 is native), bfloat16 for
+    frozen models (scorers, judges, eval) where bf16 is native (a GPU, or a CPU with AMX/AVX512-BF16)."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the model repository (off unless you ask)."""
     attn_implementation: Optional[str] = None
@@ -116,7 +116,8 @@ class TrainConfig(Section):
     seed: int = 42
     """Seed for weights init, data order and sampling."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Mixed precision: auto is fp32 on CPU and bf16 on a GPU."""
+    """Mixed precision: auto is bf16 autocast (fp32 master weights) wherever bf16 is native (a GPU, or a
+    CPU with AMX or AVX512-BF16), else fp32. fp32 for bit-exact comparisons."""
     logprob_chunk: int = Field(1024, ge=0)
     """Label positions per chunk when computing log-probs (never a full [B, T, V] logits tensor);
     0 computes full logits: faster on a GPU, far more memory (see bench/logprobs_memory.py)."""

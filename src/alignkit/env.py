@@ -58,7 +58,9 @@ def _devices() -> Dict[str, Any]:
         out["cuda_version"] = torch.version.cuda
         out["gpus"] = [f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
                        for i in range(torch.cuda.device_count())]
-        out["bf16"] = torch.cuda.is_bf16_supported()
+    from alignkit.models.loading import native_bf16
+
+    out["bf16"] = native_bf16()  # what precision=auto and dtype=auto pick (a GPU, or a CPU with AMX/AVX512-BF16)
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         out["mps"] = True

@@ -19,15 +19,31 @@ log = logging.getLogger("alignkit")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def native_bf16(device_type: Optional[str] = None) -> bool:
+    """Whether bf16 matrix products run natively (faster than fp32) on ``device_type`` (default: the
+    device runs use, CUDA when there is one): a CUDA GPU with bf16 support, or a CPU with AMX tiles or
+    AVX512-BF16 (Intel Sapphire Rapids and later, AMD Zen 4 and later), where oneDNN runs bf16 GEMMs
+    ~6x faster than fp32 on the same cores (measured on the 2-core development VM: 2.0 vs 0.33
+    TFLOP/s). Elsewhere bf16 is emulated and slower, so ``auto`` stays fp32."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(c()) for c in checks if c is not None)
+
+
 def resolve_dtype(name: str, device: Optional[torch.device] = None, trainable: bool = False) -> torch.dtype:
-    """auto: float32 for weights we train (bf16 autocast does the fast math, the optimizer updates
-    fp32 master weights, so small updates are not rounded away), bfloat16 for frozen models on a GPU."""
+    """auto: float32 for weights we train (bf16 autocast does the fast math where it is native, the
+    optimizer updates fp32 master weights, so small updates are not rounded away), bfloat16 for frozen
+    models wherever bf16 is native (:func:`native_bf16`: a GPU, or a CPU with AMX/AVX512-BF16)."""
     if name != "auto":
         return _DTYPES[name]
     if trainable:
         return torch.float32
-    on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
-    return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if native_bf16(device.type if device is not None else None) else torch.float32
 
 
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):

@@ -27,6 +27,8 @@ on every run. Greedy decoding (temperature 0) gives the tokens of ``model.genera
 from __future__ import annotations
 
 import contextlib
+import copy as _copy
+import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -156,10 +158,48 @@ class FastEngine:
     static cache and keeps finished rows in the batch.
     """
 
-    def __init__(self, static_cache: bool = True, compile: bool = False):
+    def __init__(self, static_cache: bool = True, compile: bool = False, dtype: Optional[torch.dtype] = None):
         self.static_cache = static_cache
         self.compile = compile
+        self.dtype = dtype  # decode weights' dtype; None: the model's own
         self._compiled: Dict[int, object] = {}
+        self._shadow: Optional[Tuple[weakref.ref, torch.nn.Module]] = None  # (source model, its decode copy)
+
+    @torch.no_grad()
+    def decode_model(self, model):
+        """The module that decodes: ``model`` itself, or (``dtype`` set and different from the model's)
+        a copy of it in ``dtype`` holding the model's current weights, refreshed on every call.
+
+        Like vLLM's separate inference weights: a CPU with AMX or a GPU decodes a bf16 copy of an fp32
+        policy ~1.9x faster (SmolLM2-135M, 24 x 40 tokens, 2-core VM: 2.6 s against 4.8 s), while the
+        policy keeps its fp32 master weights. Called inside :func:`merged_lora`, so the copy holds the
+        merged weights with the adapters switched off. Only parameters are cast: buffers (rotary
+        frequencies) keep their dtype. The copy is built once per source model and refilled with
+        ``copy_`` afterwards (no new allocation per rollout)."""
+        params = list(model.parameters())
+        if self.dtype is None or not params or params[0].dtype == self.dtype or not params[0].is_floating_point():
+            return model
+        if self._shadow is None or self._shadow[0]() is not model:
+            self._shadow = None
+            copy = _copy.deepcopy(model)
+            for p in copy.parameters():
+                # requires_grad stays on (it decodes under no_grad anyway): on a CPU, bf16 linear layers
+                # with a 3-D input and a weight that does not require grad take a bmm over an expanded
+                # weight (a [B, hidden, vocab] copy per step for the LM head, 3x slower decoding)
+                p.requires_grad_(True)
+                if p.is_floating_point():
+                    p.data = p.data.to(self.dtype)
+            if getattr(copy, "config", None) is not None:  # a copy of the config (deepcopy): the dtype it reports
+                copy.config.dtype = self.dtype
+            self._shadow = (weakref.ref(model), copy)
+        else:
+            copy = self._shadow[1]
+            for dst, src in zip(copy.parameters(), params):
+                dst.copy_(src)
+            for dst, src in zip(copy.modules(), model.modules()):  # adapters on/off as in the source now
+                if hasattr(src, "_disable_adapters"):
+                    dst._disable_adapters = src._disable_adapters
+        return copy
 
     def _step_fn(self, model):
         if not self.compile:
@@ -180,8 +220,10 @@ class FastEngine:
         model.eval()
         try:
             with merged_lora(model):
+                decoder = self.decode_model(model)
+                decoder.eval()
                 for group in length_groups(prompts, cfg.batch_size):
-                    out_t, out_l = self._batch(model, [prompts[i] for i in group], cfg, eos_ids, pad_id, device)
+                    out_t, out_l = self._batch(decoder, [prompts[i] for i in group], cfg, eos_ids, pad_id, device)
                     for i, t, l in zip(group, out_t, out_l):
                         tokens[i], logps[i] = t, l
         finally:

@@ -47,6 +47,10 @@ class GenerationConfig(Section):
     compile: bool = False
     """fast engine on a GPU: torch.compile the one-token decode step (pays for long generations; the
     first rollout compiles)."""
+    dtype: Literal["auto", "float32", "bfloat16", "model"] = "auto"
+    """fast engine: the dtype of the weights that decode. auto: a bf16 copy of an fp32 model wherever bf16
+    is native (a GPU, or a CPU with AMX/AVX512-BF16; ~1.9x faster decoding on the 2-core VM), the model
+    itself elsewhere; model: always the model's own weights (bit-exact with the training forward)."""
 
 
 @dataclass
@@ -116,13 +120,25 @@ def hf_generate(model, tokenizer, prompts: Sequence[List[int]], cfg: GenerationC
 _FAST = {}
 
 
-def fast_engine(cfg: GenerationConfig):
-    """The process's fast engine for these settings (it keeps compiled decode steps between rollouts)."""
+def decode_dtype(cfg: GenerationConfig, device_type: str) -> Optional[torch.dtype]:
+    """The fast engine's decode dtype for ``generation.dtype`` on ``device_type`` (None: the model's own)."""
+    if cfg.dtype == "model":
+        return None
+    if cfg.dtype == "auto":
+        from alignkit.models.loading import native_bf16
+
+        return torch.bfloat16 if native_bf16(device_type) else None
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+
+def fast_engine(cfg: GenerationConfig, device_type: str = "cpu"):
+    """The process's fast engine for these settings (it keeps compiled decode steps and its decode
+    copy of the weights between rollouts)."""
     from alignkit.rollout.engine import FastEngine
 
-    key = bool(cfg.compile)
+    key = (bool(cfg.compile), decode_dtype(cfg, device_type))
     if key not in _FAST:
-        _FAST[key] = FastEngine(compile=key)
+        _FAST[key] = FastEngine(compile=key[0], dtype=key[1])
     return _FAST[key]
 
 
@@ -142,7 +158,9 @@ def generate(model, tokenizer, prompts: Sequence[List[int]], cfg: GenerationConf
     elif cfg.engine == "hf":
         raw = hf_generate(model, tokenizer, expanded, cfg)
     else:
-        raw, step_logps = fast_engine(cfg).generate(model, expanded, cfg, sorted(eos), tokenizer.pad_token_id)
+        device_type = next(unwrap(model).parameters()).device.type
+        raw, step_logps = fast_engine(cfg, device_type).generate(model, expanded, cfg, sorted(eos),
+                                                                 tokenizer.pad_token_id)
     responses, ended, kept_logps = [], [], []
     for j, toks in enumerate(raw):
         r, e = _cut_at_eos(toks, eos)

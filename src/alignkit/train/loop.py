@@ -133,8 +133,10 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
     precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "auto":  # bf16 autocast wherever bf16 is native: a GPU, or a CPU with AMX/AVX512-BF16
+        from alignkit.models.loading import native_bf16
+
+        precision = "bf16" if native_bf16() else "fp32"
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     from accelerate.state import AcceleratorState
 
@@ -177,9 +179,11 @@ class Trainer:
         if not params:
             raise ValueError("the model has no trainable parameters")
         o = cfg.optim
-        model.to(self.acc.device)  # before the optimizer, so a fused (single-kernel) AdamW can be used on GPU
-        fused = self.acc.device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                                                       for p in params)
+        model.to(self.acc.device)  # before the optimizer, so the fused (single-kernel) AdamW can be used
+        # fused AdamW: one kernel per parameter group on a GPU, and on a CPU too (torch >= 2.4): at 135M
+        # parameters 0.08 s per step instead of the foreach path's 0.31-0.36 s on the 2-core VM
+        fused = self.acc.device.type in ("cuda", "cpu") and all(
+            p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
         groups = self.task.param_groups(model) or [{"params": params}]
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                       fused=True if fused else None)
