@@ -124,3 +124,21 @@ def test_ppo_shared_head_honours_full_logits():
     chunked = PolicyWithValue(policy, logprob_chunk=2)(b.input_ids, b.attention_mask, b.loss_mask)[0]
     assert torch.allclose(full.logps, chunked.logps, atol=1e-5)
     assert torch.allclose(full.logps, reference_logprobs(policy, b).logps, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_ARCHITECTURES))
+def test_keep_last_index_gives_the_last_position_logits(kind):
+    """``keep_last`` (an index tensor, so the model gathers a contiguous last position instead of a
+    strided view, see its docstring) yields exactly the logits of ``logits_to_keep=1``, in bf16 too."""
+    from alignkit.ops.logprobs import keep_last
+
+    model = tiny_causal_lm(kind).eval()
+    ids = torch.randint(3, 90, (3, 7), generator=torch.Generator().manual_seed(0))
+    assert keep_last(ids).tolist() == [6] and keep_last(ids[:, :1]) == 1
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model.to(dtype)
+        with torch.no_grad():
+            want = m(input_ids=ids, logits_to_keep=1).logits
+            got = m(input_ids=ids, logits_to_keep=keep_last(ids)).logits
+        assert got.shape == want.shape == (3, 1, m.config.vocab_size)
+        assert torch.equal(got, want), kind

@@ -349,9 +349,11 @@ class LMJudge:
 
 
     def _last_logits(self, ids, attn):
+        from alignkit.ops.logprobs import keep_last
+
         kw = dict(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=False)
         try:  # the LM head on the last position only
-            out = self.model(**kw, logits_to_keep=1)
+            out = self.model(**kw, logits_to_keep=keep_last(ids))
         except TypeError:  # a model without logits_to_keep
             out = self.model(**kw)
         return out.logits[:, -1].float()

@@ -33,6 +33,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from alignkit.ops.logprobs import keep_last
 from alignkit.ops.wrappers import unwrap
 
 
@@ -247,7 +248,7 @@ class FastEngine:
         ckw = _cache_kwarg(model)
         out = model(input_ids=ids, attention_mask=attn if cache.is_compileable else attn[:, :L],
                     position_ids=pos, use_cache=True, **{ckw: cache},
-                    cache_position=torch.arange(L, device=device), logits_to_keep=1)
+                    cache_position=torch.arange(L, device=device), logits_to_keep=keep_last(ids))
         rows = torch.arange(B, device=device)  # original row of each running row
         done = torch.zeros(B, dtype=torch.bool, device=device)  # compiled path: rows past their EOS
         step_tokens, step_logps = [], []  # per step: (B,) tensors over the original rows

@@ -90,7 +90,8 @@ class PolicyWithValue(nn.Module):
             return tl, critic_values(self.critic, seq)
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=lp.position_ids(attention_mask), output_hidden_states=True,
-                          logits_to_keep=1 if chunk else 0, use_cache=False)  # 0: every position's logits
+                          logits_to_keep=lp.keep_last(input_ids) if chunk else 0,  # 0: every position's logits
+                          use_cache=False)
         hidden = out.hidden_states[-1]  # (B, T, H) final hidden states, shared by both heads
         tl = lp.token_logprobs(_Forwarded(self.policy, out), seq, temperature=self.temperature,
                                with_entropy=with_entropy, chunk_size=chunk)
