@@ -14,10 +14,11 @@ def _batch(tok):
     return pad_sequences(seqs, masks, tok.pad_token_id)
 
 
-def test_chunked_matches_reference_values_and_grads(tiny_tok):
+@pytest.mark.parametrize("chunk", [3, 1024])  # several checkpointed chunks; one chunk, not checkpointed
+def test_chunked_matches_reference_values_and_grads(tiny_tok, chunk):
     model = tiny_llama(tiny_tok)
     b = _batch(tiny_tok)
-    fast = token_logprobs(model, b, chunk_size=3, with_entropy=True)
+    fast = token_logprobs(model, b, chunk_size=chunk, with_entropy=True)
     fast.sum().sum().backward()
     g_fast = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()

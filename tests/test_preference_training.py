@@ -118,3 +118,34 @@ def test_unknown_loss_error_lists_choices():
         DPOOptions(loss="nope")
     with pytest.raises(ValueError, match="cannot be combined"):
         DPOOptions(loss="kto", extra_losses={"dpo": 1.0})
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_precast_frozen_linears_is_bit_identical_under_autocast(kind):
+    """A frozen reference whose linear weights are stored in bf16 once gives exactly the log-probs of the
+    fp32 model under bf16 autocast (autocast rounds the same weights the same way on every call), with
+    embeddings, norms and the (tied) head left in fp32."""
+    import copy
+    from types import SimpleNamespace
+
+    from alignkit.data.collate import SeqBatch
+    from alignkit.models.loading import precast_frozen_linears
+    from alignkit.ops.logprobs import token_logprobs
+    from alignkit.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(kind).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cast = copy.deepcopy(model)
+    assert precast_frozen_linears(cast, SimpleNamespace(mixed_precision="no")) == 0
+    n = precast_frozen_linears(cast, SimpleNamespace(mixed_precision="bf16"))
+    linears = [m for m in cast.modules() if isinstance(m, torch.nn.Linear) and m is not cast.get_output_embeddings()]
+    assert n == len(linears) > 0 and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert cast.get_output_embeddings().weight.dtype == torch.float32
+    assert all(m.weight.dtype == torch.float32 for m in cast.modules() if isinstance(m, torch.nn.Embedding))
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    seq = SeqBatch(ids, torch.ones_like(ids), torch.ones_like(ids))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = token_logprobs(model, seq).logps
+        got = token_logprobs(cast, seq).logps
+    assert torch.equal(got, want)

@@ -35,6 +35,35 @@ def native_bf16(device_type: Optional[str] = None) -> bool:
     return any(bool(c()) for c in checks if c is not None)
 
 
+def precast_frozen_linears(model, accelerator) -> int:
+    """Store a frozen model's linear weights in the accelerator's autocast dtype once, instead of
+    autocast casting each of them again on every forward (a reference model's whole weight set per
+    micro-batch). Autocast rounds an fp32 weight to bf16/fp16 the same way at every call, so the outputs
+    are bit-identical (tests/test_preference_training.py); embeddings, norms and the output head keep
+    their dtype (a tied head shares the embedding's weight), so the residual stream stays as it was.
+    Only parameters that do not require grad are touched. Returns the number of layers cast (0 without
+    mixed precision)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(getattr(accelerator, "mixed_precision", "no")))
+    if dtype is None:
+        return 0
+    inner = getattr(model, "module", model)
+    keep = {id(m.weight) for m in inner.modules() if isinstance(m, torch.nn.Embedding)}
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        keep.add(id(head.weight))
+    n = 0
+    for m in inner.modules():
+        if not isinstance(m, torch.nn.Linear) or id(m.weight) in keep:
+            continue
+        params = [q for q in (m.weight, m.bias) if q is not None]
+        if any(q.requires_grad or q.dtype != torch.float32 for q in params):
+            continue
+        for q in params:
+            q.data = q.data.to(dtype)
+        n += 1
+    return n
+
+
 def resolve_dtype(name: str, device: Optional[torch.device] = None, trainable: bool = False) -> torch.dtype:
     """auto: float32 for weights we train (bf16 autocast does the fast math where it is native, the
     optimizer updates fp32 master weights, so small updates are not rounded away), bfloat16 for frozen

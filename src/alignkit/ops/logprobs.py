@@ -1,7 +1,8 @@
 """Per-token log-probabilities of the labels without materializing [B, T, V] fp32 logits.
 
-The backbone runs once; the LM head, log-softmax and gather run over chunks of positions, and each
-chunk is checkpointed, so the backward pass recomputes a chunk's logits instead of keeping them all.
+The backbone runs once; the LM head, log-softmax and gather run over chunks of positions, and when
+there is more than one chunk each is checkpointed, so the backward pass recomputes a chunk's logits
+instead of keeping them all.
 Peak extra memory is O(chunk x V) instead of O(B x T x V). ``reference_logprobs`` is the slow,
 obvious version the tests check against.
 """
@@ -237,13 +238,17 @@ def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_ent
     idx = flat_mask.nonzero(as_tuple=True)[0]
     out_lp = torch.zeros(B * T1, dtype=torch.float32, device=h.device)
     out_ent = torch.zeros(B * T1, dtype=torch.float32, device=h.device) if with_entropy else None
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
+    # checkpoint each chunk (recompute its logits in the backward) only when there are several: one chunk's
+    # logits are alive at the start of the backward either way, so checkpointing a single chunk would only
+    # add a head matmul (the common case of short batches)
+    recompute = (torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
+                 and idx.numel() > chunk_size)
     lp_parts, ent_parts = [], []
     for start in range(0, idx.numel(), chunk_size):
         sel = idx[start:start + chunk_size]
         args = (h.index_select(0, src.index_select(0, sel)), head.weight, head.bias,
                 flat_labels.index_select(0, sel), temperature, with_entropy, post)
-        if need_grad:
+        if recompute:
             lp, ent = checkpoint(_chunk_logps, *args, use_reentrant=False)
         else:
             lp, ent = _chunk_logps(*args)

@@ -531,7 +531,7 @@ class OnlineTrainer(Trainer):
 
 def load_reference(cfg, accelerator, needed: bool):
     """(frozen reference model or None, use the policy with its adapter off)."""
-    from alignkit.models.loading import load_causal_lm
+    from alignkit.models.loading import load_causal_lm, precast_frozen_linears
 
     if not needed:
         return None, False
@@ -543,6 +543,7 @@ def load_reference(cfg, accelerator, needed: bool):
     ref = load_causal_lm(ref_cfg).to(accelerator.device).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
+    precast_frozen_linears(ref, accelerator)  # bit-identical under autocast, without a cast per forward
     disable_dropout(ref)
     return ref, False
 

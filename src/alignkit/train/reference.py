@@ -100,7 +100,7 @@ def precompute(ref: Reference, items: List[Dict[str, Any]], pad_id: int, paired:
 def make_reference(cfg, policy, data, tokenizer, accelerator, packing: Packing = PADDED) -> Reference:
     """Build the reference that ``cfg.dpo.reference`` asks for (see the module docstring); ``packing``
     is the policy's batch layout, narrowed for a separate reference model that cannot do all of it."""
-    from alignkit.models.loading import is_peft, load_causal_lm
+    from alignkit.models.loading import is_peft, load_causal_lm, precast_frozen_linears
     from alignkit.ops.packing import resolve_packing
 
     opts = cfg.dpo
@@ -122,7 +122,9 @@ def make_reference(cfg, policy, data, tokenizer, accelerator, packing: Packing =
         ref_cfg = cfg.model.model_copy(update={"name_or_path": opts.ref_model or cfg.model.name_or_path,
                                                "gradient_checkpointing": False})
         # same dtype as the policy and run under the same autocast, so at step 0 reference == policy exactly
+        # (its linear weights pre-cast to the autocast dtype: the same numbers without a cast per forward)
         ref = ModelReference(load_causal_lm(ref_cfg).to(accelerator.device), cfg.train.logprob_chunk)
+        precast_frozen_linears(ref.model, accelerator)
         if opts.ref_model and packing.pack:  # another model: check that it packs (and shares) exactly too
             ref_packing = resolve_packing(ref.model, packing.pack, packing.share_prompt, packing.max_tokens)
             if ref_packing != packing:
