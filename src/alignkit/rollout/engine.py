@@ -182,14 +182,12 @@ class FastEngine:
             return model
         if self._shadow is None or self._shadow[0]() is not model:
             self._shadow = None
-            copy = _copy.deepcopy(model)
-            for p in copy.parameters():
-                # requires_grad stays on (it decodes under no_grad anyway): on a CPU, bf16 linear layers
-                # with a 3-D input and a weight that does not require grad take a bmm over an expanded
-                # weight (a [B, hidden, vocab] copy per step for the LM head, 3x slower decoding)
-                p.requires_grad_(True)
-                if p.is_floating_point():
-                    p.data = p.data.to(self.dtype)
+            # deepcopy with every parameter pre-mapped to its cast copy: the module tree, buffers and
+            # config are copied, the weights are never duplicated in the model's own dtype (tied
+            # weights map to one copy, so they stay tied)
+            memo = {id(p): torch.nn.Parameter(p.detach().to(self.dtype) if p.is_floating_point() else p.detach().clone(),
+                                              requires_grad=False) for p in params}
+            copy = _copy.deepcopy(model, memo)
             if getattr(copy, "config", None) is not None:  # a copy of the config (deepcopy): the dtype it reports
                 copy.config.dtype = self.dtype
             self._shadow = (weakref.ref(model), copy)
