@@ -3,6 +3,8 @@ model: checks the wiring; the real numbers are in docs/reasoning-demo.md)."""
 
 import json
 
+import pytest
+
 from alignkit.rewards.reasoning import answer_format, reasoning_rows, tagged_correct
 from tests.helpers import one_thread as _one_thread  # noqa: F401  (autouse: one thread per module)
 
@@ -16,14 +18,29 @@ def test_rewards_check_the_tagged_answer():
 
 def test_rows_have_checkable_answers():
     rows = reasoning_rows(20, seed=0)
-    text = [r["prompt"][0]["content"] for r in rows]  # one user message each (the chat template applies)
-    assert len(rows) == 20 and all("<answer>" in t for t in text)
-    add = text[0].split("?")[0].replace("What is ", "").split(" + ")
-    assert int(rows[0]["answer"]) == int(add[0]) + int(add[1])
-    word = text[1].split('"')[1]
-    listed = text[1].split(": ", 1)[1].split("?")[0].split(", ")
-    assert int(rows[1]["answer"]) == listed.count(word)
+    assert len(rows) == 20
+    for r in rows:
+        # the worked example (one user/assistant turn pair), then the question; the chat template applies
+        assert [m["role"] for m in r["prompt"]] == ["user", "assistant", "user"]
+        assert r["prompt"][1]["content"] == "3 + 4 = 7 <answer>7</answer>"
+        q = r["prompt"][2]["content"]
+        assert q.startswith(r["question"]) and "<answer></answer>" in q
+        a, b = r["question"].removeprefix("What is ").removesuffix("?").split(" + ")
+        assert 2 <= int(a) <= 30 and 2 <= int(b) <= 30 and int(r["answer"]) == int(a) + int(b)
+    assert len({r["question"] for r in rows}) == 20 and "What is 3 + 4?" not in {r["question"] for r in rows}
     assert reasoning_rows(20, seed=0) == rows and reasoning_rows(20, seed=1) != rows
+    # the worked example's reply gets full marks from both rules
+    example = reasoning_rows(1, seed=0)[0]["prompt"][1]["content"]
+    assert tagged_correct(None, [example], answer=["7"]) == [1.0] and answer_format(None, [example]) == [1.0]
+
+
+def test_heldout_rows_exclude_the_training_questions():
+    train = reasoning_rows(40, seed=1, low=2, high=9)  # 64 questions with numbers 2..9, minus 3 + 4
+    held = reasoning_rows(23, seed=2, low=2, high=9, exclude=[r["question"] for r in train])
+    assert not {r["question"] for r in train} & {r["question"] for r in held}
+    assert len(held) == 23  # all that is left: 64 - 1 - 40
+    with pytest.raises(ValueError, match="only 23 distinct"):
+        reasoning_rows(24, seed=2, low=2, high=9, exclude=[r["question"] for r in train])
 
 
 def test_reasoning_demo_runs_end_to_end_quick(tmp_path, tiny_model):

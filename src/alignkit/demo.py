@@ -111,9 +111,8 @@ def reasoning_demo(cfg: DemoConfig) -> Dict[str, Any]:
     out = Path(cfg.output if cfg.output != DemoConfig.model_fields["output"].default else "runs/reasoning")
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    train, held = reasoning_rows(256, seed=1), reasoning_rows(64, seed=2)
-    seen = {json.dumps(r["prompt"]) for r in train}
-    held = [r for r in held if json.dumps(r["prompt"]) not in seen]  # held-out prompts never seen in training
+    train = reasoning_rows(256, seed=1)
+    held = reasoning_rows(100, seed=2, exclude=[r["question"] for r in train])  # questions never seen in training
     for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     variables = {"prompts": str(data / "train.jsonl"), "heldout": str(data / "heldout.jsonl"), **cfg.vars}

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Iterable, List, Sequence
 
 from alignkit.rewards.answer import answers_match
 
 _TAG = re.compile(r"<answer>\s*([^<]*?)\s*</answer>", re.IGNORECASE | re.DOTALL)
-INSTRUCTION = "Write the final answer as a number inside <answer></answer> tags, for example <answer>5</answer>."
+INSTRUCTION = "Put the answer in <answer></answer> tags."
 
 
 def tagged_answer(text: str):
@@ -44,22 +44,32 @@ def answer_format(prompts: Sequence[Any], completions: Sequence[str], **_: Any) 
     return out
 
 
-def reasoning_rows(n: int, seed: int) -> List[Dict[str, Any]]:
-    """``n`` prompt rows ``{prompt: [user message], answer}``: additions of two numbers from 2 to 30 and counts of a word
-    in a short list, each with the answer-format instruction. Different seeds give disjoint-looking sets
-    (held-out prompts use another seed; exact duplicates are removed against nothing else)."""
+def worked_example(a: int = 3, b: int = 4) -> List[Dict[str, str]]:
+    """The one-shot turn pair every prompt starts with: a user question and an assistant reply that shows the
+    working and the tag (``3 + 4 = 7 <answer>7</answer>``)."""
+    return [{"role": "user", "content": f"What is {a} + {b}? {INSTRUCTION}"},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b} <answer>{a + b}</answer>"}]
+
+
+def reasoning_rows(n: int, seed: int, low: int = 2, high: int = 30, exclude: Iterable[str] = ()
+                   ) -> List[Dict[str, Any]]:
+    """``n`` distinct prompt rows ``{prompt: [messages], answer}``: "What is a + b?" with a and b drawn from
+    ``low..high``, after the worked example (:func:`worked_example`) and with the answer-format instruction.
+    Questions in ``exclude`` (e.g. the training questions, for a held-out set) are never drawn. Deterministic
+    in ``seed``."""
     rng = random.Random(seed)
-    words = ["apple", "cat", "sun", "book", "tree", "cup"]
+    seen = set(exclude) | {"What is 3 + 4?"}  # never the worked example itself
+    if n > (high - low + 1) ** 2 - len(seen):
+        raise ValueError(f"only {(high - low + 1) ** 2 - len(seen)} distinct questions with numbers "
+                         f"{low}..{high}; asked for {n}")
     rows = []
-    for i in range(n):
-        if i % 2 == 0:
-            a, b = rng.randint(2, 30), rng.randint(2, 30)
-            q, ans = f"What is {a} + {b}?", a + b
-        else:
-            w, other = rng.sample(words, 2)
-            items = [w] * rng.randint(2, 6) + [other] * rng.randint(1, 3)
-            rng.shuffle(items)
-            q, ans = f'How many times does the word "{w}" appear in this list: {", ".join(items)}?', items.count(w)
+    while len(rows) < n:
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        q = f"What is {a} + {b}?"
+        if q in seen:
+            continue
+        seen.add(q)
         # a message list, so the chat template applies (a plain string prompt is fed raw: data.chat_template=auto)
-        rows.append({"prompt": [{"role": "user", "content": f"{q} {INSTRUCTION}"}], "answer": str(ans)})
+        rows.append({"prompt": worked_example() + [{"role": "user", "content": f"{q} {INSTRUCTION}"}],
+                     "answer": str(a + b), "question": q})
     return rows
