@@ -31,7 +31,7 @@ class DemoConfig(Section):
     """Starting model (empty: the embedded SmolLM2-135M-Instruct). It must have a chat template."""
     task: Literal["classic", "reasoning"] = "classic"
     """classic: SFT-free RLHF on a sentiment task (reward model, DPO, PPO); reasoning: GRPO with the DAPO
-    preset on rule-checked arithmetic and counting answers (R1-Zero in miniature, docs/reasoning-demo.md)."""
+    preset on rule-checked arithmetic answers (R1-Zero in miniature, docs/reasoning-demo.md)."""
     quick: bool = False
     """A smoke run in seconds (few prompts, steps and tokens): checks the wiring, proves nothing."""
     force: bool = False

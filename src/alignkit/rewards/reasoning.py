@@ -1,9 +1,16 @@
 """Verifiable rewards and data of the reasoning demo (``alignkit demo --task reasoning``).
 
-The task: small additions and counting questions whose answer must be written as
-``<answer>N</answer>``; a rule checks it (R1-Zero style: an accuracy reward plus a format reward,
-DeepSeek-AI 2025, sec. 2.2.2). Use as ``python:alignkit.rewards.reasoning:tagged_correct`` (reads the
-row's ``answer`` field) and ``python:alignkit.rewards.reasoning:answer_format``.
+The task: "What is a + b?" with a and b from 2 to 30, asked after a one-shot worked example
+(``3 + 4 = 7 <answer>7</answer>``); the answer must be written as ``<answer>N</answer>`` and a rule checks
+it (R1-Zero style: an accuracy reward plus a format reward, DeepSeek-AI 2025, "DeepSeek-R1: Incentivizing
+Reasoning Capability in LLMs via Reinforcement Learning", sec. 2.2.2). Use as
+``python:alignkit.rewards.reasoning:tagged_correct`` (reads the row's ``answer`` field) and
+``python:alignkit.rewards.reasoning:answer_format``.
+
+Why the worked example: the embedded SmolLM2-135M-Instruct ignores a written instruction to use the tag
+(format rate 0.00 greedy, about 0.02 sampled at temperature 1, on 32 probe prompts with four different
+wordings), so a reward on the tag alone gives GRPO nothing to work with. With the example turn it copies
+the format and gets about 40% of the sums right greedily, which leaves the accuracy to improve.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ def tagged_answer(text: str):
 
 def tagged_correct(prompts: Sequence[Any], completions: Sequence[str], answer: Sequence[Any] = (), **_: Any
                    ) -> List[float]:
-    """1.0 when the completion's last ``<answer>`` tag holds the reference answer (numeric-aware), else 0.
-    An answer outside the tags does not count: the format is part of the task."""
+    """Accuracy reward (DeepSeek-AI 2025, R1, sec. 2.2.2): 1.0 when the completion's last ``<answer>`` tag
+    holds the reference answer (numeric-aware), else 0. An answer outside the tags does not count: the
+    format is part of the task."""
     out = []
     for text, ref in zip(completions, answer):
         got = tagged_answer(text)
@@ -36,7 +44,8 @@ def tagged_correct(prompts: Sequence[Any], completions: Sequence[str], answer: S
 
 
 def answer_format(prompts: Sequence[Any], completions: Sequence[str], **_: Any) -> List[float]:
-    """1.0 when the completion has exactly one ``<answer>`` tag holding a number, else 0."""
+    """Format reward (DeepSeek-AI 2025, R1, sec. 2.2.2; partial credit next to the accuracy): 1.0 when the
+    completion has exactly one ``<answer>`` tag holding a number, else 0."""
     out = []
     for text in completions:
         found = _TAG.findall(text)
