@@ -31,6 +31,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -270,6 +271,7 @@ def worker(a) -> None:
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     out = Path(a.workdir) / f"{a.task}-{a.size}-{a.side}"
+    shutil.rmtree(out, ignore_errors=True)  # a reused --workdir: start each side from an empty output
     if a.side == "alignkit":
         times = _alignkit(a.task, a.model_dir, a.data, out, a.steps, a.device, a.alignkit_set)
     else:
