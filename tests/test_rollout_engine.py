@@ -148,6 +148,11 @@ def test_bf16_decode_copy_gives_generate_tokens_of_bf16_weights_and_follows_upda
                 p.add_(torch.randn_like(p) * 0.5)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert engine._shadow is not None and engine._shadow[0]() is model  # one copy, refilled in place
+    import gc
+
+    del model
+    gc.collect()
+    assert engine._shadow is None  # the copy goes with its source model (the engine outlives runs)
 
 
 def test_generation_dtype_auto_follows_native_bf16(monkeypatch):

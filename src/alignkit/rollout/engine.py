@@ -190,7 +190,9 @@ class FastEngine:
             copy = _copy.deepcopy(model, memo)
             if getattr(copy, "config", None) is not None:  # a copy of the config (deepcopy): the dtype it reports
                 copy.config.dtype = self.dtype
-            self._shadow = (weakref.ref(model), copy)
+            # the engine outlives runs (generate.fast_engine keeps it per setting): when the source model
+            # is freed, so is its copy
+            self._shadow = (weakref.ref(model, self._forget), copy)
         else:
             copy = self._shadow[1]
             for dst, src in zip(copy.parameters(), params):
@@ -199,6 +201,11 @@ class FastEngine:
                 if hasattr(src, "_disable_adapters"):
                     dst._disable_adapters = src._disable_adapters
         return copy
+
+    def _forget(self, _ref) -> None:
+        """Drop the decode copy of a model that no longer exists."""
+        if self._shadow is not None and self._shadow[0] is _ref:
+            self._shadow = None
 
     def _step_fn(self, model):
         if not self.compile:
