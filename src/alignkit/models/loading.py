@@ -13,6 +13,7 @@ import torch
 from alignkit.config import LoraConfig, ModelConfig
 from alignkit.data.templates import resolve_chat_template
 from alignkit.models.default import resolve_model_path
+from alignkit.ops.wrappers import unwrap
 
 log = logging.getLogger("alignkit")
 
@@ -46,7 +47,7 @@ def precast_frozen_linears(model, accelerator) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(getattr(accelerator, "mixed_precision", "no")))
     if dtype is None:
         return 0
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     keep = {id(m.weight) for m in inner.modules() if isinstance(m, torch.nn.Embedding)}
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:

@@ -122,13 +122,13 @@ _FAST = {}
 
 def decode_dtype(cfg: GenerationConfig, device_type: str) -> Optional[torch.dtype]:
     """The fast engine's decode dtype for ``generation.dtype`` on ``device_type`` (None: the model's own)."""
+    from alignkit.models.loading import native_bf16, resolve_dtype
+
     if cfg.dtype == "model":
         return None
     if cfg.dtype == "auto":
-        from alignkit.models.loading import native_bf16
-
         return torch.bfloat16 if native_bf16(device_type) else None
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    return resolve_dtype(cfg.dtype)
 
 
 def fast_engine(cfg: GenerationConfig, device_type: str = "cpu"):
