@@ -149,6 +149,9 @@ def generate(model, tokenizer, prompts: Sequence[List[int]], cfg: GenerationConf
     ``engine``: an external engine object (vLLM) with ``generate(prompts, cfg)``; otherwise
     ``cfg.engine`` picks the fast decode loop or transformers' ``generate``.
     """
+    from alignkit.runtime import keep_host_memory
+
+    keep_host_memory()  # each decode step's buffers are reused instead of faulted in afresh
     expanded = [p for p in prompts for _ in range(n)]
     index = [i for i in range(len(prompts)) for _ in range(n)]
     eos = {tokenizer.eos_token_id}

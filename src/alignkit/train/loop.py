@@ -162,6 +162,9 @@ class Trainer:
                  eval_items: Sequence[Dict[str, Any]] = (), accelerator=None, tokenizer=None,
                  steps_per_epoch_items: Optional[int] = None):
         self.cfg, self.task = cfg, task
+        from alignkit.runtime import keep_host_memory
+
+        keep_host_memory()  # freed tensors stay mapped: no page faults on every step's fresh buffers
         self.acc = accelerator or make_accelerator(cfg)
         self.out = Path(cfg.output)
         self.train_items, self.eval_items = list(train_items), list(eval_items)
