@@ -13,6 +13,7 @@ import torch
 from alignkit.config import LoraConfig, ModelConfig
 from alignkit.data.templates import resolve_chat_template
 from alignkit.models.default import resolve_model_path
+from alignkit.ops import attention
 from alignkit.ops.wrappers import unwrap
 
 log = logging.getLogger("alignkit")
@@ -108,6 +109,7 @@ def load_causal_lm(cfg: ModelConfig, dtype: Optional[torch.dtype] = None, traina
     path = resolve_model_path(cfg.name_or_path)
     dtype = dtype or resolve_dtype(cfg.dtype, trainable=trainable)
     model = AutoModelForCausalLM.from_pretrained(path, **_common_kwargs(cfg, dtype))
+    attention.use_for(model)  # CPU: sdpa whose training pass runs in fp32 (ops/attention.py)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -129,6 +131,7 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: Optional[int] = None, dtyp
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_common_kwargs(cfg, dtype))
     finally:
         transformers.logging.set_verbosity(prev)
+    attention.use_for(model)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     archs = getattr(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code), "architectures", None) or []

@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from alignkit.data.collate import PADDED, Packing, SeqBatch, layout_pairs, layout_sequences
+from alignkit.ops.attention import is_sdpa
 from alignkit.ops.wrappers import unwrap
 
 log = logging.getLogger("alignkit")
@@ -58,7 +59,7 @@ def shared_attention_mask(model, batch: SeqBatch, dtype: torch.dtype):
 
     def fmt(m: torch.Tensor) -> torch.Tensor:
         m = m[:, None]  # (R, 1, L, L)
-        if impl == "sdpa":
+        if is_sdpa(impl):
             return m
         # eager and others add the mask to the scores
         return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)

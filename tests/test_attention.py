@@ -1,0 +1,103 @@
+"""alignkit_sdpa: sdpa whose CPU training pass under bf16 runs in fp32 (ops/attention.py)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from alignkit.config import ModelConfig
+from alignkit.data.collate import PADDED, Packing, layout_pairs
+from alignkit.models.loading import load_causal_lm
+from alignkit.ops import attention
+from alignkit.ops.logprobs import token_logprobs
+from alignkit.ops.packing import resolve_packing
+from alignkit.testing import tiny_causal_lm
+
+SHARED = Packing(pack=True, share_prompt=True)
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the switch is for CPU-only hosts")
+
+
+def _spy(monkeypatch):
+    """Record the dtype SDPA computes in and whether autocast was on around each call."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        calls.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def _pairs():
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda n: torch.randint(3, 90, (n,), generator=g).tolist()  # noqa: E731
+    return [rnd(n) for n in (5, 9, 3)], [rnd(n) for n in (4, 8, 6)], [rnd(n) for n in (7, 3, 5)]
+
+
+def _run(model, batch, bf16: bool):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        tl = token_logprobs(model, batch)
+    tl.sum().sum().backward()
+    return tl.sum().detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@no_cuda
+def test_loaded_cpu_models_use_it_and_save_plain_configs(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_model)))
+    assert model.config._attn_implementation == attention.NAME
+    model.save_pretrained(tmp_path / "m")
+    assert not any("attn" in k for k in json.loads((tmp_path / "m" / "config.json").read_text()))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config._attn_implementation == "sdpa"
+
+
+def test_training_pass_runs_in_fp32_and_matches_sdpa(monkeypatch):
+    plain = tiny_causal_lm("llama")
+    ours = copy.deepcopy(plain)
+    assert attention.use_for(ours) == (not torch.cuda.is_available())
+    attention.register()
+    ours.set_attn_implementation(attention.NAME)  # also on a GPU host: the function is what is tested
+    P, C, R = _pairs()
+    batch = layout_pairs(P, C, R, 0, SHARED)
+    calls = _spy(monkeypatch)
+    s_plain, g_plain = _run(plain, batch, bf16=True)
+    assert calls and all(c[3] for c in calls)  # plain sdpa: autocast casts q, k, v to bf16 inside
+    calls.clear()
+    s_ours, g_ours = _run(ours, batch, bf16=True)
+    assert calls and all(c[:3] == (torch.float32,) * 3 and not c[3] for c in calls)
+    s_ref, g_ref = _run(copy.deepcopy(plain), batch, bf16=False)  # fp32 throughout
+    torch.testing.assert_close(s_ours, s_plain, rtol=2e-2, atol=5e-2)
+    for a, b, r in zip(g_ours, g_plain, g_ref):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+    # the fp32 attention brings the bf16 run no further from the fp32 one than the bf16 kernel
+    err = lambda gs: sum((a - r).norm() for a, r in zip(gs, g_ref))  # noqa: E731
+    assert err(g_ours) <= err(g_plain) * 1.05, (err(g_ours), err(g_plain))
+
+
+def test_without_gradient_or_in_fp32_it_is_exactly_sdpa(monkeypatch):
+    plain = tiny_causal_lm("llama")
+    ours = copy.deepcopy(plain)
+    attention.register()
+    ours.set_attn_implementation(attention.NAME)
+    P, C, R = _pairs()
+    batch = layout_pairs(P, C, R, 0, SHARED)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(token_logprobs(plain, batch).logps, token_logprobs(ours, batch).logps)
+    s_p, g_p = _run(plain, batch, bf16=False)
+    s_o, g_o = _run(ours, batch, bf16=False)
+    assert torch.equal(s_p, s_o) and all(torch.equal(a, b) for a, b in zip(g_p, g_o))
+
+
+def test_prefix_sharing_keeps_working_with_it():
+    model = tiny_causal_lm("qwen2")
+    attention.register()
+    model.set_attn_implementation(attention.NAME)
+    assert resolve_packing(model, True, True) == SHARED  # boolean 4D masks, like sdpa
+    P, C, R = _pairs()
+    shared, padded = (_run(model, layout_pairs(P, C, R, 0, p), bf16=True) for p in (SHARED, PADDED))
+    torch.testing.assert_close(shared[0], padded[0], rtol=2e-2, atol=5e-2)
