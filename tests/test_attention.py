@@ -79,18 +79,26 @@ def test_training_pass_runs_in_fp32_and_matches_sdpa(monkeypatch):
     assert err(g_ours) <= err(g_plain) * 1.05, (err(g_ours), err(g_plain))
 
 
-def test_without_gradient_or_in_fp32_it_is_exactly_sdpa(monkeypatch):
+def test_no_grad_passes_give_the_training_numbers_and_fp32_is_exactly_sdpa():
     plain = tiny_causal_lm("llama")
     ours = copy.deepcopy(plain)
     attention.register()
     ours.set_attn_implementation(attention.NAME)
     P, C, R = _pairs()
     batch = layout_pairs(P, C, R, 0, SHARED)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(token_logprobs(plain, batch).logps, token_logprobs(ours, batch).logps)
+    # under autocast, old log-probs / references (no grad) equal the training pass's log-probs exactly
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            frozen = token_logprobs(ours, batch).logps
+        trained = token_logprobs(ours, batch).logps
+    assert torch.equal(frozen, trained.detach())
+    # fp32 training, and bf16 weights without autocast (the decode copy): exactly sdpa
     s_p, g_p = _run(plain, batch, bf16=False)
     s_o, g_o = _run(ours, batch, bf16=False)
     assert torch.equal(s_p, s_o) and all(torch.equal(a, b) for a, b in zip(g_p, g_o))
+    with torch.no_grad():
+        assert torch.equal(token_logprobs(copy.deepcopy(plain).bfloat16(), batch).logps,
+                           token_logprobs(copy.deepcopy(ours).bfloat16(), batch).logps)
 
 
 def test_prefix_sharing_keeps_working_with_it():

@@ -1,16 +1,17 @@
-"""SDPA attention whose training pass runs in fp32 on the CPU.
+"""SDPA attention that runs in fp32 under CPU bf16 autocast.
 
-Why: under bf16 autocast the query, key and value come out of the bf16 linears in bf16, and PyTorch's
-CPU flash-attention kernel is much slower backwards in bf16 than in fp32 (torch 2.13, 2-core AMX VM,
-SmolLM2-135M shape 4 x 153 tokens x 9 heads with a prefix-sharing mask: forward + backward 10.5 ms in
-bf16, 4.9 ms in fp32). It was the largest single item of a DPO step's backward (30% of it).
+Why: under bf16 autocast, SDPA is on the CPU's lower-precision list, and PyTorch's CPU flash-attention
+kernel is much slower backwards in bf16 than in fp32 (torch 2.13, 2-core AMX VM, SmolLM2-135M shape
+4 x 153 tokens x 9 heads with a prefix-sharing mask: forward + backward 10.5 ms in bf16, 4.9 ms in fp32).
+It was the largest single item of a DPO step's backward (30% of it).
 
-``alignkit_sdpa`` is transformers' own ``sdpa`` function with one change: on a CPU, where SDPA would run in
-bf16 (bf16 autocast, or bf16 inputs) and a gradient is needed, it casts q, k, v (and a float mask) to fp32,
-runs SDPA with autocast off, and casts the output to bf16, the dtype autocast's SDPA returns. The inputs
-keep the precision they arrive in (under autocast q and k are fp32 after the rotary embedding; v is bf16),
-so the result is at least as close to the fp32 reference as the bf16 kernel's. Without a gradient
-(reference passes, rollouts, eval), on a GPU, and in fp32 training it is exactly ``sdpa``.
+``alignkit_sdpa`` is transformers' own ``sdpa`` function with one change: on a CPU under bf16 autocast it
+casts q, k, v (and a float mask) to fp32, runs SDPA with autocast off, and casts the output to bf16, the
+dtype autocast's SDPA returns. The inputs keep the precision they arrive in (under autocast q and k are
+fp32 after the rotary embedding; v is bf16), so the result is at least as close to the fp32 reference as
+the bf16 kernel's. It does this with and without a gradient, so a no-grad pass (old log-probs, a frozen
+reference under autocast) gives exactly the numbers of the training pass. On a GPU, in fp32, and for bf16
+models run without autocast (the rollout engine's decode copy) it is exactly ``sdpa``.
 
 It is registered under its own name with transformers' attention and mask registries (a name added to
 a table, not a setting that changes other models), and :func:`use_for` switches a loaded CPU model from
@@ -25,19 +26,11 @@ import torch
 NAME = "alignkit_sdpa"
 
 
-def _runs_in_bf16(*qkv) -> bool:
-    """Whether plain SDPA would compute in bf16 here: autocast to bf16 is on (it casts SDPA's inputs; under
-    autocast q and k usually arrive in fp32, promoted by the fp32 rotary tables), or an input is bf16."""
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return any(t.dtype == torch.bfloat16 for t in qkv)
-
-
 def _attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not (query.device.type == "cpu" and torch.is_grad_enabled() and _runs_in_bf16(query, key, value)
-            and (query.requires_grad or key.requires_grad or value.requires_grad)):
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if query.device.type != "cpu" or not autocast_bf16:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
