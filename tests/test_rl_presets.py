@@ -193,7 +193,47 @@ def test_each_preset_first_update_matches_a_slow_reference(setup, tiny_model, pr
     for a, b in zip(fast_grads, ref_grads):
         assert torch.allclose(a.double(), b.double(), rtol=1e-3, atol=1e-5 * scale)
     if task.has_reference:
-        assert update.metrics["kl/ref"] != 0.0 and update.metrics["kl/coef"] == 0.3
+        m = {**update.metrics, **loop_metrics(task, model, update)}
+        assert m["kl/ref"] != 0.0 and m["kl/coef"] == pytest.approx(0.3)
+
+
+def loop_metrics(task, model, update):
+    """The loss metrics of an update as the loop logs them: per-unit means over its micro-batches."""
+    outs = [task.loss(model, mb)[1] for mb in update.micro_batches]
+    ws = [task.units(mb) for mb in update.micro_batches]
+    return {k: sum(float(o[k]) * w for o, w in zip(outs, ws)) / sum(ws) for k in outs[0]}
+
+
+@pytest.mark.parametrize("preset", ["grpo", "dr_grpo", "gspo"])  # token and sequence ratios, three aggregations
+def test_on_policy_runs_skip_the_old_logprob_pass_and_log_the_same_kl(setup, tiny_model, preset, monkeypatch):
+    """One update per rollout with a fixed loss-placed KL: no no-grad policy pass before training, and the
+    kl/entropy metrics taken from the loss pass equal those of the separate pass (which PPO-style runs
+    still make)."""
+    import alignkit.train.online as online
+
+    prompts, ref_path = setup
+    runs = {}
+    for on_policy in (True, False):
+        task, model, policy, items = make_task(tiny_model, prompts, ref_path, preset, epochs=1, num_minibatches=1,
+                                               dynamic_sampling=False, kl_coef=0.3, kl_placement="loss")
+        assert task.on_policy_stats
+        if not on_policy:
+            monkeypatch.setattr(online.RLTask, "on_policy_stats", property(lambda self: False))
+        calls = []
+        real = online.token_logprobs
+        monkeypatch.setattr(online, "token_logprobs",
+                            lambda m, *a, **k: calls.append(m is policy) or real(m, *a, **k))
+        torch.manual_seed(0)
+        (update,) = list(task.plan(model, items, 3))
+        policy_passes_in_plan = sum(calls)
+        runs[on_policy] = ({**update.metrics, **loop_metrics(task, model, update)},
+                           policy_passes_in_plan, len(update.micro_batches))
+        monkeypatch.undo()
+    (fast, n_fast, _), (slow, n_slow, n_micro) = runs[True], runs[False]
+    assert n_fast == 0 and n_slow == n_micro > 1  # the separate pass: one per micro-batch
+    for k in ("kl/ref", "kl/ref_token", "kl/penalty", "kl/coef", "policy/entropy"):
+        assert fast[k] == pytest.approx(slow[k], rel=1e-5, abs=1e-6), k
+    assert fast["kl/ref"] != 0.0
 
 
 # ------------------------------------------------------------------ the papers' formulas

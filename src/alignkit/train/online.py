@@ -181,6 +181,7 @@ class RLTask(Task):
         self.steps_done = 0  # rollouts so far (critic warm-up); saved in checkpoints
         self._beta = self.kl_ctl.value  # beta of the current rollout (the loss-placed KL term)
         self._warmup = False  # this rollout trains the critic alone
+        self._metric_scale: Optional[Dict[str, float]] = None  # set by plan when the loss pass logs KL
         self._engine_stale = True  # the engine starts from the checkpoint on disk, not from resumed weights
 
     # ------------------------------------------------------------------ set-up
@@ -218,6 +219,16 @@ class RLTask(Task):
 
     def units(self, mb) -> float:
         return float(mb.mask.sum()) if self.token_units else float(len(mb))
+
+    @property
+    def on_policy_stats(self) -> bool:
+        """One update per rollout, no critic, the KL in the loss at a fixed coefficient (the GRPO family's
+        defaults): the loss pass runs at the rollout-time weights, so it *is* the old-log-prob pass. The
+        no-grad policy pass is skipped; the ratio is exactly 1 (old log-probs = the pass's own, detached)
+        and the KL and entropy metrics come from the loss pass (same numbers: grad and no-grad passes
+        compute alike, ops/attention.py). Only the reference pass runs before training."""
+        return (not self.several_updates and not self.critic and self.opts.kl_placement == "loss"
+                and isinstance(self.kl_ctl, FixedKLController) and self.kl_ctl.value > 0)
 
     @property
     def has_reference(self) -> bool:
@@ -350,13 +361,19 @@ class RLTask(Task):
                                max_len=self.max_len, moments=self.moments, reward_clip=o.reward_clip,
                                gather=self._gather)
         stats: Dict[str, torch.Tensor] = {}
+        deferred = self.has_reference and self.on_policy_stats  # KL/entropy metrics from the loss pass
+        self._metric_scale = None
         if self.has_reference or self.several_updates or self.critic:  # log-probs at rollout time are needed
-            stats = self.rollout_stats(model, ro, sched[:o.num_minibatches], ref=self.has_reference)
-            metrics[K.ENTROPY] = float(masked_mean(stats["entropy"], mask))
+            stats = self.rollout_stats(model, ro, sched[:o.num_minibatches], ref=self.has_reference,
+                                       policy=not deferred)
+            if deferred:
+                self._metric_scale = self._loss_metric_scale(mask)
+            else:
+                metrics[K.ENTROPY] = float(masked_mean(stats["entropy"], mask))
         # 3. KL placement
         beta = self._beta = self.kl_ctl.value
         kl = None
-        if self.has_reference:
+        if self.has_reference and not deferred:
             k1 = kl_k1(stats["old_logps"], stats["ref_logps"]) * mask
             metrics[K.KL_REF] = float(self._gather(k1.sum(-1)).mean())
             metrics[K.KL_REF_TOKEN] = float(self._gather(k1.sum()[None]).sum() / self._gather(mask.sum()[None]).sum()
@@ -400,7 +417,9 @@ class RLTask(Task):
         """Policy loss (registry entry) + beta * KL (placement ``loss``) + vf_coef * value loss - entropy bonus,
         each aggregated the same way; during critic warm-up the value loss alone."""
         o = self.opts
-        tl, values = self.forward(model, mb.seq, with_entropy=o.ent_coef > 0, detach_value=self._warmup)
+        deferred = self._metric_scale is not None
+        tl, values = self.forward(model, mb.seq, with_entropy=o.ent_coef > 0 or deferred,
+                                  detach_value=self._warmup)
         mask = mb.mask
         kw = {"aggregation": self.agg, "max_len": self.max_len if self.agg == "sum_norm" else None}
         units = max(self.units(mb), 1e-12)
@@ -418,11 +437,37 @@ class RLTask(Task):
             if o.ent_coef:
                 total = total - o.ent_coef * aggregate_token_losses(tl.entropy, mask, self.agg,
                                                                     max_len=kw["max_len"]).sum()
+        if deferred:
+            metrics.update(self._rollout_metrics_from_loss_pass(tl, mb, units))
         if values is not None:
             vf = value_loss(values, mb.old_values, mb.returns, mask, clip_range=o.vf_clip, **kw)
             total = total + o.vf_coef * vf.losses.sum()
             metrics.update({K.VALUE_LOSS: vf.losses.detach().sum() / units, **vf.metrics})
         return total, metrics
+
+    def _loss_metric_scale(self, mask: torch.Tensor) -> Dict[str, float]:
+        """The factors that turn a micro-batch's sums into the loop's per-unit means (``sum_k v_k w_k / W``,
+        W the update's units) of a per-sequence and a per-token metric: W / sequences and W / tokens,
+        all counted over every process."""
+        n_seq = float(self._reduce(torch.tensor([float(mask.shape[0])]))[0])
+        n_tok = max(float(self._reduce(mask.sum()[None])[0]), 1.0)
+        units = n_tok if self.token_units else n_seq
+        return {"seq": units / max(n_seq, 1.0), "tok": units / n_tok}
+
+    @torch.no_grad()
+    def _rollout_metrics_from_loss_pass(self, tl: TokenLogprobs, mb: RLBatch, units: float
+                                        ) -> Dict[str, torch.Tensor]:
+        """kl/ref, kl/ref_token, kl/penalty, kl/coef and entropy of this micro-batch's rows, from the loss
+        pass (:attr:`on_policy_stats`), as the values the loop averages over the update into the rollout
+        metrics :meth:`plan` would have computed from a separate no-grad pass."""
+        mask, c = mb.mask, self._metric_scale
+        logps = tl.logps.detach()
+        k1 = kl_k1(logps, mb.ref_logps) * mask
+        pen = kl_estimate(logps, mb.ref_logps, self.opts.kl_estimator) * mask
+        per = lambda total, kind: total / units * c[kind]  # noqa: E731
+        return {K.KL_REF: per(k1.sum(), "seq"), K.KL_REF_TOKEN: per(k1.sum(), "tok"),
+                K.KL_PENALTY: per(pen.sum(), "seq"), K.KL_COEF: torch.tensor(self._beta),
+                K.ENTROPY: per((tl.entropy.detach() * mask).sum(), "tok")}
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> Dict[str, Any]:
@@ -465,10 +510,11 @@ class RLTask(Task):
                                   chunk_size=self.cfg.train.logprob_chunk).logps
 
     @torch.no_grad()
-    def rollout_stats(self, model, ro: Rollout, first_epoch: List[List[List[int]]], *, ref: bool
-                      ) -> Dict[str, torch.Tensor]:
+    def rollout_stats(self, model, ro: Rollout, first_epoch: List[List[List[int]]], *, ref: bool,
+                      policy: bool = True) -> Dict[str, torch.Tensor]:
         """(N, T-1) old log-probs, entropy, values (actor-critic) and reference log-probs of the rollout,
-        computed over the first epoch's micro-batches (every row exactly once)."""
+        computed over the first epoch's micro-batches (every row exactly once). ``policy=False``: the
+        reference log-probs only (:attr:`on_policy_stats`)."""
         seq = ro.sequences
         N, T1 = seq.input_ids.shape[0], seq.input_ids.shape[1] - 1
         out: Dict[str, torch.Tensor] = {}
@@ -478,10 +524,12 @@ class RLTask(Task):
                 sub = rows_of(seq, rows).to(device)
                 t = sub.input_ids.shape[1] - 1
                 with self._autocast():
-                    tl, values = self.forward(inner, sub)
-                    parts = {"old_logps": tl.logps, "entropy": tl.entropy}
-                    if values is not None:
-                        parts["values"] = values
+                    parts = {}
+                    if policy:
+                        tl, values = self.forward(inner, sub)
+                        parts = {"old_logps": tl.logps, "entropy": tl.entropy}
+                        if values is not None:
+                            parts["values"] = values
                     if ref:
                         parts["ref_logps"] = self.ref_logps(model, sub)
                 idx = torch.tensor(rows, dtype=torch.long)
