@@ -25,8 +25,8 @@ from pydantic import Field
 
 from alignkit.config import Section
 from alignkit.data.collate import SeqBatch, pad_sequences
-from alignkit.ops.wrappers import unwrap as _unwrap
 from alignkit.ops.wrappers import unwrap
+from alignkit.runtime import keep_host_memory
 
 
 class GenerationConfig(Section):
@@ -149,8 +149,6 @@ def generate(model, tokenizer, prompts: Sequence[List[int]], cfg: GenerationConf
     ``engine``: an external engine object (vLLM) with ``generate(prompts, cfg)``; otherwise
     ``cfg.engine`` picks the fast decode loop or transformers' ``generate``.
     """
-    from alignkit.runtime import keep_host_memory
-
     keep_host_memory()  # each decode step's buffers are reused instead of faulted in afresh
     expanded = [p for p in prompts for _ in range(n)]
     index = [i for i in range(len(prompts)) for _ in range(n)]

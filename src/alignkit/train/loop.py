@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from alignkit.config import RunConfig
+from alignkit.runtime import keep_host_memory
 from alignkit.train.checkpoint import CheckpointManager
 from alignkit.train.logging import MetricLogger, peak_memory_gb
 
@@ -162,8 +163,6 @@ class Trainer:
                  eval_items: Sequence[Dict[str, Any]] = (), accelerator=None, tokenizer=None,
                  steps_per_epoch_items: Optional[int] = None):
         self.cfg, self.task = cfg, task
-        from alignkit.runtime import keep_host_memory
-
         keep_host_memory()  # freed tensors stay mapped: no page faults on every step's fresh buffers
         self.acc = accelerator or make_accelerator(cfg)
         self.out = Path(cfg.output)

@@ -466,7 +466,7 @@ class RLTask(Task):
         pen = kl_estimate(logps, mb.ref_logps, self.opts.kl_estimator) * mask
         per = lambda total, kind: total / units * c[kind]  # noqa: E731
         return {K.KL_REF: per(k1.sum(), "seq"), K.KL_REF_TOKEN: per(k1.sum(), "tok"),
-                K.KL_PENALTY: per(pen.sum(), "seq"), K.KL_COEF: torch.tensor(self._beta),
+                K.KL_PENALTY: per(pen.sum(), "seq"), K.KL_COEF: mask.new_tensor(self._beta),
                 K.ENTROPY: per((tl.entropy.detach() * mask).sum(), "tok")}
 
     # ------------------------------------------------------------------ checkpoint state
