@@ -250,3 +250,30 @@ def test_vllm_weight_export_merges_lora(tiny_model):
         assert torch.allclose(exported[k], v, atol=1e-6), k
         changed += int(not torch.equal(v, base.state_dict()[k]))
     assert changed >= 4  # the adapted projections really differ from the base weights
+
+
+def test_schedule_by_token_budget_groups_consecutive_rows_that_fit():
+    from alignkit.train.online import RLTask
+
+    class T(RLTask):
+        def __init__(self):
+            self.max_tokens = 10
+
+        def update_shape(self):
+            return 1, 1
+
+    lengths = [4, 3, 5, 2, 9, 12, 1]
+    torch.manual_seed(0)
+    perm = torch.randperm(7).tolist()
+    torch.manual_seed(0)
+    (update,) = T().schedule(7, 2, lengths=lengths)
+    assert [r for mb in update for r in mb] == perm  # every row once, in the shuffled order
+    for mb in update:  # each micro-batch fits, or is a single row over the budget
+        assert sum(lengths[r] for r in mb) <= 10 or len(mb) == 1
+    # by hand: consecutive rows while the running total stays within 10
+    want, cur, used = [], [], 0
+    for r in perm:
+        if cur and used + lengths[r] > 10:
+            want, cur, used = want + [cur], [], 0
+        cur, used = cur + [r], used + lengths[r]
+    assert update == want + [cur]

@@ -417,3 +417,25 @@ def test_metric_keys_are_defined_once_and_documented():
     assert K.unit_of("eval/kl/ref") == "nats/sequence" and K.unit_of("rewards/length") == "reward"
     doc = (Path(__file__).resolve().parents[1] / "docs" / "online-rl.md").read_text()
     assert K.markdown_table() in doc  # the docs' table is the module's
+
+
+def test_token_budget_micro_batches_keep_the_rl_update(setup, tiny_model):
+    """train.max_tokens_per_batch regroups a rollout's rows into micro-batches by tokens; normalization by
+    global units keeps the loss and the gradient of the update."""
+    prompts, ref_path = setup
+    out = {}
+    for budget in (None, 40):
+        task, model, policy, items = make_task(tiny_model, prompts, ref_path, "grpo", kl_coef=0.3)
+        task.max_tokens = budget
+        torch.manual_seed(0)
+        (update,) = list(task.plan(model, items, 2))
+        total = sum(task.loss(model, mb)[0] for mb in update.micro_batches)
+        loss = total / sum(task.units(mb) for mb in update.micro_batches)
+        model.zero_grad()
+        loss.backward()
+        out[budget] = (float(loss.detach()), [p.grad.clone() for p in policy.parameters()],
+                       [len(mb) for mb in update.micro_batches])
+    assert out[None][2] == [2] * (sum(out[None][2]) // 2) and out[40][2] != out[None][2]
+    assert out[40][0] == pytest.approx(out[None][0], rel=1e-5, abs=1e-6)
+    for a, b in zip(out[40][1], out[None][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -76,16 +76,19 @@ class Task:
         """Tokens an item adds to a micro-batch (for the token budget)."""
         return len(item["input_ids"])
 
-    def split(self, items: List[Dict[str, Any]], micro_batch_size: int) -> List[List[Dict[str, Any]]]:
+    def split(self, items: List[Any], micro_batch_size: int, tokens: Optional[Callable[[Any], int]] = None
+              ) -> List[List[Any]]:
         """The items of each micro-batch: ``micro_batch_size`` at a time or, with a token budget,
         consecutive items while their tokens fit (an item over the budget goes alone). Normalization
-        is by global units either way, so the split never changes the update."""
+        is by global units either way, so the split never changes the update. ``tokens``: an item's token
+        count (default :meth:`item_tokens`; online RL splits rollout row indices)."""
         if not self.max_tokens:
             return [items[i:i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
-        out: List[List[Dict[str, Any]]] = [[]]
+        tokens = tokens or self.item_tokens
+        out: List[List[Any]] = [[]]
         used = 0
         for it in items:
-            n = self.item_tokens(it)
+            n = tokens(it)
             if out[-1] and used + n > self.max_tokens:
                 out.append([])
                 used = 0

@@ -172,6 +172,7 @@ class RLTask(Task):
         self.temperature = cfg.generation.temperature or 1.0
         self.samples_per_prompt = o.num_generations
         self.agg, self.token_units = loss_aggregation(o.aggregation)
+        self.max_tokens = cfg.train.max_tokens_per_batch  # micro-batches by tokens (schedule); None: rows
         self.max_len = cfg.generation.max_new_tokens
         self.critic = o.advantage == "gae"
         self.kl_ctl = AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.adaptive_kl \
@@ -348,7 +349,7 @@ class RLTask(Task):
         """rollout -> reward shaping -> KL placement -> advantage -> whitening -> updates."""
         o = self.opts
         ro, raw, metrics = self.sample(model, items)
-        sched = self.schedule(len(ro), micro_batch_size)
+        sched = self.schedule(len(ro), micro_batch_size, lengths=ro.sequences.attention_mask.sum(-1).tolist())
         seq = ro.sequences
         N, T1 = seq.input_ids.shape[0], seq.input_ids.shape[1] - 1
         mask = seq.loss_mask[:, 1:].float()  # (N, T-1) response tokens
@@ -483,9 +484,11 @@ class RLTask(Task):
         if self.moments is not None and "reward_moments" in state:
             self.moments.load_state_dict(state["reward_moments"])
 
-    def schedule(self, n_rows: int, micro: int) -> List[List[List[int]]]:
+    def schedule(self, n_rows: int, micro: int, lengths: Optional[Sequence[int]] = None) -> List[List[List[int]]]:
         """Row indices: updates -> micro-batches -> rows. Each epoch reshuffles (torch's global RNG)
-        and splits the rollout into ``num_minibatches`` minibatches of near-equal size."""
+        and splits the rollout into ``num_minibatches`` minibatches of near-equal size, each into
+        micro-batches of ``micro`` rows or, with ``train.max_tokens_per_batch`` and the rows' ``lengths``
+        (prompt + response tokens), of consecutive rows while their tokens fit (:meth:`Task.split`)."""
         epochs, nmb = self.update_shape()
         if nmb > n_rows:
             raise ValueError(f"num_minibatches={nmb} is more than the {n_rows} sequences of a rollout batch")
@@ -495,7 +498,10 @@ class RLTask(Task):
             bounds = [round(k * n_rows / nmb) for k in range(nmb + 1)]
             for a, b in zip(bounds[:-1], bounds[1:]):
                 chunk = perm[a:b]
-                out.append([chunk[i:i + micro] for i in range(0, len(chunk), micro)])
+                if lengths is None:
+                    out.append([chunk[i:i + micro] for i in range(0, len(chunk), micro)])
+                else:
+                    out.append(self.split(chunk, micro, tokens=lambda row: int(lengths[row])))
         return out
 
     @torch.no_grad()
