@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from alignkit.eval.metrics import fmt_value
+
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
 
 METHODS = {
@@ -76,10 +78,6 @@ def _is_hub_name(name: Optional[str]) -> bool:
         and name.count("/") == 1
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def model_card(cfg: Any, summary: Dict[str, Any], data_report: Optional[List[Dict[str, Any]]] = None,
                adapter: bool = False, reward: bool = False) -> str:
     """README.md text: YAML metadata for the Hub, then method, data, hyper-parameters, metrics, loading."""
@@ -119,13 +117,13 @@ def model_card(cfg: Any, summary: Dict[str, Any], data_report: Optional[List[Dic
     for label, dotted in HPARAMS:
         v = _get(cfg, dotted)
         if v is not None and not (dotted.startswith("lora.") and dotted != "lora.enabled" and not _get(cfg, "lora.enabled")):
-            lines.append(f"| {label} | {_fmt(v)} |")
+            lines.append(f"| {label} | {fmt_value(v)} |")
     if loss:
         lines.append(f"| loss | {loss} |")
     metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if metrics:
         lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        lines += [f"| {k} | {fmt_value(v)} |" for k, v in metrics.items()]
     lines += ["", "## How to load", "", "```python"]
     repo = _get(cfg, "hub.model_id") or "PATH/TO/model"
     if adapter and reward:

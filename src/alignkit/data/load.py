@@ -153,6 +153,19 @@ def _decode(path: Path, data: bytes) -> str:
         raise _utf8_error(path, data, e) from None
 
 
+def write_jsonl(path: Path, rows) -> int:
+    """Write ``rows`` (dicts) to ``path`` as JSON lines (UTF-8, non-ASCII kept; values JSON cannot hold,
+    such as paths, as their strings), creating its folder. Returns the number of rows written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+            n += 1
+    return n
+
+
 def _read_jsonl(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):

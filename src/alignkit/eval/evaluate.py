@@ -356,12 +356,8 @@ def print_table(metrics: Dict[str, float], title: str) -> None:
         if k.startswith("reference/"):
             continue
         ref = metrics.get(f"reference/{k}")
-        table.add_row(k, _fmt(v), _fmt(ref) if ref is not None else "")
+        table.add_row(k, M.fmt_value(v), M.fmt_value(ref) if ref is not None else "")
     Console(stderr=True).print(table)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def run_eval_command(cfg: EvalConfig) -> Dict[str, Any]:

@@ -284,3 +284,8 @@ def sequence_kl_stats(per_token_kl: Sequence[Sequence[float]]) -> Dict[str, floa
         "num_tokens": float(n_tok),
         "num_sequences": float(len(seqs)),
     }
+
+
+def fmt_value(v: Any) -> str:
+    """A metric value for a table: floats to 4 significant digits, anything else as its string."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

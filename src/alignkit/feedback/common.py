@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from pydantic import Field
 
 from alignkit.config import Section
-from alignkit.data.load import DataError, DataReport, read_rows
+from alignkit.data.load import DataError, DataReport, read_rows, write_jsonl  # noqa: F401  (write_jsonl: re-exported)
 
 
 class InputConfig(Section):
@@ -40,17 +40,6 @@ def load_prompt_examples(cfg: InputConfig, what: str = "prompts"):
         raise DataError(f"{name}: no usable prompts out of {report.rows_read} rows\n"
                         + "\n".join(report.summary_lines()))
     return examples, report
-
-
-def write_jsonl(path: Path, rows: Iterable[Dict[str, Any]]) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    return n
 
 
 def write_summary(out: Path, summary: Dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Sequence, Union
 
 import torch
 
+from alignkit.data.load import write_jsonl
 from alignkit.rollout.generate import GenerationConfig, generate
 
 
@@ -104,12 +105,8 @@ def sample_rows(scored: Scored, n_tag: str) -> List[Dict[str, Any]]:
 
 
 def _write_jsonl(path: Path, rows: List[Dict[str, Any]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, default=str) + "\n")
-    return path
+    write_jsonl(path, rows)
+    return Path(path)
 
 
 def _setup(cfg):
