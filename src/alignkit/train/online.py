@@ -14,12 +14,14 @@ RNG, which checkpoints save and restore, so a resumed run repeats a straight one
 Log-probs of a rollout ("old" = behaviour policy, reference, values) are computed with the very
 micro-batches of the first epoch (same rows, same padding, same code path as the loss), so at the
 first update the ratio pi/pi_old is exactly 1 and the KL of an unchanged policy to its reference is 0.
+With one update per rollout, no critic and a fixed loss-placed KL (:attr:`RLTask.on_policy_stats`) the
+loss pass itself gives the old log-probs and the KL/entropy metrics, and only the reference pass runs
+before training. Rollout rows and the micro-batch type live in :mod:`alignkit.train.rl_batch`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,127 +38,14 @@ from alignkit.ops.kl import kl_estimate, kl_k1
 from alignkit.ops.masked import masked_mean
 from alignkit.train import metric_keys as K
 from alignkit.train.loop import Task, Trainer, Update
+from alignkit.train.rl_batch import (
+    RLBatch, disable_dropout, from_response_space, last_response_index, loss_aggregation, policy_of,
+    response_index, rows_of, select_rows, to_response_space)
 from alignkit.train.rl_stages import ADVANTAGES, AdvantageInputs, place_kl, shape_rewards
-
-
-def policy_of(model):
-    """The causal LM inside ``model`` (a policy+value wrapper exposes it as ``.policy``)."""
-    m = unwrap(model)
-    inner = getattr(m, "policy", None)
-    return inner if isinstance(inner, torch.nn.Module) else m
 
 
 def _cuda_devices() -> List[int]:
     return [torch.cuda.current_device()] if torch.cuda.is_available() else []
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """RL compares log-probs of the same tokens across passes; dropout would make them disagree."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    cfg = getattr(model, "config", None)
-    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
-        if cfg is not None and isinstance(getattr(cfg, key, None), float):
-            setattr(cfg, key, 0.0)
-
-
-def response_index(prompt_lengths: Sequence[int], response_lengths: Sequence[int], width: int,
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Where each response token's log-prob sits in the ``(N, T-1)`` label space.
-
-    Response token ``k`` of row ``i`` is ``input_ids[i, p_i + k]``; its log-prob is at column
-    ``p_i - 1 + k``. Returns ``(index (N, R), valid (N, R))`` with ``R`` the longest response;
-    invalid slots point at column ``width - 1`` (and must be masked).
-    """
-    p = torch.tensor(list(prompt_lengths), dtype=torch.long)
-    r = torch.tensor(list(response_lengths), dtype=torch.long)
-    k = torch.arange(int(r.max()) if len(r) else 0)
-    valid = k[None, :] < r[:, None]  # (N, R)
-    index = (p[:, None] - 1 + k[None, :]).clamp(min=0, max=width - 1)
-    return torch.where(valid, index, torch.full_like(index, width - 1)), valid
-
-
-def to_response_space(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``(N, T-1)`` -> ``(N, R)`` right-aligned-to-zero responses (what GAE needs), 0 where invalid."""
-    return torch.where(valid, x.gather(1, index), torch.zeros((), dtype=x.dtype))
-
-
-def from_response_space(y: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
-    """Inverse of :func:`to_response_space`: ``(N, R)`` -> ``(N, width)``, 0 off the responses."""
-    out = torch.zeros(y.shape[0], width, dtype=y.dtype)
-    return out.scatter_add(1, index, torch.where(valid, y, torch.zeros((), dtype=y.dtype)))
-
-
-def last_response_index(prompt_lengths: Sequence[int], response_lengths: Sequence[int]) -> torch.Tensor:
-    """(N,) column of each response's last token (EOS, or the cut-off token) in label space."""
-    return torch.tensor([p - 1 + r - 1 for p, r in zip(prompt_lengths, response_lengths)], dtype=torch.long)
-
-
-def loss_aggregation(name: str) -> Tuple[str, bool]:
-    """(aggregation for the loss function, units are tokens). token_mean becomes a plain sum here
-    and the loop divides by the global token count of the update (alignkit.losses.policy docstring)."""
-    return ("sum", True) if name == "token_mean" else (name, False)
-
-
-@dataclass
-class RLBatch:
-    """One micro-batch of a rollout with its training targets (right-padded, trimmed to its rows)."""
-
-    input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T)
-    loss_mask: torch.Tensor  # (B, T) response tokens
-    advantages: torch.Tensor  # (B, T-1) token-level or (B,) sequence-level
-    old_logps: Optional[torch.Tensor] = None  # (B, T-1) behaviour policy
-    ref_logps: Optional[torch.Tensor] = None  # (B, T-1) reference
-    returns: Optional[torch.Tensor] = None  # (B, T-1) value targets
-    old_values: Optional[torch.Tensor] = None  # (B, T-1)
-
-    def to(self, device) -> "RLBatch":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if getattr(self, f.name) is not None})
-
-    @property
-    def seq(self) -> SeqBatch:
-        return SeqBatch(self.input_ids, self.attention_mask, self.loss_mask)
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.loss_mask[:, 1:].float()  # (B, T-1)
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-
-def rows_of(seq: SeqBatch, rows: Sequence[int]) -> SeqBatch:
-    """Rows of a right-padded batch, trimmed to their own longest sequence."""
-    idx = torch.tensor(list(rows), dtype=torch.long)
-    T = int(seq.attention_mask[idx].sum(-1).max())
-    return SeqBatch(seq.input_ids[idx, :T], seq.attention_mask[idx, :T], seq.loss_mask[idx, :T])
-
-
-def select_rows(parts: Sequence[Tuple[Rollout, List[int]]], pad_id: int) -> Rollout:
-    """One rollout of the given rows of several rollouts (dynamic sampling keeps groups from several
-    rounds), re-padded on the right to the longest kept sequence; ``prompt_index`` renumbered by group."""
-    ids, attn, lm, plen, resp, texts, ended, pidx = [], [], [], [], [], [], [], []
-    for g, (ro, rows) in enumerate(parts):
-        for r in rows:
-            n = int(ro.sequences.attention_mask[r].sum())
-            ids.append(ro.sequences.input_ids[r, :n])
-            attn.append(ro.sequences.attention_mask[r, :n])
-            lm.append(ro.sequences.loss_mask[r, :n])
-            plen.append(ro.prompt_lengths[r])
-            resp.append(ro.response_ids[r])
-            texts.append(ro.texts[r])
-            ended.append(bool(ro.ended[r]))
-            pidx.append(g)
-    T = max(len(x) for x in ids)
-
-    def pad(rows, value):
-        return torch.stack([torch.cat([x, torch.full((T - len(x),), value, dtype=x.dtype)]) for x in rows])
-
-    return Rollout(SeqBatch(pad(ids, pad_id), pad(attn, 0), pad(lm, 0)), plen, resp, texts,
-                   torch.tensor(ended, dtype=torch.bool), pidx)
 
 
 class RLTask(Task):

@@ -24,7 +24,8 @@ from torch import nn
 from alignkit.data.collate import SeqBatch
 from alignkit.ops import logprobs as lp
 from alignkit.ops.wrappers import unwrap
-from alignkit.train.online import disable_dropout, run_online
+from alignkit.train.online import run_online
+from alignkit.train.rl_batch import disable_dropout
 from alignkit.train.rl_config import PPOConfig
 
 
