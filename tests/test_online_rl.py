@@ -196,7 +196,7 @@ def test_schedule_covers_every_row_once_per_epoch():
             return 3, 2
 
     torch.manual_seed(0)
-    sched = T().schedule(11, 4)
+    sched = T().schedule(11, 4, lengths=[5] * 11)
     assert len(sched) == 6
     for e in range(3):
         rows = [r for upd in sched[2 * e:2 * e + 2] for mb in upd for r in mb]

@@ -373,11 +373,11 @@ class RLTask(Task):
         if self.moments is not None and "reward_moments" in state:
             self.moments.load_state_dict(state["reward_moments"])
 
-    def schedule(self, n_rows: int, micro: int, lengths: Optional[Sequence[int]] = None) -> List[List[List[int]]]:
+    def schedule(self, n_rows: int, micro: int, lengths: Sequence[int]) -> List[List[List[int]]]:
         """Row indices: updates -> micro-batches -> rows. Each epoch reshuffles (torch's global RNG)
         and splits the rollout into ``num_minibatches`` minibatches of near-equal size, each into
-        micro-batches of ``micro`` rows or, with ``train.max_tokens_per_batch`` and the rows' ``lengths``
-        (prompt + response tokens), of consecutive rows while their tokens fit (:meth:`Task.split`)."""
+        micro-batches of ``micro`` rows or, with ``train.max_tokens_per_batch``, of consecutive rows while
+        their ``lengths`` (prompt + response tokens) fit (:meth:`Task.split`)."""
         epochs, nmb = self.update_shape()
         if nmb > n_rows:
             raise ValueError(f"num_minibatches={nmb} is more than the {n_rows} sequences of a rollout batch")
@@ -386,11 +386,7 @@ class RLTask(Task):
             perm = torch.randperm(n_rows).tolist()
             bounds = [round(k * n_rows / nmb) for k in range(nmb + 1)]
             for a, b in zip(bounds[:-1], bounds[1:]):
-                chunk = perm[a:b]
-                if lengths is None:
-                    out.append([chunk[i:i + micro] for i in range(0, len(chunk), micro)])
-                else:
-                    out.append(self.split(chunk, micro, tokens=lambda row: int(lengths[row])))
+                out.append(self.split(perm[a:b], micro, tokens=lambda row: int(lengths[row])))
         return out
 
     @torch.no_grad()
