@@ -264,6 +264,19 @@ def _hf_generation(model_dir, device):
     return times
 
 
+def peak_rss_gib() -> float:
+    """This process's own peak RSS. Linux: VmHWM, which belongs to the address space and starts afresh at
+    exec; ru_maxrss instead keeps the parent's RSS at fork time (the driver's, after it converted the
+    embedded model), which put a floor of about 1.1 GiB under every small run."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 / (1024 if sys.platform == "darwin" else 1)
+
+
 def worker(a) -> None:
     import torch
 
@@ -276,8 +289,7 @@ def worker(a) -> None:
         times = _alignkit(a.task, a.model_dir, a.data, out, a.steps, a.device, a.alignkit_set)
     else:
         times = _trl(a.task, a.model_dir, a.data, out, a.steps, a.device, a.trl_fast, a.trl_precision)
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else peak_rss_gib()
     print("RESULT " + json.dumps({"times": times, "peak_gib": peak}), flush=True)
 
 

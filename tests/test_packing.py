@@ -9,7 +9,7 @@ import torch
 
 from alignkit.config import DataConfig, LoraConfig, ModelConfig
 from alignkit.data import prepare
-from alignkit.data.collate import PADDED, Packing, layout_pairs, pack_units
+from alignkit.data.collate import PADDED, Packing, layout_pairs, pack_units, pad_sequences, share_row_prompts
 from alignkit.losses.preference import PREFERENCE_LOSSES
 from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from alignkit.ops.logprobs import reference_logprobs, token_logprobs
@@ -85,6 +85,51 @@ def test_packed_and_shared_logprobs_equal_padded_on_every_architecture(kind):
     shared = layout_pairs(P, C, R, 0, SHARED)
     torch.testing.assert_close(reference_logprobs(model, shared).sum(), out["padded", 0][0], **TOL)
     assert shared.input_ids.numel() < layout_pairs(P, C, R, 0, PADDED).input_ids.numel()
+
+
+def test_share_row_prompts_by_hand():
+    """Online-RL rows (prompt + response, right-padded): two rows of one prompt become one unit, a row
+    with its own prompt stays a sequence; each label maps back to its row and column."""
+    rows = [[5, 6, 7, 8], [5, 6, 9], [4, 7, 8, 8], [5, 6, 3, 2, 1]]
+    masks = [[0, 0, 1, 1], [0, 0, 1], [0, 1, 1, 1], [0, 0, 1, 0, 1]]  # a 0 inside a response stays 0
+    sr = share_row_prompts(pad_sequences(rows, masks, 0), 0)
+    b = sr.batch
+    flat = b.input_ids.flatten().tolist()
+    assert flat.count(5) == 1 and flat.count(4) == 1  # prompt [5, 6] once for rows 0, 1, 3
+    assert b.num_seqs == 4 and b.shared
+    # every label of row i, column t (token t + 1) comes back to (i, t), with its token
+    want = sorted((i, t) for i, m in enumerate(masks) for t in range(len(m) - 1) if m[t + 1])
+    assert sorted(zip(sr.row.tolist(), sr.col.tolist())) == want
+    labels = b.input_ids[:, 1:].reshape(-1)[sr.src]
+    assert labels.tolist() == [rows[i][t + 1] for i, t in zip(sr.row.tolist(), sr.col.tolist())]
+    assert share_row_prompts(pad_sequences([[1, 2, 3], [4, 5]], [[0, 1, 1], [0, 1]], 0), 0) is None
+
+
+@pytest.mark.parametrize("kind", TINY_ARCHITECTURES)
+def test_group_prompt_sharing_equals_rows_on_every_architecture(kind):
+    """Four samples of one prompt and one other prompt: per-token log-probs and entropy mapped back to
+    the rows' label space, and the gradient of a weighted sum, equal the padded rows'."""
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda n: torch.randint(3, 90, (n,), generator=g).tolist()  # noqa: E731
+    p, q = rnd(6), rnd(4)
+    rows = [p + rnd(n) for n in (5, 2, 7, 4)] + [q + rnd(3)]
+    masks = [[0] * 6 + [1] * (len(r) - 6) for r in rows[:4]] + [[0] * 4 + [1] * 3]
+    seq = pad_sequences(rows, masks, 0)
+    sr = share_row_prompts(seq, 0)
+    assert sr.batch.input_ids.numel() < seq.input_ids.numel()
+    model = tiny_causal_lm(kind)
+    w = torch.randn(seq.input_ids.shape[0], seq.input_ids.shape[1] - 1, generator=g)
+    out = []
+    for shared in (False, True):
+        model.zero_grad()
+        tl = token_logprobs(model, sr.batch if shared else seq, with_entropy=True, chunk_size=4)
+        lp, ent = (sr.to_rows(tl.logps), sr.to_rows(tl.entropy)) if shared else (tl.logps, tl.entropy)
+        ((lp + 0.1 * ent) * w).sum().backward()
+        out.append((lp.detach(), ent.detach() * seq.loss_mask[:, 1:], _grads(model)))
+    torch.testing.assert_close(out[1][0], out[0][0], **TOL)
+    torch.testing.assert_close(out[1][1], out[0][1], **TOL)
+    for a, b in zip(out[1][2], out[0][2]):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 @pytest.fixture(scope="module")

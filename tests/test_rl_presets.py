@@ -439,3 +439,63 @@ def test_token_budget_micro_batches_keep_the_rl_update(setup, tiny_model):
     assert out[40][0] == pytest.approx(out[None][0], rel=1e-5, abs=1e-6)
     for a, b in zip(out[40][1], out[None][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["grpo", "gspo", "rloo", "reinforce_pp"])
+def test_group_prompt_sharing_keeps_the_rl_update(setup, tiny_model, preset):
+    """A group's samples share their prompt in the loss, old-log-prob and reference passes (one prompt per
+    group in the micro-batch's rows): the rollout metrics, the loss and the gradient of the first update
+    equal those of rows with a prompt each (fp32), and the shared micro-batches hold fewer tokens."""
+    from alignkit.train.online import share_group_prompts
+
+    prompts, ref_path = setup
+    out = {}
+    for share in (False, True):
+        task, model, policy, items = make_task(tiny_model, prompts, ref_path, preset, kl_coef=0.3,
+                                               dynamic_sampling=False)
+        assert share_group_prompts(task.cfg, policy, task.ref_model)  # the probe passes on the tiny model
+        task.share_prompts = share
+        torch.manual_seed(0)
+        update = next(iter(task.plan(model, items, 4)))
+        total = sum(task.loss(model, mb)[0] for mb in update.micro_batches)
+        loss = total / sum(task.units(mb) for mb in update.micro_batches)
+        model.zero_grad()
+        loss.backward()
+        tokens = sum((mb.shared.batch if share else mb.seq).input_ids.numel() for mb in update.micro_batches)
+        out[share] = (float(loss.detach()), [p.grad.clone() for p in policy.parameters()], update.metrics,
+                      loop_metrics(task, model, update), tokens)
+    (l0, g0, m0, lm0, n0), (l1, g1, m1, lm1, n1) = out[False], out[True]
+    assert n1 < 0.8 * n0
+    assert l1 == pytest.approx(l0, rel=1e-5, abs=1e-6)
+    assert max(float(g.abs().max()) for g in g0) > 1e-4
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for k in set(m0) | set(lm0):
+        want, got = {**m0, **lm0}[k], {**m1, **lm1}[k]
+        assert float(got) == pytest.approx(float(want), rel=1e-4, abs=1e-6), k
+
+
+def test_shared_schedule_keeps_groups_together():
+    """With prefix sharing a minibatch's rows are ordered group by group (first appearance; the shuffle
+    kept within a group); the rows of each minibatch are the ones of the plain schedule."""
+    from alignkit.train.online import RLTask
+
+    class T(RLTask):
+        def __init__(self):
+            pass
+
+        def update_shape(self):
+            return 1, 2
+
+    groups = [r // 3 for r in range(12)]  # 4 prompts x 3 samples
+    torch.manual_seed(0)
+    plain = T().schedule(12, 3, lengths=[5] * 12)
+    torch.manual_seed(0)
+    grouped = T().schedule(12, 3, lengths=[5] * 12, groups=groups)
+    torch.manual_seed(0)
+    order = torch.randperm(12).tolist()
+    for mb_plain, mb_grouped, half in zip(plain, grouped, (order[:6], order[6:])):
+        rows = [r for mb in mb_grouped for r in mb]
+        assert sorted(rows) == sorted(r for mb in mb_plain for r in mb) == sorted(half)
+        first = list(dict.fromkeys(groups[r] for r in half))
+        assert rows == sorted(half, key=lambda r: first.index(groups[r]))

@@ -5,7 +5,7 @@ for bit."""
 import pytest
 import torch
 
-from alignkit.rollout.engine import FastEngine, draw, length_groups, merged_lora, sample_next
+from alignkit.rollout.engine import FastEngine, PackedLinear, draw, length_groups, merged_lora, pack_linears, sample_next
 from alignkit.rollout.generate import GenerationConfig, _cut_at_eos, batched_logprobs, generate, hf_generate
 
 
@@ -148,6 +148,9 @@ def test_bf16_decode_copy_gives_generate_tokens_of_bf16_weights_and_follows_upda
                 p.add_(torch.randn_like(p) * 0.5)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert engine._shadow is not None and engine._shadow[0]() is model  # one copy, refilled in place
+    # its linear layers (7 per decoder layer and the head) decode with pre-packed weights, re-packed with
+    # each refill (else round 1 would have decoded the old weights)
+    assert sum(isinstance(m, PackedLinear) for m in engine._shadow[1].modules()) == 2 * 7 + 1
     import gc
 
     del model
@@ -165,3 +168,25 @@ def test_generation_dtype_auto_follows_native_bf16(monkeypatch):
     monkeypatch.setattr("alignkit.models.loading.native_bf16", lambda device_type=None: False)
     assert gen_mod.decode_dtype(cfg, "cpu") is None
     assert gen_mod.decode_dtype(cfg.model_copy(update={"dtype": "bfloat16"}), "cpu") == torch.bfloat16
+
+
+def test_packed_linear_equals_linear_and_skips_what_it_must():
+    """PackedLinear gives F.linear's bf16 numbers bit for bit at every row count (decode, prefill, one
+    row), follows its weight after repack; pack_linears leaves fp32 layers and LoRA adapters alone."""
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(48, 80).to(torch.bfloat16)
+    packed = PackedLinear(lin, rows=4)
+    for shape in [(4, 1, 48), (3, 9, 48), (1, 48), (17, 48)]:
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        assert torch.equal(packed(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    packed.repack()
+    x = torch.randn(5, 48, generator=g).to(torch.bfloat16)
+    assert torch.equal(packed(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ModuleDict({"lora_A": torch.nn.Linear(8, 2)}))
+    assert pack_linears(net, 4) == 0  # fp32: left alone
+    net = net.to(torch.bfloat16)
+    assert pack_linears(net, 4) == 1
+    assert isinstance(net[0], PackedLinear) and type(net[1]["lora_A"]) is torch.nn.Linear

@@ -127,7 +127,9 @@ class TrainConfig(Section):
     on the model at start; a model that cannot pack exactly gets padded batches and a message."""
     prefix_sharing: bool = True
     """Paired losses (dpo family, rm): prompt, chosen and rejected in one sequence, each response seeing
-    the prompt and itself, so the prompt runs once per pair (needs packing and a mask-capable attention)."""
+    the prompt and itself, so the prompt runs once per pair. Online RL with groups (GRPO, RLOO, ...; no
+    critic): a micro-batch's samples of one prompt share it in the loss, old-log-prob and reference
+    passes. Needs packing and a mask-capable attention; checked on the model at start."""
     max_tokens_per_batch: Optional[int] = Field(None, gt=0)
     """Micro-batches by a token budget: consecutive items while their tokens fit (one over the budget
     goes alone) instead of batch_size items. The items per step (batch_size x grad_accum x processes)

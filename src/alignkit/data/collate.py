@@ -224,6 +224,63 @@ def layout_prompted(groups: Sequence[Tuple[List[int], Sequence[Tuple[List[int], 
     return pack_units(units, pad_id, n)
 
 
+@dataclass
+class SharedRows:
+    """A right-padded batch of ``prompt + response`` rows laid out with each prompt once
+    (:func:`share_row_prompts`), and where each packed label goes back to in the rows' ``(B, T-1)`` label
+    space: packed label ``src[k]`` (flat over ``(R, L-1)``) is label ``(row[k], col[k])``."""
+
+    batch: SeqBatch
+    src: torch.Tensor  # (K,) long
+    row: torch.Tensor  # (K,) long
+    col: torch.Tensor  # (K,) long
+    shape: Tuple[int, int]  # (B, T-1) of the rows
+
+    def to(self, device) -> "SharedRows":
+        return SharedRows(self.batch.to(device), self.src.to(device), self.row.to(device), self.col.to(device),
+                          self.shape)
+
+    def to_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, L-1) per-label values of the packed batch -> (B, T-1) in the rows' label space, 0 elsewhere
+        (differentiable; no host sync)."""
+        out = x.new_zeros(self.shape)
+        return out.index_put((self.row, self.col), x.reshape(-1).index_select(0, self.src))
+
+
+def share_row_prompts(seq: SeqBatch, pad_id: int) -> Optional[SharedRows]:
+    """The prefix-shared layout of a right-padded batch whose rows are ``prompt + response`` (online RL:
+    a group's samples of one prompt). Rows with the same prompt become one ``[prompt][response 1]...``
+    unit, each response seeing the prompt and itself, so the prompt runs once per group. A row's prompt is
+    its tokens before its first label (``loss_mask``); sequence ``i`` is row ``i`` and its labels keep
+    their mask. A row whose prompt no other row has stays a sequence of its own. None when no two rows
+    share a prompt (nothing to gain: use the rows as they are). Runs on the host."""
+    seq = seq.to("cpu")
+    mask = seq.loss_mask.bool()
+    groups: Dict[Tuple[int, ...], List[Tuple[int, int, int]]] = {}
+    for i in range(seq.input_ids.shape[0]):
+        n = int(seq.attention_mask[i].sum())
+        labels = mask[i, :n].nonzero()
+        p = int(labels[0]) if len(labels) else n
+        groups.setdefault(tuple(seq.input_ids[i, :p].tolist()), []).append((i, p, n))
+    if all(len(rows) < 2 or not prompt for prompt, rows in groups.items()):
+        return None
+    ids, lm = seq.input_ids.tolist(), seq.loss_mask.tolist()
+    units = []
+    for prompt, rows in groups.items():
+        if len(rows) > 1 and prompt:
+            units.append([(list(prompt), [0] * len(prompt), -1, None)]
+                         + [(ids[i][p:n], lm[i][p:n], i, 0) for i, p, n in rows])
+        else:
+            units.extend([[(ids[i][:n], lm[i][:n], i, None)] for i, p, n in rows])
+    packed = pack_units(units, pad_id, seq.input_ids.shape[0])
+    labels = packed.loss_mask[:, 1:].bool()
+    src = labels.reshape(-1).nonzero().squeeze(1)
+    # label t of a sequence predicts the token at position t + 1; in the sequence's own row (prompt at
+    # column 0) that token sits at column = its position id
+    row, col = packed.seq_index[:, 1:][labels], packed.position_ids[:, 1:][labels] - 1
+    return SharedRows(packed, src, row, col, (seq.input_ids.shape[0], seq.input_ids.shape[1] - 1))
+
+
 def layout_pairs(prompts: Sequence[List[int]], chosen: Sequence[List[int]], rejected: Sequence[List[int]],
                  pad_id: int, packing: Packing = PADDED) -> SeqBatch:
     """``prompt + chosen`` as sequences 0..B-1 and ``prompt + rejected`` as B..2B-1."""

@@ -17,6 +17,7 @@ layouts with separate padded rows on the run's model, and turns off what is not 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Dict, Optional, Tuple
 
@@ -105,6 +106,12 @@ def _probe(model, packing: Packing) -> Tuple[bool, str]:
         return False, "vocabulary too small for the check"
     p, c, r, x = _PROBE
     device = next(inner.parameters()).device
+    dtypes = {p.dtype for p in inner.parameters()}
+    low = sorted(dtypes & {torch.bfloat16, torch.float16}, key=str)
+    # a frozen model whose linear weights were pre-cast for autocast (precast_frozen_linears) only runs
+    # under that autocast
+    mixed = torch.float32 in dtypes and low
+    ctx = torch.autocast(device.type, dtype=low[0]) if mixed else contextlib.nullcontext()
     was = inner.training
     inner.eval()
     try:
@@ -123,8 +130,9 @@ def _probe(model, packing: Packing) -> Tuple[bool, str]:
             want += [(k, off + j) for j in range(len(where))]
         test = test.to(device)
         plain = layout_sequences(seqs, [[0] * len(s) for s in seqs], 0, PADDED).to(device)
-        _, h_plain = last_hidden(model, plain)
-        _, h_test = last_hidden(model, test)
+        with ctx:
+            _, h_plain = last_hidden(model, plain)
+            _, h_test = last_hidden(model, test)
     except Exception as e:  # a model that rejects position ids, 4D masks or mask dicts
         return False, f"{type(e).__name__}: {e}"
     finally:
@@ -132,7 +140,7 @@ def _probe(model, packing: Packing) -> Tuple[bool, str]:
     a = torch.stack([h_plain[i, j] for i, j in want]).float()
     b = torch.stack([h_test[i, j] for i, j in got]).float()
     diff = float((a - b).abs().max())
-    tol = (1e-4 if h_plain.dtype == torch.float32 else 3e-2) * (1.0 + float(a.abs().max()))
+    tol = (1e-4 if h_plain.dtype == torch.float32 and not mixed else 3e-2) * (1.0 + float(a.abs().max()))
     if not diff <= tol:
         return False, f"the packed forward differs from the padded one (max |diff| {diff:.3g})"
     return True, ""
@@ -162,6 +170,6 @@ def resolve_packing(model, pack: bool, share_prompt: bool = False, max_tokens: O
             if impl.startswith("flash") else _probe(model, Packing(pack=True, share_prompt=True))
         if not ok:
             say(f"train.prefix_sharing: {name} cannot share the prompt exactly ({why}); "
-                "chosen and rejected are packed as separate sequences")
+                "each response is laid out after its own copy of the prompt")
             share_prompt = False
     return Packing(pack=pack, share_prompt=share_prompt, max_tokens=max_tokens)

@@ -15,6 +15,10 @@ per step exactly one forward of the still-running rows and one sampling op:
 - **Behaviour log-probs for free.** The log-prob of each sampled token under the sampling
   distribution (logits / temperature, full softmax: top-p/top-k truncation is not reflected, as in
   TRL and OpenRLHF) is taken from the logits the step already computed; no second pass.
+- **Pre-packed weights on a CPU.** The bf16 decode copy's linear layers hold their weights in
+  oneDNN's blocked layout (:class:`PackedLinear`), packed once per rollout: a plain bf16 linear
+  re-packs its weight on every call, which at decode's few rows costs more than the product itself
+  (SmolLM2-135M: 219 -> 110 us for a 576 x 1536 layer at 16 rows, the same numbers bit for bit).
 - **LoRA merged for the rollout.** :func:`merged_lora` adds each adapter's ``scale * B @ A`` into its
   base weight and switches the adapter off for the duration of the rollout, so decoding runs plain
   linear layers; on exit the base weights are copied back from a saved copy, bit for bit
@@ -150,6 +154,49 @@ def _make_cache(model, batch: int, max_len: int, static: bool):
     return DynamicCache(config=model.config)
 
 
+class PackedLinear(torch.nn.Module):
+    """A decode copy's ``nn.Linear`` with its bf16 weight pre-packed in oneDNN's blocked layout (CPU).
+
+    ``torch.ops.mkldnn._reorder_linear_weight`` packs the weight once (``rows``: the expected number of
+    input rows, a blocking hint) and ``_linear_pointwise`` multiplies with it; a plain linear call
+    packs the weight again every time. Same output bit for bit (bf16; checked when a copy is built).
+    :meth:`repack` after the weight changes. The weight parameter stays, so the copy's parameters
+    still line up with the source model's for the refresh."""
+
+    def __init__(self, linear: torch.nn.Linear, rows: int):
+        super().__init__()
+        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows)
+
+    def repack(self) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def pack_linears(model: torch.nn.Module, rows: int) -> int:
+    """Swap the bf16 CPU ``nn.Linear`` layers of ``model`` (a decode copy: never the user's model) for
+    :class:`PackedLinear` s, LoRA adapters' own layers left alone (off during a rollout). Nothing is
+    swapped when this torch has no oneDNN packing or a packed layer does not reproduce the plain one
+    exactly. Returns the number of layers swapped."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is torch.nn.Linear and "lora_" not in name and child.weight.dtype == torch.bfloat16
+             and child.weight.device.type == "cpu"]
+    if not found or not torch.backends.mkldnn.is_available():
+        return 0
+    try:
+        first = PackedLinear(found[0][2], rows)
+        x = torch.randn(3, 2, first.weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        if not torch.equal(first(x), torch.nn.functional.linear(x, first.weight, first.bias)):
+            return 0
+    except (RuntimeError, AttributeError):  # a torch build without these oneDNN ops
+        return 0
+    for parent, name, child in found:
+        setattr(parent, name, PackedLinear(child, rows))
+    return len(found)
+
+
 class FastEngine:
     """Batched sampling with our own decode loop (see the module docstring).
 
@@ -167,7 +214,7 @@ class FastEngine:
         self._shadow: Optional[Tuple[weakref.ref, torch.nn.Module]] = None  # (source model, its decode copy)
 
     @torch.no_grad()
-    def decode_model(self, model):
+    def decode_model(self, model, rows: int = 16):
         """The module that decodes: ``model`` itself, or (``dtype`` set and different from the model's)
         a copy of it in ``dtype`` holding the model's current weights, refreshed on every call.
 
@@ -176,7 +223,8 @@ class FastEngine:
         policy keeps its fp32 master weights. Called inside :func:`merged_lora`, so the copy holds the
         merged weights with the adapters switched off. Only parameters are cast: buffers (rotary
         frequencies) keep their dtype. The copy is built once per source model and refilled with
-        ``copy_`` afterwards (no new allocation per rollout)."""
+        ``copy_`` afterwards (no new allocation per rollout). On a CPU its bf16 linear layers are
+        :class:`PackedLinear` s (``rows``: the decode batch, a blocking hint), re-packed on each refresh."""
         params = list(model.parameters())
         if self.dtype is None or not params or params[0].dtype == self.dtype or not params[0].is_floating_point():
             return model
@@ -193,11 +241,17 @@ class FastEngine:
             # the engine outlives runs (generate.fast_engine keeps it per setting): when the source model
             # is freed, so is its copy
             self._shadow = (weakref.ref(model, self._forget), copy)
+            pack_linears(copy, rows)
         else:
             copy = self._shadow[1]
             for dst, src in zip(copy.parameters(), params):
                 dst.copy_(src)
-            for dst, src in zip(copy.modules(), model.modules()):  # adapters on/off as in the source now
+            for m in copy.modules():
+                if isinstance(m, PackedLinear):
+                    m.repack()
+            # adapters on/off as in the source now (the copy's LoRA wrappers are not swapped, so the
+            # module lists line up)
+            for dst, src in zip(copy.modules(), model.modules()):
                 if hasattr(src, "_disable_adapters"):
                     dst._disable_adapters = src._disable_adapters
         return copy
@@ -226,7 +280,7 @@ class FastEngine:
         model.eval()
         try:
             with merged_lora(model):
-                decoder = self.decode_model(model)
+                decoder = self.decode_model(model, cfg.batch_size)
                 decoder.eval()
                 for group in length_groups(prompts, cfg.batch_size):
                     out_t, out_l = self._batch(decoder, [prompts[i] for i in group], cfg, eos_ids, pad_id, device)

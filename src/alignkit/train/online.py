@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from alignkit.data.collate import SeqBatch
+from alignkit.data.collate import SeqBatch, SharedRows, share_row_prompts
 from alignkit.eval.metrics import distinct_n
 from alignkit.ops.logprobs import TokenLogprobs, token_logprobs
 from alignkit.ops.wrappers import unwrap
@@ -73,6 +73,8 @@ class RLTask(Task):
         self._warmup = False  # this rollout trains the critic alone
         self._metric_scale: Optional[Dict[str, float]] = None  # set by plan when the loss pass logs KL
         self._engine_stale = True  # the engine starts from the checkpoint on disk, not from resumed weights
+        #: a group's samples share their prompt in every pass (set by build_task after checking the models)
+        self.share_prompts = False
 
     # ------------------------------------------------------------------ set-up
     def param_groups(self, model):
@@ -96,13 +98,25 @@ class RLTask(Task):
         return self.opts.epochs * self.opts.num_minibatches > 1
 
     def forward(self, model, seq: SeqBatch, with_entropy: bool = True, detach_value: bool = False,
-                ) -> Tuple[TokenLogprobs, Optional[torch.Tensor]]:
-        """Per-token log-probs (with entropy) of the policy and, with a critic, values (B, T-1)."""
+                shared: Optional[SharedRows] = None) -> Tuple[TokenLogprobs, Optional[torch.Tensor]]:
+        """Per-token log-probs (with entropy) of the policy and, with a critic, values (B, T-1).
+        ``shared``: the same rows with each prompt once; the results come back in the rows' label space."""
         if self.critic:
             return model(input_ids=seq.input_ids, attention_mask=seq.attention_mask, loss_mask=seq.loss_mask,
                          with_entropy=with_entropy, detach_value=detach_value)
-        return token_logprobs(model, seq, temperature=self.temperature, with_entropy=with_entropy,
-                              chunk_size=self.cfg.train.logprob_chunk), None
+        return self._logprobs(model, seq, shared, with_entropy), None
+
+    def _logprobs(self, model, seq: SeqBatch, shared: Optional[SharedRows], with_entropy: bool) -> TokenLogprobs:
+        tl = token_logprobs(model, shared.batch if shared is not None else seq, temperature=self.temperature,
+                            with_entropy=with_entropy, chunk_size=self.cfg.train.logprob_chunk)
+        if shared is None:
+            return tl
+        return TokenLogprobs(shared.to_rows(tl.logps), seq.loss_mask[:, 1:].float(),
+                             shared.to_rows(tl.entropy) if tl.entropy is not None else None)
+
+    def _share(self, seq: SeqBatch) -> Optional[SharedRows]:
+        """The prefix-shared layout of host-side rows when the run shares prompts (None: the rows as they are)."""
+        return share_row_prompts(seq, self.tok.pad_token_id) if self.share_prompts else None
 
     def collate(self, items):  # rollouts replace collation (see plan)
         return items
@@ -238,7 +252,8 @@ class RLTask(Task):
         """rollout -> reward shaping -> KL placement -> advantage -> whitening -> updates."""
         o = self.opts
         ro, raw, metrics = self.sample(model, items)
-        sched = self.schedule(len(ro), micro_batch_size, lengths=ro.sequences.attention_mask.sum(-1).tolist())
+        sched = self.schedule(len(ro), micro_batch_size, lengths=ro.sequences.attention_mask.sum(-1).tolist(),
+                              groups=ro.prompt_index if self.share_prompts else None)
         seq = ro.sequences
         N, T1 = seq.input_ids.shape[0], seq.input_ids.shape[1] - 1
         mask = seq.loss_mask[:, 1:].float()  # (N, T-1) response tokens
@@ -309,7 +324,7 @@ class RLTask(Task):
         o = self.opts
         deferred = self._metric_scale is not None
         tl, values = self.forward(model, mb.seq, with_entropy=o.ent_coef > 0 or deferred,
-                                  detach_value=self._warmup)
+                                  detach_value=self._warmup, shared=mb.shared)
         mask = mb.mask
         kw = {"aggregation": self.agg, "max_len": self.max_len if self.agg == "sum_norm" else None}
         units = max(self.units(mb), 1e-12)
@@ -373,11 +388,15 @@ class RLTask(Task):
         if self.moments is not None and "reward_moments" in state:
             self.moments.load_state_dict(state["reward_moments"])
 
-    def schedule(self, n_rows: int, micro: int, lengths: Sequence[int]) -> List[List[List[int]]]:
+    def schedule(self, n_rows: int, micro: int, lengths: Sequence[int], groups: Optional[Sequence[int]] = None
+                 ) -> List[List[List[int]]]:
         """Row indices: updates -> micro-batches -> rows. Each epoch reshuffles (torch's global RNG)
         and splits the rollout into ``num_minibatches`` minibatches of near-equal size, each into
         micro-batches of ``micro`` rows or, with ``train.max_tokens_per_batch``, of consecutive rows while
-        their ``lengths`` (prompt + response tokens) fit (:meth:`Task.split`)."""
+        their ``lengths`` (prompt + response tokens) fit (:meth:`Task.split`). ``groups`` (each row's
+        prompt, with prefix sharing): a minibatch's rows are ordered group by group, so a micro-batch
+        holds whole groups and runs each prompt once; which rows form a minibatch is unchanged, and the
+        order inside one never changes its update (normalization by global units)."""
         epochs, nmb = self.update_shape()
         if nmb > n_rows:
             raise ValueError(f"num_minibatches={nmb} is more than the {n_rows} sequences of a rollout batch")
@@ -386,19 +405,23 @@ class RLTask(Task):
             perm = torch.randperm(n_rows).tolist()
             bounds = [round(k * n_rows / nmb) for k in range(nmb + 1)]
             for a, b in zip(bounds[:-1], bounds[1:]):
-                out.append(self.split(perm[a:b], micro, tokens=lambda row: int(lengths[row])))
+                rows = perm[a:b]
+                if groups is not None:
+                    first: Dict[int, int] = {}
+                    for r in rows:
+                        first.setdefault(groups[r], len(first))
+                    rows = sorted(rows, key=lambda r: first[groups[r]])  # stable: the shuffle within a group stays
+                out.append(self.split(rows, micro, tokens=lambda row: int(lengths[row])))
         return out
 
     @torch.no_grad()
-    def ref_logps(self, model, seq: SeqBatch) -> torch.Tensor:
+    def ref_logps(self, model, seq: SeqBatch, shared: Optional[SharedRows] = None) -> torch.Tensor:
         """(B, T-1) reference log-probs: the frozen model, or the policy with its LoRA adapter off."""
         if self.ref_model is not None:
-            return token_logprobs(self.ref_model, seq, temperature=self.temperature, with_entropy=False,
-                                  chunk_size=self.cfg.train.logprob_chunk).logps
+            return self._logprobs(self.ref_model, seq, shared, with_entropy=False).logps
         policy = policy_of(model)
         with policy.disable_adapter():
-            return token_logprobs(policy, seq, temperature=self.temperature, with_entropy=False,
-                                  chunk_size=self.cfg.train.logprob_chunk).logps
+            return self._logprobs(policy, seq, shared, with_entropy=False).logps
 
     @torch.no_grad()
     def rollout_stats(self, model, ro: Rollout, first_epoch: List[List[List[int]]], *, ref: bool,
@@ -412,17 +435,19 @@ class RLTask(Task):
         device, inner = self._device(model), unwrap(model)
         for update in first_epoch:
             for rows in update:
-                sub = rows_of(seq, rows).to(device)
+                sub = rows_of(seq, rows)
+                shared = self._share(sub)
+                sub, shared = sub.to(device), shared.to(device) if shared is not None else None
                 t = sub.input_ids.shape[1] - 1
                 with self._autocast():
                     parts = {}
                     if policy:
-                        tl, values = self.forward(inner, sub)
+                        tl, values = self.forward(inner, sub, shared=shared)
                         parts = {"old_logps": tl.logps, "entropy": tl.entropy}
                         if values is not None:
                             parts["values"] = values
                     if ref:
-                        parts["ref_logps"] = self.ref_logps(model, sub)
+                        parts["ref_logps"] = self.ref_logps(model, sub, shared)
                 idx = torch.tensor(rows, dtype=torch.long)
                 for k, v in parts.items():
                     dst = out.setdefault(k, torch.zeros(N, T1))
@@ -438,7 +463,7 @@ class RLTask(Task):
         for k, v in per_row.items():
             if v is not None:
                 kw[k] = v[idx, :t] if v.dim() == 2 else v[idx]
-        return RLBatch(sub.input_ids, sub.attention_mask, sub.loss_mask, **kw)
+        return RLBatch(sub.input_ids, sub.attention_mask, sub.loss_mask, **kw, shared=self._share(sub))
 
     def yield_updates(self, ro: Rollout, sched, per_row, metrics: Dict[str, float]) -> Iterator[Update]:
         """One :class:`Update` per scheduled update; the rollout's metrics ride on the first."""
@@ -499,7 +524,22 @@ def build_task(cfg, tok, policy, reward, gold, engine, acc, prompts=()):
         critic = None if cfg.value.shared else build_critic(cfg, tok)
         model = PolicyWithValue(policy, critic, temperature=cfg.generation.temperature or 1.0,
                                 logprob_chunk=cfg.train.logprob_chunk)
-    return RLTask(cfg, tok, reward, gold, ref, adapter, engine, prompts=prompts), model
+    task = RLTask(cfg, tok, reward, gold, ref, adapter, engine, prompts=prompts)
+    task.share_prompts = share_group_prompts(cfg, policy, ref)
+    return task, model
+
+
+def share_group_prompts(cfg, policy, ref=None) -> bool:
+    """Whether a group's samples share their prompt in the loss and log-prob passes: more than one sample
+    per prompt, no critic (its values come from a padded forward), ``train.packing`` and
+    ``train.prefix_sharing`` on, and the policy (and a separate reference model) give the same numbers
+    shared as in rows of their own (the probe of :func:`~alignkit.ops.packing.resolve_packing`)."""
+    from alignkit.ops.packing import resolve_packing
+
+    o = cfg.algo
+    if o.num_generations < 2 or o.advantage == "gae" or not (cfg.train.packing and cfg.train.prefix_sharing):
+        return False
+    return all(resolve_packing(m, True, share_prompt=True).share_prompt for m in (policy, ref) if m is not None)
 
 
 def run_online(cfg) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from alignkit.data.collate import SeqBatch
+from alignkit.data.collate import SeqBatch, SharedRows
 from alignkit.ops.wrappers import unwrap
 from alignkit.rollout.generate import Rollout
 
@@ -82,6 +82,7 @@ class RLBatch:
     ref_logps: Optional[torch.Tensor] = None  # (B, T-1) reference
     returns: Optional[torch.Tensor] = None  # (B, T-1) value targets
     old_values: Optional[torch.Tensor] = None  # (B, T-1)
+    shared: Optional[SharedRows] = None  # the rows with each prompt once (prefix sharing), or None
 
     def to(self, device) -> "RLBatch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
