@@ -149,3 +149,10 @@ def test_precast_frozen_linears_is_bit_identical_under_autocast(kind):
         want = token_logprobs(model, seq).logps
         got = token_logprobs(cast, seq).logps
     assert torch.equal(got, want)
+    # the packing probe runs such a model under its autocast: it packs and shares prompts (it used to fail
+    # on the dtype mismatch and turn packing off for the whole run)
+    from alignkit.data.collate import Packing
+    from alignkit.ops.packing import resolve_packing
+
+    said = []
+    assert resolve_packing(cast, True, True, say=said.append) == Packing(pack=True, share_prompt=True) and not said
