@@ -17,6 +17,10 @@ Sizes: tiny (2 layers, hidden 64, SmolLM2's 49k vocabulary), 135m (SmolLM2-135M'
 1.7b (SmolLM2-1.7B's architecture; GPU only). Weights are random (fixed seed); the tokenizer is
 SmolLM2's, read from the embedded model directory (no download).
 
+``--flops`` instead counts the matrix FLOPs of one training step on each side (sft, rm, dpo;
+``torch.utils.flop_counter``: matrix products and attention, forward and backward) and prints their
+ratio: with both sides' matrix products equally fast, the most the step-time ratio can reach.
+
 Each (task, size, side) runs in its own subprocess (so the peak memory is its own); TRL runs with
 ``--trl-path`` on its PYTHONPATH only, so TRL never enters alignkit's environment. Reported: median
 step time after the first (warm-up) step, tokens/s (sft/rm/dpo: the rows' tokens, prompt counted
@@ -264,6 +268,47 @@ def _hf_generation(model_dir, device):
     return times
 
 
+def count_step_flops(a, out) -> float:
+    """Matrix FLOPs of the second training step of a two-step run (the first may do one-off work), counted
+    between step boundaries with one FlopCounterMode over the whole run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    marks = []
+    if a.side == "alignkit":
+        from alignkit.train import loop
+
+        real = loop.Trainer._global_batch  # called once at the start of each step
+
+        def batch(self, step):
+            marks.append(counter.get_total_flops())
+            return real(self, step)
+
+        loop.Trainer._global_batch = batch
+        with counter:
+            _alignkit(a.task, a.model_dir, a.data, out, 2, a.device, a.alignkit_set)
+        return counter.get_total_flops() - marks[1]  # the run ends after step 2 (no eval, no samples)
+    from transformers import TrainerCallback, trainer as hf_trainer
+
+    class Marks(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            marks.append(counter.get_total_flops())
+
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(counter.get_total_flops())
+
+    real_init = hf_trainer.Trainer.__init__
+
+    def init(self, *args, **kw):
+        kw["callbacks"] = list(kw.get("callbacks") or []) + [Marks()]
+        real_init(self, *args, **kw)
+
+    hf_trainer.Trainer.__init__ = init
+    with counter:
+        _trl(a.task, a.model_dir, a.data, out, 2, a.device, a.trl_fast, a.trl_precision)
+    return marks[3] - marks[2]
+
+
 def peak_rss_gib() -> float:
     """This process's own peak RSS. Linux: VmHWM, which belongs to the address space and starts afresh at
     exec; ru_maxrss instead keeps the parent's RSS at fork time (the driver's, after it converted the
@@ -285,6 +330,8 @@ def worker(a) -> None:
         torch.cuda.reset_peak_memory_stats()
     out = Path(a.workdir) / f"{a.task}-{a.size}-{a.side}"
     shutil.rmtree(out, ignore_errors=True)  # a reused --workdir: start each side from an empty output
+    if a.flops:
+        return print("RESULT " + json.dumps({"gflop": count_step_flops(a, out) / 1e9}), flush=True)
     if a.side == "alignkit":
         times = _alignkit(a.task, a.model_dir, a.data, out, a.steps, a.device, a.alignkit_set)
     else:
@@ -301,7 +348,7 @@ def run_side(a, task, size, side, model_dir, data):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--task", task, "--size", size, "--side", side,
            "--model-dir", str(model_dir), "--data", str(data), "--workdir", str(a.workdir), "--steps",
            str(a.steps if task != "grpo" else a.grpo_steps), "--device", a.device, "--trl-precision", a.trl_precision]
-    cmd += (["--trl-fast"] if a.trl_fast else []) + [x for kv in a.alignkit_set for x in ("--alignkit-set", kv)]
+    cmd += (["--trl-fast"] if a.trl_fast else []) + (["--flops"] if a.flops else []) + [x for kv in a.alignkit_set for x in ("--alignkit-set", kv)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -329,6 +376,22 @@ def mfu(model_dir, tokens_per_s) -> float:
     return 6 * n * tokens_per_s / 989e12
 
 
+def flops_table(a, data) -> None:
+    src = Path(a.src_model) if a.src_model else default_model_dir()
+    print("| work | size | alignkit GFLOP/step | TRL GFLOP/step | TRL / alignkit |", flush=True)
+    print("|---|---|---|---|---|", flush=True)
+    results = []
+    for size in a.sizes.split(","):
+        model_dir = build_model(size, a.workdir / f"model-{size}", src)
+        for task in [t for t in a.tasks.split(",") if t in ("sft", "rm", "dpo")]:
+            g = {side: run_side(a, task, size, side, model_dir, data)["gflop"] for side in ("alignkit", "trl")}
+            results.append({"task": task, "size": size, "gflop": g, "ratio": g["trl"] / g["alignkit"]})
+            print(f"| {task} | {size} | {g['alignkit']:.1f} | {g['trl']:.1f} | **{g['trl'] / g['alignkit']:.2f}x** |",
+                  flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="sft,rm,dpo,grpo,generation")
@@ -343,6 +406,8 @@ def main():
                     help="default: TRL's own (bf16 autocast whenever fp16 is off, on a CPU too); fp32: bf16=False")
     ap.add_argument("--alignkit-set", action="append", default=[], metavar="KEY=VALUE",
                     help="an alignkit config override for the alignkit side (repeatable), e.g. train.precision=fp32")
+    ap.add_argument("--flops", action="store_true", help="count each side's matrix FLOPs per step (sft, rm, dpo) "
+                                                         "instead of timing")
     ap.add_argument("--src-model", default=None, help="directory with SmolLM2's config and tokenizer")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -369,6 +434,8 @@ def main():
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, device {a.device}, steps {a.steps} "
           f"(grpo {a.grpo_steps}), median after the first", flush=True)
+    if a.flops:
+        return flops_table(a, data)
     print("| work | size | alignkit step | TRL step | alignkit | TRL | ratio | alignkit peak | TRL peak |", flush=True)
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     results = []
