@@ -185,8 +185,13 @@ def test_packed_linear_equals_linear_and_skips_what_it_must():
     x = torch.randn(5, 48, generator=g).to(torch.bfloat16)
     assert torch.equal(packed(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
 
-    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ModuleDict({"lora_A": torch.nn.Linear(8, 2)}))
+    # peft's layout: a LoRA layer holds its adapters in ModuleDicts named lora_A / lora_B
+    lora = torch.nn.Module()
+    lora.base_layer = torch.nn.Linear(8, 8)
+    lora.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(8, 2)})
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), lora)
     assert pack_linears(net, 4) == 0  # fp32: left alone
     net = net.to(torch.bfloat16)
-    assert pack_linears(net, 4) == 1
-    assert isinstance(net[0], PackedLinear) and type(net[1]["lora_A"]) is torch.nn.Linear
+    assert pack_linears(net, 4) == 2
+    assert isinstance(net[0], PackedLinear) and isinstance(lora.base_layer, PackedLinear)
+    assert type(lora.lora_A["default"]) is torch.nn.Linear

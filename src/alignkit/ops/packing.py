@@ -106,7 +106,7 @@ def _probe(model, packing: Packing) -> Tuple[bool, str]:
         return False, "vocabulary too small for the check"
     p, c, r, x = _PROBE
     device = next(inner.parameters()).device
-    dtypes = {p.dtype for p in inner.parameters()}
+    dtypes = {q.dtype for q in inner.parameters()}
     low = sorted(dtypes & {torch.bfloat16, torch.float16}, key=str)
     # a frozen model whose linear weights were pre-cast for autocast (precast_frozen_linears) only runs
     # under that autocast

@@ -180,9 +180,10 @@ def pack_linears(model: torch.nn.Module, rows: int) -> int:
     :class:`PackedLinear` s, LoRA adapters' own layers left alone (off during a rollout). Nothing is
     swapped when this torch has no oneDNN packing or a packed layer does not reproduce the plain one
     exactly. Returns the number of layers swapped."""
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is torch.nn.Linear and "lora_" not in name and child.weight.dtype == torch.bfloat16
-             and child.weight.device.type == "cpu"]
+    found = [(parent, name, child) for path, parent in model.named_modules() if ".lora_" not in f".{path}"
+             for name, child in parent.named_children()
+             if type(child) is torch.nn.Linear and not name.startswith("lora_")
+             and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu"]
     if not found or not torch.backends.mkldnn.is_available():
         return 0
     try:
