@@ -111,8 +111,23 @@ def test_lora_merge_for_rollout_restores_base_weights_bit_identically(model_and_
         fast, _ = FastEngine().generate(policy, prompts, cfg, [tok.eos_token_id], tok.pad_token_id)
     assert fast == unmerged
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
-    FastEngine(dtype=torch.bfloat16).generate(policy, prompts, cfg, [tok.eos_token_id], tok.pad_token_id)
-    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())  # a bf16 decode copy too
+    # a bf16 decode copy takes the merged weights itself (the policy is never written to): its greedy
+    # tokens are those of the bf16 cast of the merged model decoded as it is, in three rollouts around
+    # adapter updates
+    engine = FastEngine(dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    for round_ in range(3):
+        bf16, _ = engine.generate(policy, prompts, cfg, [tok.eos_token_id], tok.pad_token_id)
+        with merged_lora(policy):
+            want_model = _bf16_params(policy)
+        want, _ = FastEngine().generate(want_model, prompts, cfg, [tok.eos_token_id], tok.pad_token_id)
+        assert bf16 == want, round_
+        assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     assert all(not m.disable_adapters for m in policy.modules() if hasattr(m, "lora_A"))
     for n, p in policy.named_parameters():  # still trainable exactly as before
         assert p.requires_grad == ("lora_" in n)
@@ -144,13 +159,19 @@ def test_bf16_decode_copy_gives_generate_tokens_of_bf16_weights_and_follows_upda
         assert fast == ref, round_
         assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
         with torch.no_grad():  # change the model: the next call must decode the new weights, not stale ones
+            g = torch.Generator().manual_seed(round_)  # its own seed: the test does not depend on the order
             for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.5)
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert engine._shadow is not None and engine._shadow[0]() is model  # one copy, refilled in place
     # its linear layers (7 per decoder layer and the head) decode with pre-packed weights, re-packed with
     # each refill (else round 1 would have decoded the old weights)
-    assert sum(isinstance(m, PackedLinear) for m in engine._shadow[1].modules()) == 2 * 7 + 1
+    copy = engine._shadow[1]
+    assert sum(isinstance(m, PackedLinear) for m in copy.modules()) == 2 * 7 + 1
+    # the packed layers' weights exist only packed: the copy's parameters are the embedding (the tied
+    # head's weight) and the norms
+    assert sum(p.numel() for p in copy.parameters()) == sum(
+        p.numel() for n, p in model.named_parameters() if "embed" in n or "norm" in n)
     import gc
 
     del model
@@ -172,20 +193,19 @@ def test_generation_dtype_auto_follows_native_bf16(monkeypatch):
 
 def test_packed_linear_equals_linear_and_skips_what_it_must():
     """PackedLinear gives F.linear's bf16 numbers bit for bit at every row count (decode, prefill, one
-    row), follows its weight after repack; pack_linears leaves fp32 layers and LoRA adapters alone."""
+    row) and follows a new weight given in fp32; pack_linears leaves fp32 layers and LoRA adapters
+    alone (peft's layout: a LoRA layer holds its adapters in ModuleDicts named lora_A / lora_B)."""
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(48, 80).to(torch.bfloat16)
-    packed = PackedLinear(lin, rows=4)
+    packed = PackedLinear(lin.weight, lin.bias, rows=4)
     for shape in [(4, 1, 48), (3, 9, 48), (1, 48), (17, 48)]:
         x = torch.randn(*shape, generator=g).to(torch.bfloat16)
         assert torch.equal(packed(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
-    with torch.no_grad():
-        lin.weight.mul_(2)
-    packed.repack()
+    w32 = torch.randn(80, 48, generator=g)
+    packed.pack(w32)
     x = torch.randn(5, 48, generator=g).to(torch.bfloat16)
-    assert torch.equal(packed(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert torch.equal(packed(x), torch.nn.functional.linear(x, w32.to(torch.bfloat16), lin.bias))
 
-    # peft's layout: a LoRA layer holds its adapters in ModuleDicts named lora_A / lora_B
     lora = torch.nn.Module()
     lora.base_layer = torch.nn.Linear(8, 8)
     lora.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(8, 2)})

@@ -22,7 +22,8 @@ per step exactly one forward of the still-running rows and one sampling op:
 - **LoRA merged for the rollout.** :func:`merged_lora` adds each adapter's ``scale * B @ A`` into its
   base weight and switches the adapter off for the duration of the rollout, so decoding runs plain
   linear layers; on exit the base weights are copied back from a saved copy, bit for bit
-  (adding then subtracting the delta would not round-trip exactly in floating point).
+  (adding then subtracting the delta would not round-trip exactly in floating point). A bf16 decode
+  copy takes the merged weights directly instead, leaving the model untouched.
 
 Sampling draws from torch's global RNG (one uniform per row, inverse-CDF: :func:`draw`), so a fixed seed gives the same tokens
 on every run. Greedy decoding (temperature 0) gives the tokens of ``model.generate`` (tested).
@@ -41,6 +42,29 @@ from alignkit.ops.logprobs import keep_last
 from alignkit.ops.wrappers import unwrap
 
 
+def mergeable_lora(model) -> Iterator[Tuple[torch.nn.Module, List[str]]]:
+    """``(LoRA layer, its active adapters)`` for every layer of ``model`` whose adapters can be merged into
+    its base weight: active, not merged already, not DoRA or another variant (those are left as they
+    are). Nothing for a model without LoRA."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return
+    for module in unwrap(model).modules():
+        if not isinstance(module, LoraLayer) or getattr(module, "merged", False) or module.disable_adapters:
+            continue
+        w = getattr(module.get_base_layer(), "weight", None)
+        active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
+        if w is None or not active or getattr(module, "use_dora", {}).get(active[0], False):
+            continue
+        yield module, active
+
+
+def lora_delta(module, active: Sequence[str]) -> torch.Tensor:
+    """``scale * B @ A`` summed over a layer's active adapters: what merging adds to its base weight."""
+    return sum(module.get_delta_weight(a) for a in active)
+
+
 @contextlib.contextmanager
 def merged_lora(model) -> Iterator[int]:
     """Merge every active LoRA adapter of ``model`` into its base weight for the ``with`` block.
@@ -48,29 +72,17 @@ def merged_lora(model) -> Iterator[int]:
     Yields the number of merged layers (0 for a model without LoRA: then nothing happens). Inside,
     the adapters are switched off (the merged base computes the same function); on exit each base
     weight gets its saved original back (``copy_``, bit-identical) and each adapter its previous
-    on/off state. Works under ``torch.no_grad`` only (rollouts never need gradients).
+    on/off state. Works under ``torch.no_grad`` only (rollouts never need gradients). A rollout that
+    decodes a copy of the model in another dtype does not use this: the copy takes the merged weights
+    directly (:meth:`FastEngine.decode_model`), and the model is never touched.
     """
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        yield 0
-        return
     saved: List[Tuple[torch.nn.Module, torch.Tensor, bool]] = []
     try:
         with torch.no_grad():
-            for module in unwrap(model).modules():
-                if not isinstance(module, LoraLayer) or getattr(module, "merged", False):
-                    continue
-                if module.disable_adapters:
-                    continue
-                base = module.get_base_layer()
-                w = getattr(base, "weight", None)
-                active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
-                if w is None or not active or getattr(module, "use_dora", {}).get(active[0], False):
-                    continue  # DoRA and other variants: leave the adapter as it is
-                delta = sum(module.get_delta_weight(a) for a in active)
+            for module, active in list(mergeable_lora(model)):
+                w = module.get_base_layer().weight
                 saved.append((module, w.detach().clone(), module._disable_adapters))
-                w.add_(delta.to(w.dtype))
+                w.add_(lora_delta(module, active).to(w.dtype))
                 module._disable_adapters = True
         yield len(saved)
     finally:
@@ -155,47 +167,63 @@ def _make_cache(model, batch: int, max_len: int, static: bool):
 
 
 class PackedLinear(torch.nn.Module):
-    """A decode copy's ``nn.Linear`` with its bf16 weight pre-packed in oneDNN's blocked layout (CPU).
+    """A decode copy's linear layer whose bf16 weight lives only in oneDNN's blocked layout (CPU).
 
-    ``torch.ops.mkldnn._reorder_linear_weight`` packs the weight once (``rows``: the expected number of
-    input rows, a blocking hint) and ``_linear_pointwise`` multiplies with it; a plain linear call
-    packs the weight again every time. Same output bit for bit (bf16; checked when a copy is built).
-    :meth:`repack` after the weight changes. The weight parameter stays, so the copy's parameters
-    still line up with the source model's for the refresh."""
+    ``torch.ops.mkldnn._reorder_linear_weight`` packs the weight (``rows``: the expected number of input
+    rows, a blocking hint) and ``_linear_pointwise`` multiplies with it; a plain bf16 linear call packs
+    its weight again every time. Same output bit for bit as ``F.linear`` with the bf16 weight (checked
+    by :func:`packing_works`). :meth:`pack` takes a new weight in any float dtype (cast to bf16 here), so
+    the copy never holds a plain bf16 weight next to the packed one."""
 
-    def __init__(self, linear: torch.nn.Linear, rows: int):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int):
         super().__init__()
-        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows)
+        self.rows, self.bias = rows, bias
+        self.pack(weight)
 
-    def repack(self) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.rows)
+    def pack(self, weight: torch.Tensor) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous(),
+                                                              self.rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def pack_linears(model: torch.nn.Module, rows: int) -> int:
-    """Swap the bf16 CPU ``nn.Linear`` layers of ``model`` (a decode copy: never the user's model) for
-    :class:`PackedLinear` s, LoRA adapters' own layers left alone (off during a rollout). Nothing is
-    swapped when this torch has no oneDNN packing or a packed layer does not reproduce the plain one
-    exactly. Returns the number of layers swapped."""
-    found = [(parent, name, child) for path, parent in model.named_modules() if ".lora_" not in f".{path}"
-             for name, child in parent.named_children()
-             if type(child) is torch.nn.Linear and not name.startswith("lora_")
-             and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu"]
-    if not found or not torch.backends.mkldnn.is_available():
-        return 0
+def packing_works() -> bool:
+    """Whether this torch build packs bf16 linear weights for oneDNN and gives ``F.linear``'s numbers."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, b = (torch.randn(40, 24, generator=g).to(torch.bfloat16), torch.randn(40, generator=g).to(torch.bfloat16))
+    x = torch.randn(3, 2, 24, generator=g).to(torch.bfloat16)
     try:
-        first = PackedLinear(found[0][2], rows)
-        x = torch.randn(3, 2, first.weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-        if not torch.equal(first(x), torch.nn.functional.linear(x, first.weight, first.bias)):
-            return 0
+        return torch.equal(PackedLinear(w, b, 4)(x), torch.nn.functional.linear(x, w, b))
     except (RuntimeError, AttributeError):  # a torch build without these oneDNN ops
+        return False
+
+
+def packable_linears(model: torch.nn.Module) -> List[str]:
+    """Paths of the CPU ``nn.Linear`` layers of ``model`` a bf16 decode copy packs: every one but LoRA
+    adapters' own layers (off during a rollout)."""
+    return [path for path, m in model.named_modules() if type(m) is torch.nn.Linear and ".lora_" not in f".{path}"
+            and m.weight.device.type == "cpu"]
+
+
+def pack_linears(copy: torch.nn.Module, rows: int, source: Optional[torch.nn.Module] = None,
+                 paths: Optional[Sequence[str]] = None) -> int:
+    """Swap linear layers of ``copy`` (a decode copy: never the user's model) at ``paths`` (default
+    :func:`packable_linears` of the bf16 ones) for :class:`PackedLinear` s packed from ``source``'s
+    weights at the same paths (default: the copy's own). Returns the number swapped (0 where
+    :func:`packing_works` says no)."""
+    if paths is None:
+        paths = [p for p in packable_linears(copy) if copy.get_submodule(p).weight.dtype == torch.bfloat16]
+    if not paths or not packing_works():
         return 0
-    for parent, name, child in found:
-        setattr(parent, name, PackedLinear(child, rows))
-    return len(found)
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        old = copy.get_submodule(path)
+        weight = (source if source is not None else copy).get_submodule(path).weight
+        setattr(copy.get_submodule(parent) if parent else copy, name, PackedLinear(weight, old.bias, rows))
+    return len(paths)
 
 
 class FastEngine:
@@ -214,6 +242,11 @@ class FastEngine:
         self._compiled: Dict[int, object] = {}
         self._shadow: Optional[Tuple[weakref.ref, torch.nn.Module]] = None  # (source model, its decode copy)
 
+    def decodes_a_copy(self, model) -> bool:
+        """Whether :meth:`decode_model` decodes a copy of ``model`` in another dtype (else the model itself)."""
+        p = next(iter(model.parameters()), None)
+        return self.dtype is not None and p is not None and p.is_floating_point() and p.dtype != self.dtype
+
     @torch.no_grad()
     def decode_model(self, model, rows: int = 16):
         """The module that decodes: ``model`` itself, or (``dtype`` set and different from the model's)
@@ -221,40 +254,62 @@ class FastEngine:
 
         Like vLLM's separate inference weights: a CPU with AMX or a GPU decodes a bf16 copy of an fp32
         policy ~1.9x faster (SmolLM2-135M, 24 x 40 tokens, 2-core VM: 2.6 s against 4.8 s), while the
-        policy keeps its fp32 master weights. Called inside :func:`merged_lora`, so the copy holds the
-        merged weights with the adapters switched off. Only parameters are cast: buffers (rotary
+        policy keeps its fp32 master weights. LoRA adapters are merged into the copy's base weights as they
+        are filled (``dtype(W + scale * B @ A)``, the numbers :func:`merged_lora` would give) and switched off
+        in the copy; the model itself is not touched, and no fp32 copy of its weights is saved. Only
+        parameters are cast: buffers (rotary
         frequencies) keep their dtype. The copy is built once per source model and refilled with
         ``copy_`` afterwards (no new allocation per rollout). On a CPU its bf16 linear layers are
-        :class:`PackedLinear` s (``rows``: the decode batch, a blocking hint), re-packed on each refresh."""
-        params = list(model.parameters())
-        if self.dtype is None or not params or params[0].dtype == self.dtype or not params[0].is_floating_point():
+        :class:`PackedLinear` s (``rows``: the decode batch, a blocking hint), packed from the model's
+        weights on each refresh; their plain bf16 weights are never kept."""
+        if not self.decodes_a_copy(model):
             return model
         if self._shadow is None or self._shadow[0]() is not model:
             self._shadow = None
+            packed = packable_linears(model) if self.dtype == torch.bfloat16 and packing_works() else []
+            # a weight another module also uses (an output head tied to the input embedding) keeps its
+            # plain copy; the other packed weights exist only packed
+            uses: Dict[int, int] = {}
+            for m in model.modules():
+                for p in m.parameters(recurse=False):
+                    uses[id(p)] = uses.get(id(p), 0) + 1
+            only_packed = {id(w) for w in (model.get_submodule(p).weight for p in packed) if uses[id(w)] == 1}
             # deepcopy with every parameter pre-mapped to its cast copy: the module tree, buffers and
             # config are copied, the weights are never duplicated in the model's own dtype (tied
             # weights map to one copy, so they stay tied)
-            memo = {id(p): torch.nn.Parameter(p.detach().to(self.dtype) if p.is_floating_point() else p.detach().clone(),
-                                              requires_grad=False) for p in params}
+            memo = {id(p): torch.nn.Parameter(torch.empty(0, dtype=self.dtype) if id(p) in only_packed else
+                                              p.detach().to(self.dtype) if p.is_floating_point() else p.detach().clone(),
+                                              requires_grad=False) for p in model.parameters()}
             copy = _copy.deepcopy(model, memo)
             if getattr(copy, "config", None) is not None:  # a copy of the config (deepcopy): the dtype it reports
                 copy.config.dtype = self.dtype
+            pack_linears(copy, rows, source=model, paths=packed)
             # the engine outlives runs (generate.fast_engine keeps it per setting): when the source model
             # is freed, so is its copy
             self._shadow = (weakref.ref(model, self._forget), copy)
-            pack_linears(copy, rows)
-        else:
-            copy = self._shadow[1]
-            for dst, src in zip(copy.parameters(), params):
-                dst.copy_(src)
-            for m in copy.modules():
-                if isinstance(m, PackedLinear):
-                    m.repack()
-            # adapters on/off as in the source now (the copy's LoRA wrappers are not swapped, so the
-            # module lists line up)
-            for dst, src in zip(copy.modules(), model.modules()):
-                if hasattr(src, "_disable_adapters"):
-                    dst._disable_adapters = src._disable_adapters
+        copy = self._shadow[1]
+        # refill module by module (the copy's module list lines up with the source's: layers are swapped
+        # one for one): adapters on/off as in the source, each mergeable LoRA adapter merged into the
+        # copy's base weight (one layer's delta at a time) and switched off there, packed layers re-packed
+        merge = {id(m): active for m, active in mergeable_lora(model)}
+        delta_of: Dict[int, Tuple[torch.nn.Module, List[str]]] = {}  # base layer -> (LoRA layer, adapters)
+        for dst, src in zip(copy.modules(), model.modules()):
+            if hasattr(src, "_disable_adapters"):
+                dst._disable_adapters = src._disable_adapters
+            if id(src) in merge:
+                delta_of[id(src.get_base_layer())] = (src, merge[id(src)])
+                dst._disable_adapters = True
+            own = dict(src.named_parameters(recurse=False))
+            if id(src) in delta_of:
+                lora, active = delta_of.pop(id(src))
+                own["weight"] = own["weight"] + lora_delta(lora, active)
+            if isinstance(dst, PackedLinear):
+                dst.pack(own["weight"])
+                if dst.bias is not None:
+                    dst.bias.copy_(own["bias"])
+            else:
+                for name, p in dst.named_parameters(recurse=False):
+                    p.copy_(own[name])
         return copy
 
     def _forget(self, _ref) -> None:
@@ -280,7 +335,7 @@ class FastEngine:
         was_training = model.training
         model.eval()
         try:
-            with merged_lora(model):
+            with contextlib.nullcontext() if self.decodes_a_copy(model) else merged_lora(model):
                 decoder = self.decode_model(model, cfg.batch_size)
                 decoder.eval()
                 for group in length_groups(prompts, cfg.batch_size):
