@@ -5,7 +5,8 @@ for bit."""
 import pytest
 import torch
 
-from alignkit.rollout.engine import FastEngine, PackedLinear, draw, length_groups, merged_lora, pack_linears, sample_next
+from alignkit.ops.packed_linear import PackedLinear, pack_linears
+from alignkit.rollout.engine import FastEngine, draw, length_groups, merged_lora, sample_next
 from alignkit.rollout.generate import GenerationConfig, _cut_at_eos, batched_logprobs, generate, hf_generate
 
 

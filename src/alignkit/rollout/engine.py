@@ -15,10 +15,9 @@ per step exactly one forward of the still-running rows and one sampling op:
 - **Behaviour log-probs for free.** The log-prob of each sampled token under the sampling
   distribution (logits / temperature, full softmax: top-p/top-k truncation is not reflected, as in
   TRL and OpenRLHF) is taken from the logits the step already computed; no second pass.
-- **Pre-packed weights on a CPU.** The bf16 decode copy's linear layers hold their weights in
-  oneDNN's blocked layout (:class:`PackedLinear`), packed once per rollout: a plain bf16 linear
-  re-packs its weight on every call, which at decode's few rows costs more than the product itself
-  (SmolLM2-135M: 219 -> 110 us for a 576 x 1536 layer at 16 rows, the same numbers bit for bit).
+- **Pre-packed weights on a CPU.** The bf16 decode copy's linear layers hold their weights only in
+  oneDNN's blocked layout (:mod:`alignkit.ops.packed_linear`), packed once per rollout: a plain bf16
+  linear re-packs its weight on every call, which at decode's few rows costs more than the product.
 - **LoRA merged for the rollout.** :func:`merged_lora` adds each adapter's ``scale * B @ A`` into its
   base weight and switches the adapter off for the duration of the rollout, so decoding runs plain
   linear layers; on exit the base weights are copied back from a saved copy, bit for bit
@@ -39,6 +38,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from alignkit.ops.logprobs import keep_last
+from alignkit.ops.packed_linear import PackedLinear, pack_linears, packable_linears, packing_works
 from alignkit.ops.wrappers import unwrap
 
 
@@ -164,66 +164,6 @@ def _make_cache(model, batch: int, max_len: int, static: bool):
         except Exception:  # noqa: BLE001 - a model whose config StaticCache cannot read: dynamic cache
             pass
     return DynamicCache(config=model.config)
-
-
-class PackedLinear(torch.nn.Module):
-    """A decode copy's linear layer whose bf16 weight lives only in oneDNN's blocked layout (CPU).
-
-    ``torch.ops.mkldnn._reorder_linear_weight`` packs the weight (``rows``: the expected number of input
-    rows, a blocking hint) and ``_linear_pointwise`` multiplies with it; a plain bf16 linear call packs
-    its weight again every time. Same output bit for bit as ``F.linear`` with the bf16 weight (checked
-    by :func:`packing_works`). :meth:`pack` takes a new weight in any float dtype (cast to bf16 here), so
-    the copy never holds a plain bf16 weight next to the packed one."""
-
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int):
-        super().__init__()
-        self.rows, self.bias = rows, bias
-        self.pack(weight)
-
-    def pack(self, weight: torch.Tensor) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous(),
-                                                              self.rows)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def packing_works() -> bool:
-    """Whether this torch build packs bf16 linear weights for oneDNN and gives ``F.linear``'s numbers."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    g = torch.Generator().manual_seed(0)
-    w, b = (torch.randn(40, 24, generator=g).to(torch.bfloat16), torch.randn(40, generator=g).to(torch.bfloat16))
-    x = torch.randn(3, 2, 24, generator=g).to(torch.bfloat16)
-    try:
-        return torch.equal(PackedLinear(w, b, 4)(x), torch.nn.functional.linear(x, w, b))
-    except (RuntimeError, AttributeError):  # a torch build without these oneDNN ops
-        return False
-
-
-def packable_linears(model: torch.nn.Module) -> List[str]:
-    """Paths of the CPU ``nn.Linear`` layers of ``model`` a bf16 decode copy packs: every one but LoRA
-    adapters' own layers (off during a rollout)."""
-    return [path for path, m in model.named_modules() if type(m) is torch.nn.Linear and ".lora_" not in f".{path}"
-            and m.weight.device.type == "cpu"]
-
-
-def pack_linears(copy: torch.nn.Module, rows: int, source: Optional[torch.nn.Module] = None,
-                 paths: Optional[Sequence[str]] = None) -> int:
-    """Swap linear layers of ``copy`` (a decode copy: never the user's model) at ``paths`` (default
-    :func:`packable_linears` of the bf16 ones) for :class:`PackedLinear` s packed from ``source``'s
-    weights at the same paths (default: the copy's own). Returns the number swapped (0 where
-    :func:`packing_works` says no)."""
-    if paths is None:
-        paths = [p for p in packable_linears(copy) if copy.get_submodule(p).weight.dtype == torch.bfloat16]
-    if not paths or not packing_works():
-        return 0
-    for path in paths:
-        parent, _, name = path.rpartition(".")
-        old = copy.get_submodule(path)
-        weight = (source if source is not None else copy).get_submodule(path).weight
-        setattr(copy.get_submodule(parent) if parent else copy, name, PackedLinear(weight, old.bias, rows))
-    return len(paths)
 
 
 class FastEngine:
