@@ -376,8 +376,7 @@ def mfu(model_dir, tokens_per_s) -> float:
     return 6 * n * tokens_per_s / 989e12
 
 
-def flops_table(a, data) -> None:
-    src = Path(a.src_model) if a.src_model else default_model_dir()
+def flops_table(a, data, src: Path) -> None:
     print("| work | size | alignkit GFLOP/step | TRL GFLOP/step | TRL / alignkit |", flush=True)
     print("|---|---|---|---|---|", flush=True)
     results = []
@@ -435,7 +434,7 @@ def main():
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, device {a.device}, steps {a.steps} "
           f"(grpo {a.grpo_steps}), median after the first", flush=True)
     if a.flops:
-        return flops_table(a, data)
+        return flops_table(a, data, src)
     print("| work | size | alignkit step | TRL step | alignkit | TRL | ratio | alignkit peak | TRL peak |", flush=True)
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     results = []

@@ -214,12 +214,12 @@ class FastEngine:
                 for p in m.parameters(recurse=False):
                     uses[id(p)] = uses.get(id(p), 0) + 1
             only_packed = {id(w) for w in (model.get_submodule(p).weight for p in packed) if uses[id(w)] == 1}
-            # deepcopy with every parameter pre-mapped to its cast copy: the module tree, buffers and
-            # config are copied, the weights are never duplicated in the model's own dtype (tied
-            # weights map to one copy, so they stay tied)
-            memo = {id(p): torch.nn.Parameter(torch.empty(0, dtype=self.dtype) if id(p) in only_packed else
-                                              p.detach().to(self.dtype) if p.is_floating_point() else p.detach().clone(),
-                                              requires_grad=False) for p in model.parameters()}
+            # deepcopy with every parameter pre-mapped to an empty one of the copy's dtype: the module tree,
+            # buffers and config are copied, the weights are never duplicated in the model's own dtype
+            # (tied weights map to one parameter, so they stay tied); the refill below fills them
+            memo = {id(p): torch.nn.Parameter(
+                torch.empty(0 if id(p) in only_packed else p.shape, dtype=self.dtype if p.is_floating_point() else p.dtype,
+                            device=p.device), requires_grad=False) for p in model.parameters()}
             copy = _copy.deepcopy(model, memo)
             if getattr(copy, "config", None) is not None:  # a copy of the config (deepcopy): the dtype it reports
                 copy.config.dtype = self.dtype
