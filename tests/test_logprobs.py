@@ -177,13 +177,18 @@ def test_label_logprobs_backward_matches_autograd(temperature, dtype, block, mon
         assert torch.allclose(za.grad.float(), zb.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
-def test_label_logprobs_leaves_its_inputs_alone_so_a_second_backward_agrees():
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_label_logprobs_leaves_its_inputs_alone_so_a_second_backward_agrees(temperature, with_entropy):
+    """fp32 logits are read in place (at tau 1 the forward uses them as they are, and the backward
+    works inside the gradient's rows), so nothing may write into them."""
     from alignkit.ops.logprobs import label_logprobs
 
-    z = torch.randn(3, 10, requires_grad=True)  # fp32: z.float() would be z itself
+    z = torch.randn(3, 10, requires_grad=True)
     z0 = z.detach().clone()
-    lp, _ = label_logprobs(z, torch.tensor([1, 2, 3]), temperature=0.5)
-    lp.sum().backward(retain_graph=True)
+    lp, h = label_logprobs(z, torch.tensor([1, 2, 3]), temperature=temperature, with_entropy=with_entropy)
+    (lp.sum() + h.sum()).backward(retain_graph=True)
     first = z.grad.clone()
-    lp.sum().backward()
+    (lp.sum() + h.sum()).backward()
     assert torch.equal(z.detach(), z0) and torch.allclose(z.grad, 2 * first)
+    assert torch.allclose(lp.detach(), torch.log_softmax(z0 / temperature, -1)[range(3), [1, 2, 3]], atol=1e-6)
