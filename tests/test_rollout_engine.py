@@ -192,6 +192,53 @@ def test_generation_dtype_auto_follows_native_bf16(monkeypatch):
     assert gen_mod.decode_dtype(cfg.model_copy(update={"dtype": "bfloat16"}), "cpu") == torch.bfloat16
 
 
+def test_native_bf16_measures_a_cpu_without_amx(monkeypatch):
+    """AMX means bf16; AVX512-BF16 alone means bf16 only where a measured bf16 product beats fp32 by
+    BF16_MIN_SPEEDUP (some Xeons expose the flag and run bf16 2x slower than fp32); neither means fp32."""
+    from alignkit.models import loading
+
+    flags = set()
+    monkeypatch.setattr(loading, "_cpu_has", lambda flag: flag in flags)
+    speed = {"x": 3.0}
+    monkeypatch.setattr(loading, "cpu_bf16_speedup", lambda: speed["x"])
+    assert not loading.native_bf16("cpu")
+    flags.add("_is_avx512_bf16_supported")
+    assert loading.native_bf16("cpu")
+    speed["x"] = 0.5
+    assert not loading.native_bf16("cpu")
+    speed["x"] = loading.BF16_MIN_SPEEDUP
+    assert loading.native_bf16("cpu")
+    speed["x"] = 0.5
+    flags.add("_is_amx_tile_supported")
+    assert loading.native_bf16("cpu")  # AMX: no measurement needed
+    assert not loading.native_bf16("mps")
+
+
+def test_cpu_bf16_speedup_times_both_products_once(monkeypatch):
+    """The measurement divides fp32's best time by bf16's, runs once per process per shape, and sees
+    the products it claims to time (a fake linear that is 4x slower in fp32 gives 4x)."""
+    from alignkit.models import loading
+
+    loading.cpu_bf16_speedup.cache_clear()
+    seen = []
+    clock = {"t": 0.0}
+
+    def fake_linear(a, b):
+        seen.append((tuple(a.shape), tuple(b.shape), a.dtype))
+        clock["t"] += 4.0 if a.dtype == torch.float32 else 1.0
+
+    monkeypatch.setattr(torch.nn.functional, "linear", fake_linear)
+    import time
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["t"])
+    assert loading.cpu_bf16_speedup(rows=8, n_in=16, n_out=32, repeats=3) == pytest.approx(4.0)
+    assert loading.cpu_bf16_speedup(rows=8, n_in=16, n_out=32, repeats=3) == pytest.approx(4.0)
+    assert len(seen) == 8  # warm-up + 3 per dtype, and the second call came from the cache
+    assert {s[:2] for s in seen} == {((8, 16), (32, 16))}
+    assert [s[2] for s in seen].count(torch.bfloat16) == 4
+    loading.cpu_bf16_speedup.cache_clear()
+
+
 def test_packed_linear_equals_linear_and_skips_what_it_must():
     """PackedLinear gives F.linear's bf16 numbers bit for bit at every row count (decode, prefill, one
     row) and follows a new weight given in fp32; pack_linears leaves fp32 layers and LoRA adapters

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import warnings
@@ -22,19 +23,64 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def native_bf16(device_type: Optional[str] = None) -> bool:
-    """Whether bf16 matrix products run natively (faster than fp32) on ``device_type`` (default: the
-    device runs use, CUDA when there is one): a CUDA GPU with bf16 support, or a CPU with AMX tiles or
-    AVX512-BF16 (Intel Sapphire Rapids and later, AMD Zen 4 and later), where oneDNN runs bf16 GEMMs
-    ~6x faster than fp32 on the same cores (measured on the 2-core development VM: 2.0 vs 0.33
-    TFLOP/s). Elsewhere bf16 is emulated and slower, so ``auto`` stays fp32."""
+    """Whether bf16 matrix products run faster than fp32 on ``device_type`` (default: the device runs
+    use, CUDA when there is one), which is what ``train.precision=auto``, ``model.dtype=auto`` and
+    ``generation.dtype=auto`` pick bf16 on.
+
+    - A CUDA GPU: when it supports bf16.
+    - A CPU with AMX tiles (Intel Sapphire Rapids and later): yes; oneDNN ran bf16 products ~6x faster
+      than fp32 on the 2-core development VM (2.0 vs 0.33 TFLOP/s).
+    - A CPU with AVX512-BF16 but no AMX: measured, because the flag does not settle it. On 2 Zen 4 cores
+      bf16 products reached ~420 GFLOP/s; on 2 Xeon cores that expose AVX512-BF16 without AMX they ran
+      2x *slower* than fp32 (164 vs 329 GFLOP/s), so bf16 autocast there halved training speed.
+      :func:`cpu_bf16_speedup` times one product of a training shape both ways, once per process.
+    - Any other CPU: no (bf16 is emulated)."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type != "cpu":
         return False
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(bool(c()) for c in checks if c is not None)
+    if _cpu_has("_is_amx_tile_supported"):
+        return True
+    return _cpu_has("_is_avx512_bf16_supported") and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
+BF16_MIN_SPEEDUP = 1.2
+"""bf16 must beat fp32 by this factor to be chosen: below it the speed gain does not pay for bf16's
+coarser products."""
+
+
+def _cpu_has(flag: str) -> bool:
+    check = getattr(getattr(torch, "cpu", None), flag, None)
+    return bool(check()) if check is not None else False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(rows: int = 256, n_in: int = 1024, n_out: int = 1024, repeats: int = 5) -> float:
+    """fp32 time over bf16 time of one ``(rows, n_in) x (n_in, n_out)`` linear layer on this CPU with
+    the current thread count (best of ``repeats`` after a warm-up each; ~20 ms at the default shape, a
+    micro-batch's worth of rows through a 1024-wide layer). Cached per process: it is a fact about the
+    machine, not a setting. > 1 means bf16 is faster."""
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, n_in, generator=gen)
+    w = torch.randn(n_out, n_in, generator=gen)
+
+    def best(a, b) -> float:
+        torch.nn.functional.linear(a, b)  # warm-up: oneDNN builds its kernel on the first call
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    fp32 = best(x, w)
+    bf16 = best(x.to(torch.bfloat16), w.to(torch.bfloat16))
+    speedup = fp32 / max(bf16, 1e-9)
+    log.debug("bf16 linear %dx%dx%d: %.2fx fp32's speed on this CPU", rows, n_in, n_out, speedup)
+    return speedup
 
 
 def precast_frozen_linears(model, accelerator) -> int:
