@@ -435,7 +435,10 @@ def test_token_budget_micro_batches_keep_the_rl_update(setup, tiny_model):
         loss.backward()
         out[budget] = (float(loss.detach()), [p.grad.clone() for p in policy.parameters()],
                        [len(mb) for mb in update.micro_batches])
-    assert out[None][2] == [2] * (sum(out[None][2]) // 2) and out[40][2] != out[None][2]
+        G = task.samples_per_prompt
+    # without a budget a micro-batch holds 2 prompts (the micro-batch size) with all their G samples
+    assert G > 1 and out[None][2] == [2 * G] * (sum(out[None][2]) // (2 * G)) and len(out[None][2]) > 1
+    assert out[40][2] != out[None][2]
     assert out[40][0] == pytest.approx(out[None][0], rel=1e-5, abs=1e-6)
     for a, b in zip(out[40][1], out[None][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

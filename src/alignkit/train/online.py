@@ -252,7 +252,10 @@ class RLTask(Task):
         """rollout -> reward shaping -> KL placement -> advantage -> whitening -> updates."""
         o = self.opts
         ro, raw, metrics = self.sample(model, items)
-        sched = self.schedule(len(ro), micro_batch_size, lengths=ro.sequences.attention_mask.sum(-1).tolist(),
+        # a micro-batch holds micro_batch_size prompts with all their samples (an item of the rollout batch is
+        # a prompt, as an offline item is a row), so each group's prompt runs once in it
+        sched = self.schedule(len(ro), micro_batch_size * self.samples_per_prompt,
+                              lengths=ro.sequences.attention_mask.sum(-1).tolist(),
                               groups=ro.prompt_index if self.share_prompts else None)
         seq = ro.sequences
         N, T1 = seq.input_ids.shape[0], seq.input_ids.shape[1] - 1

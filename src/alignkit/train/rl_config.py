@@ -172,8 +172,9 @@ class ValueOptions(Section):
 
 class OnlineRLConfig(RunConfig, RewardsMixin):
     """Sections shared by every online-RL command. One step = one rollout batch of
-    train.batch_size x train.grad_accum x processes prompts; train.batch_size is also the number of
-    sequences per forward micro-batch. The stage options live in the command's own section
+    train.batch_size x train.grad_accum x processes prompts; a forward micro-batch holds train.batch_size of
+    them with all their samples (batch_size x num_generations sequences; train.max_tokens_per_batch cuts by
+    tokens instead), as an offline micro-batch holds batch_size rows. The stage options live in the command's own section
     (``ppo:``, ``grpo:``, ``rloo:`` or ``rl:``), filled from ``preset``."""
 
     section: ClassVar[str] = "rl"
