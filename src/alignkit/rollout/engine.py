@@ -40,6 +40,7 @@ import torch
 from alignkit.ops.logprobs import keep_last
 from alignkit.ops.packed_linear import PackedLinear, pack_linears, packable_linears, packing_works
 from alignkit.ops.wrappers import unwrap
+from alignkit.rollout.lean import lean_step
 
 
 def mergeable_lora(model) -> Iterator[Tuple[torch.nn.Module, List[str]]]:
@@ -309,6 +310,9 @@ class FastEngine:
         step_tokens, step_logps = [], []  # per step: (B,) tensors over the original rows
         logits = out.logits[:, -1]
         step = self._step_fn(model)
+        # decode steps without transformers' per-op overhead where that gives its numbers bit for bit
+        lean = None if compiled or not cache.is_compileable else lean_step(
+            model, lambda m, b, n: _make_cache(m, b, n, True), ckw)
         for k in range(new):
             tok, lp = sample_next(logits, cfg.temperature, cfg.top_p, cfg.top_k)
             if rows.numel() < B:  # scatter the running rows back to their original places
@@ -332,10 +336,13 @@ class FastEngine:
                 rows, tok, attn, plen = rows[keep], tok[keep], attn[keep], plen[keep]
                 cache.reorder_cache(keep)
             attn[:, L + k] = 1
+            where = torch.tensor([L + k], device=device)
+            if lean is not None:
+                logits = lean.step(tok, (plen + k)[:, None], cache, where, attn[:, None, None, :].bool())
+                continue
             kv = attn if cache.is_compileable else attn[:, :L + k + 1]
             out = step(input_ids=tok[:, None], attention_mask=kv, position_ids=(plen + k)[:, None],
-                       use_cache=True, **{ckw: cache},
-                       cache_position=torch.tensor([L + k], device=device), logits_to_keep=1)
+                       use_cache=True, **{ckw: cache}, cache_position=where, logits_to_keep=1)
             logits = out.logits[:, -1]
         T = torch.stack(step_tokens, 1).tolist()  # (B, steps): the one transfer of the batch
         P = torch.stack(step_logps, 1).tolist()
