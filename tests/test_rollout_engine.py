@@ -31,6 +31,22 @@ def test_greedy_tokens_equal_transformers_generate(model_and_prompts, static, ba
     assert any(len(r) < 24 for r in ref) and any(len(r) == 24 for r in ref)  # rows left the batch early
 
 
+@pytest.mark.parametrize("static", [True, False])
+def test_shared_prompts_are_prefilled_once_and_give_generate_tokens(model_and_prompts, static):
+    tok, model, prompts = model_and_prompts
+    group = [p for p in prompts[:3] for _ in range(4)]  # 3 prompts x 4 samples, as GRPO sends them
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0, batch_size=12)
+    rows = []  # input shape of every model forward: the prefill is the first (lean decode steps skip forward)
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        fast, _ = FastEngine(static_cache=static).generate(model, group, cfg, [tok.eos_token_id], tok.pad_token_id)
+    finally:
+        hook.remove()
+    assert rows[0] == (3, max(len(p) for p in prompts[:3]))  # 3 distinct prompts prefilled, not 12
+    ref = [_cut_at_eos(r, {tok.eos_token_id})[0] for r in hf_generate(model, tok, group, cfg)]
+    assert fast == ref
+
+
 def test_seeded_sampling_repeats_and_logprobs_match_a_forward_pass(model_and_prompts):
     tok, model, prompts = model_and_prompts
     cfg = GenerationConfig(max_new_tokens=16, temperature=0.8, top_p=0.9, top_k=40, batch_size=4, dtype="model")

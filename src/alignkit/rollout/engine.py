@@ -9,6 +9,10 @@ per step exactly one forward of the still-running rows and one sampling op:
 - **Static KV cache.** One preallocated cache per batch (``transformers.StaticCache``, prompt +
   ``max_new_tokens`` positions), written in place; the model computes logits for the last position
   only (``logits_to_keep=1``). On a GPU, ``generation.compile=true`` compiles the decode step.
+- **Shared prompts prefilled once.** The samples of one prompt (``n`` per prompt: a GRPO or RLOO
+  group) arrive as identical prompts; each batch prefills its distinct prompts only and copies their
+  KV-cache rows and last-position logits to every sample (``Cache.reorder_cache`` with a longer index),
+  so a group of ``G`` pays one prompt forward instead of ``G``.
 - **Finished rows leave the batch.** When a row samples EOS, it is dropped from the batch and from
   the cache (``Cache.reorder_cache`` with the surviving rows), so later steps only pay for rows still
   running. (Not with ``compile``: a compiled step keeps fixed shapes.)
@@ -290,25 +294,36 @@ class FastEngine:
     def _batch(self, model, prompts, cfg, eos_ids, pad_id, device):
         B, L, new = len(prompts), max(len(p) for p in prompts), cfg.max_new_tokens
         compiled = self.compile and device.type == "cuda"
-        ids = torch.full((B, L), pad_id, dtype=torch.long)
-        attn = torch.zeros((B, L + new), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        # identical prompts (the samples of a GRPO/RLOO group, which arrive as consecutive copies) are
+        # prefilled once; their cache rows and last logits are then copied to every row that has them
+        # (not when compiled: a compiled step keeps the prefill's shapes)
+        first: Dict[Tuple[int, ...], int] = {}
+        of_row = [first.setdefault(tuple(p), len(first)) for p in prompts] if not compiled else list(range(B))
+        unique = list(first) if not compiled else [tuple(p) for p in prompts]
+        U = len(unique)
+        ids = torch.full((U, L), pad_id, dtype=torch.long)
+        attn = torch.zeros((U, L + new), dtype=torch.long)
+        for i, p in enumerate(unique):
+            ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
             attn[i, L - len(p):L] = 1
         ids, attn = ids.to(device), attn.to(device)
-        plen = attn[:, :L].sum(-1)  # (B,) real prompt tokens: the next position id of each row
         eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-        cache = _make_cache(model, B, L + new, self.static_cache or compiled)
+        cache = _make_cache(model, U, L + new, self.static_cache or compiled)
         # prefill: positions follow the attention mask, so left padding does not shift them
         pos = (attn[:, :L].cumsum(-1) - 1).clamp(min=0)
         ckw = _cache_kwarg(model)
         out = model(input_ids=ids, attention_mask=attn if cache.is_compileable else attn[:, :L],
                     position_ids=pos, use_cache=True, **{ckw: cache},
                     cache_position=torch.arange(L, device=device), logits_to_keep=keep_last(ids))
+        logits = out.logits[:, -1]
+        if U < B:  # one cache row (and logits row) per sample: index_select along the batch dimension
+            expand = torch.tensor(of_row, dtype=torch.long, device=device)
+            cache.reorder_cache(expand)
+            logits, attn = logits.index_select(0, expand), attn.index_select(0, expand)
+        plen = attn[:, :L].sum(-1)  # (B,) real prompt tokens: the next position id of each row
         rows = torch.arange(B, device=device)  # original row of each running row
         done = torch.zeros(B, dtype=torch.bool, device=device)  # compiled path: rows past their EOS
         step_tokens, step_logps = [], []  # per step: (B,) tensors over the original rows
-        logits = out.logits[:, -1]
         step = self._step_fn(model)
         # decode steps without transformers' per-op overhead where that gives its numbers bit for bit
         lean = None if compiled or not cache.is_compileable else lean_step(
