@@ -280,3 +280,26 @@ def test_sft_trainer_token_budget_4x2_equals_8(tmp_path, tiny_model):
         grads.append([p.grad.clone() for p in tr.model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_batched_logprobs_with_shared_prompts_equals_rows():
+    """The eval's reference pass: eight samples of each of three prompts, in chunks that split a group
+    (batch_size 5); log-probs with each prompt run once per chunk equal the padded rows' (fp32, 1e-5),
+    and 0 stays 0 off the response tokens."""
+    from alignkit.rollout.generate import batched_logprobs
+
+    model = tiny_causal_lm("llama", seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 90, (n,), generator=g).tolist() for n in (5, 7, 4)]
+    rows, masks = [], []
+    for p in prompts:
+        for _ in range(8):
+            r = torch.randint(1, 90, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+            rows.append(p + r)
+            masks.append([0] * len(p) + [1] * len(r))
+    batch = pad_sequences(rows, masks, 0)
+    assert resolve_packing(model, True, share_prompt=True).share_prompt
+    plain = batched_logprobs(model, batch, batch_size=5)
+    shared = batched_logprobs(model, batch, batch_size=5, share_prompts=True)
+    torch.testing.assert_close(shared, plain, **TOL)
+    assert bool((plain[batch.loss_mask[:, 1:] == 0] == 0).all()) and bool((plain[batch.loss_mask[:, 1:] == 1] < 0).all())

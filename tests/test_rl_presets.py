@@ -220,8 +220,8 @@ def test_on_policy_runs_skip_the_old_logprob_pass_and_log_the_same_kl(setup, tin
         if not on_policy:
             monkeypatch.setattr(online.RLTask, "on_policy_stats", property(lambda self: False))
         calls = []
-        real = online.token_logprobs
-        monkeypatch.setattr(online, "token_logprobs",
+        real = online.row_logprobs
+        monkeypatch.setattr(online, "row_logprobs",
                             lambda m, *a, **k: calls.append(m is policy) or real(m, *a, **k))
         torch.manual_seed(0)
         (update,) = list(task.plan(model, items, 3))

@@ -79,6 +79,11 @@ class EvalConfig(Section):
     """n of the repetition rate: share of a response's n-grams that repeat an earlier one."""
     batch_size: int = Field(16, gt=0)
     """Sequences per forward pass when scoring log-probs (generation uses generation.batch_size)."""
+    prefix_sharing: bool = True
+    """Score the reference's log-probs of a prompt's samples with the prompt run once
+    (``[prompt][sample 1][sample 2]...``, each sample seeing the prompt and itself: the layout of
+    train.prefix_sharing), where the reference model gives the same numbers that way (a start-up probe;
+    otherwise one line says why and each sample runs after its own copy of the prompt)."""
     seed: int = 0
     """Sampling seed."""
     reward_model: Optional[str] = None
@@ -178,6 +183,15 @@ def display_prompt(prompt: Any) -> str:
     return str(prompt)
 
 
+def _say_no_sharing(message: str) -> None:
+    """The probe's one line, worded for this command (the reference's samples run after their own prompt)."""
+    import logging
+
+    why = message.split(": ", 1)[-1].split(";")[0]
+    logging.getLogger("alignkit").warning(f"eval prefix_sharing: off for the reference model ({why}); "
+                                          "each sample is scored after its own copy of the prompt")
+
+
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -231,6 +245,7 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
     from alignkit.data import prepare
     from alignkit.models.default import resolve_model_path
     from alignkit.models.loading import load_tokenizer
+    from alignkit.ops.packing import resolve_packing
     from alignkit.rollout.generate import batched_logprobs, generate
     from alignkit.train.logging import phase
 
@@ -269,8 +284,11 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
                              "KL needs both models' log-probs of the same tokens")
         del policy
         ref_model = _load_lm(cfg.reference, cfg.model)
+        share = (cfg.prefix_sharing and cfg.samples > 1
+                 and resolve_packing(ref_model, True, share_prompt=True, say=_say_no_sharing).share_prompt)
         with phase("reference log-probs", label="eval"):
-            ref_lp = batched_logprobs(ref_model, ro.sequences, temperature=temp, batch_size=cfg.batch_size)
+            ref_lp = batched_logprobs(ref_model, ro.sequences, temperature=temp, batch_size=cfg.batch_size,
+                                      share_prompts=share, pad_id=tok.pad_token_id)
     kl_tokens = per_token_kl(lp, ref_lp, ro.sequences.loss_mask[:, 1:], cfg.kl_estimator)
     stored: Dict[str, List[float]] = {}
     if same:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from alignkit.data.collate import SeqBatch
+from alignkit.data.collate import SeqBatch, SharedRows
 from alignkit.ops.packing import model_inputs, position_ids  # noqa: F401  (position_ids: re-exported)
 from alignkit.ops.masked import masked_mean, masked_sum
 from alignkit.ops.wrappers import unwrap
@@ -350,6 +350,20 @@ def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_ent
         if with_entropy:
             out_ent = out_ent.index_put((idx,), torch.cat(ent_parts))
     return _result(batch, out_lp.view(B, T1), mask, out_ent.view(B, T1) if with_entropy else None)
+
+
+def row_logprobs(model, seq: SeqBatch, shared: Optional[SharedRows] = None, *, temperature: float = 1.0,
+                 with_entropy: bool = False, chunk_size: int = DEFAULT_CHUNK) -> TokenLogprobs:
+    """:func:`token_logprobs` of the right-padded rows ``seq``, computed on ``shared`` (the same rows with
+    each prompt once, :func:`~alignkit.data.collate.share_row_prompts`) when given: the prompt's forward
+    runs once per group and the results come back in the rows' ``(B, T-1)`` label space, as if each row
+    had been run alone (exact where :func:`~alignkit.ops.packing.resolve_packing`'s probe says so)."""
+    tl = token_logprobs(model, shared.batch if shared is not None else seq, temperature=temperature,
+                        with_entropy=with_entropy, chunk_size=chunk_size)
+    if shared is None:
+        return tl
+    return TokenLogprobs(shared.to_rows(tl.logps), seq.loss_mask[:, 1:].float(),
+                         shared.to_rows(tl.entropy) if tl.entropy is not None else None)
 
 
 def reference_logprobs(model, batch: SeqBatch, temperature: float = 1.0) -> TokenLogprobs:

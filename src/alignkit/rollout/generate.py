@@ -191,10 +191,18 @@ def generate(model, tokenizer, prompts: Sequence[List[int]], cfg: GenerationConf
 
 @torch.no_grad()
 def batched_logprobs(model, batch: SeqBatch, temperature: float = 1.0, batch_size: int = 16,
-                     chunk_size: Optional[int] = None) -> torch.Tensor:
-    """(N, T-1) log-probs of ``batch`` under ``model`` without gradients, in chunks of rows
-    (``chunk_size``: label positions per head chunk, 0 = full logits; default ``DEFAULT_CHUNK``)."""
-    from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
+                     chunk_size: Optional[int] = None, share_prompts: bool = False, pad_id: int = 0) -> torch.Tensor:
+    """(N, T-1) log-probs of ``batch`` (right-padded ``prompt + response`` rows) under ``model`` without
+    gradients, in chunks of ``batch_size`` rows (``chunk_size``: label positions per head chunk, 0 = full
+    logits; default ``DEFAULT_CHUNK``).
+
+    ``share_prompts``: rows of a chunk with the same prompt (the samples of one prompt, consecutive) run
+    as one ``[prompt][response 1][response 2]...`` unit (:func:`~alignkit.data.collate.share_row_prompts`),
+    so each prompt's forward runs once per chunk; only for a model whose probe allows it
+    (:func:`~alignkit.ops.packing.resolve_packing` with ``share_prompt=True``). ``pad_id`` fills the
+    shared rows' tails."""
+    from alignkit.data.collate import share_row_prompts
+    from alignkit.ops.logprobs import DEFAULT_CHUNK, row_logprobs
 
     chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     model_u = unwrap(model)
@@ -202,6 +210,9 @@ def batched_logprobs(model, batch: SeqBatch, temperature: float = 1.0, batch_siz
     parts = []
     for s in range(0, len(batch), batch_size):
         sub = SeqBatch(batch.input_ids[s:s + batch_size], batch.attention_mask[s:s + batch_size],
-                       batch.loss_mask[s:s + batch_size]).to(device)
-        parts.append(token_logprobs(model_u, sub, temperature=temperature, chunk_size=chunk_size).logps.float().cpu())
+                       batch.loss_mask[s:s + batch_size])
+        shared = share_row_prompts(sub, pad_id) if share_prompts else None
+        sub, shared = sub.to(device), shared.to(device) if shared is not None else None
+        tl = row_logprobs(model_u, sub, shared, temperature=temperature, chunk_size=chunk_size)
+        parts.append(tl.logps.float().cpu())
     return torch.cat(parts)

@@ -28,7 +28,7 @@ import torch
 
 from alignkit.data.collate import SeqBatch, SharedRows, share_row_prompts
 from alignkit.eval.metrics import distinct_n
-from alignkit.ops.logprobs import TokenLogprobs, token_logprobs
+from alignkit.ops.logprobs import TokenLogprobs, row_logprobs
 from alignkit.ops.wrappers import unwrap
 from alignkit.rollout.generate import Rollout, generate
 from alignkit.advantages import AdaptiveKLController, FixedKLController, RunningMoments, whiten
@@ -107,12 +107,8 @@ class RLTask(Task):
         return self._logprobs(model, seq, shared, with_entropy), None
 
     def _logprobs(self, model, seq: SeqBatch, shared: Optional[SharedRows], with_entropy: bool) -> TokenLogprobs:
-        tl = token_logprobs(model, shared.batch if shared is not None else seq, temperature=self.temperature,
-                            with_entropy=with_entropy, chunk_size=self.cfg.train.logprob_chunk)
-        if shared is None:
-            return tl
-        return TokenLogprobs(shared.to_rows(tl.logps), seq.loss_mask[:, 1:].float(),
-                             shared.to_rows(tl.entropy) if tl.entropy is not None else None)
+        return row_logprobs(model, seq, shared, temperature=self.temperature, with_entropy=with_entropy,
+                            chunk_size=self.cfg.train.logprob_chunk)
 
     def _share(self, seq: SeqBatch) -> Optional[SharedRows]:
         """The prefix-shared layout of host-side rows when the run shares prompts (None: the rows as they are)."""
