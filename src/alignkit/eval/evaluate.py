@@ -183,15 +183,6 @@ def display_prompt(prompt: Any) -> str:
     return str(prompt)
 
 
-def _say_no_sharing(message: str) -> None:
-    """The probe's one line, worded for this command (the reference's samples run after their own prompt)."""
-    import logging
-
-    why = message.split(": ", 1)[-1].split(";")[0]
-    logging.getLogger("alignkit").warning(f"eval prefix_sharing: off for the reference model ({why}); "
-                                          "each sample is scored after its own copy of the prompt")
-
-
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -285,7 +276,8 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
         del policy
         ref_model = _load_lm(cfg.reference, cfg.model)
         share = (cfg.prefix_sharing and cfg.samples > 1
-                 and resolve_packing(ref_model, True, share_prompt=True, say=_say_no_sharing).share_prompt)
+                 and resolve_packing(ref_model, True, share_prompt=True,
+                                     switches=("eval.prefix_sharing",) * 2).share_prompt)
         with phase("reference log-probs", label="eval"):
             ref_lp = batched_logprobs(ref_model, ro.sequences, temperature=temp, batch_size=cfg.batch_size,
                                       share_prompts=share, pad_id=tok.pad_token_id)

@@ -147,10 +147,11 @@ def _probe(model, packing: Packing) -> Tuple[bool, str]:
 
 
 def resolve_packing(model, pack: bool, share_prompt: bool = False, max_tokens: Optional[int] = None,
-                    say=None) -> Packing:
+                    say=None, switches: Tuple[str, str] = ("train.packing", "train.prefix_sharing")) -> Packing:
     """The layout a run uses: what was asked for, minus what this model cannot do exactly.
 
     ``say``: where the one-line explanation goes when something is turned off (default: the log).
+    ``switches``: the settings that line names for packing and for prefix sharing (the caller's own).
     """
     say = say or log.warning
     name = type(unwrap(model)).__name__
@@ -162,14 +163,14 @@ def resolve_packing(model, pack: bool, share_prompt: bool = False, max_tokens: O
     elif pack:
         ok, why = _probe(model, Packing(pack=True))
         if not ok:
-            say(f"train.packing: {name} cannot attend within packed sequences exactly ({why}); "
+            say(f"{switches[0]}: {name} cannot attend within packed sequences exactly ({why}); "
                 "using padded batches")
             pack = share_prompt = False
     if share_prompt:
         ok, why = (False, f"attention implementation {impl!r} takes no custom masks") \
             if impl.startswith("flash") else _probe(model, Packing(pack=True, share_prompt=True))
         if not ok:
-            say(f"train.prefix_sharing: {name} cannot share the prompt exactly ({why}); "
+            say(f"{switches[1]}: {name} cannot share the prompt exactly ({why}); "
                 "each response is laid out after its own copy of the prompt")
             share_prompt = False
     return Packing(pack=pack, share_prompt=share_prompt, max_tokens=max_tokens)
