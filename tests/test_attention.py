@@ -92,13 +92,55 @@ def test_no_grad_passes_give_the_training_numbers_and_fp32_is_exactly_sdpa():
             frozen = token_logprobs(ours, batch).logps
         trained = token_logprobs(ours, batch).logps
     assert torch.equal(frozen, trained.detach())
-    # fp32 training, and bf16 weights without autocast (the decode copy): exactly sdpa
+    # fp32 training, and bf16 weights without autocast (the decode copy): exactly sdpa on padded rows
+    # (packed rows take segment attention: test_segment_attention_equals_the_masked_rows below)
+    batch = layout_pairs(P, C, R, 0, PADDED)
     s_p, g_p = _run(plain, batch, bf16=False)
     s_o, g_o = _run(ours, batch, bf16=False)
     assert torch.equal(s_p, s_o) and all(torch.equal(a, b) for a, b in zip(g_p, g_o))
     with torch.no_grad():
         assert torch.equal(token_logprobs(copy.deepcopy(plain).bfloat16(), batch).logps,
                            token_logprobs(copy.deepcopy(ours).bfloat16(), batch).logps)
+
+
+def test_segments_by_hand():
+    """[1 2 3] shared by [4] (whose responses are [5 6] and [7]) and by [8]: each segment's queries, the
+    keys they see (ancestors first, then their own causally), and no empty query row."""
+    from alignkit.data.collate import layout_prompted
+
+    b = layout_prompted([([1, 2, 3, 4], [([5, 6], 0), ([7], 1)]), ([1, 2, 3, 8], [([9], 2)])], 0, SHARED)
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    seg = attention.segments_of(b.block, b.block_end, b.attention_mask)
+    # segments [1 2 3], [4], [5 6], [7], [8], [9]; a slot past a segment's tokens holds index 0
+    assert seg.q_index.tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0], [6, 0, 0], [7, 0, 0], [8, 0, 0]]
+    assert seg.k_index.tolist() == [[0, 1, 2, 0, 0, 0], [0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 5],
+                                    [0, 1, 2, 3, 6, 0], [0, 1, 2, 7, 0, 0], [0, 1, 2, 7, 8, 0]]
+    m = seg.mask[:, 0].int().tolist()
+    assert m[2] == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]]  # [5 6]: causal in itself
+    assert m[0] == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+    assert sorted(seg.q_token.tolist()) == list(range(9))  # every real token is a query exactly once
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_segment_attention_equals_the_masked_rows(kind):
+    """Packed and prefix-shared batches (a two-level prompt tree) through segment attention give the
+    log-probs and gradients of the same batch through the dense mask (fp32, 1e-5)."""
+    from alignkit.ops.packing import model_inputs
+
+    dense = tiny_causal_lm(kind)
+    seg = copy.deepcopy(dense)
+    attention.register()
+    seg.set_attn_implementation(attention.NAME)
+    assert attention.takes_segments(seg.config) and not attention.takes_segments(dense.config)
+    P, C, R = _pairs()
+    P = [P[0], P[0][:3] + P[1], P[2]]  # two prompts with a common beginning
+    for packing in (Packing(pack=True), SHARED):
+        batch = layout_pairs(P, C, R, 0, packing)
+        assert "alignkit_segments" in model_inputs(seg, batch)
+        (s_d, g_d), (s_s, g_s) = (_run(m, batch, bf16=False) for m in (dense, seg))
+        torch.testing.assert_close(s_s, s_d, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g_s, g_d):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())))
 
 
 def test_prefix_sharing_keeps_working_with_it():

@@ -9,7 +9,8 @@ import torch
 
 from alignkit.config import DataConfig, LoraConfig, ModelConfig
 from alignkit.data import prepare
-from alignkit.data.collate import PADDED, Packing, layout_pairs, pack_units, pad_sequences, share_row_prompts
+from alignkit.data.collate import (PADDED, Packing, layout_pairs, layout_prompted, pack_units, pad_sequences,
+                                   prompt_tree_units, share_row_prompts)
 from alignkit.losses.preference import PREFERENCE_LOSSES
 from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from alignkit.ops.logprobs import reference_logprobs, token_logprobs
@@ -37,10 +38,18 @@ def _loss_and_grads(task, model, items):
     return loss.detach(), _grads(model)
 
 
+def _assert_grads_close(x, y):
+    """Gradients within 1e-5 of each tensor's scale: a prefix shared by many responses sums their
+    gradients in one fp32 accumulation (the padded layout sums them per copy), so an entry that cancels
+    to ~1 next to entries of ~500 (an embedding's) carries the rounding of the large ones (~1e-7 of them).
+    A missing or extra contribution is the size of an entry, far outside this."""
+    torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * max(1.0, float(y.abs().max())))
+
+
 def _assert_same(a, b):
     torch.testing.assert_close(a[0], b[0], **TOL)
     for x, y in zip(a[1], b[1]):
-        torch.testing.assert_close(x, y, **TOL)
+        _assert_grads_close(x, y)
 
 
 def test_pack_layout_by_hand():
@@ -58,7 +67,46 @@ def test_pack_layout_by_hand():
     assert s.loss_mask.tolist() == [[0, 0, 1, 1, 1]]
     assert s.label_from.tolist()[0][2:] == [1, 2, 1]  # token 11 is predicted from the prompt's last token
     assert s.seq_index.tolist() == [[-1, -1, 0, 0, 1]]
-    assert s.block.tolist() == [[0, 0, 1, 1, 2]] and s.prefix_block.tolist() == [[-1, -1, 0, 0, 0]]
+    assert s.block.tolist() == [[0, 0, 1, 1, 2]] and s.block_end.tolist() == [[3, 3, 2, 2, 3]]
+
+
+def test_prefix_tree_layout_by_hand():
+    """Prompts with a common beginning share it: [1, 2, 3] once, prompt [1, 2, 3, 4] once for its two
+    responses, [1, 2, 3, 5, 6] below the same root; [7, 8] shares nothing and stays a plain sequence."""
+    groups = [([1, 2, 3, 4], [([10, 11], 0)]), ([1, 2, 3, 5, 6], [([12], 1)]), ([1, 2, 3, 4], [([13, 14, 15], 2)]),
+              ([7, 8], [([16], 3)])]
+    b = layout_prompted(groups, 0, SHARED)
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 10, 11, 13, 14, 15, 5, 6, 12, 7, 8, 16]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 4, 5, 6, 3, 4, 5, 0, 1, 2]]
+    assert b.seq_index.tolist() == [[-1, -1, -1, -1, 0, 0, 2, 2, 2, -1, -1, 1, 3, 3, 3]]
+    assert b.loss_mask.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 0, 0, 1]]
+    # each segment's first token is predicted from its parent's last: 13 from 4, 5 from 3, 12 from 6
+    assert b.label_from.tolist() == [[0, 0, 1, 2, 3, 4, 3, 6, 7, 2, 9, 10, 11, 12, 13]]
+    assert b.block.tolist() == [[0, 0, 0, 1, 2, 2, 3, 3, 3, 4, 4, 5, 6, 6, 6]]
+    assert b.block_end.tolist() == [[6, 6, 6, 4, 3, 3, 4, 4, 4, 6, 6, 6, 7, 7, 7]]
+    from alignkit.ops.packing import shared_attention_mask
+
+    model = tiny_causal_lm("llama")
+    seen = shared_attention_mask(model, b, torch.float32)[0, 0]  # (q, k)
+    assert seen[11].nonzero().squeeze(1).tolist() == [0, 1, 2, 9, 10, 11]  # 12 sees [1, 2, 3] [5, 6] and itself
+    assert seen[6].nonzero().squeeze(1).tolist() == [0, 1, 2, 3, 6]  # 13 sees its prompt, not 10, 11
+    assert seen[14].nonzero().squeeze(1).tolist() == [12, 13, 14]
+    with pytest.raises(ValueError, match="depth-first"):  # a segment whose parent's subtree was left
+        pack_units([[([1], [0], -1, None), ([2], [0], -1, 0), ([3], [1], 0, 1), ([4], [0], -1, None),
+                     ([5], [1], 1, 1)]], 0, 2)
+
+
+def test_prompt_tree_units_stop_where_attention_costs_more():
+    """Sharing c tokens saves c; a longer unit pays for its attention: 500-token prompts sharing 10
+    tokens stay apart, sharing 400 they join (each prompt's tokens are laid out once either way)."""
+    def groups(shared):
+        return [(list(range(3, 3 + shared)) + [1000 + 1000 * i + j for j in range(500 - shared)], [([7, 8], i)])
+                for i in range(6)]
+
+    apart = prompt_tree_units([(p, [(r, [1] * len(r), i) for r, i in rs]) for p, rs in groups(10)])
+    joined = prompt_tree_units([(p, [(r, [1] * len(r), i) for r, i in rs]) for p, rs in groups(400)])
+    assert len(apart) == 6 and all(len(u) == 1 for u in apart)
+    assert len(joined) < 6 and sum(len(seg[0]) for u in joined for seg in u) < 6 * 502 - 400
 
 
 @pytest.mark.parametrize("kind", TINY_ARCHITECTURES)
@@ -67,7 +115,9 @@ def test_packed_and_shared_logprobs_equal_padded_on_every_architecture(kind):
     log-prob sums and their gradients are the padded ones, chunked head and full logits alike."""
     g = torch.Generator().manual_seed(0)
     rnd = lambda n: torch.randint(3, 90, (n,), generator=g).tolist()  # noqa: E731
-    P, C, R = [rnd(n) for n in (5, 9, 3, 7)], [rnd(n) for n in (4, 8, 6, 2)], [rnd(n) for n in (7, 3, 5, 9)]
+    S, a, b = rnd(4), rnd(1), rnd(5)
+    # a two-level prompt tree (S + a, S + b, S + a again: a prompt shared by two pairs) and a prompt of its own
+    P, C, R = [S + a, S + b, rnd(3), S + a], [rnd(n) for n in (4, 8, 6, 2)], [rnd(n) for n in (7, 3, 5, 9)]
     model = tiny_causal_lm(kind)
     assert resolve_packing(model, True, True) == SHARED
     weights = torch.arange(1.0, 9.0)
@@ -83,6 +133,7 @@ def test_packed_and_shared_logprobs_equal_padded_on_every_architecture(kind):
         _assert_same((s, g_), out["padded", 0][:2])
         assert n.tolist() == out["padded", 0][2].tolist()
     shared = layout_pairs(P, C, R, 0, SHARED)
+    assert int(((shared.seq_index == -1) & (shared.attention_mask == 1)).sum()) == 4 + 1 + 5 + 3  # each once
     torch.testing.assert_close(reference_logprobs(model, shared).sum(), out["padded", 0][0], **TOL)
     assert shared.input_ids.numel() < layout_pairs(P, C, R, 0, PADDED).input_ids.numel()
 
@@ -111,12 +162,13 @@ def test_group_prompt_sharing_equals_rows_on_every_architecture(kind):
     the rows' label space, and the gradient of a weighted sum, equal the padded rows'."""
     g = torch.Generator().manual_seed(1)
     rnd = lambda n: torch.randint(3, 90, (n,), generator=g).tolist()  # noqa: E731
-    p, q = rnd(6), rnd(4)
+    p = rnd(6)
+    q = p[:4] + rnd(2)  # another prompt with the same beginning (a system prompt): shared too
     rows = [p + rnd(n) for n in (5, 2, 7, 4)] + [q + rnd(3)]
-    masks = [[0] * 6 + [1] * (len(r) - 6) for r in rows[:4]] + [[0] * 4 + [1] * 3]
+    masks = [[0] * 6 + [1] * (len(r) - 6) for r in rows[:4]] + [[0] * 6 + [1] * 3]
     seq = pad_sequences(rows, masks, 0)
     sr = share_row_prompts(seq, 0)
-    assert sr.batch.input_ids.numel() < seq.input_ids.numel()
+    assert int(((sr.batch.seq_index == -1) & (sr.batch.attention_mask == 1)).sum()) == 6 + 2
     model = tiny_causal_lm(kind)
     w = torch.randn(seq.input_ids.shape[0], seq.input_ids.shape[1] - 1, generator=g)
     out = []
@@ -130,6 +182,45 @@ def test_group_prompt_sharing_equals_rows_on_every_architecture(kind):
     torch.testing.assert_close(out[1][1], out[0][1], **TOL)
     for a, b in zip(out[1][2], out[0][2]):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_value_head_on_shared_rows_equals_rows(kind):
+    """PPO's policy + shared value head on rows whose prompts have a common beginning (one sample each,
+    as PPO samples): log-probs, entropy and values at the labels, and the gradient of a weighted sum,
+    equal the padded rows' (values off the labels are 0 and never read by GAE or the value loss)."""
+    from alignkit.ops import attention
+    from alignkit.train.ppo import PolicyWithValue
+
+    g = torch.Generator().manual_seed(2)
+    rnd = lambda n: torch.randint(3, 90, (n,), generator=g).tolist()  # noqa: E731
+    system = rnd(7)
+    prompts = [system + rnd(n) for n in (3, 5, 2)] + [rnd(4)]
+    rows = [p + rnd(n) for p, n in zip(prompts, (6, 3, 8, 5))]
+    masks = [[0] * len(p) + [1] * (len(r) - len(p)) for p, r in zip(prompts, rows)]
+    seq = pad_sequences(rows, masks, 0)
+    sr = share_row_prompts(seq, 0)
+    # the system part once, each prompt's rest once; the fourth prompt shares nothing and stays a plain row
+    assert int(((sr.batch.seq_index == -1) & (sr.batch.attention_mask == 1)).sum()) == 7 + 3 + 5 + 2
+    policy = tiny_causal_lm(kind)
+    attention.use_for(policy)  # segment attention where the host takes it (CPU)
+    model = PolicyWithValue(policy)
+    with torch.no_grad():
+        model.value_head.weight.normal_(0, 0.3)
+    label = seq.loss_mask[:, 1:].float()
+    w = torch.randn(label.shape, generator=g)
+    out = []
+    for shared in (None, sr):
+        model.zero_grad()
+        tl, values = model(seq.input_ids, seq.attention_mask, seq.loss_mask, shared=shared)
+        ((tl.logps + 0.1 * tl.entropy + values) * w * label).sum().backward()
+        out.append((tl.logps.detach() * label, tl.entropy.detach() * label, values.detach() * label,
+                    [q.grad.clone() for q in model.parameters() if q.grad is not None]))
+    for a, b in zip(out[1][:3], out[0][:3]):
+        torch.testing.assert_close(a, b, **TOL)
+    assert len(out[1][3]) == len(out[0][3])
+    for a, b in zip(out[1][3], out[0][3]):
+        _assert_grads_close(a, b)
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,11 @@ class SeqBatch:
     position_ids: Optional[torch.Tensor] = None  # (R, L) restart at 0 per sequence (a shared prompt's responses continue it)
     seq_index: Optional[torch.Tensor] = None  # (R, L) long, the sequence a token belongs to; -1: padding, shared prompt
     label_from: Optional[torch.Tensor] = None  # (R, L) long, the position whose hidden state predicts this token
-    block: Optional[torch.Tensor] = None  # (R, L) long, attention block (a token attends within its block...)
-    prefix_block: Optional[torch.Tensor] = None  # (R, L) long, ...and to this block (its shared prompt), -1 none
+    # prefix-shared layouts only: blocks are numbered in depth-first order of each unit's segment tree, so a
+    # block's descendants are the blocks right after it; a token attends (causally) to the blocks whose
+    # range [block, block_end) holds its own block: its own and its ancestors' (its shared prompt parts)
+    block: Optional[torch.Tensor] = None  # (R, L) long, the token's attention block
+    block_end: Optional[torch.Tensor] = None  # (R, L) long, one past the last block of its block's subtree
     num_seqs: int = 0
 
     def to(self, device) -> "SeqBatch":
@@ -45,7 +48,7 @@ class SeqBatch:
     @property
     def shared(self) -> bool:
         """Prefix-shared layout: needs a block mask (some tokens see another block)."""
-        return self.prefix_block is not None
+        return self.block_end is not None
 
     @property
     def num_label_tokens(self) -> int:
@@ -69,7 +72,9 @@ class Packing:
 
 PADDED = Packing()
 
-# a segment of a packing unit: (ids, loss mask, sequence index or -1, parent segment index or None)
+# a segment of a packing unit: (ids, loss mask, sequence index or -1, parent segment index or None); the
+# segments of a unit form a forest listed in depth-first order (a parent before its subtree, each subtree
+# contiguous)
 _Segment = Tuple[List[int], List[int], int, Optional[int]]
 
 
@@ -122,8 +127,9 @@ def pack_units(units: Sequence[Sequence[_Segment]], pad_id: int, num_seqs: int,
 
     A segment without a parent is a sequence of its own: positions from 0, attention within itself,
     its first token is not a label (nothing precedes it, as in a padded row). A segment with a parent
-    (a response after its shared prompt) continues the parent's positions, also attends to the parent,
-    and its first token is predicted from the parent's last token.
+    (a response after its shared prompt, or the rest of a prompt after a prefix it shares with other
+    prompts) continues the positions of the path from its root, attends to that path too, and its first
+    token is predicted from the parent's last token. A unit's segments must be in depth-first order.
     """
     lengths = [sum(len(seg[0]) for seg in u) for u in units]
     rows = _choose_rows(lengths, row_tokens)
@@ -135,39 +141,131 @@ def pack_units(units: Sequence[Sequence[_Segment]], pad_id: int, num_seqs: int,
     seq = torch.full((R, L), -1, dtype=torch.long)
     src = (torch.arange(L) - 1).clamp(min=0).repeat(R, 1)
     block = torch.zeros((R, L), dtype=torch.long)
-    prefix = torch.full((R, L), -1, dtype=torch.long)
+    block_end = torch.zeros((R, L), dtype=torch.long)
     shared = False
     nb = 0
     for r, members in enumerate(rows):
         off = 0
         for u in members:
-            starts: List[Tuple[int, int, int]] = []  # (offset, length, block) of each segment of the unit
-            for seg_ids, seg_mask, s_idx, parent in units[u]:
+            segs = units[u]
+            # (offset, length, first position after it) of each segment; its block is nb + its index
+            starts: List[Tuple[int, int, int]] = []
+            ends = list(range(1, len(segs) + 1))  # one past the last segment of each segment's subtree
+            for k, (seg_ids, seg_mask, s_idx, parent) in enumerate(segs):
                 n = len(seg_ids)
                 sl = slice(off, off + n)
                 ids[r, sl] = torch.tensor(seg_ids, dtype=torch.long)
                 attn[r, sl] = 1
                 loss[r, sl] = torch.tensor(seg_mask, dtype=torch.long)
                 seq[r, sl] = s_idx
-                block[r, sl] = nb
+                block[r, sl] = nb + k
                 if parent is None:
                     pos[r, sl] = torch.arange(n)
                     loss[r, off] = 0  # the first token of a sequence is never a label
+                    p0 = 0
                 else:
-                    p_off, p_len, p_block = starts[parent]
-                    pos[r, sl] = torch.arange(p_len, p_len + n)
-                    src[r, off] = p_off + p_len - 1  # the prompt's last token predicts the response's first
-                    prefix[r, sl] = p_block
+                    if not 0 <= parent < k or ends[parent] != k:  # segments parent+1..k-1: its subtree
+                        raise ValueError(f"unit {u}: segment {k}'s parent {parent} is not an earlier segment "
+                                         "of a depth-first order")
+                    p_off, p_len, p0 = starts[parent]
+                    src[r, off] = p_off + p_len - 1  # the parent's last token predicts the segment's first
                     shared = True
-                starts.append((off, n, nb))
-                nb += 1
+                    q = parent
+                    while q is not None:  # every ancestor's subtree reaches this segment
+                        ends[q] = max(ends[q], k + 1)
+                        q = segs[q][3]
+                pos[r, sl] = torch.arange(p0, p0 + n)
+                starts.append((off, n, p0 + n))
                 off += n
+            o = off - lengths[u]
+            for k, (seg_ids, *_rest) in enumerate(segs):
+                block_end[r, o:o + len(seg_ids)] = nb + ends[k]
+                o += len(seg_ids)
+            nb += len(segs)
         if off < L:  # the row's padding: one more block, positions from 0, never a label
             pos[r, off:] = torch.arange(L - off)
             block[r, off:] = nb
+            block_end[r, off:] = nb + 1
             nb += 1
-    return SeqBatch(ids, attn, loss, pos, seq, src, block if shared else None, prefix if shared else None,
+    return SeqBatch(ids, attn, loss, pos, seq, src, block if shared else None, block_end if shared else None,
                     num_seqs)
+
+
+def _cost(tokens: int) -> float:
+    """The price of a unit of ``tokens`` tokens in one row: its tokens, and its attention (a masked L x L)."""
+    return tokens * (1 + tokens / ATTENTION_TOKENS)
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def prompt_tree_units(groups: Sequence[Tuple[Sequence[int], Sequence[Tuple[List[int], List[int], int]]]]
+                      ) -> List[List[_Segment]]:
+    """Packing units in which each prompt runs once, and so does each prefix that prompts share.
+
+    ``groups``: ``(prompt, [(response ids, response loss mask, sequence index), ...])``. Groups with the
+    same prompt are merged, and prompts with a common beginning (a chat template's system prompt, a
+    few-shot preamble) join one unit: a prefix tree whose shared parts are segments of their own, each
+    prompt's rest below them, its responses below that. In exact arithmetic every token gets the
+    numbers it has in its own row (a causal model's token depends only on the tokens before it).
+    Prompts, sorted, join the unit before them while that lowers :func:`_cost`: sharing ``c`` tokens
+    saves ``c`` tokens but lengthens the unit's attention, so long units stop growing. A group without a
+    prompt, and a prompt with one response and nothing to share, stay plain sequences.
+    """
+    by_prompt: Dict[Tuple[int, ...], List[Tuple[List[int], List[int], int]]] = {}
+    units: List[List[_Segment]] = []
+    for p, rs in groups:
+        if p:
+            by_prompt.setdefault(tuple(p), []).extend(rs)
+        else:
+            units.extend([[(list(r), list(m), i, None)] for r, m, i in rs])
+    size = {p: len(p) + sum(len(r) for r, _, _ in rs) for p, rs in by_prompt.items()}
+    chunks: List[List[Tuple[int, ...]]] = []
+    tokens = 0
+    for p in sorted(by_prompt):
+        c = _common(chunks[-1][-1], p) if chunks else 0
+        if c and _cost(tokens + size[p] - c) < _cost(tokens) + _cost(size[p]):
+            chunks[-1].append(p)
+            tokens += size[p] - c
+        else:
+            chunks.append([p])
+            tokens = size[p]
+
+    def tree(ps: List[Tuple[int, ...]], depth: int, parent: Optional[int], out: List[_Segment]) -> None:
+        # ps: sorted prompts that agree on their first ``depth`` tokens; emit their common next part, the
+        # responses of the prompts that end there, then one subtree per next token
+        c = _common(ps[0], ps[-1])  # sorted: what the first and the last share, all share
+        out.append((list(ps[0][depth:c]), [0] * (c - depth), -1, parent))
+        here = len(out) - 1
+        rest = []
+        for p in ps:
+            if len(p) == c:
+                out.extend((list(r), list(m), i, here) for r, m, i in by_prompt[p])
+            else:
+                rest.append(p)
+        k = 0
+        while k < len(rest):
+            j = k
+            while j < len(rest) and rest[j][c] == rest[k][c]:
+                j += 1
+            tree(rest[k:j], c, here, out)
+            k = j
+
+    for chunk in chunks:
+        if len(chunk) == 1 and len(by_prompt[chunk[0]]) == 1:
+            (r, m, i), = by_prompt[chunk[0]]
+            p = list(chunk[0])
+            units.append([(p + list(r), [0] * len(p) + list(m), i, None)])
+        else:
+            unit: List[_Segment] = []
+            tree(chunk, 0, None, unit)
+            units.append(unit)
+    return units
 
 
 def layout_sequences(seqs: Sequence[List[int]], masks: Sequence[List[int]], pad_id: int,
@@ -215,13 +313,8 @@ def layout_prompted(groups: Sequence[Tuple[List[int], Sequence[Tuple[List[int], 
             for r, i in rs:
                 seqs[i], masks[i] = _prompt_response(list(p), list(r))
         return layout_sequences(seqs, masks, pad_id, packing)
-    units = []
-    for p, rs in groups:
-        if p:
-            units.append([(list(p), [0] * len(p), -1, None)] + [(list(r), [1] * len(r), i, 0) for r, i in rs])
-        else:  # no prompt to share: sequences of their own
-            units.extend([[(list(r), [1] * len(r), i, None)] for r, i in rs])
-    return pack_units(units, pad_id, n)
+    return pack_units(prompt_tree_units([(p, [(list(r), [1] * len(r), i) for r, i in rs]) for p, rs in groups]),
+                      pad_id, n)
 
 
 @dataclass
@@ -256,22 +349,16 @@ def share_row_prompts(seq: SeqBatch, pad_id: int) -> Optional[SharedRows]:
     share a prompt (nothing to gain: use the rows as they are). Runs on the host."""
     seq = seq.to("cpu")
     mask = seq.loss_mask.bool()
-    groups: Dict[Tuple[int, ...], List[Tuple[int, int, int]]] = {}
+    ids, lm = seq.input_ids.tolist(), seq.loss_mask.tolist()
+    groups = []
     for i in range(seq.input_ids.shape[0]):
         n = int(seq.attention_mask[i].sum())
         labels = mask[i, :n].nonzero()
         p = int(labels[0]) if len(labels) else n
-        groups.setdefault(tuple(seq.input_ids[i, :p].tolist()), []).append((i, p, n))
-    if all(len(rows) < 2 or not prompt for prompt, rows in groups.items()):
+        groups.append((ids[i][:p], [(ids[i][p:n], lm[i][p:n], i)]))
+    units = prompt_tree_units(groups)
+    if all(len(u) == 1 for u in units):
         return None
-    ids, lm = seq.input_ids.tolist(), seq.loss_mask.tolist()
-    units = []
-    for prompt, rows in groups.items():
-        if len(rows) > 1 and prompt:
-            units.append([(list(prompt), [0] * len(prompt), -1, None)]
-                         + [(ids[i][p:n], lm[i][p:n], i, 0) for i, p, n in rows])
-        else:
-            units.extend([[(ids[i][:n], lm[i][:n], i, None)] for i, p, n in rows])
     packed = pack_units(units, pad_id, seq.input_ids.shape[0])
     labels = packed.loss_mask[:, 1:].bool()
     src = labels.reshape(-1).nonzero().squeeze(1)

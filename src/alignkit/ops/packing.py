@@ -7,9 +7,10 @@ A packed row (``data/collate.py``) holds several sequences whose position ids re
   only. transformers derives the sequence boundaries from the position ids and builds a block-causal
   mask (sdpa, eager, sliding windows included) or calls flash-attention's varlen kernel (GPU).
 - Prefix sharing needs "each response sees the prompt and itself", which position ids cannot say, so
-  it passes a 4D mask built here: key k is visible to query q when k <= q, k is in q's block or in
-  q's prompt block, and (sliding-window layers) ``pos[q] - pos[k] < window``. Boolean for sdpa,
-  additive for eager; flash-attention has no arbitrary masks, so sharing is off there.
+  it passes a 4D mask built here: key k is visible to query q when k <= q, k's block is q's own or one
+  of its ancestors in the unit's prefix tree (a shared prompt, or a prefix several prompts share), and
+  (sliding-window layers) ``pos[q] - pos[k] < window``. Boolean for sdpa, additive for eager;
+  flash-attention has no arbitrary masks, so sharing is off there.
 
 ``resolve_packing`` runs a tiny probe (three short forwards, no gradient) comparing packed and shared
 layouts with separate padded rows on the run's model, and turns off what is not exact, saying why.
@@ -23,8 +24,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from alignkit.data.collate import PADDED, Packing, SeqBatch, layout_pairs, layout_sequences
-from alignkit.ops.attention import is_sdpa
+from alignkit.data.collate import PADDED, Packing, SeqBatch, layout_sequences, pack_units
+from alignkit.ops.attention import is_sdpa, segments_of, takes_segments
 from alignkit.ops.wrappers import unwrap
 
 log = logging.getLogger("alignkit")
@@ -50,9 +51,11 @@ def shared_attention_mask(model, batch: SeqBatch, dtype: torch.dtype):
     """The 4D mask (R, 1, L, L) of a prefix-shared batch, or a dict of them by layer type
     (``full_attention`` / ``sliding_attention``) for models that mix both."""
     L = batch.input_ids.shape[1]
-    blk, pre, pos = batch.block, batch.prefix_block, batch.position_ids
+    blk, end, pos = batch.block, batch.block_end, batch.position_ids
     causal = torch.ones(L, L, dtype=torch.bool, device=blk.device).tril()
-    allowed = causal & ((blk[:, None, :] == blk[:, :, None]) | (blk[:, None, :] == pre[:, :, None]))  # (R, q, k)
+    # query q sees key k when q's block lies in the subtree of k's block: k's block is q's own or one of its
+    # ancestors (blocks are numbered depth-first, so that subtree is the range [block, block_end))
+    allowed = causal & (blk[:, None, :] <= blk[:, :, None]) & (blk[:, :, None] < end[:, None, :])  # (R, q, k)
     cfg = unwrap(model).config
     window = getattr(cfg, "sliding_window", None)
     types = set(getattr(cfg, "layer_types", None) or [])
@@ -72,19 +75,31 @@ def shared_attention_mask(model, batch: SeqBatch, dtype: torch.dtype):
     return fmt(_window_mask(allowed, pos, window))  # e.g. Mistral: every layer uses config.sliding_window
 
 
+def _sequence_blocks(batch: SeqBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(block, block_end) of a plain packed batch: each sequence (and each row's padding) a block of its
+    own, starting where the positions restart."""
+    blk = (batch.position_ids.reshape(-1) == 0).long().cumsum(0).sub(1).view_as(batch.position_ids)
+    return blk, blk + 1
+
+
 def model_inputs(model, batch: SeqBatch) -> Dict[str, object]:
     """Keyword arguments for ``model(...)`` that give each sequence of ``batch`` the numbers it would
-    have alone in a padded row."""
+    have alone in a padded row. Packed batches of a model that takes them (``ops/attention.py``) also
+    carry their segments, so attention skips the blocks a token cannot see."""
     if not batch.packed:
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                 "position_ids": position_ids(batch.attention_mask)}
+    extra = {}
+    if takes_segments(unwrap(model).config):
+        blk, end = (batch.block, batch.block_end) if batch.shared else _sequence_blocks(batch)
+        extra["alignkit_segments"] = segments_of(blk, end, batch.attention_mask)
     if not batch.shared:  # transformers' packed-sequence path (block-causal mask or flash varlen)
-        return {"input_ids": batch.input_ids, "attention_mask": None, "position_ids": batch.position_ids}
+        return {"input_ids": batch.input_ids, "attention_mask": None, "position_ids": batch.position_ids, **extra}
     dtype = next(unwrap(model).parameters()).dtype
     if torch.is_autocast_enabled(batch.input_ids.device.type):
         dtype = torch.get_autocast_dtype(batch.input_ids.device.type)
     return {"input_ids": batch.input_ids, "attention_mask": shared_attention_mask(model, batch, dtype),
-            "position_ids": batch.position_ids}
+            "position_ids": batch.position_ids, **extra}
 
 
 def last_hidden(model, batch: SeqBatch, **kw) -> Tuple[object, torch.Tensor]:
@@ -95,6 +110,10 @@ def last_hidden(model, batch: SeqBatch, **kw) -> Tuple[object, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------- the probe
 _PROBE = ([3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14], [15, 16])  # prompt, chosen, rejected, extra
+# the prefix-shared probe: two prompts sharing a beginning ([3, 4, 5] + [6, 7] and [3, 4, 5] + [16]), the
+# first with two responses, the second with one: a two-level tree, siblings, and a subtree after a subtree
+_TREE = [([3, 4, 5], [0, 0, 0], -1, None), ([6, 7], [0, 0], -1, 0), ([8, 9, 10], [1, 1, 1], 0, 1),
+         ([11, 12, 13, 14], [1, 1, 1, 1], 1, 1), ([16], [0], -1, 0), ([15, 6, 9], [1, 1, 1], 2, 4)]
 
 
 @torch.no_grad()
@@ -116,8 +135,10 @@ def _probe(model, packing: Packing) -> Tuple[bool, str]:
     inner.eval()
     try:
         if packing.share_prompt:
-            test = layout_pairs([p], [c], [r], 0, packing)
-            seqs, offsets = [p + c, p + r], [len(p), len(p)]  # the shared layout holds the responses' tokens
+            test = pack_units([_TREE], 0, 3)
+            t = [seg[0] for seg in _TREE]
+            seqs = [t[0] + t[1] + t[2], t[0] + t[1] + t[3], t[0] + t[4] + t[5]]
+            offsets = [5, 5, 4]  # the shared layout holds the responses' tokens
         else:
             seqs, offsets = [p + c, x, r], [0, 0, 0]
             test = layout_sequences(seqs, [[0] * len(q) for q in seqs], 0, packing)

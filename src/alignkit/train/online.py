@@ -103,7 +103,7 @@ class RLTask(Task):
         ``shared``: the same rows with each prompt once; the results come back in the rows' label space."""
         if self.critic:
             return model(input_ids=seq.input_ids, attention_mask=seq.attention_mask, loss_mask=seq.loss_mask,
-                         with_entropy=with_entropy, detach_value=detach_value)
+                         with_entropy=with_entropy, detach_value=detach_value, shared=shared)
         return self._logprobs(model, seq, shared, with_entropy), None
 
     def _logprobs(self, model, seq: SeqBatch, shared: Optional[SharedRows], with_entropy: bool) -> TokenLogprobs:
@@ -529,14 +529,17 @@ def build_task(cfg, tok, policy, reward, gold, engine, acc, prompts=()):
 
 
 def share_group_prompts(cfg, policy, ref=None) -> bool:
-    """Whether a group's samples share their prompt in the loss and log-prob passes: more than one sample
-    per prompt, no critic (its values come from a padded forward), ``train.packing`` and
-    ``train.prefix_sharing`` on, and the policy (and a separate reference model) give the same numbers
-    shared as in rows of their own (the probe of :func:`~alignkit.ops.packing.resolve_packing`)."""
+    """Whether the rows of a rollout share their prompts in the loss and log-prob passes (a group's
+    samples their prompt, different prompts the beginning they have in common, such as a chat template's
+    system prompt): ``train.packing`` and ``train.prefix_sharing`` on, no separate critic (its values
+    come from a padded forward; the shared value head reads the shared layout), and the policy (and a
+    separate reference model) give the same numbers shared as in rows of their own (the probe of
+    :func:`~alignkit.ops.packing.resolve_packing`)."""
     from alignkit.ops.packing import resolve_packing
 
     o = cfg.algo
-    if o.num_generations < 2 or o.advantage == "gae" or not (cfg.train.packing and cfg.train.prefix_sharing):
+    separate_critic = o.advantage == "gae" and not cfg.value.shared
+    if separate_critic or not (cfg.train.packing and cfg.train.prefix_sharing):
         return False
     return all(resolve_packing(m, True, share_prompt=True).share_prompt for m in (policy, ref) if m is not None)
 

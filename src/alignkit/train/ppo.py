@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from alignkit.data.collate import SeqBatch
+from alignkit.data.collate import SeqBatch, SharedRows
 from alignkit.ops import logprobs as lp
 from alignkit.ops.wrappers import unwrap
 from alignkit.train.online import run_online
@@ -80,25 +80,38 @@ class PolicyWithValue(nn.Module):
             nn.init.zeros_(self.value_head.weight)  # values start at 0: no random noise in the first advantages
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, loss_mask, with_entropy: bool = True, detach_value: bool = False):
+    def forward(self, input_ids, attention_mask, loss_mask, with_entropy: bool = True, detach_value: bool = False,
+                shared: Optional[SharedRows] = None):
         """``detach_value``: the shared value head reads detached features (critic warm-up trains the head
-        alone); a separate critic is unaffected (it has its own backbone)."""
+        alone); a separate critic is unaffected (it has its own backbone). ``shared`` (shared value head
+        only): the same rows laid out with each prompt, and each prefix prompts share, once
+        (:func:`~alignkit.data.collate.share_row_prompts`); log-probs and values come back in the rows'
+        ``(B, T-1)`` label space, 0 off the labels (where GAE and the value loss never read)."""
         seq = SeqBatch(input_ids, attention_mask, loss_mask)
         chunk = self.logprob_chunk
         if self.value_head is None:
             tl = lp.token_logprobs(self.policy, seq, temperature=self.temperature, with_entropy=with_entropy,
                                    chunk_size=chunk)
             return tl, critic_values(self.critic, seq)
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=lp.position_ids(attention_mask), output_hidden_states=True,
-                          logits_to_keep=lp.keep_last(input_ids) if chunk else 0,  # 0: every position's logits
+        run = shared.batch if shared is not None else seq
+        out = self.policy(**lp.model_inputs(self.policy, run), output_hidden_states=True,
+                          logits_to_keep=lp.keep_last(run.input_ids) if chunk else 0,  # 0: every position's logits
                           use_cache=False)
-        hidden = out.hidden_states[-1]  # (B, T, H) final hidden states, shared by both heads
-        tl = lp.token_logprobs(_Forwarded(self.policy, out), seq, temperature=self.temperature,
+        hidden = out.hidden_states[-1]  # (R, L, H) final hidden states, shared by both heads
+        tl = lp.token_logprobs(_Forwarded(self.policy, out), run, temperature=self.temperature,
                                with_entropy=with_entropy, chunk_size=chunk)
-        features = hidden[:, :-1].detach() if detach_value else hidden[:, :-1]
+        if shared is None:
+            features = hidden[:, :-1]  # V(s_t) for label t: the state at position t
+        else:  # label t's state is the position that predicts it (a response's first: its prompt's last)
+            src = run.label_from[:, 1:]  # (R, L-1)
+            features = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
+        features = features.detach() if detach_value else features
         values = self.value_head(features.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        return tl, values
+        if shared is None:
+            return tl, values
+        return (lp.TokenLogprobs(shared.to_rows(tl.logps), loss_mask[:, 1:].float(),
+                                 shared.to_rows(tl.entropy) if tl.entropy is not None else None),
+                shared.to_rows(values))
 
 
 def _critic_path(cfg: PPOConfig) -> str:
