@@ -110,13 +110,16 @@ def test_segments_by_hand():
 
     b = layout_prompted([([1, 2, 3, 4], [([5, 6], 0), ([7], 1)]), ([1, 2, 3, 8], [([9], 2)])], 0, SHARED)
     assert b.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
-    seg = attention.segments_of(b.block, b.block_end, b.attention_mask)
-    # segments [1 2 3], [4], [5 6], [7], [8], [9]; a slot past a segment's tokens holds index 0
-    assert seg.q_index.tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0], [6, 0, 0], [7, 0, 0], [8, 0, 0]]
-    assert seg.k_index.tolist() == [[0, 1, 2, 0, 0, 0], [0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 5],
-                                    [0, 1, 2, 3, 6, 0], [0, 1, 2, 7, 0, 0], [0, 1, 2, 7, 8, 0]]
+    buckets = attention.segments_of(b.block, b.block_end, b.attention_mask)
+    assert len(buckets) == 1  # small segments share one call
+    seg = buckets[0]
+    # segments [1 2 3], [4], [5 6], [7], [8], [9], in a bucket sorted by key count; a slot past a segment's
+    # tokens holds index 0
+    assert seg.q_index.tolist() == [[0, 1, 2], [3, 0, 0], [7, 0, 0], [6, 0, 0], [8, 0, 0], [4, 5, 0]]
+    assert seg.k_index.tolist() == [[0, 1, 2, 0, 0, 0], [0, 1, 2, 3, 0, 0], [0, 1, 2, 7, 0, 0],
+                                    [0, 1, 2, 3, 6, 0], [0, 1, 2, 7, 8, 0], [0, 1, 2, 3, 4, 5]]
     m = seg.mask[:, 0].int().tolist()
-    assert m[2] == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]]  # [5 6]: causal in itself
+    assert m[5] == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]]  # [5 6]: causal in itself
     assert m[0] == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
     assert sorted(seg.q_token.tolist()) == list(range(9))  # every real token is a query exactly once
 
@@ -125,6 +128,7 @@ def test_segments_by_hand():
 def test_segment_attention_equals_the_masked_rows(kind):
     """Packed and prefix-shared batches (a two-level prompt tree) through segment attention give the
     log-probs and gradients of the same batch through the dense mask (fp32, 1e-5)."""
+    from alignkit.data.collate import layout_sequences
     from alignkit.ops.packing import model_inputs
 
     dense = tiny_causal_lm(kind)
@@ -134,8 +138,13 @@ def test_segment_attention_equals_the_masked_rows(kind):
     assert attention.takes_segments(seg.config) and not attention.takes_segments(dense.config)
     P, C, R = _pairs()
     P = [P[0], P[0][:3] + P[1], P[2]]  # two prompts with a common beginning
-    for packing in (Packing(pack=True), SHARED):
-        batch = layout_pairs(P, C, R, 0, packing)
+    g = torch.Generator().manual_seed(1)
+    long_ = torch.randint(3, 90, (300,), generator=g).tolist()
+    mixed = layout_sequences([long_] + [long_[7 * i:7 * i + 6] for i in range(12)],
+                             [[0] + [1] * 299] + [[0] + [1] * 5] * 12, 0, Packing(pack=True))
+    buckets = model_inputs(seg, mixed)["alignkit_segments"]
+    assert len(buckets) == 2 and buckets[-1].q_index.shape == (1, 300)  # the short ones: not padded to 300
+    for batch in (layout_pairs(P, C, R, 0, Packing(pack=True)), layout_pairs(P, C, R, 0, SHARED), mixed):
         assert "alignkit_segments" in model_inputs(seg, batch)
         (s_d, g_d), (s_s, g_s) = (_run(m, batch, bf16=False) for m in (dense, seg))
         torch.testing.assert_close(s_s, s_d, rtol=1e-5, atol=1e-5)
