@@ -1,5 +1,6 @@
 """`alignkit eval`: the aggregation against hand-computed values, and the wiring on tiny models."""
 
+import contextlib
 import json
 import math
 
@@ -222,3 +223,34 @@ def test_vader_gold_reward_values():
     gold = build_reward("python:alignkit.rewards.sentiment:vader_compound")
     scores = gold(["p"] * 4, ["What a wonderful day!", "This is a table.", "I hate rain.", "   "])
     assert scores == pytest.approx([0.6114, 0.0, -0.5719, 0.0])
+
+
+def test_eval_reference_runs_as_a_training_reference(tiny_ref):
+    """Where bf16 is native and model.dtype is auto, the eval's reference keeps fp32 embeddings, norms
+    and head with its linear layers stored in bf16, under bf16 autocast: bit for bit the log-probs of the
+    fp32 model under autocast (what a training run's frozen reference gives), and it passes the shared
+    layout probe. Elsewhere it is the plain model."""
+    from alignkit.config import ModelConfig
+    from alignkit.data.collate import pad_sequences
+    from alignkit.eval.evaluate import _load_lm, _load_reference
+    from alignkit.models.loading import native_bf16
+    from alignkit.ops.logprobs import token_logprobs
+    from alignkit.ops.packing import resolve_packing
+
+    base = ModelConfig(name_or_path=str(tiny_ref))
+    ref, precision = _load_reference(str(tiny_ref), base)
+    seq = pad_sequences([[5, 6, 7, 8, 9], [5, 6, 10, 11]], [[0, 0, 1, 1, 1], [0, 0, 1, 1]], 0)
+    if not native_bf16(next(ref.parameters()).device.type):
+        assert isinstance(precision, contextlib.nullcontext)
+        return
+    head = ref.get_output_embeddings()
+    linears = [m.weight.dtype for m in ref.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert linears and set(linears) == {torch.bfloat16}
+    assert ref.get_input_embeddings().weight.dtype == torch.float32 and head.weight.dtype == torch.float32
+    fp32 = _load_lm(str(tiny_ref), base.model_copy(update={"dtype": "float32"}))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = token_logprobs(fp32, seq).logps
+    with torch.no_grad(), precision:
+        got = token_logprobs(ref, seq).logps
+    assert torch.equal(got, want)
+    assert resolve_packing(ref, True, share_prompt=True).share_prompt

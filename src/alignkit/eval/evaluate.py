@@ -24,6 +24,8 @@ With ``--reward-model DIR`` the command evaluates a reward model on held-out pai
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 from pathlib import Path
@@ -194,6 +196,26 @@ def _load_lm(name: Optional[str], base: ModelConfig):
     return load_causal_lm(cfg, trainable=False).to(_device()).eval()
 
 
+def _load_reference(name: Optional[str], base: ModelConfig):
+    """(reference model, autocast context for its passes). With ``model.dtype=auto`` where bf16 is
+    native: as a training run's frozen reference runs, fp32 weights with the linear layers stored in bf16
+    (``precast_frozen_linears``) under bf16 autocast, so the residual stream stays fp32. That is both
+    closer to fp32 than a pure-bf16 copy and exact under prefix sharing (SmolLM2's outlier activations
+    make a pure-bf16 model fail the layout probe). Otherwise the model in its dtype, no autocast."""
+    from types import SimpleNamespace
+
+    from alignkit.models.loading import native_bf16, precast_frozen_linears
+
+    device = _device()
+    if base.dtype != "auto" or not native_bf16(device.type):
+        return _load_lm(name, base), contextlib.nullcontext()
+    model = _load_lm(name, base.model_copy(update={"dtype": "float32"}))
+    for q in model.parameters():
+        q.requires_grad_(False)
+    precast_frozen_linears(model, SimpleNamespace(mixed_precision="bf16"))
+    return model, torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def read_reference_samples(path: str, prompts: List[str], specs: Optional[Dict[str, List[RewardSpec]]] = None
                            ) -> tuple:
     """(texts, prompt_index, scores) of the rows tagged ``policy`` in an earlier eval's samples.jsonl,
@@ -265,7 +287,7 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
     temp = cfg.generation.temperature or 1.0
     lp = ro.logprobs
     same = resolve_model_path(cfg.reference) == resolve_model_path(cfg.model.name_or_path)
-    ref_model = None
+    ref_model, precision = None, contextlib.nullcontext()
     if same:  # the policy is its own reference: KL 0, every comparison a tie
         ref_lp = lp
     else:
@@ -274,11 +296,11 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
             raise ValueError(f"reference {cfg.reference or 'default'} has a different tokenizer than the policy: "
                              "KL needs both models' log-probs of the same tokens")
         del policy
-        ref_model = _load_lm(cfg.reference, cfg.model)
+        ref_model, precision = _load_reference(cfg.reference, cfg.model)
         share = (cfg.prefix_sharing and cfg.samples > 1
                  and resolve_packing(ref_model, True, share_prompt=True,
                                      switches=("eval.prefix_sharing",) * 2).share_prompt)
-        with phase("reference log-probs", label="eval"):
+        with phase("reference log-probs", label="eval"), precision:
             ref_lp = batched_logprobs(ref_model, ro.sequences, temperature=temp, batch_size=cfg.batch_size,
                                       share_prompts=share, pad_id=tok.pad_token_id)
     kl_tokens = per_token_kl(lp, ref_lp, ro.sequences.loss_mask[:, 1:], cfg.kl_estimator)
@@ -290,7 +312,7 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
                                                               {"proxy": cfg.rewards, "gold": cfg.gold})
     else:
         torch.manual_seed(cfg.seed)
-        with phase(f"sampling {n_samples} reference answers", label="eval"):
+        with phase(f"sampling {n_samples} reference answers", label="eval"), precision:
             rro = generate(ref_model, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples,
                            compute_logprobs=False)
         ref_texts, ref_index = rro.texts, rro.prompt_index
