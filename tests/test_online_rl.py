@@ -277,3 +277,31 @@ def test_schedule_by_token_budget_groups_consecutive_rows_that_fit():
             want, cur, used = want + [cur], [], 0
         cur, used = cur + [r], used + lengths[r]
     assert update == want + [cur]
+
+
+def test_reward_scorer_shares_prompts_and_scores_like_rows(tiny_model, tmp_path):
+    """RewardScorer lays a chunk out as a prefix tree where the layout probe allows (four completions of
+    two prompts with a common beginning): in fp32 the scores are each row's own (1e-5); with dtype=auto
+    where bf16 is native, an fp32 model with bf16 linear layers under autocast, within bf16 rounding of
+    the fp32 scores; a cut to max_length keeps the tail of prompt + completion, as before."""
+    from alignkit.models.loading import native_bf16
+    from alignkit.models.reward import RewardScorer
+
+    _, path = _random_reward_model(tiny_model, tmp_path)
+    prompts = ["tell me about mondays", "tell me about rain", "tell me about mondays", "hi"]
+    completions = ["they are long", "it is wet", "a fresh start", "hello"]
+    fp32 = RewardScorer(str(path), device="cpu", dtype="float32", batch_size=4)
+    parts = [fp32.encode_parts(p, c) for p, c in zip(prompts, completions)]
+    rows = fp32.score_ids([p + r for p, r in parts])
+    assert fp32(prompts, completions) == pytest.approx(rows, abs=1e-5) and fp32._share
+    assert len(set(round(x, 3) for x in rows)) == 4
+    short = RewardScorer(str(path), device="cpu", dtype="float32", max_length=6)
+    p, r = short.encode_parts(prompts[0], completions[0])
+    assert p + r == (parts[0][0] + parts[0][1])[-6:]
+    auto = RewardScorer(str(path), device="cpu", batch_size=4)
+    if native_bf16("cpu"):
+        assert {q.dtype for q in auto.model.parameters()} == {torch.float32, torch.bfloat16}
+        spread = max(rows) - min(rows)
+        assert auto(prompts, completions) == pytest.approx(rows, abs=0.05 * spread)
+    else:
+        assert auto(prompts, completions) == pytest.approx(rows, abs=1e-5)

@@ -197,23 +197,14 @@ def _load_lm(name: Optional[str], base: ModelConfig):
 
 
 def _load_reference(name: Optional[str], base: ModelConfig):
-    """(reference model, autocast context for its passes). With ``model.dtype=auto`` where bf16 is
-    native: as a training run's frozen reference runs, fp32 weights with the linear layers stored in bf16
-    (``precast_frozen_linears``) under bf16 autocast, so the residual stream stays fp32. That is both
-    closer to fp32 than a pure-bf16 copy and exact under prefix sharing (SmolLM2's outlier activations
-    make a pure-bf16 model fail the layout probe). Otherwise the model in its dtype, no autocast."""
-    from types import SimpleNamespace
-
-    from alignkit.models.loading import native_bf16, precast_frozen_linears
+    """(reference model, autocast context for its passes): see
+    :func:`~alignkit.models.loading.frozen_in_autocast` (with ``model.dtype=auto`` where bf16 is native,
+    the reference runs as a training run's frozen reference does)."""
+    from alignkit.models.loading import frozen_dtype, frozen_in_autocast
 
     device = _device()
-    if base.dtype != "auto" or not native_bf16(device.type):
-        return _load_lm(name, base), contextlib.nullcontext()
-    model = _load_lm(name, base.model_copy(update={"dtype": "float32"}))
-    for q in model.parameters():
-        q.requires_grad_(False)
-    precast_frozen_linears(model, SimpleNamespace(mixed_precision="bf16"))
-    return model, torch.autocast(device.type, dtype=torch.bfloat16)
+    model = _load_lm(name, base.model_copy(update={"dtype": frozen_dtype(base.dtype, device)}))
+    return model, frozen_in_autocast(model, base.dtype, device)
 
 
 def read_reference_samples(path: str, prompts: List[str], specs: Optional[Dict[str, List[RewardSpec]]] = None

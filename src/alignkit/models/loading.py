@@ -83,6 +83,30 @@ def cpu_bf16_speedup(rows: int = 256, n_in: int = 1024, n_out: int = 1024, repea
     return speedup
 
 
+def frozen_in_autocast(model, dtype: str, device: torch.device):
+    """The autocast a frozen scoring model (an eval reference, a reward scorer) runs under, preparing
+    ``model`` for it. With ``dtype=auto`` where bf16 is native the caller loads the model in fp32
+    (:func:`frozen_dtype`); it is frozen, its linear layers are stored in bf16
+    (:func:`precast_frozen_linears`) and it runs under bf16 autocast, as a training run's frozen
+    reference: the residual stream stays fp32, closer to fp32 than a pure-bf16 copy and exact enough for
+    the layout probe (SmolLM2 in pure bf16 fails it). Otherwise nothing changes: no autocast."""
+    import contextlib
+    from types import SimpleNamespace
+
+    if dtype != "auto" or not native_bf16(device.type):
+        return contextlib.nullcontext()
+    for q in model.parameters():
+        q.requires_grad_(False)
+    precast_frozen_linears(model, SimpleNamespace(mixed_precision="bf16"))
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def frozen_dtype(dtype: str, device: torch.device) -> str:
+    """The dtype to load a frozen scoring model in: fp32 for ``auto`` where bf16 is native (it then runs
+    under autocast, :func:`frozen_in_autocast`), else ``dtype`` as given."""
+    return "float32" if dtype == "auto" and native_bf16(device.type) else dtype
+
+
 def precast_frozen_linears(model, accelerator) -> int:
     """Store a frozen model's linear weights in the accelerator's autocast dtype once, instead of
     autocast casting each of them again on every forward (a reference model's whole weight set per

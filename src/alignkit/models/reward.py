@@ -7,13 +7,16 @@ the last position of the attention mask, which is right for left, right and no p
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from alignkit.data.collate import SeqBatch, pad_sequences
 from alignkit.ops.packing import last_hidden
+
+log = logging.getLogger("alignkit")
 
 
 def _score_head(model) -> torch.nn.Module:
@@ -77,34 +80,76 @@ class RewardScorer:
 
         from alignkit.config import DataConfig
         from alignkit.data.tokenize import Encoder
-        from alignkit.models.loading import resolve_dtype
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = load_sequence_classifier(path, resolve_dtype(dtype, self.device),
-                                              self.tokenizer.pad_token_id).to(self.device).eval()
+        self.model, self.precision = _load_frozen(path, dtype, self.device, self.tokenizer.pad_token_id)
         self.batch_size = batch_size
         self.encoder = Encoder(self.tokenizer, DataConfig(chat_template=chat_template, max_length=max_length))
         self.path = str(path)
+        self._share: Optional[bool] = None  # decided by the layout probe at the first scoring call
+
+    def encode_parts(self, prompt, completion: str) -> Tuple[List[int], List[int]]:
+        """(prompt ids, completion ids), cut from the left to ``max_length`` tokens in all."""
+        p, r = self.encoder.encode_response(prompt, completion)
+        cut = max(0, len(p) + len(r) - self.encoder.max_len)
+        return p[cut:], r[max(0, cut - len(p)):]
 
     def encode(self, prompt, completion: str) -> List[int]:
-        p, r = self.encoder.encode_response(prompt, completion)
-        ids = p + r
-        return ids[-self.encoder.max_len:]
+        p, r = self.encode_parts(prompt, completion)
+        return p + r
 
     @torch.no_grad()
     def score_ids(self, seqs: List[List[int]]) -> List[float]:
         out: List[float] = []
-        for i in range(0, len(seqs), self.batch_size):
-            chunk = seqs[i:i + self.batch_size]
-            batch = pad_sequences(chunk, [[0] * len(s) for s in chunk], self.tokenizer.pad_token_id).to(self.device)
-            out.extend(reward_scores(self.model, batch).tolist())
+        with self.precision:
+            for i in range(0, len(seqs), self.batch_size):
+                chunk = seqs[i:i + self.batch_size]
+                batch = pad_sequences(chunk, [[0] * len(s) for s in chunk], self.tokenizer.pad_token_id)
+                out.extend(reward_scores(self.model, batch.to(self.device)).tolist())
+        return out
+
+    @torch.no_grad()
+    def score_parts(self, parts: List[Tuple[List[int], List[int]]]) -> List[float]:
+        """Scores of ``(prompt, completion)`` id pairs. Where the model passes the layout probe, each
+        chunk of ``batch_size`` is laid out as a prefix tree (``collate.prompt_tree_units``: a prompt
+        shared by several completions, and a beginning several prompts share, once); else padded rows."""
+        if self._share is None:
+            from alignkit.ops.packing import resolve_packing
+
+            with self.precision:
+                self._share = resolve_packing(self.model, True, share_prompt=True, say=log.info,
+                                              switches=("reward.packing", "reward.prefix_sharing")).share_prompt
+        if not self._share or any(not r for _, r in parts):
+            return self.score_ids([p + r for p, r in parts])
+        from alignkit.data.collate import Packing, layout_prompted
+
+        shared = Packing(pack=True, share_prompt=True)
+        out: List[float] = []
+        with self.precision:
+            for i in range(0, len(parts), self.batch_size):
+                chunk = parts[i:i + self.batch_size]
+                batch = layout_prompted([(p, [(r, k)]) for k, (p, r) in enumerate(chunk)],
+                                        self.tokenizer.pad_token_id, shared)
+                out.extend(reward_scores(self.model, batch.to(self.device)).tolist())
         return out
 
     def __call__(self, prompts: List, completions: List[str]) -> List[float]:
-        return self.score_ids([self.encode(p, c) for p, c in zip(prompts, completions)])
+        return self.score_parts([self.encode_parts(p, c) for p, c in zip(prompts, completions)])
+
+
+def _load_frozen(path: str, dtype: str, device: torch.device, pad_token_id: Optional[int]):
+    """(model, autocast context) of a reward model that only scores
+    (:func:`~alignkit.models.loading.frozen_in_autocast`)."""
+    from alignkit.models.loading import frozen_dtype, frozen_in_autocast, resolve_dtype
+    from alignkit.ops import attention
+
+    model = load_sequence_classifier(path, resolve_dtype(frozen_dtype(dtype, device), device),
+                                     pad_token_id).to(device).eval()
+    attention.use_for(model)  # a CPU model: sdpa in fp32 under autocast, as training's
+    return model, frozen_in_autocast(model, dtype, device)
 
 
 def load_sequence_classifier(path: str, dtype: torch.dtype, pad_token_id: Optional[int] = None):
