@@ -177,10 +177,8 @@ def pack_units(units: Sequence[Sequence[_Segment]], pad_id: int, num_seqs: int,
                 pos[r, sl] = torch.arange(p0, p0 + n)
                 starts.append((off, n, p0 + n))
                 off += n
-            o = off - lengths[u]
-            for k, (seg_ids, *_rest) in enumerate(segs):
-                block_end[r, o:o + len(seg_ids)] = nb + ends[k]
-                o += len(seg_ids)
+            for (o, n, _), e in zip(starts, ends):  # the subtrees are complete once the unit is laid out
+                block_end[r, o:o + n] = nb + e
             nb += len(segs)
         if off < L:  # the row's padding: one more block, positions from 0, never a label
             pos[r, off:] = torch.arange(L - off)
@@ -342,11 +340,12 @@ class SharedRows:
 
 def share_row_prompts(seq: SeqBatch, pad_id: int) -> Optional[SharedRows]:
     """The prefix-shared layout of a right-padded batch whose rows are ``prompt + response`` (online RL:
-    a group's samples of one prompt). Rows with the same prompt become one ``[prompt][response 1]...``
-    unit, each response seeing the prompt and itself, so the prompt runs once per group. A row's prompt is
-    its tokens before its first label (``loss_mask``); sequence ``i`` is row ``i`` and its labels keep
-    their mask. A row whose prompt no other row has stays a sequence of its own. None when no two rows
-    share a prompt (nothing to gain: use the rows as they are). Runs on the host."""
+    a group's samples of one prompt; PPO's rows of different prompts). The rows' prompts form prefix trees
+    (:func:`prompt_tree_units`): rows with the same prompt become one ``[prompt][response 1]...`` unit,
+    each response seeing the prompt and itself, and prompts with a common beginning share it too. A row's
+    prompt is its tokens before its first label (``loss_mask``); sequence ``i`` is row ``i`` and its
+    labels keep their mask. A row that shares nothing stays a sequence of its own. None when no row
+    shares anything (nothing to gain: use the rows as they are). Runs on the host."""
     seq = seq.to("cpu")
     mask = seq.loss_mask.bool()
     ids, lm = seq.input_ids.tolist(), seq.loss_mask.tolist()

@@ -25,7 +25,6 @@ With ``--reward-model DIR`` the command evaluates a reward model on held-out pai
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 from pathlib import Path

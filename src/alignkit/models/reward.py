@@ -102,14 +102,17 @@ class RewardScorer:
         return p + r
 
     @torch.no_grad()
-    def score_ids(self, seqs: List[List[int]]) -> List[float]:
+    def _score_chunks(self, items: list, layout: Callable[[list], SeqBatch]) -> List[float]:
+        """Scores of ``items`` in chunks of ``batch_size``, each laid out by ``layout``."""
         out: List[float] = []
         with self.precision:
-            for i in range(0, len(seqs), self.batch_size):
-                chunk = seqs[i:i + self.batch_size]
-                batch = pad_sequences(chunk, [[0] * len(s) for s in chunk], self.tokenizer.pad_token_id)
-                out.extend(reward_scores(self.model, batch.to(self.device)).tolist())
+            for i in range(0, len(items), self.batch_size):
+                out.extend(reward_scores(self.model, layout(items[i:i + self.batch_size]).to(self.device)).tolist())
         return out
+
+    def score_ids(self, seqs: List[List[int]]) -> List[float]:
+        pad = self.tokenizer.pad_token_id
+        return self._score_chunks(seqs, lambda chunk: pad_sequences(chunk, [[0] * len(q) for q in chunk], pad))
 
     @torch.no_grad()
     def score_parts(self, parts: List[Tuple[List[int], List[int]]]) -> List[float]:
@@ -126,15 +129,9 @@ class RewardScorer:
             return self.score_ids([p + r for p, r in parts])
         from alignkit.data.collate import Packing, layout_prompted
 
-        shared = Packing(pack=True, share_prompt=True)
-        out: List[float] = []
-        with self.precision:
-            for i in range(0, len(parts), self.batch_size):
-                chunk = parts[i:i + self.batch_size]
-                batch = layout_prompted([(p, [(r, k)]) for k, (p, r) in enumerate(chunk)],
-                                        self.tokenizer.pad_token_id, shared)
-                out.extend(reward_scores(self.model, batch.to(self.device)).tolist())
-        return out
+        shared, pad = Packing(pack=True, share_prompt=True), self.tokenizer.pad_token_id
+        return self._score_chunks(parts, lambda chunk: layout_prompted(
+            [(p, [(r, k)]) for k, (p, r) in enumerate(chunk)], pad, shared))
 
     def __call__(self, prompts: List, completions: List[str]) -> List[float]:
         return self.score_parts([self.encode_parts(p, c) for p, c in zip(prompts, completions)])

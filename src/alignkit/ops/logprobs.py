@@ -360,8 +360,11 @@ def row_logprobs(model, seq: SeqBatch, shared: Optional[SharedRows] = None, *, t
     had been run alone (exact where :func:`~alignkit.ops.packing.resolve_packing`'s probe says so)."""
     tl = token_logprobs(model, shared.batch if shared is not None else seq, temperature=temperature,
                         with_entropy=with_entropy, chunk_size=chunk_size)
-    if shared is None:
-        return tl
+    return tl if shared is None else shared_to_rows(tl, seq, shared)
+
+
+def shared_to_rows(tl: TokenLogprobs, seq: SeqBatch, shared: SharedRows) -> TokenLogprobs:
+    """``tl`` of the shared layout ``shared.batch``, in the label space of the rows ``seq``."""
     return TokenLogprobs(shared.to_rows(tl.logps), seq.loss_mask[:, 1:].float(),
                          shared.to_rows(tl.entropy) if tl.entropy is not None else None)
 

@@ -109,9 +109,7 @@ class PolicyWithValue(nn.Module):
         values = self.value_head(features.to(self.value_head.weight.dtype)).squeeze(-1).float()
         if shared is None:
             return tl, values
-        return (lp.TokenLogprobs(shared.to_rows(tl.logps), loss_mask[:, 1:].float(),
-                                 shared.to_rows(tl.entropy) if tl.entropy is not None else None),
-                shared.to_rows(values))
+        return lp.shared_to_rows(tl, seq, shared), shared.to_rows(values)
 
 
 def _critic_path(cfg: PPOConfig) -> str:
