@@ -197,13 +197,11 @@ def _load_lm(name: Optional[str], base: ModelConfig):
 
 def _load_reference(name: Optional[str], base: ModelConfig):
     """(reference model, autocast context for its passes): see
-    :func:`~alignkit.models.loading.frozen_in_autocast` (with ``model.dtype=auto`` where bf16 is native,
+    :func:`~alignkit.models.loading.load_frozen` (with ``model.dtype=auto`` where bf16 is native,
     the reference runs as a training run's frozen reference does)."""
-    from alignkit.models.loading import frozen_dtype, frozen_in_autocast
+    from alignkit.models.loading import load_frozen
 
-    device = _device()
-    model = _load_lm(name, base.model_copy(update={"dtype": frozen_dtype(base.dtype, device)}))
-    return model, frozen_in_autocast(model, base.dtype, device)
+    return load_frozen(lambda dt: _load_lm(name, base.model_copy(update={"dtype": dt})), base.dtype, _device())
 
 
 def read_reference_samples(path: str, prompts: List[str], specs: Optional[Dict[str, List[RewardSpec]]] = None

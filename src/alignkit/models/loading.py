@@ -7,7 +7,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -83,28 +83,23 @@ def cpu_bf16_speedup(rows: int = 256, n_in: int = 1024, n_out: int = 1024, repea
     return speedup
 
 
-def frozen_in_autocast(model, dtype: str, device: torch.device):
-    """The autocast a frozen scoring model (an eval reference, a reward scorer) runs under, preparing
-    ``model`` for it. With ``dtype=auto`` where bf16 is native the caller loads the model in fp32
-    (:func:`frozen_dtype`); it is frozen, its linear layers are stored in bf16
-    (:func:`precast_frozen_linears`) and it runs under bf16 autocast, as a training run's frozen
-    reference: the residual stream stays fp32, closer to fp32 than a pure-bf16 copy and exact enough for
-    the layout probe (SmolLM2 in pure bf16 fails it). Otherwise nothing changes: no autocast."""
+def load_frozen(load: Callable[[str], torch.nn.Module], dtype: str, device: torch.device):
+    """``(model, autocast context)`` of a frozen scoring model (an eval reference, a reward scorer);
+    ``load(dtype)`` loads it in the dtype given. With ``dtype=auto`` where bf16 is native it is loaded in
+    fp32, frozen, its linear layers stored in bf16 (:func:`precast_frozen_linears`), and it runs under
+    bf16 autocast, as a training run's frozen reference does: the residual stream stays fp32, closer to
+    fp32 than a pure-bf16 copy and exact enough for the layout probe (SmolLM2 in pure bf16 fails it).
+    Otherwise it is loaded in ``dtype`` and runs without autocast."""
     import contextlib
     from types import SimpleNamespace
 
     if dtype != "auto" or not native_bf16(device.type):
-        return contextlib.nullcontext()
+        return load(dtype), contextlib.nullcontext()
+    model = load("float32")
     for q in model.parameters():
         q.requires_grad_(False)
     precast_frozen_linears(model, SimpleNamespace(mixed_precision="bf16"))
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def frozen_dtype(dtype: str, device: torch.device) -> str:
-    """The dtype to load a frozen scoring model in: fp32 for ``auto`` where bf16 is native (it then runs
-    under autocast, :func:`frozen_in_autocast`), else ``dtype`` as given."""
-    return "float32" if dtype == "auto" and native_bf16(device.type) else dtype
+    return model, torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def precast_frozen_linears(model, accelerator) -> int:

@@ -139,14 +139,16 @@ class RewardScorer:
 
 def _load_frozen(path: str, dtype: str, device: torch.device, pad_token_id: Optional[int]):
     """(model, autocast context) of a reward model that only scores
-    (:func:`~alignkit.models.loading.frozen_in_autocast`)."""
-    from alignkit.models.loading import frozen_dtype, frozen_in_autocast, resolve_dtype
+    (:func:`~alignkit.models.loading.load_frozen`)."""
+    from alignkit.models.loading import load_frozen, resolve_dtype
     from alignkit.ops import attention
 
-    model = load_sequence_classifier(path, resolve_dtype(frozen_dtype(dtype, device), device),
-                                     pad_token_id).to(device).eval()
-    attention.use_for(model)  # a CPU model: sdpa in fp32 under autocast, as training's
-    return model, frozen_in_autocast(model, dtype, device)
+    def load(dt: str):
+        model = load_sequence_classifier(path, resolve_dtype(dt, device), pad_token_id).to(device).eval()
+        attention.use_for(model)  # a CPU model: sdpa in fp32 under autocast, as training's
+        return model
+
+    return load_frozen(load, dtype, device)
 
 
 def load_sequence_classifier(path: str, dtype: torch.dtype, pad_token_id: Optional[int] = None):
