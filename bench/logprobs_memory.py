@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from alignkit.data.collate import SeqBatch
+from alignkit.data.layout import SeqBatch
 from alignkit.ops.logprobs import token_logprobs
 
 

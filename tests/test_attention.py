@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignkit.config import ModelConfig
-from alignkit.data.collate import PADDED, Packing, layout_pairs
+from alignkit.data.layout import PADDED, Packing, layout_pairs
 from alignkit.models.loading import load_causal_lm
 from alignkit.ops import attention
 from alignkit.ops.logprobs import token_logprobs
@@ -106,7 +106,7 @@ def test_no_grad_passes_give_the_training_numbers_and_fp32_is_exactly_sdpa():
 def test_segments_by_hand():
     """[1 2 3] shared by [4] (whose responses are [5 6] and [7]) and by [8]: each segment's queries, the
     keys they see (ancestors first, then their own causally), and no empty query row."""
-    from alignkit.data.collate import layout_prompted
+    from alignkit.data.layout import layout_prompted
 
     b = layout_prompted([([1, 2, 3, 4], [([5, 6], 0), ([7], 1)]), ([1, 2, 3, 8], [([9], 2)])], 0, SHARED)
     assert b.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
@@ -128,7 +128,7 @@ def test_segments_by_hand():
 def test_segment_attention_equals_the_masked_rows(kind):
     """Packed and prefix-shared batches (a two-level prompt tree) through segment attention give the
     log-probs and gradients of the same batch through the dense mask (fp32, 1e-5)."""
-    from alignkit.data.collate import layout_sequences
+    from alignkit.data.layout import layout_sequences
     from alignkit.ops.packing import model_inputs
 
     dense = tiny_causal_lm(kind)

@@ -130,7 +130,7 @@ def test_eval_on_tiny_models_matches_recomputation(tiny_model, tiny_ref, tmp_pat
     from transformers import AutoModelForCausalLM
 
     from alignkit.config import DataConfig, ModelConfig
-    from alignkit.data.collate import pad_sequences
+    from alignkit.data.layout import pad_sequences
     from alignkit.data.tokenize import Encoder
     from alignkit.eval.evaluate import evaluate
     from alignkit.models.loading import load_tokenizer
@@ -231,7 +231,7 @@ def test_eval_reference_runs_as_a_training_reference(tiny_ref):
     fp32 model under autocast (what a training run's frozen reference gives), and it passes the shared
     layout probe. Elsewhere it is the plain model."""
     from alignkit.config import ModelConfig
-    from alignkit.data.collate import pad_sequences
+    from alignkit.data.layout import pad_sequences
     from alignkit.eval.evaluate import _load_lm, _load_reference
     from alignkit.models.loading import native_bf16
     from alignkit.ops.logprobs import token_logprobs

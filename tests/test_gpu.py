@@ -30,7 +30,7 @@ def test_bf16_sft_and_dpo_train_on_gpu(tmp_path, tiny_model, jsonl):
 
 
 def test_bf16_chunked_logprobs_close_to_fp32_reference(tiny_tok):
-    from alignkit.data.collate import pad_sequences
+    from alignkit.data.layout import pad_sequences
     from alignkit.ops.logprobs import reference_logprobs, token_logprobs
     from alignkit.testing import tiny_llama
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from alignkit.data.collate import SeqBatch, pad_sequences
+from alignkit.data.layout import SeqBatch, pad_sequences
 from alignkit.ops.logprobs import reference_logprobs, token_logprobs
 from alignkit.testing import TINY_ARCHITECTURES, tiny_causal_lm, tiny_llama
 

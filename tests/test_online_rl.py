@@ -10,7 +10,7 @@ import torch
 
 from alignkit.config import LoraConfig, ModelConfig, as_config
 from alignkit.data import prepare
-from alignkit.data.collate import SeqBatch, pad_sequences
+from alignkit.data.layout import SeqBatch, pad_sequences
 from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from alignkit.ops.logprobs import token_logprobs
 from alignkit.rewards import build_reward

@@ -9,8 +9,8 @@ import torch
 
 from alignkit.config import DataConfig, LoraConfig, ModelConfig
 from alignkit.data import prepare
-from alignkit.data.collate import (PADDED, Packing, layout_pairs, layout_prompted, pack_units, pad_sequences,
-                                   prompt_tree_units, share_row_prompts)
+from alignkit.data.layout import (PADDED, Packing, layout_pairs, layout_prompted, pack_units, pad_sequences,
+                                  prompt_tree_units, share_row_prompts)
 from alignkit.losses.preference import PREFERENCE_LOSSES
 from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from alignkit.ops.logprobs import reference_logprobs, token_logprobs

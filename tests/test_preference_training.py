@@ -128,7 +128,7 @@ def test_precast_frozen_linears_is_bit_identical_under_autocast(kind):
     import copy
     from types import SimpleNamespace
 
-    from alignkit.data.collate import SeqBatch
+    from alignkit.data.layout import SeqBatch
     from alignkit.models.loading import precast_frozen_linears
     from alignkit.ops.logprobs import token_logprobs
     from alignkit.testing import tiny_causal_lm
@@ -151,7 +151,7 @@ def test_precast_frozen_linears_is_bit_identical_under_autocast(kind):
     assert torch.equal(got, want)
     # the packing probe runs such a model under its autocast: it packs and shares prompts (it used to fail
     # on the dtype mismatch and turn packing off for the whole run)
-    from alignkit.data.collate import Packing
+    from alignkit.data.layout import Packing
     from alignkit.ops.packing import resolve_packing
 
     said = []

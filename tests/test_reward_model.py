@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from alignkit.data.collate import SeqBatch, pad_sequences
+from alignkit.data.layout import SeqBatch, pad_sequences
 from alignkit.models.reward import last_token_index, reward_scores
 from alignkit.train.reward import train_rm
 from tests.helpers import pref_rows

@@ -88,7 +88,7 @@ def sft_pairs(source: str, split: str, max_rows: Optional[int]):
 
 def response_logps(model, encoder, prompts: List[Any], responses: List[str], batch_size: int = 16) -> List[float]:
     """Summed log p(response | prompt) per pair, encoded exactly as DPO training encodes it."""
-    from alignkit.data.collate import pad_sequences
+    from alignkit.data.layout import pad_sequences
     from alignkit.rollout.generate import batched_logprobs
 
     seqs, masks = [], []

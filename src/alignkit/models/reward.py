@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from alignkit.data.collate import SeqBatch, pad_sequences
+from alignkit.data.layout import SeqBatch, pad_sequences
 from alignkit.ops.packing import last_hidden
 
 log = logging.getLogger("alignkit")
@@ -117,7 +117,7 @@ class RewardScorer:
     @torch.no_grad()
     def score_parts(self, parts: List[Tuple[List[int], List[int]]]) -> List[float]:
         """Scores of ``(prompt, completion)`` id pairs. Where the model passes the layout probe, each
-        chunk of ``batch_size`` is laid out as a prefix tree (``collate.prompt_tree_units``: a prompt
+        chunk of ``batch_size`` is laid out as a prefix tree (``layout.prompt_tree_units``: a prompt
         shared by several completions, and a beginning several prompts share, once); else padded rows."""
         if self._share is None:
             from alignkit.ops.packing import resolve_packing
@@ -127,7 +127,7 @@ class RewardScorer:
                                               switches=("reward.packing", "reward.prefix_sharing")).share_prompt
         if not self._share or any(not r for _, r in parts):
             return self.score_ids([p + r for p, r in parts])
-        from alignkit.data.collate import Packing, layout_prompted
+        from alignkit.data.layout import Packing, layout_prompted
 
         shared, pad = Packing(pack=True, share_prompt=True), self.tokenizer.pad_token_id
         return self._score_chunks(parts, lambda chunk: layout_prompted(

@@ -57,7 +57,7 @@ class Segments:
 
 
 def segments_of(block: torch.Tensor, block_end: torch.Tensor, attention_mask: torch.Tensor) -> List[Segments]:
-    """The segments of a packed layout (``data/collate.py``): ``block`` (R, L) numbered depth-first, each
+    """The segments of a packed layout (``data/layout.py``): ``block`` (R, L) numbered depth-first, each
     block's subtree ``[block, block_end)``. Blocks of padding only are left out (their outputs are 0).
 
     Segments are padded to the longest in one SDPA call, so they go in buckets of similar size (sorted by

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from alignkit.data.collate import SeqBatch, SharedRows
+from alignkit.data.layout import SeqBatch, SharedRows
 from alignkit.ops.packing import model_inputs, position_ids  # noqa: F401  (position_ids: re-exported)
 from alignkit.ops.masked import masked_mean, masked_sum
 from alignkit.ops.wrappers import unwrap
@@ -305,7 +305,7 @@ def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_ent
     in a way that hides its head (FSDP, custom code) or when its logits differ from our head's
     (checked once per model): correct, just without the memory saving.
 
-    Padded and packed batches alike (``data/collate.py``); for packed ones ``.sum()``/``.lengths()``
+    Padded and packed batches alike (``data/layout.py``); for packed ones ``.sum()``/``.lengths()``
     reduce per sequence.
     """
     labels = batch.input_ids[:, 1:]  # (B, T-1)
@@ -355,7 +355,7 @@ def token_logprobs(model, batch: SeqBatch, *, temperature: float = 1.0, with_ent
 def row_logprobs(model, seq: SeqBatch, shared: Optional[SharedRows] = None, *, temperature: float = 1.0,
                  with_entropy: bool = False, chunk_size: int = DEFAULT_CHUNK) -> TokenLogprobs:
     """:func:`token_logprobs` of the right-padded rows ``seq``, computed on ``shared`` (the same rows with
-    each prompt once, :func:`~alignkit.data.collate.share_row_prompts`) when given: the prompt's forward
+    each prompt once, :func:`~alignkit.data.layout.share_row_prompts`) when given: the prompt's forward
     runs once per group and the results come back in the rows' ``(B, T-1)`` label space, as if each row
     had been run alone (exact where :func:`~alignkit.ops.packing.resolve_packing`'s probe says so)."""
     tl = token_logprobs(model, shared.batch if shared is not None else seq, temperature=temperature,

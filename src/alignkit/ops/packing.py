@@ -1,7 +1,7 @@
 """Packed batches at the model: the inputs that keep attention inside each sequence, and the check
 that a model gives the same numbers packed as padded.
 
-A packed row (``data/collate.py``) holds several sequences whose position ids restart at 0.
+A packed row (``data/layout.py``) holds several sequences whose position ids restart at 0.
 
 - Plain packing goes through transformers' own packed-sequence path: no attention mask, position ids
   only. transformers derives the sequence boundaries from the position ids and builds a block-causal
@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from alignkit.data.collate import PADDED, Packing, SeqBatch, layout_sequences, pack_units
+from alignkit.data.layout import PADDED, Packing, SeqBatch, layout_sequences, pack_units
 from alignkit.ops.attention import is_sdpa, segments_of, takes_segments
 from alignkit.ops.wrappers import unwrap
 

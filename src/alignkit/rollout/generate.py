@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from alignkit.config import Section
-from alignkit.data.collate import SeqBatch, pad_sequences
+from alignkit.data.layout import SeqBatch, pad_sequences
 from alignkit.ops.wrappers import unwrap
 from alignkit.runtime import keep_host_memory
 
@@ -197,11 +197,11 @@ def batched_logprobs(model, batch: SeqBatch, temperature: float = 1.0, batch_siz
     logits; default ``DEFAULT_CHUNK``).
 
     ``share_prompts``: rows of a chunk with the same prompt (the samples of one prompt, consecutive) run
-    as one ``[prompt][response 1][response 2]...`` unit (:func:`~alignkit.data.collate.share_row_prompts`),
+    as one ``[prompt][response 1][response 2]...`` unit (:func:`~alignkit.data.layout.share_row_prompts`),
     so each prompt's forward runs once per chunk; only for a model whose probe allows it
     (:func:`~alignkit.ops.packing.resolve_packing` with ``share_prompt=True``). ``pad_id`` fills the
     shared rows' tails."""
-    from alignkit.data.collate import share_row_prompts
+    from alignkit.data.layout import share_row_prompts
     from alignkit.ops.logprobs import DEFAULT_CHUNK, row_logprobs
 
     chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size

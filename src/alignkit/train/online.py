@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from alignkit.data.collate import SeqBatch, SharedRows, share_row_prompts
+from alignkit.data.layout import SeqBatch, SharedRows, share_row_prompts
 from alignkit.eval.metrics import distinct_n
 from alignkit.ops.logprobs import TokenLogprobs, row_logprobs
 from alignkit.ops.wrappers import unwrap

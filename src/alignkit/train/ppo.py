@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from alignkit.data.collate import SeqBatch, SharedRows
+from alignkit.data.layout import SeqBatch, SharedRows
 from alignkit.ops import logprobs as lp
 from alignkit.ops.wrappers import unwrap
 from alignkit.train.online import run_online
@@ -85,7 +85,7 @@ class PolicyWithValue(nn.Module):
         """``detach_value``: the shared value head reads detached features (critic warm-up trains the head
         alone); a separate critic is unaffected (it has its own backbone). ``shared`` (shared value head
         only): the same rows laid out with each prompt, and each prefix prompts share, once
-        (:func:`~alignkit.data.collate.share_row_prompts`); log-probs and values come back in the rows'
+        (:func:`~alignkit.data.layout.share_row_prompts`); log-probs and values come back in the rows'
         ``(B, T-1)`` label space, 0 off the labels (where GAE and the value loss never read)."""
         seq = SeqBatch(input_ids, attention_mask, loss_mask)
         chunk = self.logprob_chunk

@@ -13,7 +13,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import RunConfig, Section, as_config
-from alignkit.data.collate import PADDED, Packing, PairBatch, UnpairedBatch, collate_pairs, collate_unpaired
+from alignkit.data.collate import PairBatch, UnpairedBatch, collate_pairs, collate_unpaired
+from alignkit.data.layout import PADDED, Packing
 from alignkit.losses.preference import PREFERENCE_LOSSES, combine, loss_hparams, nll_term
 from alignkit.ops.dist import gather_cat
 from alignkit.ops.logprobs import DEFAULT_CHUNK, TokenLogprobs, token_logprobs

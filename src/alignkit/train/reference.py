@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from alignkit.data.collate import PADDED, Packing, PairBatch, SeqBatch, UnpairedBatch, collate_pairs, collate_unpaired
+from alignkit.data.collate import PairBatch, UnpairedBatch, collate_pairs, collate_unpaired
+from alignkit.data.layout import PADDED, Packing, SeqBatch
 from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 from alignkit.ops.wrappers import unwrap
 

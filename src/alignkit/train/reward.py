@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from alignkit.config import RMConfig, as_config
-from alignkit.data.collate import PADDED, Packing, SeqBatch, layout_prompted
+from alignkit.data.layout import PADDED, Packing, SeqBatch, layout_prompted
 from alignkit.losses.reward import RANKING_LOSSES, all_pairs_bradley_terry_loss, plackett_luce_loss
 from alignkit.models.reward import reward_scores
 from alignkit.train.loop import Task, Trainer

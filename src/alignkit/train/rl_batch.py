@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from alignkit.data.collate import SeqBatch, SharedRows
+from alignkit.data.layout import SeqBatch, SharedRows
 from alignkit.ops.wrappers import unwrap
 from alignkit.rollout.generate import Rollout
 

@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Union
 import torch
 
 from alignkit.config import SFTConfig, as_config
-from alignkit.data.collate import PADDED, Packing, SeqBatch, collate_sft
+from alignkit.data.collate import collate_sft
+from alignkit.data.layout import PADDED, Packing, SeqBatch
 from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 from alignkit.train.loop import Task, Trainer
 
