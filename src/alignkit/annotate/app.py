@@ -324,6 +324,9 @@ class App:
                       "</form><p class=\"keys\">The link works once: after this, the address no longer carries "
                       "it. If you did not expect this page, close it.</p></div>")
         resp = _secure(HTMLResponse(html))
+        # with no-referrer a browser's form POST says "Origin: null"; same-origin keeps the real one
+        # (and still sends nothing to other sites)
+        resp.headers["Referrer-Policy"] = "same-origin"
         resp.set_cookie(LOGIN_NONCE, nonce, httponly=True, samesite="strict", path="/", max_age=1800,
                         secure=self._https(request))
         return resp
