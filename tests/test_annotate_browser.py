@@ -254,6 +254,7 @@ def test_browser_phone_layout_retry_confirmations_and_done_pages(tmp_path):
         page.locator("#resp-1").tap()
         assert ranking(page) == [[1, "2,3"], [3, "1"]]
         expect(page.locator("#ranking li").nth(0)).to_contain_text("Another long answer")
+        page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(shots / "annotate-phone.png"))
         # the server cannot be reached: a visible error and a retry that works once it is back
         page.route("**/api/answer", lambda route: route.abort())

@@ -112,7 +112,8 @@ progress{width:200px;max-width:40vw;height:14px}main{max-width:1280px;margin:12p
 .prompt{background:#fff;border:1px solid #ddd;padding:10px 14px;margin:12px 0}
 .msg .role{font-weight:600;color:#555;margin-right:6px}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:12px}
-.card{background:#fff;border:2px solid #ddd;border-radius:6px;padding:10px;cursor:pointer;position:relative;min-height:44px}
+.card{background:#fff;border:2px solid #ddd;border-radius:6px;padding:10px;cursor:pointer;position:relative;min-height:44px;
+  -webkit-tap-highlight-color:transparent}
 .card:hover{border-color:#74c0fc}.card.ranked{border-color:#2b8a3e;background:#f4fbf5}
 .card h3{font-size:15px;margin:0 0 6px}.badge{position:absolute;top:8px;right:10px;font-weight:700;color:#2b8a3e}
 .text{white-space:pre-wrap;word-break:break-word;font-size:15px}
