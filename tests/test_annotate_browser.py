@@ -254,6 +254,8 @@ def test_browser_phone_layout_retry_confirmations_and_done_pages(tmp_path):
         page.locator("#resp-1").tap()
         assert ranking(page) == [[1, "2,3"], [3, "1"]]
         expect(page.locator("#ranking li").nth(0)).to_contain_text("Another long answer")
+        page.locator("#ranking").scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "annotate-phone-ranking.png"))
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(shots / "annotate-phone.png"))
         # the server cannot be reached: a visible error and a retry that works once it is back
@@ -304,6 +306,7 @@ def test_browser_phone_layout_retry_confirmations_and_done_pages(tmp_path):
         late = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True).new_page()
         login(late, url, store, "late")
         expect(late.locator("#done h2")).to_have_text("Nothing left for you in this task.")
-        expect(late.locator("#done-why")).to_contain_text("You answered 0 items")
+        expect(late.locator("#done-why")).to_contain_text("You answered 0 items. Every item already has its 1 annotator")
+        assert late.locator("#undo").count() == 0  # nothing to undo: no button
         late.screenshot(path=str(shots / "annotate-done.png"))
         browser.close()

@@ -401,7 +401,7 @@ def test_cli_names_with_equals_links_ipv6_task_label_and_private_db(tmp_path, ca
     assert served_url("127.0.0.1", 80) == "http://127.0.0.1:80"
     wild = served_url("0.0.0.0", 8765)
     assert not wild.startswith("http://0.0.0.0") and wild.endswith(":8765")
-    assert "[" not in served_url("::", 1) or served_url("::", 1).startswith("http://[")
+    assert ":::" not in served_url("::", 1) and served_url("::", 1).endswith(":1")  # not http://:::1
     cli.main(["annotate", "add-user", "ipv6", "--db", db, "--host", "::1", "--port", "9000"], standalone_mode=False)
     assert "http://[::1]:9000/login?code=" in capsys.readouterr().out
     f = write_jsonl(tmp_path / "task.jsonl", [{"prompt": "q", "responses": ["a", "b"]}, {"prompt": "bad"}])

@@ -123,7 +123,7 @@ pre.code{background:#f1f3f5;padding:8px;overflow:auto;font-size:13px}
 #ranking li{padding:8px;margin:3px 0;background:#f4fbf5;border:1px solid #b2f2bb;cursor:grab;min-height:44px}
 #ranking li .snip{color:#555}
 button{font-size:15px;min-height:44px;min-width:44px;padding:8px 14px;margin:3px;border:1px solid #aaa;border-radius:6px;background:#f8f9fa;cursor:pointer}
-button.on{background:#1c7ed6;color:#fff;border-color:#1c7ed6}
+button{-webkit-tap-highlight-color:transparent}button.on{background:#1c7ed6;color:#fff;border-color:#1c7ed6}
 button.primary{background:#2b8a3e;color:#fff;border-color:#2b8a3e;font-weight:700}
 .actions{position:sticky;bottom:0;background:#fff;border-top:1px solid #ddd;padding:6px 8px;margin:12px -12px 0;
   display:flex;flex-wrap:wrap;align-items:center;z-index:5;box-shadow:0 -2px 6px rgba(0,0,0,.06)}
@@ -551,7 +551,7 @@ def _done_text(why: Dict[str, Any]) -> Tuple[str, str]:
         return ("Nothing for you right now.", f"{tally} The items left are being answered by other annotators. "
                 f"If one of them stops, its item comes free: check back in about {why['retry_minutes']} minutes.")
     return ("Nothing left for you in this task.",
-            f"{tally} Every other item already has its {why['overlap']} annotator"
+            f"{tally} Every {'other ' if done + skipped else ''}item already has its {why['overlap']} annotator"
             f"{'s' if why['overlap'] != 1 else ''} (the task's overlap), so no item needs you. "
             "Ask the task's admin if you expected more work.")
 
@@ -569,9 +569,9 @@ def _page_html(user: User, a: Optional[Assignment], prog, settings, csrf: str, n
              "max_rationale": MAX_RATIONALE}
     if a is None:
         title, text = _done_text(why)
+        undo = '<button id="undo">Undo my last answer (u)</button>' if why["done"] + why["skipped"] else ""
         body += (f'<div class="panel" id="done"><h2>{escape(title)}</h2><p id="done-why">{escape(text)}</p>'
-                 '<button id="undo">Undo my last answer (u)</button><button id="retry" hidden>Retry</button>'
-                 '<div id="msg" role="alert"></div></div>')
+                 f'{undo}<button id="retry" hidden>Retry</button><div id="msg" role="alert"></div></div>')
     else:
         hint = ("Which response is better? Press 1 or 2 (or tap it), then Enter. For a tie: 1, =, 2."
                 if ab else "Rank best first: press 1-%d or tap responses in order; = makes the next pick "
