@@ -253,7 +253,8 @@ def test_browser_phone_layout_retry_confirmations_and_done_pages(tmp_path):
         expect(page.locator("#tie")).not_to_have_class(re.compile(r"\bon\b"))
         page.locator("#resp-1").tap()
         assert ranking(page) == [[1, "2,3"], [3, "1"]]
-        expect(page.locator("#ranking li").nth(0)).to_contain_text("Another long answer")
+        second = " ".join(page.locator("#resp-2 .body").inner_text().split())[:40]
+        expect(page.locator("#ranking li").nth(0)).to_contain_text(f"Response 2 \u201c{second}")
         page.locator("#ranking").scroll_into_view_if_needed()
         page.screenshot(path=str(shots / "annotate-phone-ranking.png"))
         page.evaluate("window.scrollTo(0, 0)")
