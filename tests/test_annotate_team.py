@@ -175,7 +175,8 @@ def test_every_bad_request_is_a_4xx_with_the_security_headers(tmp_path):
         import http.client as hc
 
         conn = hc.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
-        conn.request("POST", "/api/answer", body=iter([b'{"rationale": "' + b"r" * 150_000, b"r" * 150_000 + b'"}']),
+        chunks = [b'{"rationale": "'] + [b"r" * 100_000] * 5 + [b'"}']
+        conn.request("POST", "/api/answer", body=iter(chunks),
                      headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json"},
                      encode_chunked=True)
         r = conn.getresponse()

@@ -630,7 +630,7 @@ class Guard:
             body = message.get("body", b"")
             more = message.get("more_body", False)
             if too_big:
-                if declared.isdigit() and int(declared) > 64 * self.max_body:
+                if declared is not None and (not declared.isdigit() or int(declared) > 64 * self.max_body):
                     break  # answer at once; the server closes the connection
                 continue  # drain and drop
             size += len(body)
