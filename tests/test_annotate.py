@@ -17,7 +17,7 @@ from alignkit.annotate import prepare_store, run_annotate, AnnotateConfig
 from alignkit.annotate.app import render_text
 from alignkit.annotate.export import collect, export
 from alignkit.annotate.store import Store, item_id, ranks_from_groups
-from tests.annotate_server import ServerThread, free_port, http
+from tests.annotate_server import ServerThread, browser_login, db, free_port, http  # noqa: F401 (db: fixture)
 from tests.helpers import write_jsonl
 
 XSS = "<script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\">"
@@ -103,8 +103,8 @@ def test_import_twice_no_duplicates_and_stable_ids(tmp_path):
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
-def test_overlap_quota_shuffle_and_undo(tmp_path):
-    store = Store(str(tmp_path / "a.db"))
+def test_overlap_quota_shuffle_and_undo(db):
+    store = Store(db)
     store.add_items([{"prompt": f"q{i}", "responses": ["a", "b", "c", "d"]} for i in range(6)])
     store.set_settings(overlap=2, items_per_annotator=4)
     users = [store.user_for_token(store.add_user(f"u{i}")) for i in range(3)]
@@ -158,7 +158,7 @@ def test_wrong_token_other_annotator_and_plain_annotator_export_are_refused(tmp_
             refused(*http("GET", url + path))  # no token
             refused(*http("GET", url + path, token="not-a-token"))  # wrong token
             assert http("GET", url + path, token="not-a-token")[0] == 401
-        refused(*http("GET", url + "/login?token=wrong"))
+        refused(*http("GET", url + "/login?code=wrong"))
         # a plain annotator asking for the export or the stats: 403
         for path in ("/admin/export?kind=rankings", "/admin/export?kind=answers", "/admin"):
             s, body = http("GET", url + path, token=alice)
@@ -171,10 +171,9 @@ def test_wrong_token_other_annotator_and_plain_annotator_export_are_refused(tmp_
         s, body = http("POST", url + "/api/answer", {"item_id": item["item_id"], "groups": [[1], [2]]}, token=bob)
         assert s == 403
         # cookie sessions: a write without the page's CSRF token, or from another origin, is refused
-        cookie = {"Cookie": f"alignkit_annotate={alice}"}
+        assert http("POST", url + "/api/undo", {}, headers={"Cookie": f"alignkit_annotate={alice}"})[0] == 401
+        cookie, csrf = browser_login(url, store, "alice")
         assert http("POST", url + "/api/undo", {}, headers=cookie)[0] == 403
-        s, page = http("GET", url + "/", headers=cookie)
-        csrf = json.loads(page.split('id="state">')[1].split("</script>")[0])["csrf"]
         evil = {**cookie, "X-CSRF-Token": csrf, "Origin": "http://evil.example"}
         assert http("POST", url + "/api/undo", {}, headers=evil)[0] == 403
         assert http("POST", url + "/api/undo", {}, headers={**cookie, "X-CSRF-Token": csrf})[1] == {"undone": item["item_id"]}
@@ -205,8 +204,8 @@ def test_responses_render_as_text_never_html(tmp_path):
 
 # ---------------------------------------------------------------- concurrency and crashes
 
-def test_eight_annotators_at_once_every_answer_stored_exactly_once(tmp_path):
-    store = Store(str(tmp_path / "a.db"))
+def test_eight_annotators_at_once_every_answer_stored_exactly_once(db):
+    store = Store(db)
     store.add_items([{"prompt": f"q{i}", "responses": [f"r{i}a", f"r{i}b", f"r{i}c"]} for i in range(200)])
     store.set_settings(overlap=2)
     tokens = [store.add_user(f"ann{i}") for i in range(8)]
@@ -237,7 +236,7 @@ def test_eight_annotators_at_once_every_answer_stored_exactly_once(tmp_path):
         for t in threads:
             t.join(120)
     assert not errors, errors[:3]
-    answers = Store(str(tmp_path / "a.db")).answers()  # a fresh connection reads what was committed
+    answers = Store(db).answers()  # a fresh connection reads what was committed
     assert len(answers) == 400 == sum(len(v) for v in acked.values())
     assert len({(a["user"], a["item_id"]) for a in answers}) == 400
     per_item = {}
@@ -247,12 +246,13 @@ def test_eight_annotators_at_once_every_answer_stored_exactly_once(tmp_path):
     assert {(a["user"], a["item_id"]) for a in answers} == {(f"ann{i}", iid) for i, v in acked.items() for iid in v}
 
 
-def _start_cli_server(db, port, tmp_path):
+def _start_cli_server(db, port, tmp_path, workers=1):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
                                                           os.environ.get("PYTHONPATH", "")])}
     # the serve action of `alignkit annotate` without the CLI's start-up (which imports every command)
-    code = "import sys; from alignkit.annotate import run_annotate; run_annotate(args=['serve'], db=sys.argv[1], port=int(sys.argv[2]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, db, str(port)], env=env, stdout=open(tmp_path / "server.log", "a"), stderr=subprocess.STDOUT)
+    code = ("import sys; from alignkit.annotate import run_annotate; "
+            "run_annotate(args=['serve'], db=sys.argv[1], port=int(sys.argv[2]), workers=int(sys.argv[3]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, db, str(port), str(workers)], env=env, stdout=open(tmp_path / "server.log", "a"), stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
             if http("GET", f"http://127.0.0.1:{port}/api/item")[0] == 401:
@@ -267,9 +267,8 @@ def _start_cli_server(db, port, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_server_keeps_every_saved_answer(tmp_path):
+def test_killed_server_keeps_every_saved_answer(tmp_path, db):
     f = write_jsonl(tmp_path / "task.jsonl", task_rows(30))
-    db = str(tmp_path / "a.db")
     prepare_store(AnnotateConfig(db=db, task=str(f)))
     tok = Store(db).add_user("ann")
     port = free_port()
@@ -289,8 +288,11 @@ def test_killed_server_keeps_every_saved_answer(tmp_path):
     proc = _start_cli_server(db, port, tmp_path)  # restart: the answers are there, work goes on
     try:
         _, item = http("GET", url + "/api/item", token=tok)
-        assert item["item_id"] not in saved and item["progress"] == {"done": 12, "total": 30}
+        assert item["item_id"] not in saved and item["progress"] == {"done": 12, "skipped": 0, "total": 30}
         assert [a["item_id"] for a in http("GET", url + "/api/answers", token=tok)[1]] == saved
+        # add-user's login link points at the address the server was started on
+        link = run_annotate(args=["add-user", "late"], db=db)["login_url"]
+        assert link.startswith(f"http://127.0.0.1:{port}/login?code=")
     finally:
         proc.terminate()
         proc.wait(10)
@@ -308,8 +310,8 @@ def _answer_all(store, tok, ranker):
         store.answer(u, a.item_id, groups=[by_rank[r] for r in sorted(by_rank)])
 
 
-def test_export_rankings_pairs_soft_labels_and_report(tmp_path):
-    store = Store(str(tmp_path / "a.db"))
+def test_export_rankings_pairs_soft_labels_and_report(tmp_path, db):
+    store = Store(db)
     store.add_items([{"prompt": f"q{i}", "responses": [f"good {i}", f"ok {i}", f"bad {i}"]} for i in range(4)])
     store.set_settings(overlap=3)
     toks = [store.add_user(n) for n in ("a", "b", "c")]
@@ -357,11 +359,13 @@ def test_ab_mode_win_rate_reaches_compare(tmp_path):
     assert summ["added"] == 6 and summ["identical"] == 1
     toks = [store.add_user("x"), store.add_user("y")]
     src = {it["id"]: it["sources"] for it in store.items()}
+    # the stored response order is drawn at import too: rank by source
+    def best(a, run):
+        return [1 if s == run else 2 for s in src[a.item_id]]
     # x always prefers B; y prefers B on p0-p3, ties p4, prefers A on p5
-    _answer_all(store, toks[0], lambda a: [2, 1] if src[a.item_id] == ["A", "B"] else [1, 2])
+    _answer_all(store, toks[0], lambda a: best(a, "B"))
     verdict = {"p4": "tie", "p5": "A"}
-    _answer_all(store, toks[1], lambda a: [1, 1] if verdict.get(a.prompt) == "tie"
-                else ([1, 2] if verdict.get(a.prompt) == "A" else [2, 1]))
+    _answer_all(store, toks[1], lambda a: [1, 1] if verdict.get(a.prompt) == "tie" else best(a, verdict.get(a.prompt, "B")))
     s = run_annotate(args=["export"], db=db, output=str(tmp_path / "out"))
     # items: p0-p3 [1,1], p4 [1,.5], p5 [1,0], identical [.5] -> means 1,1,1,1,.75,.5,.5
     means = [1, 1, 1, 1, 0.75, 0.5, 0.5]

@@ -1,7 +1,8 @@
 """Human feedback: ``alignkit annotate``, a ranking web app on a real database (docs/human-feedback.md).
 
 ``alignkit annotate [serve]``        import the task (if given) and serve the app on 127.0.0.1
-``alignkit annotate add-user NAME``  create an annotator (``--admin``: an admin) and print its login link
+``alignkit annotate add-user NAME``  create an annotator (``--admin``: an admin; ``--name`` for names with
+                                     ``=``) and print its one-time login link and its API token
 ``alignkit annotate export``         rankings.jsonl, pairs.jsonl, agreement report, A/B win rate
 ``alignkit annotate import FILE``    bring answers made in Label Studio or Argilla into the store
 
@@ -40,18 +41,29 @@ class AnnotateConfig(Section):
     ab_runs: List[str] = []
     """A/B mode: two `alignkit eval` output directories [A, B] (e.g. base and DPO); their samples are
     paired by prompt and shown in a shuffled order without saying which run wrote which."""
+    name: Optional[str] = None
+    """add-user: the user's name, as a flag (for names containing `=`, which the positional form reads
+    as a setting)."""
     overlap: Optional[int] = Field(None, ge=1)
     """How many annotators see each item (stored with the task; default 1)."""
     items_per_annotator: Optional[int] = Field(None, ge=1)
     """How many items each annotator is given (stored with the task; default: as many as there are)."""
+    lease_minutes: Optional[float] = Field(None, gt=0)
+    """How long an item shown to an annotator stays reserved for them (stored with the task; default
+    30). An expired lease frees the slot for someone else; a skip frees it at once."""
     guideline: Optional[str] = None
     """Guideline shown at the top of every page: the text itself or a path to a text file."""
     host: str = "127.0.0.1"
     """Interface to bind. Anything but localhost exposes the app: put it behind HTTPS."""
     port: int = Field(8765, ge=1, le=65535)
     """Port to listen on."""
-    url: Optional[str] = None
-    """Base URL printed in login links (default http://HOST:PORT)."""
+    public_url: Optional[str] = None
+    """The address browsers use, e.g. https://annotate.example.org behind a reverse proxy: trusted as
+    the origin of submits and used in login links (default: the address served, stored by `serve`)."""
+    workers: int = Field(1, ge=1, le=64)
+    """serve: server processes (uvicorn workers); the database keeps the overlap exact across them."""
+    max_body: int = Field(1_000_000, ge=1024)
+    """serve: largest request body in bytes; a bigger one is refused with 413."""
     admin: bool = False
     """add-user: create an admin (may export and see the statistics)."""
     items: Optional[int] = Field(None, ge=1)
@@ -82,6 +94,8 @@ def prepare_store(cfg: AnnotateConfig):
     settings: Dict[str, Any] = {}
     if cfg.overlap is not None:
         settings["overlap"] = cfg.overlap
+    if cfg.lease_minutes is not None:
+        settings["lease_minutes"] = cfg.lease_minutes
     if cfg.items_per_annotator is not None:
         settings["items_per_annotator"] = cfg.items_per_annotator
     if cfg.guideline is not None:
@@ -114,6 +128,30 @@ def _check_deps() -> None:
         raise DataError(f"alignkit annotate needs {', '.join(missing)}: pip install 'alignkit[annotate]'")
 
 
+def url_host(host: str) -> str:
+    """A host as it goes in a URL: IPv6 literals in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def served_url(host: str, port: int) -> str:
+    """The address to print for a server bound to ``host``: a wildcard bind (0.0.0.0, ::) is reached
+    through this machine's name."""
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+
+        host = socket.getfqdn() or "localhost"
+    return f"http://{url_host(host)}:{port}"
+
+
+def login_base(cfg: "AnnotateConfig", store) -> str:
+    """Where login links point: --public-url, else the public URL or served address the store kept
+    from the last `serve`, else --host/--port."""
+    if cfg.public_url:
+        return cfg.public_url.rstrip("/")
+    s = store.settings()
+    return (s.get("public_url") or s.get("served_url") or served_url(cfg.host, cfg.port)).rstrip("/")
+
+
 def run_annotate(config: Union[AnnotateConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """The Python twin of ``alignkit annotate``."""
     from alignkit.data.load import DataError
@@ -123,16 +161,25 @@ def run_annotate(config: Union[AnnotateConfig, Dict[str, Any], None] = None, **o
     action, rest = (cfg.args[0], cfg.args[1:]) if cfg.args else ("serve", [])
     if action not in ACTIONS:
         raise DataError(f"annotate: unknown action {action!r}; use one of {', '.join(ACTIONS)}")
-    base = cfg.url or f"http://{cfg.host}:{cfg.port}"
     if action == "add-user":
-        if len(rest) != 1:
-            raise DataError("usage: alignkit annotate add-user NAME [--admin] [--db FILE]")
-        from alignkit.annotate.store import Store
+        names = rest + ([cfg.name] if cfg.name else [])
+        if len(names) != 1:
+            raise DataError("usage: alignkit annotate add-user NAME [--admin] [--db FILE] "
+                            "(or --name 'NAME' for a name containing '=')")
+        from alignkit.annotate.store import Store, StoreError
 
-        token = Store(cfg.db).add_user(rest[0], admin=cfg.admin, max_items=cfg.items)
-        # the link is the only place the token ever appears; the store keeps its hash
-        print(f"login link for {rest[0]}{' (admin)' if cfg.admin else ''}: {base}/login?token={token}")
-        return {"user": rest[0], "admin": cfg.admin}
+        store = Store(cfg.db)
+        try:
+            token = store.add_user(names[0], admin=cfg.admin, max_items=cfg.items)
+        except StoreError as e:
+            raise DataError(f"add-user: {e}") from None
+        code = store.login_code(names[0])
+        base = login_base(cfg, store)
+        # the store keeps only hashes: this is the one place the link and the token appear
+        print(f"login link for {names[0]}{' (admin)' if cfg.admin else ''} (works once, for 7 days): "
+              f"{base}/login?code={code}")
+        print(f"API token for scripts (Authorization: Bearer ...): {token}")
+        return {"user": names[0], "admin": cfg.admin, "login_url": f"{base}/login?code={code}"}
     store, summary = prepare_store(cfg)
     if action == "export":
         from alignkit.annotate.export import export
@@ -144,20 +191,35 @@ def run_annotate(config: Union[AnnotateConfig, Dict[str, Any], None] = None, **o
         from alignkit.annotate.importers import import_labels
 
         return {**summary, **import_labels(store, rest[0])}
-    serve(store, cfg.host, cfg.port)
+    serve(store, cfg.host, cfg.port, public_url=cfg.public_url, workers=cfg.workers, max_body=cfg.max_body)
     return summary
 
 
-def serve(store, host: str = "127.0.0.1", port: int = 8765) -> None:
+def serve(store, host: str = "127.0.0.1", port: int = 8765, *, public_url: Optional[str] = None,
+          workers: int = 1, max_body: int = 1_000_000) -> None:
+    """Serve the app; the address served (and the public URL) are stored for add-user's links."""
+    import json
+    import os
+
     import uvicorn
 
     from alignkit.annotate.app import create_app
 
+    address = served_url(host, port)
+    store.set_settings(served_url=address, public_url=public_url.rstrip("/") if public_url else None)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"annotate: listening on {host}, not only this machine; use HTTPS in front of it")
-    print(f"annotate: serving {store.url} on http://{host}:{port} (log in with a link from "
-          "`alignkit annotate add-user NAME`)", flush=True)
-    uvicorn.run(create_app(store), host=host, port=port, log_level="warning")
+    print(f"annotate: serving {store.engine.url.render_as_string(hide_password=True)} on "
+          f"{public_url or address}" + (f" (proxied to {address})" if public_url else "")
+          + (f" with {workers} worker processes" if workers > 1 else "")
+          + " (log in with a link from `alignkit annotate add-user NAME`)", flush=True)
+    if workers > 1:  # each worker process builds its own app from the environment
+        os.environ["ALIGNKIT_ANNOTATE_SERVE"] = json.dumps({"db": store.url, "public_url": public_url,
+                                                            "max_body": max_body})
+        uvicorn.run("alignkit.annotate.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning")
+    else:
+        uvicorn.run(create_app(store, public_url, max_body), host=host, port=port, log_level="warning")
 
 
-__all__ = ["AnnotateConfig", "run_annotate", "prepare_store", "serve", "ACTIONS"]
+__all__ = ["AnnotateConfig", "run_annotate", "prepare_store", "serve", "served_url", "ACTIONS"]

@@ -5,14 +5,18 @@ Writes to OUTPUT/:
 - ``rankings.jsonl``: ``{prompt, responses: [best, ..., worst], item_id, annotators, scores}`` for every
   item whose aggregated order (``aggregate``: Borda or pairwise majority) is strict; the rankings shape
   ``alignkit rm`` reads (items whose consensus keeps a tie are in pairs.jsonl only, and counted).
+  The task row's own fields travel under ``meta`` (``{}`` when it had none): they never replace a
+  computed field, so a task file that carries ``soft_label`` or ``scores`` of its own (an AI judge's
+  preferences.jsonl sent to people for checking) cannot overwrite what the annotators said.
 - ``pairs.jsonl``: ``{prompt, chosen, rejected, soft_label, item_id, annotators}`` for every pair of
   responses the annotators did not split evenly; ``soft_label`` = share of annotators preferring
-  chosen (ties half), the preference shape of ``alignkit dpo`` and ``alignkit rm``.
+  chosen (ties half), the preference shape of ``alignkit dpo`` and ``alignkit rm``; ``meta`` as above.
 - ``answers.jsonl``: every stored answer (annotator, ranks per response, order shown, seconds, ...).
 - ``agreement.json`` and ``agreement.html`` (report.html style): Krippendorff's alpha and Fleiss' kappa
   on the pairwise judgments, pairwise percent agreement, and per annotator the answers, speed,
   agreement with the consensus of the others and position bias.
-- A/B mode: ``human_eval.json`` (win rate of run B over run A, ties half, 95% interval), and the same
+- A/B mode: ``human_eval.json`` (win rate of run B over run A, ties half, 95% interval, computed from
+  the stored mapping of responses to runs; and the judges' position bias), and the same
   numbers as ``human/...`` keys in both runs' ``summary.json`` (run A gets 1 - the win rate), which is
   where ``alignkit compare`` shows them beside the automatic metrics.
 """
@@ -66,7 +70,7 @@ def collect(store: Store, aggregate: str = "borda") -> Dict[str, Any]:
             order = sorted(range(len(consensus)), key=lambda i: consensus[i])
             rankings.append({"prompt": it["prompt"], "responses": [it["responses"][i] for i in order],
                              "item_id": iid, "annotators": len(ans), "aggregate": aggregate,
-                             "scores": [round(scores[i], 4) for i in order], **it["extra"]})
+                             "scores": [round(scores[i], 4) for i in order], "meta": it["extra"]})
         for (i, j), p in probs.items():
             if p == 0.5:
                 counts["pairs_split_evenly"] += 1
@@ -74,7 +78,7 @@ def collect(store: Store, aggregate: str = "borda") -> Dict[str, Any]:
             c, r = (i, j) if p > 0.5 else (j, i)
             pairs.append({"prompt": it["prompt"], "chosen": it["responses"][c], "rejected": it["responses"][r],
                           "soft_label": round(max(p, 1 - p), 6), "item_id": iid, "annotators": len(ans),
-                          **it["extra"]})
+                          "meta": it["extra"]})
     stats = {"krippendorff_alpha": A.krippendorff_alpha(units, "interval"),
              "krippendorff_alpha_nominal": A.krippendorff_alpha(units, "nominal"),
              "fleiss_kappa": A.fleiss_kappa([[u.count(1), u.count(0), u.count(-1)] for u in units]),
@@ -110,17 +114,28 @@ def collect(store: Store, aggregate: str = "borda") -> Dict[str, Any]:
 def ab_result(items: Dict[str, Dict[str, Any]], by_item: Dict[str, List[Dict[str, Any]]],
               ab: Dict[str, Any]) -> Dict[str, Any]:
     """Win rate of run B over run A: each judgment scores 1 (B ranked above A), 0.5 (tie) or 0; answers
-    identical in both runs (never shown) count as one tie each."""
-    item_scores = []
+    identical in both runs (never shown) count as one tie each. Which response is which run's comes from
+    the stored ``sources`` (never from what a judge saw). Position bias: ``first_shown_preferred`` (share
+    of strict judgments won by the response shown first; 0.5 = none) and ``a_shown_first`` (share of
+    judgments where run A's response was shown first; 0.5 = balanced draws)."""
+    item_scores, shown = [], []
+    a_first = n = 0
     for iid, ans in by_item.items():
         src = items[iid]["sources"]
         a_i, b_i = src.index("A"), src.index("B")
         item_scores.append([1.0 if r["ranks"][b_i] < r["ranks"][a_i] else 0.5 if r["ranks"][b_i] == r["ranks"][a_i]
                             else 0.0 for r in ans])
+        for r in ans:
+            shown.append((r["ranks"], r["order"]))
+            a_first += r["order"][0] == a_i
+            n += 1
     item_scores += [[0.5]] * int(ab.get("identical", 0))
     res = A.win_rate(item_scores)
+    bias = A.position_bias(shown)
     return {"run_a": ab.get("runs", [None, None])[0], "run_b": ab.get("runs", [None, None])[1],
-            "identical": int(ab.get("identical", 0)), **res}
+            "identical": int(ab.get("identical", 0)), **res,
+            "first_shown_preferred": bias["first_shown_preferred"],
+            "a_shown_first": a_first / n if n else float("nan")}
 
 
 def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
@@ -129,11 +144,12 @@ def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def agreement_html(res: Dict[str, Any], title: str = "alignkit annotation report") -> str:
+def agreement_html(res: Dict[str, Any], title: str = "alignkit annotation report", nav: str = "") -> str:
+    """The report page; ``nav``: trusted HTML put under the title (the admin page's export links)."""
     from alignkit.eval.report import CSS
 
     st, c = res["agreement"], res["counts"]
-    body = [f"<h1>{escape(title)}</h1>",
+    body = [f"<h1>{escape(title)}</h1>", nav,
             f'<p class="note">aggregate: {escape(res["aggregate"])}; {c["items_answered"]} of {c["items"]} items '
             f'answered; {c["answers"]} answers ({c["skipped"]} skipped, {c["all_bad"]} all bad).</p>']
     if "ab" in res:
@@ -142,7 +158,10 @@ def agreement_html(res: Dict[str, Any], title: str = "alignkit annotation report
                  f"<p>Win rate of <b>B</b> ({escape(str(ab['run_b']))}) over <b>A</b> ({escape(str(ab['run_a']))}): "
                  f"<b>{_fmt(ab['win_rate'])}</b> (95% CI {_fmt(ab['ci_low'])} to {_fmt(ab['ci_high'])}; ties count "
                  f"half; {int(ab['wins'])} wins, {int(ab['ties'])} ties, {int(ab['losses'])} losses over "
-                 f"{int(ab['items'])} items, {ab['identical']} identical answers counted as ties).</p>"]
+                 f"{int(ab['items'])} items, {ab['identical']} identical answers counted as ties).</p>",
+                 f"<p>Position bias: the response shown first won {_fmt(ab['first_shown_preferred'])} of strict "
+                 f"judgments (0.5 = none); run A was shown first in {_fmt(ab['a_shown_first'])} of judgments "
+                 "(orders are drawn per judge and item).</p>"]
     body += ["<h2>Agreement</h2>",
              _table([{"statistic": k, "value": st[k]} for k in
                      ("krippendorff_alpha", "krippendorff_alpha_nominal", "fleiss_kappa", "pairwise_agreement",
@@ -165,6 +184,7 @@ def agreement_html(res: Dict[str, Any], title: str = "alignkit annotation report
                      {"file": "items with no preference (all tied)", "rows": c["no_preference"]},
                      {"file": "pairs split evenly (left out)", "rows": c["pairs_split_evenly"]}], ["file", "rows"])]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body)
             + "\n</body></html>\n")
 

@@ -15,12 +15,14 @@ distinct responses, are counted by reason with their row number (``DataReport``)
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from alignkit.data.load import DataError, DataReport, read_rows
 
 MAX_RESPONSES = 9  # keys 1-9
+_RNG = secrets.SystemRandom()
 
 
 def _text(v: Any) -> Any:
@@ -68,7 +70,7 @@ def read_task(path: str) -> Tuple[List[Dict[str, Any]], DataReport]:
     if p.is_dir() and (p / "samples.jsonl").is_file():
         p = p / "samples.jsonl"
     name, rows = read_rows(str(p))
-    report = DataReport(source=name)
+    report = DataReport(source=name, role="task")
     items = []
     for n, row in rows:
         report.rows_read += 1
@@ -112,8 +114,11 @@ def ab_items(run_a: str, run_b: str) -> Tuple[List[Dict[str, Any]], Dict[str, in
             if ta == tb:
                 identical += 1
                 continue
-            items.append({"prompt": json.loads(key), "responses": [ta, tb], "sources": ["A", "B"],
-                          "extra": {"sample": j}})
+            # stored in a random order too, so no response index means "run A" anywhere
+            pair = [(ta, "A"), (tb, "B")]
+            _RNG.shuffle(pair)
+            items.append({"prompt": json.loads(key), "responses": [t for t, _ in pair],
+                          "sources": [s for _, s in pair], "extra": {"sample": j}})
     if not items:
         raise DataError(f"A/B: {run_a} and {run_b} share no prompt with different answers "
                         f"({unmatched} prompts unmatched, {identical} identical answers)")
