@@ -35,9 +35,14 @@ __all__ = [
     "PairedComparison",
     "binomial_interval",
     "bootstrap_interval",
+    "gain_text",
     "group_means",
+    "interval_keys",
     "mean_interval",
     "paired_comparison",
+    "read_interval",
+    "is_interval_key",
+    "verdict_of",
     "t_quantile",
     "t_sf_two_sided",
 ]
@@ -88,6 +93,10 @@ class PairedComparison:
     def to_dict(self) -> Dict[str, Any]:
         return {**{f"diff_{k}": v for k, v in self.diff.to_dict().items()},
                 "p_value": self.p_value, "verdict": self.verdict}
+
+    def text(self, than: str = "the starting model", digits: int = 3) -> str:
+        """The gain as one line with its interval and verdict (:func:`gain_text`)."""
+        return gain_text(self.diff, self.p_value, digits, than)
 
 
 def _floats(values: Any) -> List[float]:
@@ -280,8 +289,7 @@ def paired_comparison(a: Sequence[float], b: Sequence[float],
         p = 1.0 if iv.mean == 0 else 0.0
     else:
         p = t_sf_two_sided(iv.mean / iv.se, iv.n - 1)
-    verdict = "better" if iv.lo > 0 else "worse" if iv.hi < 0 else "not distinguishable"
-    return PairedComparison(iv, p, verdict)
+    return PairedComparison(iv, p, verdict_of(iv))
 
 
 def _order(groups: Sequence[Hashable]) -> List[Hashable]:
@@ -290,3 +298,54 @@ def _order(groups: Sequence[Hashable]) -> List[Hashable]:
     for g in groups:
         seen.setdefault(g, None)
     return list(seen)
+
+
+# ---------------------------------------------------------------- flat keys (summary.json, metrics.jsonl)
+# An interval travels in a flat metric dict as KEY (the mean, unchanged), KEY_se, KEY_lo, KEY_hi and
+# KEY_n (the number of groups it rests on); a paired comparison adds KEY_p (two-sided p value).
+INTERVAL_SUFFIXES = ("_se", "_lo", "_hi", "_n", "_p")
+
+
+def interval_keys(key: str, iv: Interval, p_value: Optional[float] = None) -> Dict[str, float]:
+    """``{KEY_se, KEY_lo, KEY_hi, KEY_n}`` (and ``KEY_p`` when given) of ``iv``; the mean stays
+    under ``KEY`` itself, written by the caller."""
+    out = {f"{key}_se": iv.se, f"{key}_lo": iv.lo, f"{key}_hi": iv.hi, f"{key}_n": float(iv.n)}
+    if p_value is not None:
+        out[f"{key}_p"] = p_value
+    return out
+
+
+def read_interval(metrics: Dict[str, Any], key: str, level: float = 0.95) -> Optional[Interval]:
+    """The :class:`Interval` stored under ``KEY``/``KEY_lo``/``KEY_hi`` (see :func:`interval_keys`), or
+    None when the dict lacks any of the three."""
+    try:
+        mean, lo, hi = (float(metrics[k]) for k in (key, f"{key}_lo", f"{key}_hi"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    se = float(metrics.get(f"{key}_se", NAN))
+    return Interval(mean, se, lo, hi, int(metrics.get(f"{key}_n", 0) or 0), level)
+
+
+def is_interval_key(key: str, keys: Any) -> bool:
+    """Whether ``key`` is the ``_se``/``_lo``/``_hi``/``_n``/``_p`` companion of another key in ``keys``."""
+    return any(key.endswith(s) and key[:-len(s)] in keys for s in INTERVAL_SUFFIXES)
+
+
+def verdict_of(iv: Interval) -> str:
+    """``better`` / ``worse`` / ``not distinguishable`` for the interval of a difference (b - a)."""
+    if math.isnan(iv.lo) or math.isnan(iv.hi):
+        return "not distinguishable"
+    return "better" if iv.lo > 0 else "worse" if iv.hi < 0 else "not distinguishable"
+
+
+def gain_text(diff: Interval, p_value: float = NAN, digits: int = 3, than: str = "the starting model") -> str:
+    """One line for a paired gain: ``+0.305 ± 0.120 (95% CI 0.185 to 0.425, p=0.0004, 16 prompts):
+    better than the starting model``."""
+    if math.isnan(diff.lo):
+        return (f"{diff.mean:+.{digits}f} (no interval: {diff.n} paired prompt(s)): not distinguishable "
+                f"from {than}")
+    verdict = verdict_of(diff)
+    tail = f"{verdict} than {than}" if verdict != "not distinguishable" else f"not distinguishable from {than}"
+    p = "" if math.isnan(p_value) else f", p={p_value:.2g}"
+    return (f"{diff.mean:+.{digits}f} ± {diff.half_width:.{digits}f} ({diff.level:.0%} CI {diff.lo:.{digits}f} "
+            f"to {diff.hi:.{digits}f}{p}, {diff.n} prompts): {tail}")
