@@ -29,6 +29,9 @@ class CompareConfig(Section):
     """Run directories (training runs and/or `alignkit eval` outputs)."""
     output: str = "compare.html"
     """Where to write the comparison: an .html file, or a directory (then DIR/compare.html)."""
+    baseline: Optional[str] = None
+    """The starting model's run (an `alignkit eval` output): every other run is tested against it,
+    paired by prompt, and called better / worse / not distinguishable. Default: the first run."""
 
 
 def report(config: Union[ReportConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
@@ -49,6 +52,6 @@ def compare(config: Union[CompareConfig, Dict[str, Any], None] = None, **overrid
     out = Path(cfg.output)
     if out.suffix.lower() not in (".html", ".htm"):
         out = out / "compare.html"
-    path = compare_runs([Path(r) for r in cfg.runs], out)
+    path = compare_runs([Path(r) for r in cfg.runs], out, baseline=Path(cfg.baseline) if cfg.baseline else None)
     print(f"comparison: {path}")
     return {"compare": str(path), "runs": len(cfg.runs)}
