@@ -12,16 +12,25 @@ import pytest
 from alignkit.eval.evaluate import EvalConfig, summarize, write_eval_run
 from alignkit.eval.paired import compare_eval_dirs, gain_from_metrics, prompt_scores, read_samples
 from alignkit.eval.report import compare_runs
-from alignkit.eval.stats import gain_text, mean_interval, paired_comparison, t_quantile
+from alignkit.eval.stats import format_pm, gain_text, mean_interval, paired_comparison, t_quantile
 
 PROMPTS = [f"Tell me about day {i}." for i in range(8)]
 
 
-def base_gold(seed=0, samples=4):
-    """Per-prompt gold rewards of a 'starting model': prompts differ a lot, samples a little."""
+def levels(seed=0):
+    """Each prompt's difficulty: prompts differ a lot."""
     rng = random.Random(seed)
-    level = [rng.uniform(-0.6, 0.6) for _ in PROMPTS]
-    return [[level[i] + rng.gauss(0, 0.05) for _ in range(samples)] for i in range(len(PROMPTS))]
+    return [rng.uniform(-0.6, 0.6) for _ in PROMPTS]
+
+
+def sample_gold(effect, seed, samples=4, noise=0.2):
+    """Gold rewards of a model ``effect`` above the starting model: gold[i][j], prompt i, sample j."""
+    rng = random.Random(seed)
+    return [[level + effect + rng.gauss(0, noise) for _ in range(samples)] for level in levels()]
+
+
+def base_gold():
+    return sample_gold(0.0, seed=100)
 
 
 def make_eval(path: Path, name: str, gold, ref=None, kl=1.0, seed=0) -> Path:
@@ -36,7 +45,8 @@ def make_eval(path: Path, name: str, gold, ref=None, kl=1.0, seed=0) -> Path:
     proxy = [2 * v + 1 for v in flat]
     rewards = {"gold": flat, "proxy": proxy}
     ref_rewards = {"gold": ref_flat, "proxy": [2 * v + 1 for v in ref_flat]} if ref is not None else None
-    metrics = summarize(texts, [5] * len(flat), [True] * len(flat), index, kl_tokens, rewards, ref_rewards,
+    lengths = [rng.randint(8, 24) for _ in flat]
+    metrics = summarize(texts, lengths, [True] * len(flat), index, kl_tokens, rewards, ref_rewards,
                         index, "gold" if ref is not None else None)
     samples = [{"tag": "policy", "prompt": PROMPTS[i], "prompt_index": i, "completion": t,
                 "rewards": {"gold": g, "proxy": p}, "reward": g} for t, i, g, p in zip(texts, index, flat, proxy)]
@@ -48,9 +58,7 @@ def make_eval(path: Path, name: str, gold, ref=None, kl=1.0, seed=0) -> Path:
 @pytest.fixture()
 def eval_dirs(tmp_path):
     base = base_gold()
-    better = [[v + 0.3 + 0.02 * ((i + j) % 3 - 1) for j, v in enumerate(g)] for i, g in enumerate(base)]
-    same = [[v + (1e-3 if i % 2 else -1e-3) for v in g] for i, g in enumerate(base)]
-    worse = [[v - 0.25 for v in g] for g in base]
+    better, same, worse = sample_gold(0.3, seed=1), sample_gold(0.0, seed=2), sample_gold(-0.25, seed=3)
     return {
         "base": make_eval(tmp_path / "eval_base", "base", base, ref=base, kl=0.0),
         "better": make_eval(tmp_path / "eval_dpo", "dpo", better, ref=base, kl=3.0, seed=1),
@@ -72,7 +80,7 @@ def test_paired_comparison_of_two_eval_dirs_by_hand(eval_dirs):
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 7 / 8)
     assert pc.diff.n == 8 and pc.diff.mean == pytest.approx(mean) and pc.diff.se == pytest.approx(se)
     assert pc.diff.lo == pytest.approx(mean - t_quantile(0.975, 7) * se)
-    assert pc.verdict == "better" and pc.diff.mean == pytest.approx(0.3, abs=0.01)
+    assert pc.verdict == "better" and pc.diff.mean == pytest.approx(0.3, abs=0.1)
     # the eval's own gain over its reference (the base's samples) is the same comparison
     own = gain_from_metrics(better, "gold")
     assert own.diff.mean == pytest.approx(pc.diff.mean) and own.diff.lo == pytest.approx(pc.diff.lo)
@@ -92,8 +100,11 @@ def test_prompt_scores_skip_reference_rows_and_missing_scores():
 def test_gain_text_reads_like_a_claim():
     iv = mean_interval([0.2, 0.3, 0.25, 0.35])
     line = gain_text(iv, 0.001)
-    # mean 0.275, s = 0.064550, se = 0.032275, t(3) = 3.182446: half-width 0.1027
-    assert line == "+0.275 ± 0.103 (95% CI 0.172 to 0.378, p=0.001, 4 prompts): better than the starting model"
+    # mean 0.275, s = 0.064550, se = 0.032275, t(3) = 3.182446: half-width 0.1027 (two significant digits)
+    assert line == "+0.28 ± 0.10 (95% CI 0.17 to 0.38, p=0.001, 4 prompts): better than the starting model"
+    assert gain_text(iv, digits=3).startswith("+0.275 ± 0.103 (95% CI 0.172 to 0.378, 4 prompts)")
+    assert format_pm(0.33921, 0.2317) == "0.34 ± 0.23" and format_pm(2.975, 0.0402) == "2.975 ± 0.040"
+    assert format_pm(-0.25, 0.0, sign=True) == "-0.25 ± 0"
     flat = paired_comparison([0.0, 0.1, 0.2], [0.05, 0.05, 0.2])
     assert flat.text().endswith("not distinguishable from the starting model")
 
@@ -114,7 +125,7 @@ def test_compare_states_verdicts_and_shows_intervals(eval_dirs, tmp_path):
     assert 'data-metric="rewards/gold"' in final and "rewards/gold_lo" not in final
     dpo = json.loads((eval_dirs["better"] / "summary.json").read_text())
     half = (dpo["rewards/gold_hi"] - dpo["rewards/gold_lo"]) / 2
-    assert f"{dpo['rewards/gold']:.4g} ± {half:.2g}" in final
+    assert format_pm(dpo["rewards/gold"], half) in final
     # error bars: one per run on the gold bars, none for a metric without interval
     gold_fig = re.search(r'<figure data-metric="eval/rewards/gold".*?</figure>', html, re.S).group(0)
     assert gold_fig.count('class="errbar"') == 4 and gold_fig.count('<rect class="bar"') == 4
@@ -136,3 +147,40 @@ def test_compare_baseline_flag_and_runs_without_samples(eval_dirs, tmp_path):
     (lone / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 1.0}) + "\n")
     html = compare_runs([lone, eval_dirs["base"]], tmp_path / "d.html").read_text()
     assert "No per-prompt rewards to pair" in html
+
+
+def test_compare_intervals_in_headless_chromium(eval_dirs, tmp_path):
+    """compare.html as a browser draws it: every error bar has a height on screen, the verdicts read
+    better / not distinguishable / worse in green / grey / red, and the final numbers carry ±. The
+    screenshot goes to the test's folder, or to docs/images/ with ALIGNKIT_UPDATE_SCREENSHOTS=1."""
+    import os
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.helpers import chromium_path
+
+    runs = [eval_dirs[k] for k in ("base", "better", "same", "worse")]
+    page_path = compare_runs(runs, tmp_path / "compare.html")
+    shots = Path(__file__).resolve().parents[1] / "docs" / "images" if os.environ.get("ALIGNKIT_UPDATE_SCREENSHOTS") \
+        else tmp_path
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 1000})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(page_path.as_uri())
+        got = page.evaluate("""() => ({
+          bars: [...document.querySelectorAll('figure[data-metric="eval/rewards/gold"] path.errbar')]
+              .map(e => e.getBBox().height),
+          verdicts: [...document.querySelectorAll('tr.verdict')].map(r => [r.dataset.run, r.dataset.source,
+              r.dataset.verdict, getComputedStyle(r.lastElementChild).color]),
+          pm: [...document.querySelectorAll('table.final td .iv')].length})""")
+        assert not errors
+        assert len(got["bars"]) == 4 and all(h > 5 for h in got["bars"]), got["bars"]  # drawn, not a line
+        colours = {v: c for _, _, v, c in got["verdicts"]}
+        assert colours == {"better": "rgb(43, 138, 62)", "not distinguishable": "rgb(85, 85, 85)",
+                           "worse": "rgb(201, 42, 42)"}
+        assert got["pm"] >= 4 * 4  # gold, proxy, win rate and KL of 4 runs at least
+        page.set_viewport_size({"width": 1100, "height": 1250})
+        page.screenshot(path=str(shots / "compare-intervals.png"))
+        browser.close()

@@ -406,7 +406,7 @@ def print_table(metrics: Dict[str, float], title: str) -> None:
 
     def cell(key: str) -> str:
         iv = read_interval(metrics, key)
-        return iv.format(4) if iv is not None else M.fmt_value(metrics[key])
+        return iv.format() if iv is not None else M.fmt_value(metrics[key])
 
     table = Table(title=title, caption="± : half-width of the 95% interval over prompts")
     table.add_column("metric")

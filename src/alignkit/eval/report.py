@@ -35,7 +35,7 @@ import yaml
 
 from alignkit.eval.diagnostics import Diagnostics
 from alignkit.eval.paired import versus
-from alignkit.eval.stats import is_interval_key, read_interval
+from alignkit.eval.stats import format_pm, is_interval_key, read_interval
 from alignkit.eval.svg import bar_plot, line_plot, scatter_plot
 
 __all__ = ["RunData", "compare_runs", "load_run", "metric_series", "write_report"]
@@ -201,7 +201,7 @@ def _fmt_key(values: Dict[str, Any], key: str) -> str:
     if iv is None or not math.isfinite(iv.lo) or not math.isfinite(iv.hi):
         return _fmt(_number(values.get(key)) if _number(values.get(key)) is not None else values.get(key))
     return (f'<span class="iv" title="95% interval {iv.lo:.4g} to {iv.hi:.4g} over {iv.n} prompts">'
-            f"{iv.mean:.4g} ± {iv.half_width:.2g}</span>")
+            f"{format_pm(iv.mean, iv.half_width)}</span>")
 
 
 def _reward_kl_points(series: Series, reward_key: str) -> List[Tuple[float, float]]:
@@ -518,12 +518,12 @@ def _verdicts_html(labels: List[str], runs: List[RunData], base: int) -> List[st
             if pc is None:
                 continue
             d = pc.diff
-            ci = f"{d.lo:+.4g} to {d.hi:+.4g}" if math.isfinite(d.lo) else "n/a"
+            ci = f"{d.lo:+.3g} to {d.hi:+.3g}" if math.isfinite(d.lo) else "n/a"
             p = f"{pc.p_value:.2g}" if math.isfinite(pc.p_value) else "n/a"
             rows.append(f'<tr class="verdict {VERDICT_CLASS[pc.verdict]}" data-run="{escape(label)}" '
                         f'data-source="{escape(source)}" data-verdict="{escape(pc.verdict)}">'
                         f"<td>{escape(label)}</td><td>rewards/{escape(source)}</td>"
-                        f"<td>{d.mean:+.4g} ± {d.half_width:.2g}</td><td>{ci}</td><td>{p}</td><td>{d.n}</td>"
+                        f"<td>{format_pm(d.mean, d.half_width, sign=True)}</td><td>{ci}</td><td>{p}</td><td>{d.n}</td>"
                         f"<td><b>{escape(pc.verdict)}</b></td></tr>")
     if not rows:
         out.append('<p class="note">No per-prompt rewards to pair: the runs need <code>samples.jsonl</code> rows with '
@@ -574,12 +574,12 @@ def compare_runs(run_dirs: List[Path], out: Path, baseline: Optional[Path] = Non
     body.append("</table>")
     if len(runs) > 1:
         body += _verdicts_html(labels, runs, base)
-    body += _summary_side_by_side(labels, runs)
     frontier, key, errors = _frontier(labels, all_series)
     if frontier:
         body += ["<h2>Reward versus KL frontier</h2>", '<div class="grid">', _figure(
             "frontier", scatter_plot(frontier, f"{key} vs KL", "KL to reference (nats/sequence)",
                                      key, errors=errors)), "</div>"]
+    body += _summary_side_by_side(labels, runs)
     body.append("<h2>Shared metrics</h2>")
     if not shared:
         body.append('<p class="note">The runs share no metric.</p>')

@@ -35,6 +35,7 @@ __all__ = [
     "PairedComparison",
     "binomial_interval",
     "bootstrap_interval",
+    "format_pm",
     "gain_text",
     "group_means",
     "interval_keys",
@@ -73,10 +74,14 @@ class Interval:
     def half_width(self) -> float:
         return (self.hi - self.lo) / 2
 
-    def format(self, digits: int = 3) -> str:
-        """``0.512 ± 0.041`` (the half-width of the interval), or the mean alone when unknown."""
+    def format(self, digits: Optional[int] = None) -> str:
+        """``0.512 ± 0.041`` (the half-width of the interval), or the mean alone when unknown. Without
+        ``digits``, the half-width gets two significant digits and the mean as many decimals
+        (:func:`format_pm`)."""
         if math.isnan(self.lo):
-            return f"{self.mean:.{digits}f}"
+            return f"{self.mean:.{digits}f}" if digits is not None else f"{self.mean:.4g}"
+        if digits is None:
+            return format_pm(self.mean, self.half_width)
         return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"
 
 
@@ -94,9 +99,25 @@ class PairedComparison:
         return {**{f"diff_{k}": v for k, v in self.diff.to_dict().items()},
                 "p_value": self.p_value, "verdict": self.verdict}
 
-    def text(self, than: str = "the starting model", digits: int = 3) -> str:
+    def text(self, than: str = "the starting model", digits: Optional[int] = None) -> str:
         """The gain as one line with its interval and verdict (:func:`gain_text`)."""
         return gain_text(self.diff, self.p_value, digits, than)
+
+
+def format_pm(mean: float, half: float, sign: bool = False) -> str:
+    """``mean ± half`` with two significant digits of ``half`` and the mean to the same decimal place
+    (at most 6 decimals): ``format_pm(0.33921, 0.2317)`` is ``0.34 ± 0.23``, ``format_pm(2.975, 0.0402)``
+    is ``2.975 ± 0.040``. A zero or non-finite half-width prints the mean to 4 significant digits."""
+    plus = "+" if sign else ""
+    if not math.isfinite(half) or half <= 0 or not math.isfinite(mean):
+        return f"{mean:{plus}.4g}" + (" ± 0" if half == 0 else "")
+    decimals = _decimals(half)
+    return f"{mean:{plus}.{decimals}f} ± {half:.{decimals}f}"
+
+
+def _decimals(half: float) -> int:
+    """Decimal places that give ``half`` two significant digits (0 to 6)."""
+    return min(6, max(0, 1 - math.floor(math.log10(half)))) if math.isfinite(half) and half > 0 else 3
 
 
 def _floats(values: Any) -> List[float]:
@@ -338,9 +359,12 @@ def verdict_of(iv: Interval) -> str:
     return "better" if iv.lo > 0 else "worse" if iv.hi < 0 else "not distinguishable"
 
 
-def gain_text(diff: Interval, p_value: float = NAN, digits: int = 3, than: str = "the starting model") -> str:
-    """One line for a paired gain: ``+0.305 ± 0.120 (95% CI 0.185 to 0.425, p=0.0004, 16 prompts):
-    better than the starting model``."""
+def gain_text(diff: Interval, p_value: float = NAN, digits: Optional[int] = None,
+              than: str = "the starting model") -> str:
+    """One line for a paired gain: ``+0.31 ± 0.12 (95% CI 0.19 to 0.43, p=0.0004, 16 prompts): better
+    than the starting model`` (``digits``: decimals; default two significant digits of the half-width)."""
+    if digits is None:
+        digits = _decimals(diff.half_width)
     if math.isnan(diff.lo):
         return (f"{diff.mean:+.{digits}f} (no interval: {diff.n} paired prompt(s)): not distinguishable "
                 f"from {than}")

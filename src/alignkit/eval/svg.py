@@ -217,13 +217,14 @@ def scatter_plot(points: Dict[str, List[Tuple[float, float]]], title: str,
     frame = _Frame(clean, title, xlabel, ylabel,
                    [(b[2], b[4]) for bs in bars.values() for b in bs] + [(b[3], b[5]) for bs in bars.values() for b in bs])
     parts = frame.open()
-    for label, bs in bars.items():
-        for x, y, x_lo, x_hi, y_lo, y_hi in bs:
+    for i, label in enumerate(clean):
+        colour = PALETTE[i % len(PALETTE)]
+        for x, y, x_lo, x_hi, y_lo, y_hi in bars.get(label, []):
             px, py = frame.px(x), frame.py(y)
-            parts.append(_error_bar(px, frame.py(y_lo), frame.py(y_hi)))
+            parts.append(_error_bar(px, frame.py(y_lo), frame.py(y_hi), colour))
             parts.append(f'<path class="errbar-x" d="M{frame.px(x_lo):.2f},{py - 4:.2f}V{py + 4:.2f}'
                          f'M{frame.px(x_lo):.2f},{py:.2f}H{frame.px(x_hi):.2f}M{frame.px(x_hi):.2f},{py - 4:.2f}'
-                         f'V{py + 4:.2f}" stroke="#222" stroke-width="1.3" fill="none"/>')
+                         f'V{py + 4:.2f}" stroke="{colour}" stroke-width="1.3" fill="none"/>')
     for i, (label, pts) in enumerate(clean.items()):
         colour = PALETTE[i % len(PALETTE)]
         for x, y in pts:
@@ -233,10 +234,10 @@ def scatter_plot(points: Dict[str, List[Tuple[float, float]]], title: str,
     return "\n".join(parts + frame.close())
 
 
-def _error_bar(x: float, y_lo: float, y_hi: float, cls: str = "errbar", cap: float = 5.0) -> str:
+def _error_bar(x: float, y_lo: float, y_hi: float, colour: str = "#222", cap: float = 5.0) -> str:
     """A vertical error bar (pixels) with caps: one path, class ``errbar`` for tests and styling."""
-    return (f'<path class="{cls}" d="M{x - cap:.2f},{y_hi:.2f}H{x + cap:.2f}M{x:.2f},{y_hi:.2f}V{y_lo:.2f}'
-            f'M{x - cap:.2f},{y_lo:.2f}H{x + cap:.2f}" stroke="#222" stroke-width="1.3" fill="none"/>')
+    return (f'<path class="errbar" d="M{x - cap:.2f},{y_hi:.2f}H{x + cap:.2f}M{x:.2f},{y_hi:.2f}V{y_lo:.2f}'
+            f'M{x - cap:.2f},{y_lo:.2f}H{x + cap:.2f}" stroke="{colour}" stroke-width="1.3" fill="none"/>')
 
 
 def _interval(errors: Optional[Dict[str, Tuple[float, float]]], label: str) -> Optional[Tuple[float, float]]:
