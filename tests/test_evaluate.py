@@ -96,7 +96,7 @@ def test_summarize_intervals_over_prompts_by_hand():
     # win rate per prompt: (1 + 0) / 2 = 0.5 and (0 + 0.5) / 2 = 0.25 -> se = 0.125
     assert m["win_rate/gold"] == pytest.approx(0.375)
     assert m["win_rate/gold_se"] == pytest.approx(0.125)
-    assert m["win_rate/gold_hi"] == pytest.approx(0.375 + t1 * 0.125, abs=1e-5)
+    assert m["win_rate/gold_lo"] == 0.0 and m["win_rate/gold_hi"] == 1.0  # 0.375 ± 1.59, clipped to [0, 1]
     # KL per sequence: mean 1.5, prompt means 1 and 2 -> se 0.5
     assert m["kl/ref"] == pytest.approx(1.5)
     assert m["kl/ref_se"] == pytest.approx(0.5)
@@ -116,6 +116,11 @@ def test_summarize_gain_is_the_paired_test_and_a_real_gain_is_better():
     assert m["gain/gold"] == pytest.approx(pc.diff.mean) and m["gain/gold_lo"] == pytest.approx(pc.diff.lo)
     assert m["gain/gold_lo"] > 0 and verdict_of(read_interval(m, "gain/gold")) == "better"
     assert m["gain/gold_p"] < 1e-4
+    # every prompt's win rate: (2 of 2 won) -> 1 each: interval [1, 1]; one prompt only: no interval
+    assert (m["win_rate/gold"], m["win_rate/gold_lo"], m["win_rate/gold_hi"]) == (1.0, 1.0, 1.0)
+    one = summarize(["x", "y"], [1, 1], [True] * 2, [0, 0], None, {"gold": [1.0, 0.0]}, {"gold": [0.5, 0.5]},
+                    [0, 0], "gold")
+    assert one["win_rate/gold"] == 0.5 and math.isnan(one["win_rate/gold_lo"]) and one["win_rate/gold_n"] == 1
 
 
 def test_win_rate_pairs_sample_j_with_reference_sample_j_mod_count():

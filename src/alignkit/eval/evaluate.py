@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
@@ -190,7 +191,8 @@ def _reward_metrics(name: str, scores: List[float], lengths: Sequence[float], in
 
 def _win_rate_metrics(judge: str, scores: List[float], index: Sequence[int], ref_scores: List[float],
                       ref_index: Sequence[int]) -> Dict[str, float]:
-    """``win_rate/JUDGE`` over all N comparisons, and its t interval over the per-prompt win rates."""
+    """``win_rate/JUDGE`` over all N comparisons, and its t interval over the per-prompt win rates
+    (clipped to [0, 1]; nan stays nan)."""
     pol = _by_prompt(scores, index)
     ref = _by_prompt(ref_scores, ref_index)
     a, b, per_prompt = [], [], []
@@ -203,7 +205,10 @@ def _win_rate_metrics(judge: str, scores: List[float], index: Sequence[int], ref
         b += theirs
         per_prompt.append(M.win_rate(mine, theirs))
     key = f"win_rate/{judge}"
-    return {key: M.win_rate(a, b), **interval_keys(key, mean_interval(per_prompt))}
+    iv = mean_interval(per_prompt)
+    if not math.isnan(iv.lo):  # a rate: the t interval clipped to [0, 1]
+        iv = replace(iv, lo=max(0.0, iv.lo), hi=min(1.0, iv.hi))
+    return {key: M.win_rate(a, b), **interval_keys(key, iv)}
 
 
 # ---------------------------------------------------------------------------------- running
