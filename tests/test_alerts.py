@@ -221,3 +221,26 @@ def test_demo_style_dpo_regression_raises_the_alert(tmp_path, tiny_model):
     assert "paired t test over 24 held-out examples" in message
     # the per-pair values before training, kept for a resume
     assert json.loads((tmp_path / "dpo" / "heldout_examples_before.json").read_text())["eval/accuracy"] == [0.5] * 24
+
+
+def test_online_eval_hands_per_prompt_accuracy_to_the_heldout_check(tmp_path, tiny_model):
+    """GRPO with a reward component named accuracy: its held-out per-prompt means reach the check (and
+    the file a resume reads), one value per held-out prompt."""
+    from alignkit.train.grpo import train_grpo
+
+    (tmp_path / "r.py").write_text("def acc(prompts, completions, **kw):\n"
+                                   "    return [float(len(c) % 2) for c in completions]\n")
+    rng = random.Random(0)
+    rows = [{"prompt": "w:" + "".join(rng.choice("mnop") for _ in range(3))} for _ in range(10)]
+    train = write_jsonl(tmp_path / "p.jsonl", rows[:6])
+    held = write_jsonl(tmp_path / "h.jsonl", rows[6:])
+    train_grpo(**{"model.name_or_path": str(tiny_model), "data.path": str(train), "data.eval_path": str(held),
+                  "rewards": [{"kind": "python", "arg": f"{tmp_path / 'r.py'}:acc", "name": "accuracy"}],
+                  "generation.max_new_tokens": 4, "train.batch_size": 2, "grpo.num_generations": 2,
+                  "train.max_steps": 1, "eval_samples": 2, "log.progress": False, "log.samples": 0},
+               output=str(tmp_path / "g"))
+    before = json.loads((tmp_path / "g" / "heldout_examples_before.json").read_text())
+    values = before["eval/rewards/accuracy"]
+    assert len(values) == 4 and set(values) <= {0.0, 0.5, 1.0}  # 2 samples per prompt, scores 0 or 1
+    first = json.loads((tmp_path / "g" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["eval/rewards/accuracy"] == pytest.approx(sum(values) / 4)
