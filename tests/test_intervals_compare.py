@@ -137,6 +137,20 @@ def test_compare_states_verdicts_and_shows_intervals(eval_dirs, tmp_path):
     assert frontier.count('class="errbar"') == 4 and frontier.count('class="errbar-x"') == 4
 
 
+def test_compare_cli_prints_the_verdicts(eval_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from alignkit.cli import build_cli
+
+    res = CliRunner().invoke(build_cli(), ["compare", str(eval_dirs["better"]), str(eval_dirs["worse"]),
+                                           "--baseline", str(eval_dirs["base"]), "--output", str(tmp_path / "c.html")])
+    assert res.exit_code == 0, res.output
+    lines = [l for l in res.output.splitlines() if "rewards/gold" in l]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{eval_dirs['better']}: rewards/gold +0.") and "better than the starting model" in lines[0]
+    assert "worse than the starting model" in lines[1] and "8 prompts" in lines[1]
+
+
 def test_compare_baseline_flag_and_runs_without_samples(eval_dirs, tmp_path):
     runs = [eval_dirs["better"], eval_dirs["base"]]
     html = compare_runs(runs, tmp_path / "c.html", baseline=eval_dirs["base"]).read_text()

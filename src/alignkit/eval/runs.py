@@ -54,4 +54,24 @@ def compare(config: Union[CompareConfig, Dict[str, Any], None] = None, **overrid
         out = out / "compare.html"
     path = compare_runs([Path(r) for r in cfg.runs], out, baseline=Path(cfg.baseline) if cfg.baseline else None)
     print(f"comparison: {path}")
+    for line in verdict_lines([Path(r) for r in cfg.runs], Path(cfg.baseline) if cfg.baseline else None):
+        print(line)
     return {"compare": str(path), "runs": len(cfg.runs)}
+
+
+def verdict_lines(runs: List[Path], baseline: Optional[Path] = None) -> List[str]:
+    """``RUN: rewards/gold +0.31 ± 0.13 (95% CI ...): better than the starting model`` for every run
+    against ``baseline`` (default: the first run), paired by prompt, where both have per-prompt rewards."""
+    from alignkit.eval.paired import compare_eval_dirs
+    from alignkit.eval.report import VERDICT_SOURCES
+
+    base = baseline or runs[0]
+    out = []
+    for run in runs:
+        if Path(run).resolve() == Path(base).resolve():
+            continue
+        for source in VERDICT_SOURCES:
+            pc = compare_eval_dirs(base, run, source)
+            if pc is not None:
+                out.append(f"{run}: rewards/{source} {pc.text(than=f'the starting model ({base})')}")
+    return out
