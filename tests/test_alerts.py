@@ -58,17 +58,55 @@ def test_exploding_weights_and_gradients():
     assert kinds(lines(40, train__grad_norm=lambda s: 1.0 + 0.5 * (s % 3))) == []
 
 
-def test_heldout_regression_accuracy_and_loss():
+def heldout_kinds(before, after, key="eval/accuracy", **cfg):
+    """Alerts of two evaluations (steps 0 and 30) with per-example values ``before`` and ``after``."""
+    d = Diagnostics(DiagnosticsConfig(**cfg))
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    out = d.update(0, {key: mean(before)}, examples={key: before})
+    return out + d.update(30, {key: mean(after)}, examples={key: after})
+
+
+def test_heldout_regression_fires_on_a_significant_drop_only():
+    # a real drop on 40 pairs: before training every pair ties (0.5); after, 32 ranked wrong, 8 right.
+    # Per-pair change -0.5 (x32) and +0.5 (x8): mean -0.3, sd 0.4051, se 0.06405, t(39) = -4.68
+    before, after = [0.5] * 40, [0.0] * 32 + [1.0] * 8
+    (alert,) = heldout_kinds(before, after)
+    assert alert.kind == "heldout_regression" and alert.step == 30
+    assert "fell from 0.500 at step 0 to 0.200 at step 30" in alert.message
+    assert "paired t test over 40 held-out examples: change -0.3, 95% interval -0.43 to -0.17" in alert.message
+    assert "the check needs at least 20 examples" in alert.message
+    # the reported case: 12 pairs whose margins moved by ~1e-6, so ties split either way (0.5 -> 0.333):
+    # below the minimum count, and not significant either (change -1/6, t(11) = -1.17, p = 0.27)
+    noise = [0.0] * 8 + [1.0] * 4
+    assert heldout_kinds([0.5] * 12, noise) == []
+    assert heldout_kinds([0.5] * 12, noise, heldout_min_examples=2) == []
+    # the same split on 48 pairs (0.5 -> 0.333) is a finding, not noise:
+    # change -1/6, sd 0.4764, se 0.06876, t(47) = -2.42 (p = 0.019): the check fires
+    assert [a.kind for a in heldout_kinds([0.5] * 48, noise * 4)] == ["heldout_regression"]
+    # a significant but tiny drop (every pair 0.02 lower) is below heldout_drop: quiet
+    assert heldout_kinds([0.6] * 30, [0.58] * 30) == []
+    # an improvement never fires
+    assert heldout_kinds([0.5] * 40, [1.0] * 30 + [0.0] * 10) == []
+
+
+def test_heldout_regression_loss_and_missing_examples():
+    # the held-out loss of 30 examples: +10% on each, with spread: significant -> fires
+    before = [2.0 + 0.1 * (i % 5) for i in range(30)]
+    after = [v * 1.1 + 0.01 * (i % 3 - 1) for i, v in enumerate(before)]
+    (alert,) = heldout_kinds(before, after, key="eval/loss")
+    assert "held-out loss (eval/loss) rose" in alert.message and "over 30 held-out examples" in alert.message
+    # +10% on average, but half the examples up and half down: not significant
+    mixed = [v * (1.6 if i % 2 else 0.6) for i, v in enumerate(before)]
+    assert sum(mixed) / 30 > 1.05 * sum(before) / 30
+    assert heldout_kinds(before, mixed, key="eval/loss") == []
+    # without per-example values (a replay of metrics.jsonl) the check does not judge
+    assert kinds([{"step": 0, "eval/accuracy": 0.5}, {"step": 9, "eval/accuracy": 0.1}]) == []
+    # the baseline given back on resume counts as the values before training
     d = Diagnostics(DiagnosticsConfig())
-    assert d.update(0, {"eval/accuracy": 0.5, "eval/loss": 0.6931}) == []
-    # the demo's case: held-out preference accuracy 0.5 -> 0.29
-    (alert,) = d.update(30, {"eval/accuracy": 0.29, "eval/loss": 0.70})
-    assert alert.kind == "heldout_regression"
-    assert "fell from 0.500 at step 0 to 0.290 at step 30" in alert.message
-    assert kinds([{"step": 0, "eval/loss": 2.0}, {"step": 9, "eval/loss": 2.2}]) == ["heldout_regression"]
-    assert kinds([{"step": 0, "eval/loss": 2.0}, {"step": 9, "eval/loss": 2.05}]) == []
-    assert kinds([{"step": 0, "eval/accuracy": 0.5}, {"step": 9, "eval/accuracy": 0.47}]) == []
-    assert kinds([{"step": 0, "eval/accuracy": 0.5}, {"step": 9, "eval/accuracy": 0.9}]) == []
+    d.replay([{"step": 0, "eval/accuracy": 0.5}])
+    d.set_heldout_baseline({"eval/accuracy": [0.5] * 40})
+    assert [a.kind for a in d.update(50, {"eval/accuracy": 0.2},
+                                     examples={"eval/accuracy": [0.0] * 32 + [1.0] * 8})] == ["heldout_regression"]
 
 
 def test_diagnostics_config_is_one_class_and_validates():
@@ -166,17 +204,43 @@ def test_constant_reward_raises_the_alert_and_fail_on_aborts(tmp_path, tiny_mode
 
 def test_demo_style_dpo_regression_raises_the_alert(tmp_path, tiny_model):
     """Training prefers consonants, the held-out pairs prefer vowels: held-out accuracy falls below
-    its 0.5 before training, and alerts.jsonl says so."""
+    its 0.5 before training, significantly over 24 pairs, and alerts.jsonl says so."""
     from alignkit.train.preference import train_dpo
 
     train = write_jsonl(tmp_path / "train.jsonl", [{**r, "chosen": r["rejected"], "rejected": r["chosen"]}
                                                    for r in pref_rows(24, 1)])
-    held = write_jsonl(tmp_path / "held.jsonl", pref_rows(12, 2))
+    held = write_jsonl(tmp_path / "held.jsonl", pref_rows(24, 2))
     s = train_dpo(**{"model.name_or_path": str(tiny_model), "data.path": str(train), "data.eval_path": str(held),
                      "train.epochs": 2, "train.batch_size": 8, "optim.lr": 2e-3, "log.progress": False,
                      "log.samples": 0}, output=str(tmp_path / "dpo"))
     assert s["eval/accuracy_before"] == pytest.approx(0.5) and s["eval/accuracy"] < 0.3, s
     alerts = _alerts(tmp_path / "dpo")
     assert [a["kind"] for a in alerts if a["kind"] == "heldout_regression"] == ["heldout_regression"]
-    assert "Held-out accuracy (eval/accuracy) fell from 0.500 at step 0" in next(
-        a["message"] for a in alerts if a["kind"] == "heldout_regression")
+    message = next(a["message"] for a in alerts if a["kind"] == "heldout_regression")
+    assert "Held-out accuracy (eval/accuracy) fell from 0.500 at step 0" in message
+    assert "paired t test over 24 held-out examples" in message
+    # the per-pair values before training, kept for a resume
+    assert json.loads((tmp_path / "dpo" / "heldout_examples_before.json").read_text())["eval/accuracy"] == [0.5] * 24
+
+
+def test_online_eval_hands_per_prompt_accuracy_to_the_heldout_check(tmp_path, tiny_model):
+    """GRPO with a reward component named accuracy: its held-out per-prompt means reach the check (and
+    the file a resume reads), one value per held-out prompt."""
+    from alignkit.train.grpo import train_grpo
+
+    (tmp_path / "r.py").write_text("def acc(prompts, completions, **kw):\n"
+                                   "    return [float(len(c) % 2) for c in completions]\n")
+    rng = random.Random(0)
+    rows = [{"prompt": "w:" + "".join(rng.choice("mnop") for _ in range(3))} for _ in range(10)]
+    train = write_jsonl(tmp_path / "p.jsonl", rows[:6])
+    held = write_jsonl(tmp_path / "h.jsonl", rows[6:])
+    train_grpo(**{"model.name_or_path": str(tiny_model), "data.path": str(train), "data.eval_path": str(held),
+                  "rewards": [{"kind": "python", "arg": f"{tmp_path / 'r.py'}:acc", "name": "accuracy"}],
+                  "generation.max_new_tokens": 4, "train.batch_size": 2, "grpo.num_generations": 2,
+                  "train.max_steps": 1, "eval_samples": 2, "log.progress": False, "log.samples": 0},
+               output=str(tmp_path / "g"))
+    before = json.loads((tmp_path / "g" / "heldout_examples_before.json").read_text())
+    values = before["eval/rewards/accuracy"]
+    assert len(values) == 4 and set(values) <= {0.0, 0.5, 1.0}  # 2 samples per prompt, scores 0 or 1
+    first = json.loads((tmp_path / "g" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["eval/rewards/accuracy"] == pytest.approx(sum(values) / 4)

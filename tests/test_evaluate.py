@@ -71,6 +71,58 @@ def test_summarize_every_metric_by_hand():
     assert mp["rewards/proxy_gold_corr"] == pytest.approx(r)
 
 
+def test_summarize_intervals_over_prompts_by_hand():
+    # prompts 0 and 1, two samples each; prompt means: gold 0.3 and 0.35, reference 0.3 and 0.45
+    index = [0, 0, 1, 1]
+    gold = [0.5, 0.1, -0.2, 0.9]
+    ref_gold = [0.3, 0.3, 0.0, 0.9]
+    kl = [[0.5, 0.5], [1.0], [2.0, 1.0, 1.0], [0.0]]  # per-sequence sums 1, 1, 4, 0 -> prompt means 1, 2
+    m = summarize(["a", "b", "c", "d"], [1, 1, 1, 1], [True] * 4, index, kl, {"gold": gold},
+                  {"gold": ref_gold}, index, "gold")
+    t1 = 12.706205  # t quantile 0.975 with 1 degree of freedom (two prompts)
+    # gold: mean of prompt means 0.325, s = 0.0353553, se = s / sqrt(2) = 0.025
+    assert m["rewards/gold"] == pytest.approx(0.325)
+    assert m["rewards/gold_se"] == pytest.approx(0.025)
+    assert m["rewards/gold_lo"] == pytest.approx(0.325 - t1 * 0.025, abs=1e-5)
+    assert m["rewards/gold_hi"] == pytest.approx(0.325 + t1 * 0.025, abs=1e-5)
+    assert m["rewards/gold_n"] == 2
+    # reference 0.3, 0.45: se = 0.075
+    assert m["reference/rewards/gold_se"] == pytest.approx(0.075)
+    # gain paired by prompt: 0 and -0.1 -> mean -0.05, se 0.05, t = -1 with 1 df: p = 0.5
+    assert m["gain/gold"] == pytest.approx(-0.05)
+    assert m["gain/gold_se"] == pytest.approx(0.05)
+    assert m["gain/gold_lo"] == pytest.approx(-0.05 - t1 * 0.05, abs=1e-5)
+    assert m["gain/gold_p"] == pytest.approx(0.5, abs=1e-6)
+    # win rate per prompt: (1 + 0) / 2 = 0.5 and (0 + 0.5) / 2 = 0.25 -> se = 0.125
+    assert m["win_rate/gold"] == pytest.approx(0.375)
+    assert m["win_rate/gold_se"] == pytest.approx(0.125)
+    assert m["win_rate/gold_lo"] == 0.0 and m["win_rate/gold_hi"] == 1.0  # 0.375 ± 1.59, clipped to [0, 1]
+    # KL per sequence: mean 1.5, prompt means 1 and 2 -> se 0.5
+    assert m["kl/ref"] == pytest.approx(1.5)
+    assert m["kl/ref_se"] == pytest.approx(0.5)
+    assert m["kl/ref_lo"] == pytest.approx(1.5 - t1 * 0.5, abs=1e-5)
+
+
+def test_summarize_gain_is_the_paired_test_and_a_real_gain_is_better():
+    # 6 prompts, the policy 0.2 above the reference on each, plus noise of either sign: a clear gain
+    index = [i for i in range(6) for _ in range(2)]
+    ref = [0.1 * (i % 3) for i in range(12)]
+    noise = [0.01, -0.01, 0.02, 0.0, -0.02, 0.01, 0.0, 0.01, -0.01, 0.0, 0.02, -0.02]
+    pol = [r + 0.2 + e for r, e in zip(ref, noise)]
+    m = summarize(["x"] * 12, [1] * 12, [True] * 12, index, None, {"gold": pol}, {"gold": ref}, index, "gold")
+    from alignkit.eval.stats import paired_comparison, read_interval, verdict_of
+
+    pc = paired_comparison(ref, pol, index)
+    assert m["gain/gold"] == pytest.approx(pc.diff.mean) and m["gain/gold_lo"] == pytest.approx(pc.diff.lo)
+    assert m["gain/gold_lo"] > 0 and verdict_of(read_interval(m, "gain/gold")) == "better"
+    assert m["gain/gold_p"] < 1e-4
+    # every prompt's win rate: (2 of 2 won) -> 1 each: interval [1, 1]; one prompt only: no interval
+    assert (m["win_rate/gold"], m["win_rate/gold_lo"], m["win_rate/gold_hi"]) == (1.0, 1.0, 1.0)
+    one = summarize(["x", "y"], [1, 1], [True] * 2, [0, 0], None, {"gold": [1.0, 0.0]}, {"gold": [0.5, 0.5]},
+                    [0, 0], "gold")
+    assert one["win_rate/gold"] == 0.5 and math.isnan(one["win_rate/gold_lo"]) and one["win_rate/gold_n"] == 1
+
+
 def test_win_rate_pairs_sample_j_with_reference_sample_j_mod_count():
     # the reference has one sample per prompt: every policy sample of a prompt meets it
     m = summarize(["a", "b", "c"], [1, 1, 1], [True] * 3, [0, 0, 1], None, {"proxy": [1.0, -1.0, 2.0]},

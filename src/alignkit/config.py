@@ -218,10 +218,13 @@ class DiagnosticsConfig(Section):
     window logged steps."""
     heldout_drop: float = Field(0.05, gt=0)
     """Alert (heldout_regression) when held-out accuracy falls this much (absolute) below its value
-    before training."""
+    before training, and the fall is significant (paired t test over the held-out examples, 95%)."""
     heldout_rise: float = Field(0.05, gt=0)
     """Alert (heldout_regression) when the held-out loss rises by this fraction above its value before
-    training."""
+    training, and the rise is significant (paired t test over the held-out examples, 95%)."""
+    heldout_min_examples: int = Field(20, ge=2)
+    """Fewest held-out examples (pairs for accuracy, sequences for the loss) on which heldout_regression
+    judges: on fewer, a change cannot be told from noise and the alert stays quiet."""
     fail_on: List[str] = []
     """Alert kinds that abort the run (exit code 1) instead of only warning, e.g. [zero_grad,
     stuck_loss, constant_reward]; [any] aborts on every alert."""

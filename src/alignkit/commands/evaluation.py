@@ -13,5 +13,7 @@ register_command(Command("report", "alignkit.eval.runs:ReportConfig", "alignkit.
                          "Regenerate RUN_DIR/report.html (plots, alerts, samples) from the run's files.",
                          {"output": "output"}, positional="run_dir"))
 register_command(Command("compare", "alignkit.eval.runs:CompareConfig", "alignkit.eval.runs:compare",
-                         "Compare runs side by side (curves, final numbers, reward-versus-KL frontier).",
-                         {"output": "output"}, positional="runs"))
+                         "Compare runs side by side (curves, final numbers with 95% intervals, reward-versus-KL "
+                         "frontier) and test each against the starting model (--baseline, default the first run), "
+                         "paired by prompt.",
+                         {"output": "output", "baseline": "baseline"}, positional="runs"))

@@ -51,8 +51,11 @@ No-learning checks (each must hold on ``stall_steps`` logged steps in a row):
     its median over the first ``window`` logged steps.
 ``heldout_regression``
     held-out accuracy (``eval/accuracy``) more than ``heldout_drop`` below its value before
-    training, or the held-out loss (``eval/loss``) more than ``heldout_rise`` (relative) above it:
-    training made the model worse on data it did not see. Fires at once.
+    training, or the held-out loss (``eval/loss``) more than ``heldout_rise`` (relative) above it,
+    *and* the change is significant: a paired t test over the held-out examples (each example's
+    value now minus before training, :func:`alignkit.eval.stats.paired_comparison`), whose 95%
+    interval must exclude 0, on at least ``heldout_min_examples`` examples. Without per-example
+    values (a replay of metrics.jsonl) the check does not judge. Fires at once.
 
 Trends are least-squares lines (:func:`fit_trend`) over two horizons of the main metric: its
 last ``window`` observations (sudden changes) and its last ``long_window`` (slow drifts); the
@@ -69,6 +72,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from alignkit.config import DiagnosticsConfig
+from alignkit.eval.stats import paired_comparison
 
 __all__ = ["ALERT_KINDS", "Alert", "Diagnostics", "DiagnosticsConfig", "Trend", "fit_trend"]
 
@@ -184,6 +188,9 @@ class Diagnostics:
         self._active: set = set()
         self._streak: Dict[str, int] = {}  # consecutive evaluations each condition has held
         self._quiet: Dict[str, int] = {}  # consecutive evaluations each condition has been false
+        # held-out metric -> per-example values (before training, latest) with their steps
+        self._examples_first: Dict[str, Tuple[float, List[float]]] = {}
+        self._examples_last: Dict[str, Tuple[float, List[float]]] = {}
         # kind -> (metric keys whose arrival triggers the check, check)
         self._checks: Dict[str, Tuple[Tuple[str, ...], Callable[[], Optional[str]]]] = {
             "kl_blowup": ((KL_KEY,), self._check_kl),
@@ -206,8 +213,18 @@ class Diagnostics:
         """Alert kinds that fired and whose condition has not cleared since."""
         return frozenset(self._active)
 
-    def update(self, step: int, metrics: Dict[str, float]) -> List[Alert]:
+    def set_heldout_baseline(self, examples: Dict[str, Sequence[float]], step: float = 0.0) -> None:
+        """The per-example held-out values before training (e.g. read back on resume)."""
+        for key, values in examples.items():
+            self._examples_first[key] = (float(step), [float(v) for v in values])
+
+    def update(self, step: int, metrics: Dict[str, float],
+               examples: Optional[Dict[str, Sequence[float]]] = None) -> List[Alert]:
         """Record ``metrics`` for ``step`` and return the alerts that are new at this step.
+
+        ``examples`` holds per-example values of held-out metrics at this step (``{"eval/accuracy":
+        [one value per pair], "eval/loss": [...]}``, the same examples in the same order at every
+        evaluation); the held-out check tests a drop with them, paired by example.
 
         A check runs when its main metric is in ``metrics`` (so a sparse eval metric is judged
         once per new value). It returns a message (condition holds), ``""`` (it does not: the
@@ -219,6 +236,10 @@ class Diagnostics:
             if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             self.history.setdefault(key, []).append((float(step), float(value)))
+        for key, values in (examples or {}).items():
+            vals = (float(step), [float(v) for v in values])
+            self._examples_first.setdefault(key, vals)
+            self._examples_last[key] = vals
         new: List[Alert] = []
         for kind, (keys, check) in self._checks.items():
             if not any(k in metrics for k in keys):
@@ -451,25 +472,51 @@ class Diagnostics:
         return ""
 
     def _check_heldout(self) -> Optional[str]:
-        cfg = self.config
+        """A held-out metric worse than before training by more than the threshold, significantly
+        (paired t test over the examples); None while no metric has per-example values at two steps."""
         found = None
         for key in HELDOUT_ACCURACY_KEYS + HELDOUT_LOSS_KEYS:
             pts = [p for p in self.history.get(key, []) if math.isfinite(p[1])]
             if len(pts) < 2:
                 continue
-            found = found or ""
-            (s0, first), (s1, last) = pts[0], pts[-1]
-            if key in HELDOUT_ACCURACY_KEYS and first - last > cfg.heldout_drop:
-                return _Urgent(f"Held-out accuracy ({key}) fell from {first:.3f} at step {int(s0)} to {last:.3f} "
-                               f"at step {int(s1)}: training made the model worse on data it did not see. "
-                               f"Lower the learning rate, train fewer steps, check the data for label noise, "
-                               f"or compare against the checkpoint before.")
-            if key in HELDOUT_LOSS_KEYS and last - first > cfg.heldout_rise * max(abs(first), 1e-8):
-                return _Urgent(f"The held-out loss ({key}) rose from {first:.4g} at step {int(s0)} to {last:.4g} "
-                               f"at step {int(s1)} (+{(last - first) / max(abs(first), 1e-8):.0%}): training made "
-                               f"the model worse on data it did not see (overfitting or a bad learning rate). "
-                               f"Lower the learning rate, train fewer steps or add data.")
+            message = self._heldout_drop(key, pts[0], pts[-1])
+            if message is None:
+                continue
+            if message:
+                return _Urgent(message)
+            found = ""
         return found
+
+    def _heldout_drop(self, key: str, first_pt: Point, last_pt: Point) -> Optional[str]:
+        """The alert message for ``key`` (accuracy: lower is worse; loss: higher is worse), "" when
+        there is no significant drop, None when the per-example values needed for the test are missing."""
+        cfg = self.config
+        first, last = self._examples_first.get(key), self._examples_last.get(key)
+        if first is None or last is None or last[0] != last_pt[0] or last[0] == first[0]:
+            return None
+        a, b = first[1], last[1]
+        if len(a) != len(b):  # not the same examples: no paired test
+            return None
+        n = len(a)
+        if n < cfg.heldout_min_examples:
+            return ""
+        pc = paired_comparison(a, b)
+        d = pc.diff
+        (s0, v0), (s1, v1) = first_pt, last_pt
+        test = (f"paired t test over {n} held-out examples: change {d.mean:+.3g}, 95% interval {d.lo:+.3g} to "
+                f"{d.hi:+.3g}, p={pc.p_value:.2g}; the check needs at least {cfg.heldout_min_examples} examples")
+        if key in HELDOUT_ACCURACY_KEYS:
+            if not (v0 - v1 > cfg.heldout_drop and d.hi < 0):
+                return ""
+            return (f"Held-out accuracy ({key}) fell from {v0:.3f} at step {int(s0)} to {v1:.3f} at step {int(s1)} "
+                    f"({test}): training made the model worse on data it did not see. Lower the learning rate, "
+                    f"train fewer steps, check the data for label noise, or compare against the checkpoint before.")
+        rise = (v1 - v0) / max(abs(v0), 1e-8)
+        if not (rise > cfg.heldout_rise and d.lo > 0):
+            return ""
+        return (f"The held-out loss ({key}) rose from {v0:.4g} at step {int(s0)} to {v1:.4g} at step {int(s1)} "
+                f"(+{rise:.0%}; {test}): training made the model worse on data it did not see (overfitting or "
+                f"a bad learning rate). Lower the learning rate, train fewer steps or add data.")
 
     def _check_likelihood_displacement(self) -> Optional[str]:
         cfg = self.config

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
@@ -35,6 +36,7 @@ from pydantic import Field, field_validator
 
 from alignkit.config import DataConfig, ModelConfig, Section, as_config
 from alignkit.eval import metrics as M
+from alignkit.eval.stats import interval_keys, mean_interval, paired_comparison
 from alignkit.ops.kl import KLKind, kl_estimate
 from alignkit.rewards import RewardSpec
 from alignkit.rollout.generate import GenerationConfig
@@ -136,31 +138,27 @@ def summarize(texts: List[str], lengths: Sequence[float], ended: Sequence[bool],
     source name (``proxy``, ``gold``) to N scores; ``ref_rewards`` the same for the reference's samples
     (grouped by ``ref_prompt_index``). Win rate pairs the j-th policy sample of a prompt with the
     j-th reference sample of that prompt (modulo the reference's count) and compares ``judge`` scores.
+
+    Rewards, the win rate and the KL carry their uncertainty (:mod:`alignkit.eval.stats`): ``KEY_se``,
+    ``KEY_lo``, ``KEY_hi`` (95% t interval over the prompt means: the samples of one prompt are not
+    independent) and ``KEY_n`` (prompts). ``gain/<source>`` is the policy's reward minus the
+    reference's, paired by prompt (mean of the per-prompt differences, t interval, ``_p`` the two-sided
+    t test). Each section is one small function of the same inputs, so a new family of metrics is one
+    more ``out.update(...)``.
     """
+    ref_index = ref_prompt_index if ref_prompt_index is not None else prompt_index
     out: Dict[str, float] = {"num_prompts": float(len(set(prompt_index))), "num_samples": float(len(texts))}
     for name, scores in rewards.items():
-        stats = M.length_stats(scores)
-        out[f"rewards/{name}"] = stats["mean"]
-        out[f"rewards/{name}_std"] = stats["std"]
-        out[f"length/reward_corr_{name}"] = M.reward_length_correlation(scores, lengths)
-        if ref_rewards and name in ref_rewards:
-            out[f"reference/rewards/{name}"] = _mean(ref_rewards[name])
+        out.update(_reward_metrics(name, scores, lengths, prompt_index,
+                                   (ref_rewards or {}).get(name), ref_index))
     if "proxy" in rewards and "gold" in rewards:  # does the proxy still track the gold on these samples?
         out["rewards/proxy_gold_corr"] = M.pearson(rewards["proxy"], rewards["gold"])
     if judge and ref_rewards and judge in rewards and judge in ref_rewards:
-        pol = _by_prompt(rewards[judge], prompt_index)
-        ref = _by_prompt(ref_rewards[judge], ref_prompt_index if ref_prompt_index is not None else prompt_index)
-        a, b = [], []
-        for i, scores in pol.items():
-            if i not in ref:
-                raise ValueError(f"win rate: the reference has no sample for prompt {i}")
-            r = ref[i]
-            a += scores
-            b += [r[j % len(r)] for j in range(len(scores))]
-        out[f"win_rate/{judge}"] = M.win_rate(a, b)
+        out.update(_win_rate_metrics(judge, rewards[judge], prompt_index, ref_rewards[judge], ref_index))
     if kl_tokens is not None:
         kl = M.sequence_kl_stats(kl_tokens)
         out["kl/ref"] = kl["sequence_mean"]
+        out.update(interval_keys("kl/ref", mean_interval([sum(t) for t in kl_tokens], prompt_index)))
         out["kl/ref_token"] = kl["token_mean"]
         out["kl/ref_max"] = kl["sequence_max"]
     for k, v in M.length_stats(lengths).items():
@@ -172,6 +170,45 @@ def summarize(texts: List[str], lengths: Sequence[float], ended: Sequence[bool],
     out["text/repetition_rate"] = _mean([M.repetition_rate(t, repetition_n) for t in texts])
     out["text/eos_rate"] = M.eos_rate(list(ended))
     return out
+
+
+def _reward_metrics(name: str, scores: List[float], lengths: Sequence[float], index: Sequence[int],
+                    ref_scores: Optional[List[float]], ref_index: Sequence[int]) -> Dict[str, float]:
+    """``rewards/NAME`` with its std and interval, its length correlation, and with reference scores
+    ``reference/rewards/NAME`` (with interval) and the paired ``gain/NAME``."""
+    stats = M.length_stats(scores)
+    out = {f"rewards/{name}": stats["mean"], f"rewards/{name}_std": stats["std"],
+           **interval_keys(f"rewards/{name}", mean_interval(scores, index)),
+           f"length/reward_corr_{name}": M.reward_length_correlation(scores, lengths)}
+    if ref_scores is not None:
+        out[f"reference/rewards/{name}"] = _mean(ref_scores)
+        out.update(interval_keys(f"reference/rewards/{name}", mean_interval(ref_scores, ref_index)))
+        pc = paired_comparison(ref_scores, scores, list(ref_index), list(index))
+        out[f"gain/{name}"] = pc.diff.mean
+        out.update(interval_keys(f"gain/{name}", pc.diff, pc.p_value))
+    return out
+
+
+def _win_rate_metrics(judge: str, scores: List[float], index: Sequence[int], ref_scores: List[float],
+                      ref_index: Sequence[int]) -> Dict[str, float]:
+    """``win_rate/JUDGE`` over all N comparisons, and its t interval over the per-prompt win rates
+    (clipped to [0, 1]; nan stays nan)."""
+    pol = _by_prompt(scores, index)
+    ref = _by_prompt(ref_scores, ref_index)
+    a, b, per_prompt = [], [], []
+    for i, mine in pol.items():
+        if i not in ref:
+            raise ValueError(f"win rate: the reference has no sample for prompt {i}")
+        r = ref[i]
+        theirs = [r[j % len(r)] for j in range(len(mine))]
+        a += mine
+        b += theirs
+        per_prompt.append(M.win_rate(mine, theirs))
+    key = f"win_rate/{judge}"
+    iv = mean_interval(per_prompt)
+    if not math.isnan(iv.lo):  # a rate: the t interval clipped to [0, 1]
+        iv = replace(iv, lo=max(0.0, iv.lo), hi=min(1.0, iv.hi))
+    return {key: M.win_rate(a, b), **interval_keys(key, iv)}
 
 
 # ---------------------------------------------------------------------------------- running
@@ -364,19 +401,27 @@ def write_eval_run(out: Path, cfg: EvalConfig, metrics: Dict[str, float], contex
 
 
 def print_table(metrics: Dict[str, float], title: str) -> None:
-    """The metrics as a two- or three-column table on stderr (policy | reference where known)."""
+    """The metrics as a two- or three-column table on stderr (policy | reference where known); a metric
+    with an interval reads ``mean ± half-width`` (95%), its ``_se``/``_lo``/``_hi``/``_n``/``_p`` keys
+    folded into that cell."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    from alignkit.eval.stats import is_interval_key, read_interval
+
+    def cell(key: str) -> str:
+        iv = read_interval(metrics, key)
+        return iv.format() if iv is not None else M.fmt_value(metrics[key])
+
+    table = Table(title=title, caption="± : half-width of the 95% interval over prompts")
     table.add_column("metric")
     table.add_column("policy", justify="right")
     table.add_column("reference", justify="right")
-    for k, v in metrics.items():
-        if k.startswith("reference/"):
+    for k in metrics:
+        if k.startswith("reference/") or is_interval_key(k, metrics):
             continue
-        ref = metrics.get(f"reference/{k}")
-        table.add_row(k, M.fmt_value(v), M.fmt_value(ref) if ref is not None else "")
+        ref = f"reference/{k}"
+        table.add_row(k, cell(k), cell(ref) if ref in metrics else "")
     Console(stderr=True).print(table)
 
 

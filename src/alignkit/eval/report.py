@@ -34,6 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from alignkit.eval.diagnostics import Diagnostics
+from alignkit.eval.paired import versus
+from alignkit.eval.stats import format_pm, is_interval_key, read_interval
 from alignkit.eval.svg import bar_plot, line_plot, scatter_plot
 
 __all__ = ["RunData", "compare_runs", "load_run", "metric_series", "write_report"]
@@ -64,6 +66,8 @@ table.single td:nth-child(2){text-align:right;font-variant-numeric:tabular-nums}
 .cols{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px}
 .samples td{width:45%}
+.verdicts tr.better td:last-child{color:#2b8a3e}.verdicts tr.worse td:last-child{color:#c92a2a}
+.verdicts tr.same td:last-child{color:#555}.iv{white-space:nowrap}
 """
 
 
@@ -190,6 +194,16 @@ def _fmt(value: Any) -> str:
     return escape(str(value))
 
 
+def _fmt_key(values: Dict[str, Any], key: str) -> str:
+    """``values[key]``, as ``mean ± half-width`` with the interval in a tooltip where ``KEY_lo`` and
+    ``KEY_hi`` are there too (see :func:`alignkit.eval.stats.interval_keys`)."""
+    iv = read_interval(values, key)
+    if iv is None or not math.isfinite(iv.lo) or not math.isfinite(iv.hi):
+        return _fmt(_number(values.get(key)) if _number(values.get(key)) is not None else values.get(key))
+    return (f'<span class="iv" title="95% interval {iv.lo:.4g} to {iv.hi:.4g} over {iv.n} prompts">'
+            f"{format_pm(iv.mean, iv.half_width)}</span>")
+
+
 def _reward_kl_points(series: Series, reward_key: str) -> List[Tuple[float, float]]:
     """(KL, reward) at the steps where ``reward_key`` and a KL key were both logged."""
     # an eval reward pairs with the eval KL when one was logged, a train reward with the train KL
@@ -292,9 +306,10 @@ def _single_html(single: Dict[str, Tuple[float, float]], summary: Dict[str, Any]
 
 def _summary_html(run: RunData, series: Series) -> List[str]:
     if run.summary:
-        items, caption = list(run.summary.items()), "summary.json"
+        items = [(k, _fmt_key(run.summary, k)) for k in run.summary if not is_interval_key(k, run.summary)]
+        caption = "summary.json (± : half-width of the 95% interval over prompts)"
     else:
-        items = [(k, pts[-1][1]) for k, pts in sorted(series.items()) if pts]
+        items = [(k, _fmt(pts[-1][1])) for k, pts in sorted(series.items()) if pts]
         caption = "last logged value of each metric (no summary.json)"
     if not items:
         return []
@@ -302,8 +317,8 @@ def _summary_html(run: RunData, series: Series) -> List[str]:
     keys = {str(k) for k, _ in items}
     before = {str(k)[:-len("_before")]: v for k, v in items if str(k).endswith("_before")
               and str(k)[:-len("_before")] in keys}
-    rows = [f"<tr><th>{escape(str(k))}</th>" + (f"<td>{_fmt(before[k]) if k in before else ''}</td>" if before else "")
-            + f"<td>{_fmt(v)}</td></tr>" for k, v in items if not (str(k).endswith("_before") and
+    rows = [f"<tr><th>{escape(str(k))}</th>" + (f"<td>{before[k] if k in before else ''}</td>" if before else "")
+            + f"<td>{v}</td></tr>" for k, v in items if not (str(k).endswith("_before") and
                                                                    str(k)[:-len("_before")] in before)]
     head = "<tr><th></th><th>before training</th><th>final</th></tr>" if before else ""
     per = max(12, -(-len(rows) // 3))  # long summaries in up to three side-by-side tables
@@ -420,76 +435,151 @@ def _unique_labels(runs: List[RunData]) -> List[str]:
     return labels
 
 
-def _frontier(labels: List[str], all_series: List[Series]) -> Tuple[Series, str]:
+def _frontier(labels: List[str], all_series: List[Series]) -> Tuple[Series, str, Dict[str, list]]:
     """Per-run reward-vs-KL points: all eval points for an eval/ reward key, else the final point.
 
-    Uses the first reward key that every plotted run has, so the y-axis means one thing.
+    Uses the first reward key that every plotted run has, so the y-axis means one thing. The third
+    value holds each point's intervals ``(kl_lo, kl_hi, reward_lo, reward_hi)`` where the run logged
+    them (``KEY_lo``/``KEY_hi`` at the same step), else None.
     """
     usable = [k for k in REWARD_KEYS if all(_reward_kl_points(s, k) for s in all_series)]
     if not usable:
         usable = [k for k in REWARD_KEYS if any(_reward_kl_points(s, k) for s in all_series)]
     if not usable:
-        return {}, ""
+        return {}, "", {}
     key = usable[0]
     points: Series = {}
+    errors: Dict[str, list] = {}
     for label, s in zip(labels, all_series):
         pts = _reward_kl_points(s, key)
         if pts:
             points[label] = pts if key.startswith("eval/") else pts[-1:]
-    return points, key
+            errors[label] = _frontier_errors(s, key) if key.startswith("eval/") else []
+    return points, key, errors
+
+
+def _frontier_errors(series: Series, reward_key: str) -> list:
+    """Intervals of the points of :func:`_reward_kl_points` (eval keys), in the same order."""
+    kl_key = next((k for k in KL_KEYS if dict(series.get(k, ()))), KL_KEYS[0])
+    kl = dict(series.get(kl_key, ()))
+    ends = {k: dict(series.get(k, ())) for k in (f"{kl_key}_lo", f"{kl_key}_hi", f"{reward_key}_lo",
+                                                   f"{reward_key}_hi")}
+    out = []
+    for step, _ in series.get(reward_key, ()):
+        if step not in kl:
+            continue
+        e = [ends[k].get(step) for k in ends]
+        out.append(tuple(e) if all(v is not None for v in e) else None)
+    return out
 
 
 def _summary_side_by_side(labels: List[str], runs: List[RunData]) -> List[str]:
-    """One row per numeric summary.json key that at least two runs (or the only run) report."""
+    """One row per numeric summary.json key that at least two runs (or the only run) report; a key with
+    an interval reads ``mean ± half-width``, its ``_se``/``_lo``/``_hi``/``_n``/``_p`` keys folded in."""
     counts: Dict[str, int] = {}
     for run in runs:
         for k, v in run.summary.items():
             if _number(v) is not None:
                 counts[k] = counts.get(k, 0) + 1
-    keys = [k for k, c in counts.items() if c >= min(2, len(runs))]
+    keys = [k for k, c in counts.items() if c >= min(2, len(runs)) and not is_interval_key(k, counts)]
     if not keys:
         return []
     head = "".join(f"<th>{escape(label)}</th>" for label in labels)
-    rows = "".join(f"<tr><th>{escape(k)}</th>"
-                   + "".join(f"<td>{_fmt(_number(r.summary.get(k))) if k in r.summary else ''}</td>" for r in runs)
+    rows = "".join(f'<tr data-metric="{escape(k)}"><th>{escape(k)}</th>'
+                   + "".join(f"<td>{_fmt_key(r.summary, k) if k in r.summary else ''}</td>" for r in runs)
                    + "</tr>" for k in keys)
-    return ["<h2>Final numbers</h2>", f'<table class="final"><tr><th>summary.json</th>{head}</tr>{rows}</table>']
+    return ["<h2>Final numbers</h2>",
+            '<p class="note">± : half-width of the 95% interval (t over prompt means; see docs/evaluation.md).</p>',
+            f'<table class="final"><tr><th>summary.json</th>{head}</tr>{rows}</table>']
 
 
-def compare_runs(run_dirs: List[Path], out: Path) -> Path:
+VERDICT_SOURCES = ("gold", "proxy")  # reward sources tested against the starting model, in this order
+VERDICT_CLASS = {"better": "better", "worse": "worse", "not distinguishable": "same"}
+
+
+def _verdicts_html(labels: List[str], runs: List[RunData], base: int) -> List[str]:
+    """Every other run against the starting model (run ``base``): paired by prompt, per reward source,
+    from the ``samples.jsonl`` rows of both (:func:`alignkit.eval.paired.versus`)."""
+    from alignkit.eval.paired import read_samples
+
+    base_samples = read_samples(runs[base].path)
+    out = ["<h2>Against the starting model</h2>",
+           f'<p class="note">Each run against <b>{escape(labels[base])}</b>, paired by prompt: the difference of the '
+           "two models' mean reward on each prompt both evaluated, its mean with a 95% t interval over prompts "
+           "and a two-sided t test. <i>better</i> / <i>worse</i>: the interval lies above / below 0; otherwise "
+           "<i>not distinguishable</i>.</p>"]
+    rows = []
+    for i, (label, run) in enumerate(zip(labels, runs)):
+        if i == base:
+            continue
+        samples = read_samples(run.path)
+        for source in VERDICT_SOURCES:
+            pc = versus(base_samples, samples, source)
+            if pc is None:
+                continue
+            d = pc.diff
+            ci = f"{d.lo:+.3g} to {d.hi:+.3g}" if math.isfinite(d.lo) else "n/a"
+            p = f"{pc.p_value:.2g}" if math.isfinite(pc.p_value) else "n/a"
+            rows.append(f'<tr class="verdict {VERDICT_CLASS[pc.verdict]}" data-run="{escape(label)}" '
+                        f'data-source="{escape(source)}" data-verdict="{escape(pc.verdict)}">'
+                        f"<td>{escape(label)}</td><td>rewards/{escape(source)}</td>"
+                        f"<td>{format_pm(d.mean, d.half_width, sign=True)}</td><td>{ci}</td><td>{p}</td><td>{d.n}</td>"
+                        f"<td><b>{escape(pc.verdict)}</b></td></tr>")
+    if not rows:
+        out.append('<p class="note">No per-prompt rewards to pair: the runs need <code>samples.jsonl</code> rows with '
+                   "a prompt and its rewards on shared prompts (the output of <code>alignkit eval</code>).</p>")
+        return out
+    out.append('<table class="verdicts"><tr><th>run</th><th>reward</th><th>difference</th><th>95% interval</th>'
+               "<th>p</th><th>prompts</th><th>verdict</th></tr>" + "".join(rows) + "</table>")
+    return out
+
+
+def compare_runs(run_dirs: List[Path], out: Path, baseline: Optional[Path] = None) -> Path:
     """Write an HTML comparing runs: overlaid curves and a reward-versus-KL frontier.
 
     Curves are drawn for every metric that at least two of the runs logged (all metrics for a
-    single run), one colour per run (a bar per run where every run logged it once, e.g. evaluations),
-    and a table of the final numbers (summary.json) side by side. The
-    frontier scatter (as in Figure 2 of the DPO paper) shows
-    each run's eval points when the reward is an ``eval/`` key, otherwise its final point; runs
-    are labelled by name and, when ``config.yaml`` has one, ``command`` (the algorithm).
+    single run), one colour per run (a bar per run where every run logged it once, e.g. evaluations,
+    with its 95% interval as an error bar where the run logged ``KEY_lo``/``KEY_hi``), and a table of
+    the final numbers (summary.json) side by side, ``mean ± half-width``. The frontier scatter (as in
+    Figure 2 of the DPO paper) shows each run's eval points when the reward is an ``eval/`` key,
+    otherwise its final point, with error bars in both directions; runs are labelled by name and, when
+    ``config.yaml`` has one, ``command`` (the algorithm). Every run is tested against the starting
+    model, ``baseline`` (default: the first run), paired by prompt: better / worse / not distinguishable.
     """
     runs = [load_run(Path(d)) for d in run_dirs]
     if not runs:
         raise ValueError("compare_runs needs at least one run directory")
+    base = 0
+    if baseline is not None:
+        paths = [Path(d).resolve() for d in run_dirs]
+        if Path(baseline).resolve() in paths:
+            base = paths.index(Path(baseline).resolve())
+        else:
+            runs.insert(0, load_run(Path(baseline)))
     labels = _unique_labels(runs)
     all_series = [metric_series(r.metrics) for r in runs]
     counts: Dict[str, int] = {}
     for s in all_series:
         for k in s:
             counts[k] = counts.get(k, 0) + 1
-    shared = [k for k, c in counts.items() if c >= min(2, len(runs))]
+    shared = [k for k, c in counts.items() if c >= min(2, len(runs)) and not is_interval_key(k, counts)]
     title = "alignkit comparison: " + ", ".join(labels)
     body = [f"<h1>{escape(title)}</h1>", "<h2>Runs</h2><table><tr><th>run</th><th>directory</th>"
             "<th>alerts</th></tr>"]
     for label, run in zip(labels, runs):
         kinds = ", ".join(sorted({str(a.get("kind")) for a in run.alerts}))
         cell = f'<td class="alert"><b>{escape(kinds)}</b></td>' if kinds else "<td>none</td>"
-        body.append(f"<tr><td>{escape(label)}</td><td>{escape(str(run.path))}</td>{cell}</tr>")
+        start = " (starting model)" if len(runs) > 1 and run is runs[base] else ""
+        body.append(f"<tr><td>{escape(label)}{start}</td><td>{escape(str(run.path))}</td>{cell}</tr>")
     body.append("</table>")
-    body += _summary_side_by_side(labels, runs)
-    frontier, key = _frontier(labels, all_series)
+    if len(runs) > 1:
+        body += _verdicts_html(labels, runs, base)
+    frontier, key, errors = _frontier(labels, all_series)
     if frontier:
         body += ["<h2>Reward versus KL frontier</h2>", '<div class="grid">', _figure(
             "frontier", scatter_plot(frontier, f"{key} vs KL", "KL to reference (nats/sequence)",
-                                     key)), "</div>"]
+                                     key, errors=errors)), "</div>"]
+    body += _summary_side_by_side(labels, runs)
     body.append("<h2>Shared metrics</h2>")
     if not shared:
         body.append('<p class="note">The runs share no metric.</p>')
@@ -500,7 +590,9 @@ def compare_runs(run_dirs: List[Path], out: Path) -> Path:
             curves = {label: s[k] for label, s in zip(labels, all_series) if k in s}
             if all(len(_finite_points(pts)) <= 1 for pts in curves.values()):  # one number per run: bars
                 values = {label: (_finite_points(pts) or [(0.0, float("nan"))])[-1][1] for label, pts in curves.items()}
-                body.append(_figure(k, bar_plot(values, k, k.rsplit("/", 1)[-1])))
+                bars = {label: (s[f"{k}_lo"][-1][1], s[f"{k}_hi"][-1][1]) for label, s in zip(labels, all_series)
+                        if label in values and s.get(f"{k}_lo") and s.get(f"{k}_hi")}
+                body.append(_figure(k, bar_plot(values, k, k.rsplit("/", 1)[-1], errors=bars)))
             else:
                 body.append(_figure(k, line_plot(curves, k, "step", k.rsplit("/", 1)[-1])))
     body.append("</div>")

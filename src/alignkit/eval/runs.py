@@ -29,6 +29,9 @@ class CompareConfig(Section):
     """Run directories (training runs and/or `alignkit eval` outputs)."""
     output: str = "compare.html"
     """Where to write the comparison: an .html file, or a directory (then DIR/compare.html)."""
+    baseline: Optional[str] = None
+    """The starting model's run (an `alignkit eval` output): every other run is tested against it,
+    paired by prompt, and called better / worse / not distinguishable. Default: the first run."""
 
 
 def report(config: Union[ReportConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
@@ -49,6 +52,26 @@ def compare(config: Union[CompareConfig, Dict[str, Any], None] = None, **overrid
     out = Path(cfg.output)
     if out.suffix.lower() not in (".html", ".htm"):
         out = out / "compare.html"
-    path = compare_runs([Path(r) for r in cfg.runs], out)
+    path = compare_runs([Path(r) for r in cfg.runs], out, baseline=Path(cfg.baseline) if cfg.baseline else None)
     print(f"comparison: {path}")
+    for line in verdict_lines([Path(r) for r in cfg.runs], Path(cfg.baseline) if cfg.baseline else None):
+        print(line)
     return {"compare": str(path), "runs": len(cfg.runs)}
+
+
+def verdict_lines(runs: List[Path], baseline: Optional[Path] = None) -> List[str]:
+    """``RUN: rewards/gold +0.31 ± 0.13 (95% CI ...): better than the starting model`` for every run
+    against ``baseline`` (default: the first run), paired by prompt, where both have per-prompt rewards."""
+    from alignkit.eval.paired import compare_eval_dirs
+    from alignkit.eval.report import VERDICT_SOURCES
+
+    base = baseline or runs[0]
+    out = []
+    for run in runs:
+        if Path(run).resolve() == Path(base).resolve():
+            continue
+        for source in VERDICT_SOURCES:
+            pc = compare_eval_dirs(base, run, source)
+            if pc is not None:
+                out.append(f"{run}: rewards/{source} {pc.text(than=f'the starting model ({base})')}")
+    return out

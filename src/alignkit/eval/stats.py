@@ -35,9 +35,15 @@ __all__ = [
     "PairedComparison",
     "binomial_interval",
     "bootstrap_interval",
+    "format_pm",
+    "gain_text",
     "group_means",
+    "interval_keys",
     "mean_interval",
     "paired_comparison",
+    "read_interval",
+    "is_interval_key",
+    "verdict_of",
     "t_quantile",
     "t_sf_two_sided",
 ]
@@ -68,10 +74,14 @@ class Interval:
     def half_width(self) -> float:
         return (self.hi - self.lo) / 2
 
-    def format(self, digits: int = 3) -> str:
-        """``0.512 ± 0.041`` (the half-width of the interval), or the mean alone when unknown."""
+    def format(self, digits: Optional[int] = None) -> str:
+        """``0.512 ± 0.041`` (the half-width of the interval), or the mean alone when unknown. Without
+        ``digits``, the half-width gets two significant digits and the mean as many decimals
+        (:func:`format_pm`)."""
         if math.isnan(self.lo):
-            return f"{self.mean:.{digits}f}"
+            return f"{self.mean:.{digits}f}" if digits is not None else f"{self.mean:.4g}"
+        if digits is None:
+            return format_pm(self.mean, self.half_width)
         return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"
 
 
@@ -88,6 +98,26 @@ class PairedComparison:
     def to_dict(self) -> Dict[str, Any]:
         return {**{f"diff_{k}": v for k, v in self.diff.to_dict().items()},
                 "p_value": self.p_value, "verdict": self.verdict}
+
+    def text(self, than: str = "the starting model", digits: Optional[int] = None) -> str:
+        """The gain as one line with its interval and verdict (:func:`gain_text`)."""
+        return gain_text(self.diff, self.p_value, digits, than)
+
+
+def format_pm(mean: float, half: float, sign: bool = False) -> str:
+    """``mean ± half`` with two significant digits of ``half`` and the mean to the same decimal place
+    (at most 6 decimals): ``format_pm(0.33921, 0.2317)`` is ``0.34 ± 0.23``, ``format_pm(2.975, 0.0402)``
+    is ``2.975 ± 0.040``. A zero or non-finite half-width prints the mean to 4 significant digits."""
+    plus = "+" if sign else ""
+    if not math.isfinite(half) or half <= 0 or not math.isfinite(mean):
+        return f"{mean:{plus}.4g}" + (" ± 0" if half == 0 else "")
+    decimals = _decimals(half)
+    return f"{mean:{plus}.{decimals}f} ± {half:.{decimals}f}"
+
+
+def _decimals(half: float) -> int:
+    """Decimal places that give ``half`` two significant digits (0 to 6)."""
+    return min(6, max(0, 1 - math.floor(math.log10(half)))) if math.isfinite(half) and half > 0 else 3
 
 
 def _floats(values: Any) -> List[float]:
@@ -280,8 +310,7 @@ def paired_comparison(a: Sequence[float], b: Sequence[float],
         p = 1.0 if iv.mean == 0 else 0.0
     else:
         p = t_sf_two_sided(iv.mean / iv.se, iv.n - 1)
-    verdict = "better" if iv.lo > 0 else "worse" if iv.hi < 0 else "not distinguishable"
-    return PairedComparison(iv, p, verdict)
+    return PairedComparison(iv, p, verdict_of(iv))
 
 
 def _order(groups: Sequence[Hashable]) -> List[Hashable]:
@@ -290,3 +319,57 @@ def _order(groups: Sequence[Hashable]) -> List[Hashable]:
     for g in groups:
         seen.setdefault(g, None)
     return list(seen)
+
+
+# ---------------------------------------------------------------- flat keys (summary.json, metrics.jsonl)
+# An interval travels in a flat metric dict as KEY (the mean, unchanged), KEY_se, KEY_lo, KEY_hi and
+# KEY_n (the number of groups it rests on); a paired comparison adds KEY_p (two-sided p value).
+INTERVAL_SUFFIXES = ("_se", "_lo", "_hi", "_n", "_p")
+
+
+def interval_keys(key: str, iv: Interval, p_value: Optional[float] = None) -> Dict[str, float]:
+    """``{KEY_se, KEY_lo, KEY_hi, KEY_n}`` (and ``KEY_p`` when given) of ``iv``; the mean stays
+    under ``KEY`` itself, written by the caller."""
+    out = {f"{key}_se": iv.se, f"{key}_lo": iv.lo, f"{key}_hi": iv.hi, f"{key}_n": float(iv.n)}
+    if p_value is not None:
+        out[f"{key}_p"] = p_value
+    return out
+
+
+def read_interval(metrics: Dict[str, Any], key: str, level: float = 0.95) -> Optional[Interval]:
+    """The :class:`Interval` stored under ``KEY``/``KEY_lo``/``KEY_hi`` (see :func:`interval_keys`), or
+    None when the dict lacks any of the three."""
+    try:
+        mean, lo, hi = (float(metrics[k]) for k in (key, f"{key}_lo", f"{key}_hi"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    se = float(metrics.get(f"{key}_se", NAN))
+    return Interval(mean, se, lo, hi, int(metrics.get(f"{key}_n", 0) or 0), level)
+
+
+def is_interval_key(key: str, keys: Any) -> bool:
+    """Whether ``key`` is the ``_se``/``_lo``/``_hi``/``_n``/``_p`` companion of another key in ``keys``."""
+    return any(key.endswith(s) and key[:-len(s)] in keys for s in INTERVAL_SUFFIXES)
+
+
+def verdict_of(iv: Interval) -> str:
+    """``better`` / ``worse`` / ``not distinguishable`` for the interval of a difference (b - a)."""
+    if math.isnan(iv.lo) or math.isnan(iv.hi):
+        return "not distinguishable"
+    return "better" if iv.lo > 0 else "worse" if iv.hi < 0 else "not distinguishable"
+
+
+def gain_text(diff: Interval, p_value: float = NAN, digits: Optional[int] = None,
+              than: str = "the starting model") -> str:
+    """One line for a paired gain: ``+0.31 ± 0.12 (95% CI 0.19 to 0.43, p=0.0004, 16 prompts): better
+    than the starting model`` (``digits``: decimals; default two significant digits of the half-width)."""
+    if digits is None:
+        digits = _decimals(diff.half_width)
+    if math.isnan(diff.lo):
+        return (f"{diff.mean:+.{digits}f} (no interval: {diff.n} paired prompt(s)): not distinguishable "
+                f"from {than}")
+    verdict = verdict_of(diff)
+    tail = f"{verdict} than {than}" if verdict != "not distinguishable" else f"not distinguishable from {than}"
+    p = "" if math.isnan(p_value) else f", p={p_value:.2g}"
+    return (f"{diff.mean:+.{digits}f} ± {diff.half_width:.{digits}f} ({diff.level:.0%} CI {diff.lo:.{digits}f} "
+            f"to {diff.hi:.{digits}f}{p}, {diff.n} prompts): {tail}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from html import escape
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["PALETTE", "bar_plot", "line_plot", "scatter_plot"]
 
@@ -94,8 +94,9 @@ def _decimate(pts: Points, limit: int = MAX_LINE_POINTS) -> Points:
 class _Frame:
     """Maps data coordinates to pixels and draws the axes, ticks and labels."""
 
-    def __init__(self, series: Dict[str, Points], title: str, xlabel: str, ylabel: str):
-        allpts = [p for pts in series.values() for p in pts]
+    def __init__(self, series: Dict[str, Points], title: str, xlabel: str, ylabel: str, extent: Points = ()):
+        # ``extent``: more points the axes must hold (the ends of error bars), not drawn as a series
+        allpts = [p for pts in series.values() for p in pts] + list(extent)
         integer_x = bool(allpts) and all(float(p[0]).is_integer() for p in allpts)
         self.labels = list(series)
         self.legend_rows = self._legend_layout() if len(series) > 1 else []
@@ -198,14 +199,32 @@ def line_plot(series: Dict[str, List[Tuple[float, float]]], title: str,
 
 
 def scatter_plot(points: Dict[str, List[Tuple[float, float]]], title: str,
-                 xlabel: str = "", ylabel: str = "") -> str:
+                 xlabel: str = "", ylabel: str = "",
+                 errors: Optional[Dict[str, List[Optional[Tuple[float, float, float, float]]]]] = None) -> str:
     """Scatter chart of ``{label: [(x, y), ...]}`` groups, one colour per group, as an SVG string.
 
     nan/inf points are skipped. Each dot carries a hover tooltip with its label and coordinates.
+    ``errors`` gives, per label and point (same order as ``points``), its intervals ``(x_lo, x_hi,
+    y_lo, y_hi)`` or None: drawn as horizontal and vertical error bars through the dot.
     """
+    bars: Dict[str, List[Tuple[float, float, float, float]]] = {}
+    for label, pts in points.items():
+        for j, e in enumerate((errors or {}).get(label, [])[:len(pts)]):
+            if e is not None and all(math.isfinite(float(v)) for v in e) and math.isfinite(float(pts[j][1])):
+                bars.setdefault(label, []).append((float(pts[j][0]), float(pts[j][1]), *map(float, e)))
     clean = {label: _finite(pts) for label, pts in points.items()}
-    frame = _Frame(clean, title, xlabel, ylabel)
+    # the axes hold the error bars too
+    frame = _Frame(clean, title, xlabel, ylabel,
+                   [(b[2], b[4]) for bs in bars.values() for b in bs] + [(b[3], b[5]) for bs in bars.values() for b in bs])
     parts = frame.open()
+    for i, label in enumerate(clean):
+        colour = PALETTE[i % len(PALETTE)]
+        for x, y, x_lo, x_hi, y_lo, y_hi in bars.get(label, []):
+            px, py = frame.px(x), frame.py(y)
+            parts.append(_error_bar(px, frame.py(y_lo), frame.py(y_hi), colour))
+            parts.append(f'<path class="errbar-x" d="M{frame.px(x_lo):.2f},{py - 4:.2f}V{py + 4:.2f}'
+                         f'M{frame.px(x_lo):.2f},{py:.2f}H{frame.px(x_hi):.2f}M{frame.px(x_hi):.2f},{py - 4:.2f}'
+                         f'V{py + 4:.2f}" stroke="{colour}" stroke-width="1.3" fill="none"/>')
     for i, (label, pts) in enumerate(clean.items()):
         colour = PALETTE[i % len(PALETTE)]
         for x, y in pts:
@@ -215,14 +234,32 @@ def scatter_plot(points: Dict[str, List[Tuple[float, float]]], title: str,
     return "\n".join(parts + frame.close())
 
 
-def bar_plot(values: Dict[str, float], title: str, ylabel: str = "") -> str:
+def _error_bar(x: float, y_lo: float, y_hi: float, colour: str = "#222", cap: float = 5.0) -> str:
+    """A vertical error bar (pixels) with caps: one path, class ``errbar`` for tests and styling."""
+    return (f'<path class="errbar" d="M{x - cap:.2f},{y_hi:.2f}H{x + cap:.2f}M{x:.2f},{y_hi:.2f}V{y_lo:.2f}'
+            f'M{x - cap:.2f},{y_lo:.2f}H{x + cap:.2f}" stroke="{colour}" stroke-width="1.3" fill="none"/>')
+
+
+def _interval(errors: Optional[Dict[str, Tuple[float, float]]], label: str) -> Optional[Tuple[float, float]]:
+    lo_hi = (errors or {}).get(label)
+    if lo_hi is None:
+        return None
+    lo, hi = float(lo_hi[0]), float(lo_hi[1])
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+
+
+def bar_plot(values: Dict[str, float], title: str, ylabel: str = "",
+             errors: Optional[Dict[str, Tuple[float, float]]] = None) -> str:
     """Bar chart of one value per label (e.g. one final number per run), as an SVG string.
 
     The value axis always includes 0, so bar lengths compare; each bar carries its value above (or
     below, when negative) and a hover tooltip. A non-finite value is drawn as a grey "n/a" slot.
+    ``errors`` maps a label to its interval ``(lo, hi)``: drawn as an error bar over the bar, the
+    printed value becoming ``value ± half-width``.
     """
     labels = list(values)
     finite = [float(v) for v in values.values() if v is not None and math.isfinite(float(v))]
+    finite += [e for label in labels if (iv := _interval(errors, label)) for e in iv]
     lo, hi = min(finite + [0.0]), max(finite + [0.0])
     room = 0.12 * (hi - lo)  # headroom for the value printed beyond each bar's end
     frame = _Frame({"": [(0.0, lo - room if lo < 0 else lo), (1.0, hi + room if hi > 0 else hi)]} if finite else {},
@@ -246,9 +283,15 @@ def bar_plot(values: Dict[str, float], title: str, ylabel: str = "") -> str:
         y = frame.py(float(v))
         top, h = min(y, zero), abs(zero - y)
         colour = PALETTE[i % len(PALETTE)]
+        iv = _interval(errors, label)
+        text = _fmt(float(v)) if iv is None else f"{_fmt(float(v))} ± {_fmt((iv[1] - iv[0]) / 2, 2)}"
         parts.append(f'<rect class="bar" x="{cx - width / 2:.2f}" y="{top:.2f}" width="{width:.2f}" '
-                     f'height="{max(h, 0.5):.2f}" fill="{colour}"><title>{escape(label)}: {_fmt(float(v))}'
-                     f"</title></rect>")
+                     f'height="{max(h, 0.5):.2f}" fill="{colour}"><title>{escape(label)}: {text}'
+                     + (f" (95% interval {_fmt(iv[0])} to {_fmt(iv[1])})" if iv else "") + "</title></rect>")
+        if iv is not None:
+            y_lo, y_hi = frame.py(iv[0]), frame.py(iv[1])
+            parts.append(_error_bar(cx, y_lo, y_hi))
+            top, h = min(top, y_hi), max(top + h, y_lo) - min(top, y_hi)  # the label clears the bar too
         ty = top - 4 if float(v) >= 0 else top + h + 12
-        parts.append(f'<text x="{cx:.2f}" y="{ty:.2f}" text-anchor="middle">{_fmt(float(v))}</text>')
+        parts.append(f'<text x="{cx:.2f}" y="{ty:.2f}" text-anchor="middle">{text}</text>')
     return "\n".join(parts + frame.close())

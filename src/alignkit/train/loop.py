@@ -106,6 +106,9 @@ class Task:
         yield Update([self.collate(chunk) for chunk in self.split(items, micro_batch_size)])
 
     def evaluate(self, model, items: List[Dict[str, Any]], batch_size: int) -> Dict[str, float]:
+        """Held-out metrics (floats). May also return, under :data:`EVAL_EXAMPLES`, each metric's
+        per-example values (``{"eval/accuracy": [...], "eval/loss": [...]}``, in the order of
+        ``items``): the held-out alert tests a drop with them, paired by example."""
         return {}
 
     def on_step_end(self, step: int, metrics: Dict[str, float]) -> Dict[str, float]:
@@ -117,6 +120,10 @@ class Task:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         pass
+
+
+EVAL_EXAMPLES = "examples"  # key of the per-example values in Task.evaluate's result (not logged)
+HELDOUT_BASELINE_FILE = "heldout_examples_before.json"  # their values before training, for resume
 
 
 def make_scheduler(optimizer, total_steps: int, cfg) -> torch.optim.lr_scheduler.LambdaLR:
@@ -306,6 +313,11 @@ class Trainer:
             from alignkit.train.rundir import read_records
 
             self.diagnostics.replay(read_records(self.out / "metrics.jsonl"))
+            baseline = self.out / HELDOUT_BASELINE_FILE
+            if baseline.is_file():
+                import json
+
+                self.diagnostics.set_heldout_baseline(json.loads(baseline.read_text()))
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> Dict[str, float]:
@@ -368,20 +380,27 @@ class Trainer:
         was = model.training
         model.eval()
         with torch.no_grad(), self.acc.autocast(), self.logger.phase(f"evaluating {len(self.eval_items)} examples"):
-            res = self.task.evaluate(model, self.eval_items, self.micro)
+            res = dict(self.task.evaluate(model, self.eval_items, self.micro))
         model.train(was)
+        examples = res.pop(EVAL_EXAMPLES, None) or {}
         res = {k if k.startswith("eval/") else f"eval/{k}": float(v) for k, v in res.items()}
         self.logger.log(self.step, res)
-        self._diagnose(res)
+        if examples and self.step == 0 and self.acc.is_main_process:  # the baseline survives a resume
+            import json
+
+            (self.out / HELDOUT_BASELINE_FILE).write_text(json.dumps({k: list(map(float, v))
+                                                                      for k, v in examples.items()}))
+        self._diagnose(res, examples)
         return res
 
-    def _diagnose(self, metrics: Dict[str, float]) -> None:
-        """Feed the live checks; new alerts go to alerts.jsonl and the console, and an alert whose kind
-        is in ``diagnostics.fail_on`` aborts the run."""
+    def _diagnose(self, metrics: Dict[str, float], examples: Optional[Dict[str, Sequence[float]]] = None) -> None:
+        """Feed the live checks (``examples``: per-example held-out values, see :meth:`Task.evaluate`);
+        new alerts go to alerts.jsonl and the console, and an alert whose kind is in
+        ``diagnostics.fail_on`` aborts the run."""
         if self.diagnostics is None:
             return
         fail_on = set(self.cfg.diagnostics.fail_on)
-        for alert in self.diagnostics.update(self.step, metrics):
+        for alert in self.diagnostics.update(self.step, metrics, examples=examples):
             self.logger.alert(alert)
             if alert.kind in fail_on or "any" in fail_on:
                 raise TrainingAborted(f"step {alert.step}: {alert.kind} alert, and diagnostics.fail_on includes it: "

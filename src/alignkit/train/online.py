@@ -37,7 +37,7 @@ from alignkit.losses.value import explained_variance, value_loss
 from alignkit.ops.kl import kl_estimate, kl_k1
 from alignkit.ops.masked import masked_mean
 from alignkit.train import metric_keys as K
-from alignkit.train.loop import Task, Trainer, Update
+from alignkit.train.loop import EVAL_EXAMPLES, Task, Trainer, Update
 from alignkit.train.rl_batch import (
     RLBatch, disable_dropout, from_response_space, last_response_index, loss_aggregation, policy_of,
     response_index, rows_of, select_rows, to_response_space)
@@ -481,6 +481,14 @@ class RLTask(Task):
             ro = generate(policy, self.tok, [it["prompt_ids"] for it in items], self.gen,
                           n=self.cfg.eval_samples, compute_logprobs=False)
         _, m = self.score(ro, list(items), prefix="eval/")
+        # a rule reward named accuracy: each prompt's mean over its samples, for the held-out alert's
+        # paired test (the prompt is the unit: its samples are not independent)
+        acc = getattr(self.reward, "last_components", {}).get("accuracy")
+        if acc is not None and len(acc) == len(ro.prompt_index):
+            by_prompt: Dict[int, List[float]] = {}
+            for i, v in zip(ro.prompt_index, acc):
+                by_prompt.setdefault(int(i), []).append(float(v))
+            m[EVAL_EXAMPLES] = {"eval/rewards/accuracy": [sum(v) / len(v) for v in by_prompt.values()]}
         return m
 
 

@@ -19,7 +19,7 @@ from alignkit.losses.preference import PREFERENCE_LOSSES, combine, loss_hparams,
 from alignkit.ops.dist import gather_cat
 from alignkit.ops.logprobs import DEFAULT_CHUNK, TokenLogprobs, token_logprobs
 from alignkit.ops.masked import masked_mean
-from alignkit.train.loop import Task, Trainer
+from alignkit.train.loop import EVAL_EXAMPLES, Task, Trainer
 from alignkit.train.reference import Reference, make_reference
 
 HPARAMS = ("beta", "label_smoothing", "gamma", "desirable_weight", "undesirable_weight")
@@ -172,11 +172,15 @@ class PreferenceTask(Task):
 
         ``eval/accuracy`` is the share of pairs ranked right by the implicit reward (policy minus
         reference log-ratio) or, for reference-free losses, by the length-normalized log-probs.
+        Each pair's (or example's) accuracy and loss also come back under ``EVAL_EXAMPLES``, for the
+        held-out alert's paired test.
         """
         device = next(model.parameters()).device
         sums: Dict[str, float] = {}
         n = 0
         by_row: Dict[int, Dict[bool, List[float]]] = {}
+        per_loss: List[float] = []
+        per_acc: List[float] = []
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
             b = self.collate(chunk).to(device)
@@ -190,6 +194,7 @@ class PreferenceTask(Task):
                 # rewards/accuracy is the same quantity; held out it is logged once, as eval/accuracy
                 metrics = {k: v for k, v in metrics.items() if k != "rewards/accuracy"}
                 metrics["accuracy"] = (sc > sr).float() + 0.5 * (sc == sr).float()
+                per_acc += metrics["accuracy"].tolist()
             else:
                 losses, metrics, (pol, ref, labels) = self._unpaired(model, b)
                 reward = (pol - ref).tolist()
@@ -198,14 +203,17 @@ class PreferenceTask(Task):
             k = len(b)
             n += k
             sums["loss"] = sums.get("loss", 0.0) + float(losses.sum())
+            per_loss += losses.float().tolist()
             for key, v in metrics.items():
                 v = v.float()
                 sums[key] = sums.get(key, 0.0) + (float(v.sum()) if v.dim() else float(v) * k)
-        out = {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
+        out: Dict[str, Any] = {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
         if not self.opts.paired:
             pairs = [(d, u) for g in by_row.values() for d in g[True] for u in g[False]]
             if pairs:  # rows that were pairs split into desirable/undesirable halves
-                out["eval/accuracy"] = sum(1.0 if d > u else 0.5 if d == u else 0.0 for d, u in pairs) / len(pairs)
+                per_acc = [1.0 if d > u else 0.5 if d == u else 0.0 for d, u in pairs]
+                out["eval/accuracy"] = sum(per_acc) / len(pairs)
+        out[EVAL_EXAMPLES] = {"eval/loss": per_loss, **({"eval/accuracy": per_acc} if per_acc else {})}
         return out
 
     def state_dict(self) -> Dict[str, Any]:

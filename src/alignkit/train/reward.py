@@ -20,7 +20,7 @@ from alignkit.config import RMConfig, as_config
 from alignkit.data.layout import PADDED, Packing, SeqBatch, layout_prompted
 from alignkit.losses.reward import RANKING_LOSSES, all_pairs_bradley_terry_loss, plackett_luce_loss
 from alignkit.models.reward import reward_scores
-from alignkit.train.loop import Task, Trainer
+from alignkit.train.loop import EVAL_EXAMPLES, Task, Trainer
 
 
 def _order(pairs: List[Tuple[int, int]], k: int) -> Optional[List[int]]:
@@ -166,6 +166,8 @@ class RewardTask(Task):
         device = next(model.parameters()).device
         acc = margin = pairs = loss = n = exact = pl = n_list = 0.0
         rc = rr = 0.0
+        per_acc: List[float] = []  # each element's pairwise accuracy and loss, for the held-out alert's test
+        per_loss: List[float] = []
         for i in range(0, len(items), batch_size):
             b = self.collate(items[i:i + batch_size]).to(device)
             r = self._rewards(model, b)
@@ -178,6 +180,8 @@ class RewardTask(Task):
             rr += float(out.metrics["rewards/rejected"].sum())
             pairs += float(npairs.sum())
             loss += float(out.losses.sum())
+            per_acc += out.metrics["rewards/accuracy"].float().tolist()
+            per_loss += out.losses.float().tolist()
             n += len(b)
             listwise = k >= 3
             if bool(listwise.any()):
@@ -189,6 +193,7 @@ class RewardTask(Task):
                "eval/rewards_chosen": rc / n, "eval/rewards_rejected": rr / n}
         if n_list:
             res.update({"eval/ranking_exact": exact / n_list, "eval/plackett_luce_nll": pl / n_list})
+        res[EVAL_EXAMPLES] = {"eval/accuracy": per_acc, "eval/loss": per_loss}
         return res
 
 

@@ -10,7 +10,7 @@ from alignkit.config import SFTConfig, as_config
 from alignkit.data.collate import collate_sft
 from alignkit.data.layout import PADDED, Packing, SeqBatch
 from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
-from alignkit.train.loop import Task, Trainer
+from alignkit.train.loop import EVAL_EXAMPLES, Task, Trainer
 
 
 class SFTTask(Task):
@@ -37,14 +37,20 @@ class SFTTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, items, batch_size: int) -> Dict[str, float]:
+        """Held-out loss per label token and perplexity; each sequence's summed NLL also comes back under
+        ``EVAL_EXAMPLES`` (the same tokens at every evaluation, so the held-out alert's paired test of
+        those sums tests the sign of the change of the per-token loss)."""
         nll, tokens = 0.0, 0.0
+        per_seq: List[float] = []
         for i in range(0, len(items), batch_size):
             b = self.collate(items[i:i + batch_size]).to(next(model.parameters()).device)
             tl = token_logprobs(model, b, chunk_size=self.logprob_chunk)
             nll += float(-tl.logps.sum())
             tokens += float(tl.mask.sum())
+            per_seq += (-tl.sum()).float().tolist()
         loss = nll / max(tokens, 1.0)
-        return {"eval/loss": loss, "eval/perplexity": float(torch.exp(torch.tensor(loss)))}
+        return {"eval/loss": loss, "eval/perplexity": float(torch.exp(torch.tensor(loss))),
+                EVAL_EXAMPLES: {"eval/loss": per_seq}}
 
 
 def train_sft(config: Union[SFTConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
