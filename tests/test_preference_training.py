@@ -59,6 +59,9 @@ def test_three_reference_modes_give_equal_losses(tiny_model, pref_files):
 SETTINGS = {
     "dpo": {}, "cdpo": {}, "robust": {}, "hinge": {"dpo.beta": 0.5}, "ipo": {"dpo.beta": 0.5},
     "simpo": {}, "orpo": {"dpo.beta": 1.0}, "kto": {},
+    "exo_pair": {}, "nca_pair": {"dpo.beta": 0.5}, "bco_pair": {"dpo.beta": 0.5}, "sppo_hard": {"dpo.beta": 0.5},
+    "aot": {}, "aot_unpaired": {}, "apo_zero": {"dpo.beta": 0.5}, "apo_down": {"dpo.beta": 0.5}, "discopop": {"dpo.hparams": {"discopop_tau": 0.2}},
+    "sigmoid_norm": {"dpo.beta": 0.5},
 }
 
 

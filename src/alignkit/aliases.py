@@ -34,11 +34,18 @@ def _scheduler(v: Any) -> Any:
             "cosine_with_restarts": "cosine"}.get(v, v)
 
 
+#: TRL loss_type names that differ from our registry's (sigmoid is the DPO loss; aot_pair is the
+#: older name of aot_unpaired)
+_TRL_LOSS_NAMES = {"sigmoid": "dpo", "aot_pair": "aot_unpaired"}
+
+
 def _loss_type(v: Any) -> Any:
-    """TRL's DPOConfig.loss_type names -> our preference-loss registry (sigmoid is the DPO loss)."""
-    if isinstance(v, list) and len(v) == 1:  # recent TRL accepts a list of loss types
-        v = v[0]
-    return {"sigmoid": "dpo"}.get(v, v)
+    """TRL's DPOConfig.loss_type names -> our preference-loss registry; a list (TRL's multi-loss,
+    weighted by loss_weights) keeps its order and is split by DPOOptions."""
+    if isinstance(v, (list, tuple)):
+        names = [_TRL_LOSS_NAMES.get(x, x) for x in v]
+        return names[0] if len(names) == 1 else names
+    return _TRL_LOSS_NAMES.get(v, v)
 
 
 def _report_to(v: Any) -> Any:
@@ -158,6 +165,8 @@ ALIASES: Dict[str, Alias] = {
     "pref_beta": _a("dpo.beta"),
     "loss_type": _a("dpo.loss", convert=_loss_type),
     "pref_loss": _a("dpo.loss", convert=_loss_type),
+    "loss_weights": _a("dpo.loss_weights"),
+    "discopop_tau": _a("dpo.hparams", convert=lambda v: {"discopop_tau": v}),
     "label_smoothing": _a("dpo.label_smoothing"),
     "simpo_gamma": _a("dpo.gamma"),
     "rpo_alpha": _a("dpo.sft_weight"),

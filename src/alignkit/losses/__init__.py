@@ -7,7 +7,9 @@
 
 Preference losses (:mod:`alignkit.losses.preference`, the ``alignkit dpo --loss NAME`` registry
 :data:`PREFERENCE_LOSSES`): ``dpo_loss``, ``cdpo_loss``, ``robust_loss``, ``ipo_loss``, ``hinge_loss``,
-``simpo_loss``, ``orpo_loss`` (paired: ``(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+``simpo_loss``, ``orpo_loss``, and TRL's other loss types in :mod:`alignkit.losses.preference_variants`
+(``exo_pair_loss``, ``nca_pair_loss``, ``bco_pair_loss``, ``sppo_hard_loss``, ``aot_loss``,
+``aot_unpaired_loss``, ``apo_zero_loss``, ``apo_down_loss``, ``discopop_loss``, ``sigmoid_norm_loss``) (paired: ``(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
 ref_rejected_logps, *, hyper-parameters)``) and ``kto_loss`` (unpaired); ``nll_term`` and ``combine``
 for weighted sums. Online RL (:mod:`alignkit.losses.policy`, :mod:`alignkit.losses.value`):
 ``ppo_loss``, ``grpo_loss``, ``rloo_loss``, ``value_loss``. Reward models
@@ -21,6 +23,10 @@ from alignkit.losses.preference import (
     PREFERENCE_LOSSES, SOFT_LABEL_LOSSES, cdpo_loss, combine, dpo_loss, hinge_loss, ipo_loss, kto_loss,
     loss_hparams, nll_term, orpo_loss, robust_loss, simpo_loss,
 )
+from alignkit.losses.preference_variants import (  # registers TRL's other DPO loss types
+    aot_loss, aot_unpaired_loss, apo_down_loss, apo_zero_loss, bco_pair_loss, discopop_loss, exo_pair_loss,
+    nca_pair_loss, sigmoid_norm_loss, sppo_hard_loss,
+)
 from alignkit.losses.reward import RANKING_LOSSES, all_pairs_bradley_terry_loss, bradley_terry_loss, plackett_luce_loss
 from alignkit.losses.value import explained_variance, value_loss
 
@@ -28,6 +34,8 @@ __all__ = [
     "LossOutput", "LossSpec", "Registry",
     "PREFERENCE_LOSSES", "SOFT_LABEL_LOSSES", "loss_hparams", "dpo_loss", "cdpo_loss", "robust_loss",
     "ipo_loss", "hinge_loss", "simpo_loss", "orpo_loss", "kto_loss", "nll_term", "combine",
+    "exo_pair_loss", "nca_pair_loss", "bco_pair_loss", "sppo_hard_loss", "aot_loss", "aot_unpaired_loss",
+    "apo_zero_loss", "apo_down_loss", "discopop_loss", "sigmoid_norm_loss",
     "POLICY_LOSSES", "aggregate_token_losses", "ppo_loss", "grpo_loss", "rloo_loss",
     "value_loss", "explained_variance",
     "RANKING_LOSSES", "bradley_terry_loss", "all_pairs_bradley_terry_loss", "plackett_luce_loss",

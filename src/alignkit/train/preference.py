@@ -7,6 +7,7 @@ sources (a frozen model, the LoRA adapter switched off, or precomputed once), an
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import torch
@@ -16,28 +17,54 @@ from alignkit.config import RunConfig, Section, as_config
 from alignkit.data.collate import PairBatch, UnpairedBatch, collate_pairs, collate_unpaired
 from alignkit.data.layout import PADDED, Packing
 from alignkit.losses.preference import PREFERENCE_LOSSES, combine, loss_hparams, nll_term
+from alignkit.losses.preference_variants import DISCOPOP_MONOTONE_TAU
 from alignkit.ops.dist import gather_cat
 from alignkit.ops.logprobs import DEFAULT_CHUNK, TokenLogprobs, token_logprobs
 from alignkit.ops.masked import masked_mean
 from alignkit.train.loop import EVAL_EXAMPLES, Task, Trainer
 from alignkit.train.reference import Reference, make_reference
 
-HPARAMS = ("beta", "label_smoothing", "gamma", "desirable_weight", "undesirable_weight")
+log = logging.getLogger(__name__)
+
+#: Hyper-parameters with a field of their own in DPOOptions; any other keyword a registered loss
+#: declares (e.g. discopop_tau) goes through ``dpo.hparams`` with no change to this module.
+NAMED_HPARAMS = ("beta", "label_smoothing", "gamma", "desirable_weight", "undesirable_weight")
+
+#: TRL's extra loss term "sft" in a loss list: the NLL of the chosen response (our sft_weight).
+SFT_TERM = "sft"
+
+
+def _all_hparams() -> Dict[str, Any]:
+    """Every hyper-parameter some registered loss declares, with one default (for --help)."""
+    out: Dict[str, Any] = {}
+    for name, _ in PREFERENCE_LOSSES.items():
+        for k, v in loss_hparams(name).items():
+            out.setdefault(k, v)
+    return out
 
 
 class DPOOptions(Section):
     loss: str = Field("dpo", description="Preference loss, one of: " + ", ".join(PREFERENCE_LOSSES.names())
-                      + " (the equations are in docs/preference.md).")
+                      + " (the equations are in docs/preference.md). A list (TRL's multi-loss form, "
+                      "e.g. [dpo, sft] with loss_weights) is split into loss, extra_losses and sft_weight.")
+    loss_weight: float = Field(1.0, gt=0)
+    """Weight of the main loss in a weighted sum (the first of TRL's loss_weights)."""
     beta: Optional[float] = None
     """Strength (beta; tau for ipo, lambda for orpo). Empty: the loss's own default."""
     label_smoothing: Optional[float] = None
-    """Assumed label-noise rate for cdpo/robust (and dpo's label smoothing)."""
+    """Assumed label-noise rate for cdpo/robust (and dpo's label smoothing; exo_pair's eps)."""
     gamma: Optional[float] = None
     """SimPO target reward margin."""
     desirable_weight: float = Field(1.0, gt=0)
     """KTO weight of desirable examples (lambda_D)."""
     undesirable_weight: float = Field(1.0, gt=0)
     """KTO weight of undesirable examples (lambda_U)."""
+    loss_weights: Optional[List[float]] = None
+    """TRL's loss_weights: one weight per loss when ``loss`` is a list (read into loss_weight,
+    extra_losses and sft_weight, then cleared)."""
+    hparams: Dict[str, float] = {}
+    """Other hyper-parameters by the name the loss function declares, e.g. {discopop_tau: 0.05};
+    each must belong to one of the losses in use."""
     extra_losses: Dict[str, float] = {}
     """More paired losses added with weights, e.g. {hinge: 0.5}; they share beta and the other knobs."""
     sft_weight: float = Field(0.0, ge=0)
@@ -47,6 +74,41 @@ class DPOOptions(Section):
     (one pass before training, nothing in memory while training); auto = adapter with LoRA, else model."""
     ref_model: Optional[str] = None
     """Reference model path or id (default: the starting policy)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_list(cls, data: Any) -> Any:
+        """TRL's ``loss_type: [sigmoid, sft]`` + ``loss_weights: [1.0, 0.5]`` -> our fields."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        weights = data.pop("loss_weights", None)
+        data["loss_weights"] = None
+        losses = data.get("loss")
+        if not isinstance(losses, (list, tuple)):
+            if weights is not None:
+                if len(weights) != 1:
+                    raise ValueError(f"loss_weights has {len(weights)} weights for one loss")
+                data["loss_weight"] = weights[0]
+            return data
+        losses = list(losses)
+        weights = [1.0] * len(losses) if weights is None else list(weights)
+        if len(weights) != len(losses):
+            raise ValueError(f"loss_weights has {len(weights)} weights for {len(losses)} losses {losses}")
+        if len(set(losses)) != len(losses):
+            raise ValueError(f"loss list {losses} names a loss twice")
+        pairs = [(n, float(w)) for n, w in zip(losses, weights)]
+        main = [(n, w) for n, w in pairs if n != SFT_TERM]
+        if not main:
+            raise ValueError(f"loss list {losses} has no preference loss ({SFT_TERM!r} alone is SFT: use alignkit sft)")
+        data["loss"], data["loss_weight"] = main[0]
+        extra = dict(data.get("extra_losses") or {})
+        extra.update(dict(main[1:]))
+        data["extra_losses"] = extra
+        for n, w in pairs:
+            if n == SFT_TERM:
+                data["sft_weight"] = w
+        return data
 
     @field_validator("loss")
     @classmethod
@@ -61,15 +123,33 @@ class DPOOptions(Section):
             if not spec.paired or not PREFERENCE_LOSSES.get(self.loss).paired:
                 raise ValueError(f"extra_losses: {name!r} cannot be combined with {self.loss!r} "
                                  "(kto is unpaired; combine paired losses only)")
+        accepted = {k for n, _ in self.losses() for k in loss_hparams(n)}
+        known = set(_all_hparams()) - set(NAMED_HPARAMS)
+        for key in self.hparams:
+            if key in NAMED_HPARAMS:
+                raise ValueError(f"dpo.hparams.{key}: set it as dpo.{key}")
+            if key not in known:
+                raise ValueError(f"dpo.hparams.{key}: no registered loss takes it; the losses' own "
+                                 f"hyper-parameters are: {', '.join(sorted(known))}")
+            if key not in accepted:  # e.g. TRL's discopop_tau in a dumped DPOConfig for sigmoid
+                log.warning("config: dpo.hparams.%s is ignored: no loss in use (%s) takes it", key,
+                            ", ".join(n for n, _ in self.losses()))
+        tau = self.hparams_for("discopop").get("discopop_tau", loss_hparams("discopop")["discopop_tau"])
+        if "discopop" in dict(self.losses()) and tau < DISCOPOP_MONOTONE_TAU:
+            log.warning("dpo: discopop with discopop_tau=%g < %.3f: at policy = reference the loss rises with "
+                        "the margin, so training starts by ranking pairs the wrong way (docs/preference.md); "
+                        "dpo.hparams.discopop_tau=0.2 learns from the start", tau, DISCOPOP_MONOTONE_TAU)
         return self
 
     def hparams_for(self, name: str) -> Dict[str, Any]:
         """The hyper-parameters this loss accepts, from the fields that are set."""
         accepted = loss_hparams(name)
-        return {k: getattr(self, k) for k in HPARAMS if k in accepted and getattr(self, k) is not None}
+        out = {k: getattr(self, k) for k in NAMED_HPARAMS if k in accepted and getattr(self, k) is not None}
+        out.update({k: v for k, v in self.hparams.items() if k in accepted})
+        return out
 
     def losses(self) -> List[Tuple[str, float]]:
-        return [(self.loss, 1.0)] + list(self.extra_losses.items())
+        return [(self.loss, self.loss_weight)] + list(self.extra_losses.items())
 
     @property
     def needs_reference(self) -> bool:
@@ -132,7 +212,8 @@ class PreferenceTask(Task):
                           **self.opts.hparams_for(spec.name))
             outs.append((w, out, spec.name))
         primary = outs[0][1]
-        total = combine([(w, o) for w, o, _ in outs], names=[n for _, _, n in outs]) if len(outs) > 1 else primary
+        weighted = len(outs) > 1 or outs[0][0] != 1.0
+        total = combine([(w, o) for w, o, _ in outs], names=[n for _, _, n in outs]) if weighted else primary
         losses = total.losses
         metrics = dict(primary.metrics)
         metrics.update({k: v for k, v in total.metrics.items() if k.endswith("/loss")})
