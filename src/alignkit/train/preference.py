@@ -49,12 +49,17 @@ class DPOOptions(Section):
                       "e.g. [dpo, sft] with loss_weights) is split into loss, extra_losses and sft_weight.")
     loss_weight: float = Field(1.0, gt=0)
     """Weight of the main loss in a weighted sum (the first of TRL's loss_weights)."""
-    beta: Optional[float] = None
-    """Strength (beta; tau for ipo, lambda for orpo). Empty: the loss's own default."""
-    label_smoothing: Optional[float] = None
-    """Assumed label-noise rate for cdpo/robust (and dpo's label smoothing; exo_pair's eps)."""
-    gamma: Optional[float] = None
-    """SimPO target reward margin."""
+    beta: Optional[float] = Field(None, gt=0)
+    """Strength (beta; tau for ipo, lambda for orpo). Empty: the loss's own default. Must be > 0: beta
+    scales the implicit reward beta * log(pi/ref), so a negative beta trains the reverse preference
+    (the rejected response up) while the logged accuracy still looks right, and 0 learns nothing."""
+    label_smoothing: Optional[float] = Field(None, ge=0, le=0.5)
+    """Assumed label-noise rate for cdpo/robust (and dpo's label smoothing; exo_pair's eps). Must be in
+    [0, 0.5]: it is the probability that a label is flipped, and above 0.5 the labels would be read
+    backwards (robust and exo_pair also need it below 0.5)."""
+    gamma: Optional[float] = Field(None, ge=0)
+    """SimPO target reward margin. Must be >= 0: it is a margin the chosen reward must exceed the
+    rejected one by; a negative margin rewards ranking the pair the wrong way."""
     desirable_weight: float = Field(1.0, gt=0)
     """KTO weight of desirable examples (lambda_D)."""
     undesirable_weight: float = Field(1.0, gt=0)
