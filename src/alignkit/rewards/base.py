@@ -248,9 +248,6 @@ def check_scores(source: str, scores: Any, n: int, allow_none: bool = False) -> 
             f = float(v)
         except (TypeError, ValueError):
             raise RewardError(f"{source} returned a non-number at index {i}: {v!r}{fix}") from None
-        if allow_none and math.isnan(f):  # a None already turned into NaN
-            out.append(f)
-            continue
         if not math.isfinite(f):
             raise RewardError(f"{source} returned a non-finite score at index {i}: {f}{fix}")
         out.append(f)

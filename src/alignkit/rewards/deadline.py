@@ -9,10 +9,14 @@ which only work there), and a watchdog thread waits for the deadline:
    handler installed for the call raises :class:`RewardTimeout` there: a Python loop stops at its next
    bytecode, a ``time.sleep`` or a blocking socket read is interrupted (EINTR) and raises. The caller
    turns it into one ``Error:`` line, and the run's lock is released on the way out.
-2. Code that never returns to Python (a C extension spinning without checking signals) cannot be
-   interrupted. After a further grace period (:data:`GRACE_S`) the watchdog prints the ``Error:`` line
-   itself, releases every run lock this process holds and ends the process with exit code 1
-   (``os._exit``): a hang always ends with one line and no stale lock.
+2. Code that does not let the interruption through (C code that blocks the signal, or waits and retries
+   on EINTR with the GIL released) keeps hanging. After a further grace period (:data:`GRACE_S`) the
+   watchdog prints the ``Error:`` line itself, releases every run lock this process holds and ends the
+   process with exit code 1 (``os._exit``).
+
+   What no thread of the process can stop: a C loop that holds the GIL and never returns to the
+   interpreter (``sum(range(10**15))``); the watchdog cannot run until it does. Only an outside
+   timeout (the scheduler's) ends such a run.
 
 Outside the main thread, or where ``pthread_kill`` does not exist (Windows), the function runs in a
 daemon worker thread instead and the caller stops waiting at the deadline (the worker cannot be

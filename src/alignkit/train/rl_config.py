@@ -209,8 +209,10 @@ class RolloutPlan:
         p = self.prompts * self.processes
         procs = f"{self.processes} process{'es' if self.processes != 1 else ''}"
         upd = f"{self.updates} optimizer update{'s' if self.updates != 1 else ''} per epoch of the rollout"
+        trl = (f" (TRL's per_device_train_batch_size={self.micro_rows} completions x steps_per_generation="
+               f"{self.prompts * self.generations // self.micro_rows} per process)" if self.trl else "")
         return (f"rollout: {p} prompts x {self.generations} generations = {self.completions} completions per step "
-                f"on {procs}; micro-batches of {self.micro_rows} completions, {upd}")
+                f"on {procs}; micro-batches of {self.micro_rows} completions, {upd}{trl}")
 
 
 class ValueOptions(Section):
