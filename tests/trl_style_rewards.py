@@ -38,6 +38,11 @@ def conversational_digits(completions, **kwargs):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in contents]
 
 
+def positional_pair(p, c, **fields):
+    """alignkit's older positional style: prompts and completions under other names."""
+    return [float(len(text) * k) for text, k in zip(c, fields["k"])]
+
+
 def hangs(completions, **kwargs):
     time.sleep(600)
     return [0.0] * len(completions)

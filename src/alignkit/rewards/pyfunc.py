@@ -20,8 +20,8 @@ Both kinds offer every argument by keyword and pass those the function accepts (
 takes ``**kwargs``; under ``python:``, ``completion_ids`` and ``trainer_state`` only when the function
 names them, so its ``**row_fields`` stay the row fields), so TRL's ``def reward_len(completions, **kwargs)`` works under ``python:`` too
 (with string completions), and alignkit's ``def fn(prompts, completions, answer, **kw)`` under ``trl:``.
-A function whose first two parameters are named otherwise gets prompts and completions positionally
-(alignkit's older contract). :meth:`PythonReward.check_inputs` checks the signature against the
+A function that names none of the reward arguments gets prompts and completions positionally in its
+first two parameters (alignkit's older contract, ``fn(p, c, **kw)``). :meth:`PythonReward.check_inputs` checks the signature against the
 data's columns before the model loads: a required parameter that no argument fills is one line.
 """
 
@@ -115,15 +115,16 @@ class _Signature:
         pos = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
         named = {p.name for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
         # alignkit's older contract: fn(p, c, ...) with other names for the first two parameters
-        self.positional = "completions" not in named and (len(pos) >= 2 or var_pos)
+        self.positional = not (named & set(TRL_ARGS)) and (len(pos) >= 2 or var_pos)
         first = {p.name for p in pos[:2]} if self.positional else set()
         self.names = named - first
         self.required = [p.name for p in params if p.default is P.empty and p.name not in first
                          and p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)]
         only = [p.name for p in params if p.kind is P.POSITIONAL_ONLY and p.name not in first]
         self.bad = (f"positional-only parameter(s) {only} cannot be passed by name" if only else
-                    None if (self.positional or "completions" in named or self.var_kw) else
-                    "it takes neither `completions` nor (prompts, completions) as its first two parameters")
+                    None if (self.positional or named & set(TRL_ARGS) or self.var_kw) else
+                    "it takes none of prompts, completions, completion_ids, trainer_state, nor two positional "
+                    "parameters (prompts, completions)")
 
     def accepts(self, name: str) -> bool:
         return self.var_kw or name in self.names
