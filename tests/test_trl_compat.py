@@ -147,6 +147,13 @@ def test_trl_batch_semantics_with_steps_per_generation_and_its_errors(tmp_path, 
     assert "4 prompts x 4 generations = 16 completions per step on 1 process; micro-batches of 4 completions, " \
            "2 optimizer updates" in " ".join(res.output.split())
     assert len(by_step(records(out / "completions.jsonl"))[1]) == 16
+    # the same TRL YAML through the Python API: the same batch
+    from alignkit.train.grpo import train_grpo
+
+    cfg = yaml.safe_load(trl_yaml(tmp_path, tiny_model, data, tmp_path / "api", max_steps=1).read_text())
+    train_grpo(cfg, **QUIET)
+    rows = records(tmp_path / "api" / "completions.jsonl")
+    assert len(rows) == 8 and len({r["prompt"] for r in rows}) == 2
 
 
 # ------------------------------------------------------------------------- Python API, conversational prompts
@@ -220,12 +227,33 @@ def test_trl_grpo_keys_map_to_their_fields(caplog):
     text = caplog.text
     assert "use_vllm=true ignored" in text and ("not installed" in text or "CUDA" in text)
     assert "vllm_mode=server ignored" in text
-    with pytest.raises(ConfigError, match="'batch'.*not available"):
-        load_config(GRPOConfig, None, ["scale_rewards=batch", "reward_funcs=a.b"])
+    batch = load_config(GRPOConfig, None, ["scale_rewards=batch", "reward_funcs=a.b"])
+    assert batch.grpo.scale_by_std and batch.grpo.std_scope == "batch"
     with pytest.raises(ConfigError, match="unknown loss type 'cispo'"):
         load_config(GRPOConfig, None, ["loss_type=cispo", "reward_funcs=a.b"])
     with pytest.raises(ConfigError, match="reward_weights has 1 weights for 2 rewards"):
         load_config(GRPOConfig, None, ["reward_funcs=[a.b, c.d]", "reward_weights=[1.0]"])
+
+
+def test_scale_rewards_batch_is_group_mean_over_batch_std():
+    import torch
+
+    from alignkit.train.rl_config import RLOptions
+    from alignkit.train.rl_stages import ADVANTAGES, AdvantageInputs, batch_std
+
+    scores = torch.tensor([1.0, 2.0, 3.0, 5.0])  # two groups of two
+    opts = RLOptions(std_scope="batch")
+    adv = ADVANTAGES["group"](AdvantageInputs(scores, torch.zeros(4, 1), torch.ones(4, 1), 2, opts=opts))["advantages"]
+    sd = math.sqrt(sum((x - 11 / 4) ** 2 for x in (1, 2, 3, 5)) / 3)  # by hand: sample std 1.708
+    assert adv.tolist() == pytest.approx([-0.5 / sd, 0.5 / sd, -1 / sd, 1 / sd], rel=1e-5)
+    # two processes: the std of all four scores, from one reduction of (n, sum, sum of squares)
+    halves = [scores[:2], scores[2:]]
+    summed = lambda t: sum(torch.stack([torch.tensor([2.0, float(h.sum()), float((h * h).sum())], dtype=t.dtype)  # noqa: E731
+                                        for h in halves]))
+    assert float(batch_std(halves[0], summed)) == pytest.approx(sd, rel=1e-6)
+    group = ADVANTAGES["group"](AdvantageInputs(scores, torch.zeros(4, 1), torch.ones(4, 1), 2,
+                                                opts=RLOptions()))["advantages"]
+    assert group.tolist() == pytest.approx([-0.7071, 0.7071, -0.7071, 0.7071], abs=1e-3)  # GRPO's group std
 
 
 def test_trl_list_flags_take_several_values():

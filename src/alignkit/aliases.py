@@ -112,16 +112,17 @@ def _any_loss_type(v: Any, target: str) -> Any:
                    f"alignkit's presets: {', '.join(p for p in PRESET_NAMES if p not in TRL_RL_LOSS_TYPES)}")
 
 
-def _scale_rewards(v: Any) -> Any:
-    """TRL's scale_rewards: group (true) divides a group's advantages by its std; none (false) does not."""
+def _scale_rewards(v: Any, target: str) -> Any:
+    """TRL's scale_rewards: group (true) divides a group's advantages by its std, batch by the whole
+    batch's std, none (false) by nothing."""
+    section = target.split(".")[0]
     if v in (True, "group", "true", "True"):
-        return True
+        return Sets({target: True, f"{section}.std_scope": "group"})
     if v in (False, "none", "false", "False", None):
         return False
     if v == "batch":
-        raise BadValue("'batch' (the std over the whole batch) is not available: alignkit scales by the group's "
-                       "std (group) or not at all (none)")
-    raise BadValue(f"expected group, none, true or false, got {v!r}")
+        return Sets({target: True, f"{section}.std_scope": "batch"})
+    raise BadValue(f"expected group, batch, none, true or false, got {v!r}")
 
 
 def _is_level(v: Any) -> Any:
@@ -301,7 +302,7 @@ ALIASES: Dict[str, Alias] = {
     "top_k": _a("generation.top_k", convert=_top_k),
     "epsilon": _a(*_rl("clip_eps")),
     "epsilon_high": _a(*_rl("clip_eps_high")),
-    "scale_rewards": _a(*_rl("scale_by_std"), convert=_scale_rewards),
+    "scale_rewards": _a(*_rl("scale_by_std"), convert_for=_scale_rewards),
     "mask_truncated_completions": _a(*_rl("mask_truncated_completions")),
     "importance_sampling_level": _a(*_rl("policy_loss"), convert=_is_level),
     "num_iterations": _a(*_rl("epochs")),

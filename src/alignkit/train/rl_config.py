@@ -149,6 +149,10 @@ class RLOptions(Section):
     """Cap on rollout rounds per step with dynamic_sampling; a batch still short after it is topped up with
     dropped groups (counted in sampling/short_groups)."""
     # ---- TRL's GRPOConfig options without an alignkit twin
+    std_scope: Literal["group", "batch"] = "group"
+    """group advantages with scale_by_std: divide by the std of the prompt's group (GRPO) or of the whole
+    rollout batch, every process (TRL's scale_rewards=batch; group mean, batch std: Liu et al. 2025,
+    "Tricks or Traps? A Deep Dive into RL for LLM Reasoning", sec. 4.1)."""
     mask_truncated_completions: bool = False
     """TRL's mask_truncated_completions: responses cut at generation.max_new_tokens (no EOS) contribute no
     loss (their tokens are masked; they still count in the group statistics and the reward metrics)."""
