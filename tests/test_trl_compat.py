@@ -395,3 +395,34 @@ def test_a_reward_that_cannot_be_interrupted_ends_the_process_with_one_line(tmp_
     assert "ignores_signals" in errors[0] and "stuck outside Python" in errors[0] and "Traceback" not in proc.stderr
     assert time.perf_counter() - t0 < 200
     assert not (tmp_path / "run" / ".alignkit.lock").exists()
+
+
+def test_python_api_reward_error_frees_the_run_directory(tmp_path, tiny_model):
+    from alignkit.rewards.base import RewardError
+    from alignkit.train.grpo import train_grpo
+
+    out = tmp_path / "api"
+    with pytest.raises(RewardError, match=r"raises.*ZeroDivisionError.*at step 1"):
+        train_grpo(**{"model_name_or_path": str(tiny_model), "dataset_name": str(write(tmp_path / "m.jsonl", math_rows(8))),
+                      "output_dir": str(out), "reward_funcs": [R.raises], "num_generations": 2,
+                      "per_device_train_batch_size": 4, "max_steps": 1, "max_completion_length": 3, **QUIET})
+    assert not (out / ".alignkit.lock").exists()
+
+
+def test_completions_in_the_report_are_text_and_resume_drops_later_steps(tmp_path):
+    from alignkit.eval.report import write_report
+    from alignkit.train.logging import MetricLogger
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write(run / "metrics.jsonl", [{"step": s, "rewards/mean": 0.1 * s} for s in (1, 2, 3)])
+    rows = [{"step": s, "prompt": "p<b>", "completion": f"<script>alert({s})</script>", "len": None if s == 2 else -1.0,
+             "reward": 0.5, "advantage": 0.25, "ended": True} for s in (1, 2, 3)]
+    write(run / "completions.jsonl", rows)
+    html = write_report(run).read_text()
+    assert "<script>" not in html and "&lt;script&gt;alert(3)&lt;/script&gt;" in html  # model text stays text
+    assert [int(x) for x in re.findall(r'data-step="(\d+)"', html)] == [1, 2, 3]
+    assert re.search(r'data-step="3" open>', html) and "mean reward 0.5" in html
+    cfg = load_config(GRPOConfig, None, ["reward_funcs=a.b", f"output={run}"])
+    MetricLogger(run, cfg, is_main=True).resumed(2)  # a resume from step 2 drops the rows of step 3
+    assert [r["step"] for r in records(run / "completions.jsonl")] == [1, 2]
