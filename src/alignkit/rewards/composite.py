@@ -109,7 +109,7 @@ class CompositeReward:
         except RewardError as e:
             raise RewardError(f"{e}{at}") from e
         except Exception as e:  # noqa: BLE001 - user code: one line naming it (the traceback with --debug)
-            line = where_raised(e)
+            line = where_raised(e, getattr(source, "fn", None))
             raise RewardError(f"{what} (rewards/{name}) raised {type(e).__name__}: {e}"
                               f"{f' at {line}' if line else ''}{at}") from e
 

@@ -198,10 +198,14 @@ class PythonReward:
         return f"PythonReward({self.ref!r}, contract={self.contract!r})"
 
 
-def where_raised(e: BaseException) -> str:
-    """``file.py:LINE`` of the innermost frame of a traceback ('' without one)."""
+def where_raised(e: BaseException, fn: Optional[Callable] = None) -> str:
+    """``file.py:LINE`` where ``e`` was raised: the innermost frame in ``fn``'s own file (the user's line,
+    not the library it called), else the innermost frame ('' without a traceback)."""
     tb = traceback.extract_tb(e.__traceback__) if e.__traceback__ is not None else []
-    return f"{os.path.basename(tb[-1].filename)}:{tb[-1].lineno}" if tb else ""
+    own = getattr(getattr(fn, "__code__", None), "co_filename", None)
+    mine = [f for f in tb if own is not None and f.filename == own]
+    frame = (mine or tb or [None])[-1]
+    return f"{os.path.basename(frame.filename)}:{frame.lineno}" if frame is not None else ""
 
 
 @register_reward_kind("python", syntax="python:MODULE:FN | python:FILE.py:FN")
