@@ -202,6 +202,9 @@ def test_ppo_on_two_processes(tmp_path, tiny_model, jsonl):
             "optim.lr=1e-2", "ppo.normalize_reward=true", *QUIET]
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    # the start of the run says how many processes share the rollout (printed once, by rank 0)
+    said = " ".join((res.stdout + res.stderr).split())
+    assert said.count("rollout: 8 prompts x 1 generations = 8 completions per step on 2 processes") == 1, said[-2000:]
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["kl/ref"] > 0  # the policy moved
     a, start = load_file(out / "model" / "model.safetensors"), load_file(tiny_model / "model.safetensors")

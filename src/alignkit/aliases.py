@@ -16,6 +16,7 @@ dropped silently.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import typing
 from dataclasses import dataclass
@@ -81,14 +82,133 @@ def _lora_on(v: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class Sets:
+    """A converter's result that sets other fields than the alias's target (dotted -> value), e.g. TRL's
+    ``loss_type: gspo`` on an online-RL command picks the preset."""
+
+    values: Dict[str, Any]
+
+
+class BadValue(ValueError):
+    """A converter refuses a value; resolve_key names the key in the message."""
+
+
+def _single(v: Any) -> Any:
+    return v[0] if isinstance(v, list) and len(v) == 1 else v
+
+
+#: TRL's GRPOConfig.loss_type -> our token aggregation (TRL's loss types differ only in how the per-token
+#: losses are reduced). bnpo normalizes by the tokens of TRL's local batch; ours by the update's tokens
+#: (TRL's dapo): the same on one process without accumulation.
+TRL_RL_LOSS_TYPES = {"grpo": "sequence_mean", "bnpo": "token_mean", "dapo": "token_mean", "dr_grpo": "sum_norm"}
+
+
+def _any_loss_type(v: Any, target: str) -> Any:
+    """loss_type: TRL's DPO loss names for the dpo family; for online RL TRL's GRPO loss types (an
+    aggregation) or, beyond TRL's, the name of one of alignkit's presets (gspo, rloo, reinforce_pp, ppo)."""
+    if target == "dpo.loss":
+        return _loss_type(v)
+    from alignkit.train.rl_config import PRESET_NAMES
+
+    v = _single(v)
+    if v in TRL_RL_LOSS_TYPES:
+        return TRL_RL_LOSS_TYPES[v]
+    if v in PRESET_NAMES:
+        return Sets({"preset": v})
+    raise BadValue(f"unknown loss type {v!r} for online RL; TRL's: {', '.join(TRL_RL_LOSS_TYPES)}; "
+                   f"alignkit's presets: {', '.join(p for p in PRESET_NAMES if p not in TRL_RL_LOSS_TYPES)}")
+
+
+def _scale_rewards(v: Any, target: str) -> Any:
+    """TRL's scale_rewards: group (true) divides a group's advantages by its std, batch by the whole
+    batch's std, none (false) by nothing."""
+    section = target.split(".")[0]
+    if v in (True, "group", "true", "True"):
+        return Sets({target: True, f"{section}.std_scope": "group"})
+    if v in (False, "none", "false", "False", None):
+        return False
+    if v == "batch":
+        return Sets({target: True, f"{section}.std_scope": "batch"})
+    raise BadValue(f"expected group, batch, none, true or false, got {v!r}")
+
+
+def _is_level(v: Any) -> Any:
+    """TRL's importance_sampling_level: token (PPO/GRPO ratio per token) or sequence (GSPO)."""
+    levels = {"token": "clipped_token", "sequence": "clipped_sequence"}
+    if v not in levels:
+        raise BadValue(f"expected token or sequence, got {v!r}")
+    return levels[v]
+
+
+def _top_k(v: Any) -> Any:
+    return 0 if v is None else v
+
+
+def _vllm_unavailable() -> Optional[str]:
+    """Why vLLM cannot run here (None: it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install 'alignkit[vllm]')"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "vLLM needs a CUDA GPU and there is none"
+    return None
+
+
+def _use_vllm(v: Any) -> Any:
+    """TRL's use_vllm: generation.engine=vllm where vLLM can run, else a warning and the fast engine."""
+    if not v or v in ("false", "False"):
+        return SKIP
+    reason = _vllm_unavailable()
+    if reason:
+        log.warning("config: use_vllm=true ignored: %s; rollouts use alignkit's fast engine (generation.engine=fast)",
+                    reason)
+        return SKIP
+    return "vllm"
+
+
+def _vllm_mode(v: Any) -> Any:
+    """TRL's vllm_mode: alignkit's vLLM engine always runs inside the training process (TRL's colocate)."""
+    if v not in (None, "colocate"):
+        log.warning("config: vllm_mode=%s ignored: alignkit runs vLLM inside the training process (TRL's colocate "
+                    "mode); there is no separate vLLM server", v)
+    return SKIP
+
+
+def _reward_funcs(v: Any) -> Any:
+    """TRL's reward_funcs: import paths (module:function, module.function, file.py:function) or, in the
+    Python API, callables -> ``trl`` reward specs (TRL's calling contract); a directory is a reward model."""
+    from pathlib import Path
+
+    items = v if isinstance(v, (list, tuple)) else [v]
+    out = []
+    for item in items:
+        if isinstance(item, str) and ":" not in item.split("/")[0] and Path(item).is_dir():
+            out.append({"kind": "model", "arg": item})
+        elif isinstance(item, str):
+            out.append({"kind": "trl", "arg": item})
+        else:
+            out.append(item)  # a callable or a spec: RewardSpec.coerce takes it
+    return out
+
+
+def _rl(name: str) -> Tuple[str, ...]:
+    """The field ``name`` of every online-RL command's stage section."""
+    return (f"ppo.{name}", f"grpo.{name}", f"rloo.{name}", f"rl.{name}")
+
+
+@dataclass(frozen=True)
 class Alias:
     targets: Tuple[str, ...]  # dotted fields; the first one the config class has wins
     convert: Optional[Callable[[Any], Any]] = None
     index: Optional[int] = None  # the value is item `index` of the target list (adam_beta1 -> optim.betas[0])
+    convert_for: Optional[Callable[[Any, str], Any]] = None  # a converter that depends on the chosen target
 
 
-def _a(*targets: str, convert=None, index=None) -> Alias:
-    return Alias(tuple(targets), convert, index)
+def _a(*targets: str, convert=None, index=None, convert_for=None) -> Alias:
+    return Alias(tuple(targets), convert, index, convert_for)
 
 
 # name in TRL / transformers.TrainingArguments / LLaMA-Factory -> our field(s)
@@ -120,7 +240,8 @@ ALIASES: Dict[str, Alias] = {
     "dataset_num_proc": _a("data.num_proc"),
     "preprocessing_num_workers": _a("data.num_proc"),
     # batching and steps
-    "per_device_train_batch_size": _a("train.batch_size"),
+    # online RL: TRL's per_device_train_batch_size counts completions (the other commands: rows)
+    "per_device_train_batch_size": _a("completions_per_device", "train.batch_size"),
     "gradient_accumulation_steps": _a("train.grad_accum"),
     "num_train_epochs": _a("train.epochs"),
     "max_steps": _a("train.max_steps"),
@@ -163,7 +284,7 @@ ALIASES: Dict[str, Alias] = {
     # preference / RL losses
     "beta": _a("dpo.beta", "grpo.kl_coef", "ppo.kl_coef", "rloo.kl_coef", "rl.kl_coef"),
     "pref_beta": _a("dpo.beta"),
-    "loss_type": _a("dpo.loss", convert=_loss_type),
+    "loss_type": _a("dpo.loss", *_rl("aggregation"), convert_for=_any_loss_type),
     "pref_loss": _a("dpo.loss", convert=_loss_type),
     "loss_weights": _a("dpo.loss_weights"),
     "discopop_tau": _a("dpo.hparams", convert=lambda v: {"discopop_tau": v}),
@@ -182,7 +303,24 @@ ALIASES: Dict[str, Alias] = {
     "num_mini_batches": _a("ppo.num_minibatches", "grpo.num_minibatches", "rloo.num_minibatches",
                            "rl.num_minibatches"),
     "reward_model_path": _a("rewards", convert=lambda v: [f"model:{v}"] if isinstance(v, str) else v),
+    # TRL's GRPOConfig / GRPOTrainer (docs/training.md, "Coming from TRL": the GRPO key table)
+    "reward_funcs": _a("rewards", convert=_reward_funcs),
+    "max_completion_length": _a("generation.max_new_tokens"),
+    "temperature": _a("generation.temperature"),
+    "top_p": _a("generation.top_p"),
+    "top_k": _a("generation.top_k", convert=_top_k),
+    "epsilon": _a(*_rl("clip_eps")),
+    "epsilon_high": _a(*_rl("clip_eps_high")),
+    "scale_rewards": _a(*_rl("scale_by_std"), convert_for=_scale_rewards),
+    "mask_truncated_completions": _a(*_rl("mask_truncated_completions")),
+    "importance_sampling_level": _a(*_rl("policy_loss"), convert=_is_level),
+    "num_iterations": _a(*_rl("epochs")),
+    "use_vllm": _a("generation.engine", convert=_use_vllm),
+    "vllm_mode": _a("generation.engine", convert=_vllm_mode),
 }
+
+#: dotted spellings of fields that cannot be nested where they read naturally (``rewards`` is a list)
+DOTTED_ALIASES: Dict[str, str] = {"rewards.timeout_s": "reward_timeout_s", "reward.timeout_s": "reward_timeout_s"}
 
 # keys of other frameworks that have no meaning here: accepted, reported as ignored
 IGNORED: Dict[str, str] = {
@@ -203,6 +341,13 @@ IGNORED: Dict[str, str] = {
     "logging_dir": "trackers log under the output directory",
     "hub_token": "tokens never go into configs: use HF_TOKEN or `hf auth login`",
     "use_liger_kernel": "not supported (no liger-kernel integration)",
+    "num_completions_to_print": "log_completions writes every completion of a logged step to completions.jsonl",
+    "wandb_log_unique_prompts": "log_completions logs every row of the step's rollout",
+    "vllm_gpu_memory_utilization": "the vLLM engine takes the memory it needs beside the policy",
+    "vllm_tensor_parallel_size": "the vLLM engine runs on the training process's GPU",
+    "vllm_server_host": "there is no separate vLLM server (vllm_mode colocate)",
+    "vllm_server_port": "there is no separate vLLM server (vllm_mode colocate)",
+    "ds3_gather_for_generation": "DeepSpeed ZeRO-3 is not tested here",
 }
 
 
@@ -262,15 +407,23 @@ def resolve_key(cls: type, dotted: str, value: Any) -> List[Tuple[str, Any]]:
     """
     if _field_type(cls, dotted)[0]:
         return [(dotted, value)]
+    if dotted in DOTTED_ALIASES and _field_type(cls, DOTTED_ALIASES[dotted])[0]:
+        return [(DOTTED_ALIASES[dotted], value)]
     section, _, name = dotted.rpartition(".")
     alias = ALIASES.get(name)
     if alias is not None:
         targets = [t for t in alias.targets if not section or t.startswith(section + ".") or t == section]
         for target in targets:
             if _field_type(cls, target)[0]:
-                new = alias.convert(value) if alias.convert else value
+                try:
+                    new = (alias.convert_for(value, target) if alias.convert_for else
+                           alias.convert(value) if alias.convert else value)
+                except BadValue as e:
+                    raise UnusableKey(dotted, f"{dotted}={value!r}: {e}") from None
                 if new is SKIP:
                     return []
+                if isinstance(new, Sets):
+                    return list(new.values.items())
                 if alias.index is not None:
                     return [(f"{target}[{alias.index}]", new)]
                 return [(target, new)]
@@ -403,6 +556,10 @@ def suggest(cls: type, dotted: str) -> str:
     return ""
 
 
+#: TRL flags that take several values (``nargs="+"``)
+LIST_FLAGS = frozenset({"reward_funcs", "reward_weights", "report_to", "lora_target_modules"})
+
+
 def cli_tokens_to_overrides(tokens: List[str]) -> List[str]:
     """TRL-style flags among the extra arguments -> ``key=value`` overrides.
 
@@ -421,6 +578,13 @@ def cli_tokens_to_overrides(tokens: List[str]) -> List[str]:
             elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--") and "=" not in tokens[i + 1]:
                 key, value = body, tokens[i + 1]
                 i += 1
+                if key.replace("-", "_") in LIST_FLAGS:  # TRL's nargs="+": --reward_funcs a.f b.g
+                    values = [value]
+                    while i + 1 < len(tokens) and not tokens[i + 1].startswith("--") and "=" not in tokens[i + 1]:
+                        values.append(tokens[i + 1])
+                        i += 1
+                    if len(values) > 1:
+                        value = json.dumps(values)
             elif body.startswith("no_") or body.startswith("no-"):
                 key, value = body[3:], "false"
             else:

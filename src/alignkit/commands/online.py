@@ -9,7 +9,8 @@ from alignkit.cli import TRAIN_FLAGS, Command, register_command
 _RL = "alignkit.train.rl_config"
 _REWARD_FLAGS = {"reward": "rewards", "gold_reward": "gold_reward", "preset": "preset"}
 _KINDS = ("Reward shorthand --reward KIND:ARG[@WEIGHT] (repeatable): model:PATH, ensemble:P1,P2[;mean|min|"
-          "mean_minus_std[=K]], match:FIELD, regex:PATTERN, length:target=N|max=N|min=N, python:MODULE:FN.")
+          "mean_minus_std[=K]], match:FIELD, regex:PATTERN, length:target=N|max=N|min=N, python:MODULE:FN, "
+          "trl:MODULE.FN (a TRL reward function; TRL's --reward_funcs a.f b.g works too).")
 
 register_command(Command(
     "ppo", f"{_RL}:PPOConfig", "alignkit.train.ppo:train_ppo",

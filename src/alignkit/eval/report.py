@@ -8,6 +8,7 @@ A run directory holds (only ``metrics.jsonl`` is required):
 ``alerts.jsonl``   ``{"step", "kind", "message"}`` per line (see :mod:`alignkit.eval.diagnostics`);
                    when absent, the alerts are recomputed from ``metrics.jsonl``.
 ``samples.jsonl``  ``{"tag": "before" | "after" | ..., "prompt", "completion", "reward"?}``.
+``completions.jsonl`` online RL: ``{"step", "prompt", "completion", <reward name>..., "reward", "advantage"}``.
 ``summary.json``   a flat dict of final numbers; when absent, the last logged value of each metric.
 
 The HTML embeds inline SVG (:mod:`alignkit.eval.svg`), no scripts and no external assets, so it
@@ -84,6 +85,7 @@ class RunData:
     alerts: List[Dict[str, Any]] = field(default_factory=list)
     alerts_computed: bool = False
     samples: List[Dict[str, Any]] = field(default_factory=list)
+    completions: List[Dict[str, Any]] = field(default_factory=list)  # online RL: rollout rows by step
     summary: Dict[str, Any] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
 
@@ -138,6 +140,8 @@ def load_run(run_dir: Path) -> RunData:
         run.alerts_computed = True
     if (run_dir / "samples.jsonl").is_file():
         run.samples = _read_jsonl(run_dir / "samples.jsonl", run.notes)
+    if (run_dir / "completions.jsonl").is_file():
+        run.completions = _read_jsonl(run_dir / "completions.jsonl", run.notes)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         try:
@@ -376,6 +380,58 @@ def _samples_html(samples: List[Dict[str, Any]], max_prompts: int) -> List[str]:
     return out
 
 
+def _spread(values: List[int], k: int) -> List[int]:
+    """At most ``k`` of ``values``, evenly spaced, first and last included."""
+    if len(values) <= k:
+        return values
+    return sorted({values[round(i * (len(values) - 1) / (k - 1))] for i in range(k)})
+
+
+def _completions_html(rows: List[Dict[str, Any]], max_steps: int = 30, max_rows: int = 16) -> List[str]:
+    """Online RL's rollout samples by step (``completions.jsonl``): one collapsible table per logged step
+    (the last one open): prompt, completion, each reward, the total and the advantage. All text escaped."""
+    if not rows:
+        return []
+    by_step: Dict[int, List[Dict[str, Any]]] = {}
+    for r in rows:
+        step = r.get("step")
+        if isinstance(step, int):
+            by_step.setdefault(step, []).append(r)
+    steps = _spread(sorted(by_step), max_steps)
+    fixed = ("step", "prompt", "completion", "reward", "advantage", "ended")
+    rewards: List[str] = []
+    for r in rows:
+        rewards += [k for k in r if k not in fixed and k not in rewards]
+    cols = ["completion", *rewards, "reward", "advantage"]
+    out = ["<h2>Rollout samples by step</h2>",
+           f'<p class="note">The policy\'s own samples during training with their rewards (each component unweighted, '
+           f'the weighted total) and advantages, {len(steps)} of {len(by_step)} logged step(s); '
+           "log_completions keeps every row of a step.</p>"]
+    for step in steps:
+        items = by_step[step]
+        mean = [x for x in (_number(r.get("reward")) for r in items) if x is not None]
+        avg = f", mean reward {_fmt(sum(mean) / len(mean))}" if mean else ""
+        head = "<th>prompt</th>" + "".join(f"<th>{escape(c)}</th>" for c in cols)
+        body, last_prompt = [], None
+        for r in items[:max_rows]:
+            prompt = str(r.get("prompt", ""))
+            pcell = f"<td><pre>{escape(prompt)}</pre></td>" if prompt != last_prompt else '<td class="note">same</td>'
+            last_prompt = prompt
+            cells = []
+            for c in cols:
+                v = r.get(c)
+                cells.append(f"<td><pre>{escape(str(v))}</pre></td>" if c == "completion" else
+                             f"<td>{_fmt(v) if v is not None else '-'}</td>")
+            body.append(f"<tr>{pcell}{''.join(cells)}</tr>")
+        more = f'<p class="note">{len(items) - max_rows} more row(s) in completions.jsonl.</p>' \
+            if len(items) > max_rows else ""
+        opened = " open" if step == steps[-1] else ""
+        out.append(f'<details class="rollout" data-step="{step}"{opened}><summary>step {step}: {len(items)} '
+                   f'completion(s){avg}</summary><table class="samples"><tr>{head}</tr>{"".join(body)}</table>'
+                   f"{more}</details>")
+    return out
+
+
 def write_report(run_dir: Path, *, out: Optional[Path] = None, max_prompts: int = 50) -> Path:
     """Write ``report.html`` (or ``out``) for the run in ``run_dir`` and return its path.
 
@@ -383,7 +439,8 @@ def write_report(run_dir: Path, *, out: Optional[Path] = None, max_prompts: int 
     ``kl/ref`` were logged together at two or more steps, one line plot per metric grouped by namespace
     (loss first; held-out curves overlaid on their training twins), the metrics logged once as numbers,
     the throughput and memory panel, sample completions (tags side by side, "before" left of "after"),
-    and the config in a collapsed block.
+    online RL's rollout samples by step with their rewards (``completions.jsonl``), and the config in a
+    collapsed block.
     """
     run = load_run(Path(run_dir))
     series = metric_series(run.metrics)
@@ -418,6 +475,7 @@ def write_report(run_dir: Path, *, out: Optional[Path] = None, max_prompts: int 
     else:
         body.append('<p class="note">No time/ or perf/ metrics were logged at two or more steps.</p>')
     body += _samples_html(run.samples, max_prompts)
+    body += _completions_html(run.completions)
     if run.config_text is not None:
         body.append(f"<h2>Config</h2><details><summary>config.yaml</summary>"
                     f"<pre>{escape(run.config_text)}</pre></details>")

@@ -44,6 +44,9 @@ def parse_judge_arg(arg: str) -> Dict[str, Any]:
 class JudgeReward:
     """``reward(prompts, completions, rows)`` -> judge probability (or log-odds) per completion."""
 
+    #: runs under rewards.timeout_s like a reward function (alignkit.rewards.deadline)
+    user_code = True
+
     def __init__(self, judge, output: str = "prob", reference_field: Optional[str] = None,
                  policy=None, policy_tok=None, max_new_tokens: int = 128, prompt_chat_template: str = "auto",
                  name: str = "judge"):
@@ -103,6 +106,9 @@ class JudgeReward:
                            "judge/position_bias": sum(v.position_bias for v in valid) / max(len(valid), 1),
                            "judge/too_long": float(self.too_long)}
         return out
+
+    def describe(self) -> str:
+        return f"judge reward {self.name!r}"
 
     def __repr__(self) -> str:
         return f"JudgeReward(output={self.output!r}, reference_field={self.reference_field!r})"

@@ -167,14 +167,17 @@ class RewardSpec(BaseModel):
         return cls(kind=kind, arg=arg, weight=weight)
 
     @classmethod
-    def coerce(cls, value: "RewardSpec | str | Mapping[str, Any]") -> "RewardSpec":
-        """Accept a spec, its shorthand string or its YAML mapping."""
+    def coerce(cls, value: "RewardSpec | str | Mapping[str, Any] | Callable") -> "RewardSpec":
+        """Accept a spec, its shorthand string, its YAML mapping, or a Python callable (the Python API's
+        ``reward_funcs=[fn]``: a ``trl`` spec named after the function, see :func:`register_callable`)."""
         if isinstance(value, RewardSpec):
             return value
         if isinstance(value, str):
             return cls.parse(value)
         if isinstance(value, Mapping):
             return cls.model_validate(dict(value))
+        if callable(value):
+            return cls(kind="trl", arg=register_callable(value), name=callable_name(value))
         raise TypeError(f"cannot make a RewardSpec from {type(value).__name__}: {value!r}")
 
     @classmethod
@@ -191,14 +194,40 @@ class RewardSpec(BaseModel):
         return f"{self.kind}:{self.arg}@{self.weight:g}"
 
 
+# ----------------------------------------------------------------------------- callables
+
+#: reward callables handed over in-process (Python API), by the reference their spec records
+CALLABLES: Dict[str, Callable] = {}
+
+
+def callable_name(fn: Callable) -> str:
+    """The name a reward callable logs under (``rewards/<name>/mean``): its ``__name__`` as in TRL."""
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return name if name != "<lambda>" else "lambda"
+
+
+def register_callable(fn: Callable) -> str:
+    """Keep ``fn`` for the ``trl``/``python`` kinds and return the reference its spec records
+    (``module:qualname``, which config.yaml shows); a different callable with the same reference
+    gets a ``#N`` suffix."""
+    ref = f"{getattr(fn, '__module__', None) or 'callable'}:{getattr(fn, '__qualname__', None) or callable_name(fn)}"
+    base, n = ref, 1
+    while ref in CALLABLES and CALLABLES[ref] is not fn:
+        n += 1
+        ref = f"{base}#{n}"
+    CALLABLES[ref] = fn
+    return ref
+
+
 # ----------------------------------------------------------------------------- helpers
 
 class RewardError(ValueError):
     """A reward source returned something unusable; the message names the source and the value."""
 
 
-def check_scores(source: str, scores: Any, n: int) -> List[float]:
-    """Validate a source's output: a sequence of ``n`` finite numbers. ``source`` names the culprit."""
+def check_scores(source: str, scores: Any, n: int, allow_none: bool = False) -> List[float]:
+    """Validate a source's output: a sequence of ``n`` finite numbers. ``source`` names the culprit.
+    ``allow_none``: ``None`` entries (TRL's "this function does not apply to this completion") become NaN."""
     fix = f"; it must return a list of {n} finite floats, one per completion"
     if isinstance(scores, (str, bytes, Mapping)):
         raise RewardError(f"{source} returned a {type(scores).__name__}{fix}")
@@ -210,6 +239,9 @@ def check_scores(source: str, scores: Any, n: int) -> List[float]:
         raise RewardError(f"{source} returned {len(vals)} scores for {n} completions{fix}")
     out = []
     for i, v in enumerate(vals):
+        if v is None and allow_none:
+            out.append(math.nan)
+            continue
         if isinstance(v, (str, bytes)):
             raise RewardError(f"{source} returned a non-number at index {i}: {v!r}{fix}")
         try:

@@ -66,6 +66,7 @@ class Rollout:
     ended: torch.Tensor  # (N,) bool: the response reached EOS
     prompt_index: List[int]
     logprobs: Optional[torch.Tensor] = None  # (N, T-1) behaviour log-probs on the response mask
+    info: Optional[List[dict]] = None  # per row, what a scorer recorded (online RL: prompt text and rewards)
 
     def __len__(self) -> int:
         return len(self.texts)

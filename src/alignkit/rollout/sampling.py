@@ -129,7 +129,7 @@ def _setup(cfg):
     report_data(data, out, True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_causal_lm(cfg.model, trainable=False).to(device).eval()
-    return tok, data.train + data.eval, policy, build_reward(cfg.rewards)
+    return tok, data.train + data.eval, policy, build_reward(cfg.rewards, timeout_s=cfg.reward_timeout_s)
 
 
 def _finish(cfg, summary: Dict[str, Any]) -> Dict[str, Any]:

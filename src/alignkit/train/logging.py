@@ -184,6 +184,11 @@ class _TensorBoard:
             self.writer.add_scalar(k, v, step)
         self.last.update(metrics)
 
+    def log_table(self, step: int, name: str, rows: List[Dict[str, Any]]) -> None:
+        """A table as TensorBoard text (markdown, shown in the TEXT tab); cells are escaped text."""
+        self.writer.add_text(name, markdown_table(rows), step)
+        self.writer.flush()
+
     def finish(self) -> None:
         # hparams with the final value of every metric, so runs sort and filter in the HPARAMS tab
         final = {f"hparam/{k}": v for k, v in self.last.items()}
@@ -207,8 +212,46 @@ class _WandbLike:
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         self.run.log(metrics, step=step)
 
+    def log_table(self, step: int, name: str, rows: List[Dict[str, Any]]) -> None:
+        """A ``Table`` (W&B; Trackio has the same class) with one column per key of the rows."""
+        table_cls = getattr(self.mod, "Table", None)
+        if table_cls is None or not rows:
+            return
+        cols = table_columns(rows)
+        self.run.log({name: table_cls(columns=["step", *cols], data=[[step, *(_cell(r.get(c)) for c in cols)]
+                                                                      for r in rows])}, step=step)
+
     def finish(self) -> None:
         self.run.finish()
+
+
+def table_columns(rows: List[Dict[str, Any]]) -> List[str]:
+    """Every key of the rows, in first-seen order."""
+    cols: Dict[str, None] = {}
+    for r in rows:
+        cols.update(dict.fromkeys(r))
+    return list(cols)
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return v
+
+
+def markdown_table(rows: List[Dict[str, Any]]) -> str:
+    """Rows as a markdown table; text cells escaped (|, newlines, < >) so model text stays text."""
+    cols = table_columns(rows)
+
+    def esc(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        text = str(_cell(v))
+        return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+                .replace("\n", "<br>"))
+
+    head = "| " + " | ".join(esc(c) for c in cols) + " |\n|" + "---|" * len(cols) + "\n"
+    return head + "".join("| " + " | ".join(esc(r.get(c, "")) for c in cols) + " |\n" for r in rows)
 
 
 def open_trackers(kinds: List[str], out: Path, name: str, config: Dict[str, Any]) -> list:
@@ -248,10 +291,11 @@ class MetricLogger:
             lines = [l for l in self.path.read_text().splitlines() if l.strip()]
             kept = [l for l in lines if json.loads(l).get("step", 0) <= step]
             self.path.write_text("".join(l + "\n" for l in kept))
-        alerts = self.out / "alerts.jsonl"
-        if self.is_main and alerts.exists():
-            lines = [l for l in alerts.read_text().splitlines() if l.strip()]
-            alerts.write_text("".join(l + "\n" for l in lines if json.loads(l).get("step", 0) <= step))
+        for name in ("alerts.jsonl", "completions.jsonl"):
+            path = self.out / name
+            if self.is_main and path.exists():
+                lines = [l for l in path.read_text().splitlines() if l.strip()]
+                path.write_text("".join(l + "\n" for l in lines if json.loads(l).get("step", 0) <= step))
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.is_main:
@@ -268,6 +312,19 @@ class MetricLogger:
                 self._print(f"[{self.label}] eval step {step} {text}")
         elif self._lines and self.verbose:
             self._print(self._step_line(step, clean))
+
+    def log_table(self, step: int, name: str, rows: List[Dict[str, Any]], to_trackers: bool = False) -> None:
+        """Rows of a step's table (online RL: its completions) appended to ``OUTPUT/<name>.jsonl`` with their
+        step (report.html shows them per step); with ``to_trackers`` also to every tracker (a W&B table,
+        TensorBoard text), while the tracker runs are open."""
+        if not self.is_main or not rows:
+            return
+        with (self.out / f"{name}.jsonl").open("a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}, allow_nan=True, default=str) + "\n")
+        if to_trackers:
+            for t in self.trackers:
+                t.log_table(step, name, rows)
 
     def _step_line(self, step: int, metrics: Dict[str, float]) -> str:
         line = f"[{self.label}] step {step}/{self._total} {metrics_text(metrics)}".rstrip()

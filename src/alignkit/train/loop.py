@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,6 +38,10 @@ class Update:
 
     micro_batches: List[Any]
     metrics: Dict[str, float] = field(default_factory=dict)
+    #: rows of a table to log with the step (online RL: prompt, completion, rewards, advantage), or None
+    table: Optional[List[Dict[str, Any]]] = None
+    #: the table also goes to the trackers (log_completions); else only to OUTPUT/completions.jsonl
+    table_to_trackers: bool = False
 
 
 class Task:
@@ -53,6 +57,12 @@ class Task:
     def setup(self, accelerator) -> None:
         """Called once by the Trainer with its accelerator (device, processes, autocast, gathers)."""
         self.acc = accelerator
+
+    def batch_shape(self, cfg) -> Tuple[int, int]:
+        """(items per micro-batch per process, micro-batches per step): the step takes their product times
+        the processes. Default ``train.batch_size``, ``train.grad_accum``; online RL given TRL's batch in
+        completions returns its prompts per process and 1."""
+        return cfg.train.batch_size, cfg.train.grad_accum
 
     def param_groups(self, model) -> Optional[List[Dict[str, Any]]]:
         """Optimizer parameter groups (``{"params": [...], "lr": ...}``; a group without ``lr`` gets
@@ -181,8 +191,8 @@ class Trainer:
         self.tokenizer = tokenizer
         task.setup(self.acc)
         world = self.acc.num_processes
-        self.micro = cfg.train.batch_size
-        self.global_batch = self.micro * cfg.train.grad_accum * world
+        self.micro, accum = task.batch_shape(cfg)
+        self.global_batch = self.micro * accum * world
         self.steps_per_epoch = max(1, math.ceil(len(self.train_items) / self.global_batch))
         if cfg.train.max_steps:
             self.total_steps = cfg.train.max_steps
@@ -336,9 +346,12 @@ class Trainer:
                 n_updates = 0
                 self.model.train()
                 planned: Dict[str, float] = {}
+                table, table_to_trackers = None, False
                 for update in self.task.plan(self.model, items, self.micro):
                     m = self._update(update.micro_batches)
                     planned.update(update.metrics)
+                    if update.table is not None:
+                        table, table_to_trackers = update.table, update.table_to_trackers
                     n_updates += 1
                     for k, v in m.items():  # average over the updates of this step (on the device)
                         metrics[k] = metrics.get(k, 0.0) + (v - metrics.get(k, 0.0)) / n_updates
@@ -360,6 +373,8 @@ class Trainer:
                 last = metrics
                 if self.step % cfg.log.every == 0 or self.step == self.total_steps:
                     self.logger.log(self.step, metrics)
+                    if table:
+                        self.logger.log_table(self.step, "completions", table, to_trackers=table_to_trackers)
                     self._diagnose(metrics)
                 self.logger.advance(self.step, metrics)
                 if self.eval_items and cfg.log.eval_every and self.step % cfg.log.eval_every == 0 \

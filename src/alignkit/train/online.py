@@ -89,9 +89,21 @@ class RLTask(Task):
         return [{"params": [p for p in trainable if id(p) not in ids]},
                 {"params": [p for p in trainable if id(p) in ids], "lr": lr}]
 
+    @property
+    def rollout_plan(self):
+        """The step's rollout shape on this run's processes (:meth:`OnlineRLConfig.rollout_plan`)."""
+        return self.cfg.rollout_plan(self.world)
+
+    def batch_shape(self, cfg) -> Tuple[int, int]:
+        """Prompts per process per step: ``train.batch_size x train.grad_accum``, or, given TRL's batch in
+        completions (``completions_per_device``), ``completions_per_device x steps_per_generation /
+        num_generations`` in one piece."""
+        plan = self.rollout_plan
+        return (plan.prompts, 1) if plan.trl else super().batch_shape(cfg)
+
     def update_shape(self) -> Tuple[int, int]:
         """(epochs, minibatches per epoch) of optimizer updates per rollout."""
-        return self.opts.epochs, self.opts.num_minibatches
+        return self.opts.epochs, self.rollout_plan.updates
 
     @property
     def several_updates(self) -> bool:
@@ -152,22 +164,53 @@ class RLTask(Task):
         return self.acc.num_processes if self.acc is not None else 1
 
     # ------------------------------------------------------------------ rollout
+    def trainer_state(self):
+        """TRL's ``trainer_state`` argument of reward functions: a ``transformers.TrainerState`` with the
+        rollouts done so far (``global_step``) and ``max_steps`` (0 when the run is set by epochs)."""
+        from transformers import TrainerState
+
+        return TrainerState(global_step=self.steps_done, max_steps=self.cfg.train.max_steps or 0,
+                            num_train_epochs=self.cfg.train.epochs)
+
+    def _reward_kwargs(self, ro: Rollout, where: str) -> Dict[str, Any]:
+        """What the reward sources get beside prompts, texts and rows (reward functions read some of it)."""
+        if not hasattr(self.reward, "check_inputs"):  # a plain RewardSource
+            return {}
+        return {"completion_ids": ro.response_ids, "trainer_state": self.trainer_state(), "where": where}
+
     @torch.no_grad()
-    def score(self, ro: Rollout, items: List[Dict[str, Any]], prefix: str = "") -> Tuple[torch.Tensor, Dict[str, float]]:
-        """Rewards (N,) of a rollout and its metrics: rewards/mean, std, each component, gold,
-        rollout/length_mean, rollout/eos_rate, diversity/distinct_2."""
+    def score(self, ro: Rollout, items: List[Dict[str, Any]], prefix: str = "",
+              where: str = "") -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Rewards (N,) of a rollout and its metrics: rewards/mean, std, each component (as
+        ``rewards/<name>`` and TRL's ``rewards/<name>/mean``, ``/std``), gold, rollout/length_mean,
+        rollout/eos_rate, diversity/distinct_2. Each row's prompt text and rewards are recorded in
+        ``ro.info`` (the completions table). ``where`` names the batch in a reward function's error."""
         prompts = [items[i]["prompt"] for i in ro.prompt_index]
         rows = [items[i].get("fields", {}) for i in ro.prompt_index]
-        raw = torch.tensor(self.reward(prompts, ro.texts, rows), dtype=torch.float32)  # (N,)
+        n_prompts = len(set(ro.prompt_index))
+        where = where or (f"at step {self.steps_done + 1} (rollout of {n_prompts} prompts x "
+                          f"{max(1, len(ro) // max(n_prompts, 1))} = {len(ro)} completions)")
+        kw = self._reward_kwargs(ro, where)
+        raw = torch.tensor(self.reward(prompts, ro.texts, rows, **kw), dtype=torch.float32)  # (N,)
         every = self._gather(raw)
         m = {f"{prefix}rewards/mean": float(every.mean()),
              f"{prefix}rewards/std": float(every.std()) if every.numel() > 1 else 0.0}
-        for name, vals in getattr(self.reward, "last_components", {}).items():
-            if name not in ("mean", "std", "gold"):  # unweighted per-component means
-                m[f"{prefix}rewards/{name}"] = float(self._gather(torch.tensor(vals)).mean())
+        components = dict(getattr(self.reward, "last_components", {}))
+        for name, vals in components.items():
+            if name in ("mean", "std", "gold"):
+                continue
+            allv = self._gather(torch.tensor(vals, dtype=torch.float32))
+            ok = allv[~torch.isnan(allv)]  # None entries (a function that does not apply) are left out
+            if ok.numel():  # unweighted per-component mean (and TRL's keys for the same numbers)
+                m[f"{prefix}rewards/{name}"] = m[f"{prefix}rewards/{name}/mean"] = float(ok.mean())
+                m[f"{prefix}rewards/{name}/std"] = float(ok.std()) if ok.numel() > 1 else 0.0
         if self.gold is not None:
-            gold = torch.tensor(self.gold(prompts, ro.texts, rows), dtype=torch.float32)
+            gkw = self._reward_kwargs(ro, where) if hasattr(self.gold, "check_inputs") else {}
+            gold = torch.tensor(self.gold(prompts, ro.texts, rows, **gkw), dtype=torch.float32)
             m[f"{prefix}rewards/gold"] = float(self._gather(gold).mean())
+        ro.info = [{"prompt": items[i].get("prompt_text", items[i]["prompt"]),
+                    "rewards": {k: (None if v[r] != v[r] else v[r]) for k, v in components.items()},
+                    "reward": float(raw[r])} for r, i in enumerate(ro.prompt_index)]
         m[f"{prefix}rollout/length_mean"] = float(self._gather(ro.response_lengths).mean())
         m[f"{prefix}rollout/eos_rate"] = float(self._gather(ro.ended.float()).mean())
         m[f"{prefix}diversity/distinct_2"] = distinct_n(ro.texts, 2)
@@ -250,7 +293,9 @@ class RLTask(Task):
         ro, raw, metrics = self.sample(model, items)
         # a micro-batch holds micro_batch_size prompts with all their samples (an item of the rollout batch is
         # a prompt, as an offline item is a row), so each group's prompt runs once in it
-        sched = self.schedule(len(ro), micro_batch_size * self.samples_per_prompt,
+        plan = self.rollout_plan  # TRL's batch: micro-batches of completions_per_device sequences
+        micro_rows = plan.micro_rows if plan.trl else micro_batch_size * self.samples_per_prompt
+        sched = self.schedule(len(ro), micro_rows,
                               lengths=ro.sequences.attention_mask.sum(-1).tolist(),
                               groups=ro.prompt_index if self.share_prompts else None)
         seq = ro.sequences
@@ -314,8 +359,22 @@ class RLTask(Task):
         per_row = {"advantages": adv,
                    "old_logps": stats.get("old_logps") if (self.several_updates or self.critic) else None,
                    "ref_logps": stats.get("ref_logps") if (o.kl_placement == "loss" and beta > 0) else None,
-                   "returns": targets.get("returns"), "old_values": stats.get("values")}
-        yield from self.yield_updates(ro, sched, per_row, metrics)
+                   "returns": targets.get("returns"), "old_values": stats.get("values"),
+                   # TRL's mask_truncated_completions: responses cut at max_new_tokens leave the loss
+                   "keep": ro.ended.float() if o.mask_truncated_completions else None}
+        yield from self.yield_updates(ro, sched, per_row, metrics, table=self.completions_table(ro, tok_adv, mask))
+
+    def completions_table(self, ro: Rollout, tok_adv: torch.Tensor, mask: torch.Tensor) -> Optional[List[Dict[str, Any]]]:
+        """This process's rows of the step's rollout for the completions table: prompt, completion, each
+        reward, the total and the advantage (a token-level advantage as its mean over the response). Every
+        row with ``log_completions``; else the first rows (a couple of groups) for report.html."""
+        if ro.info is None or (self.acc is not None and not self.acc.is_main_process):
+            return None
+        adv = (tok_adv * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        n = len(ro) if self.cfg.log_completions else min(len(ro), max(8, 2 * self.samples_per_prompt), 16)
+        return [{"prompt": ro.info[r]["prompt"], "completion": ro.texts[r], **ro.info[r]["rewards"],
+                 "reward": ro.info[r]["reward"], "advantage": float(adv[r]), "ended": bool(ro.ended[r])}
+                for r in range(n)]
 
     def loss(self, model, mb):
         """Policy loss (registry entry) + beta * KL (placement ``loss``) + vf_coef * value loss - entropy bonus,
@@ -464,10 +523,12 @@ class RLTask(Task):
                 kw[k] = v[idx, :t] if v.dim() == 2 else v[idx]
         return RLBatch(sub.input_ids, sub.attention_mask, sub.loss_mask, **kw, shared=self._share(sub))
 
-    def yield_updates(self, ro: Rollout, sched, per_row, metrics: Dict[str, float]) -> Iterator[Update]:
-        """One :class:`Update` per scheduled update; the rollout's metrics ride on the first."""
+    def yield_updates(self, ro: Rollout, sched, per_row, metrics: Dict[str, float],
+                      table: Optional[List[Dict[str, Any]]] = None) -> Iterator[Update]:
+        """One :class:`Update` per scheduled update; the rollout's metrics (and its table) ride on the first."""
         for k, update in enumerate(sched):
-            yield Update([self.micro_batch(ro, rows, per_row) for rows in update], metrics if k == 0 else {})
+            yield Update([self.micro_batch(ro, rows, per_row) for rows in update], metrics if k == 0 else {},
+                         table=table if k == 0 else None, table_to_trackers=self.cfg.log_completions)
         self._engine_stale = True  # the policy changed: push it to the engine before the next rollout
 
     # ------------------------------------------------------------------ evaluation
@@ -480,14 +541,16 @@ class RLTask(Task):
             torch.manual_seed(self.cfg.train.seed + 7919)
             ro = generate(policy, self.tok, [it["prompt_ids"] for it in items], self.gen,
                           n=self.cfg.eval_samples, compute_logprobs=False)
-        _, m = self.score(ro, list(items), prefix="eval/")
+        _, m = self.score(ro, list(items), prefix="eval/",
+                          where=f"in the evaluation at step {self.steps_done} ({len(ro)} completions of held-out prompts)")
         # a rule reward named accuracy: each prompt's mean over its samples, for the held-out alert's
         # paired test (the prompt is the unit: its samples are not independent)
         acc = getattr(self.reward, "last_components", {}).get("accuracy")
         if acc is not None and len(acc) == len(ro.prompt_index):
             by_prompt: Dict[int, List[float]] = {}
             for i, v in zip(ro.prompt_index, acc):
-                by_prompt.setdefault(int(i), []).append(float(v))
+                if v is not None:  # a TRL reward function may not apply to a sample
+                    by_prompt.setdefault(int(i), []).append(float(v))
             m[EVAL_EXAMPLES] = {"eval/rewards/accuracy": [sum(v) / len(v) for v in by_prompt.values()]}
         return m
 
@@ -553,17 +616,39 @@ def share_group_prompts(cfg, policy, ref=None) -> bool:
 
 
 def run_online(cfg) -> Dict[str, Any]:
-    """Shared body of every online-RL command (train_ppo, train_grpo, train_rloo, train_rl)."""
+    """Shared body of every online-RL command (train_ppo, train_grpo, train_rloo, train_rl). Prints the
+    rollout's shape first (prompts x generations = completions per step, processes); the run directory's
+    lock is released on every way out."""
+    from alignkit.train.common import start_run
+
+    acc = start_run(cfg)
+    try:
+        return _run_online(cfg, acc)
+    except BaseException:
+        if acc.is_main_process:  # a refused reward function, a timeout, ...: the run directory is free again
+            from alignkit.train.rundir import release
+
+            release(cfg.output)
+        raise
+
+
+def _run_online(cfg, acc) -> Dict[str, Any]:
     from alignkit.models.default import resolve_model_path
     from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
     from alignkit.rewards import build_reward
-    from alignkit.train.common import fit_and_finish, prepare_data, start_run
+    from alignkit.train.common import console, fit_and_finish, prepare_data
 
-    acc = start_run(cfg)
+    plan = cfg.rollout_plan(acc.num_processes)
+    if acc.is_main_process:
+        console().print(plan.describe(), markup=False, highlight=False)
     tok = load_tokenizer(cfg.model)
     data = prepare_data("prompt", cfg, tok, acc, seed=cfg.train.seed)
-    reward = build_reward(cfg.rewards)
-    gold = build_reward(cfg.gold_reward) if cfg.gold_reward else None
+    reward = build_reward(cfg.rewards, timeout_s=cfg.reward_timeout_s)
+    gold = build_reward(cfg.gold_reward, timeout_s=cfg.reward_timeout_s) if cfg.gold_reward else None
+    columns = {k for it in [*data.train, *data.eval] for k in it.get("fields", {})}
+    for r in (reward, gold):  # a reward function that cannot be called with this data: one line, no model loaded
+        if r is not None:
+            r.check_inputs(columns)
     policy = load_causal_lm(cfg.model)
     disable_dropout(policy)
     if cfg.lora.enabled:

@@ -83,6 +83,7 @@ class RLBatch:
     returns: Optional[torch.Tensor] = None  # (B, T-1) value targets
     old_values: Optional[torch.Tensor] = None  # (B, T-1)
     shared: Optional[SharedRows] = None  # the rows with each prompt once (prefix sharing), or None
+    keep: Optional[torch.Tensor] = None  # (B,) 0 for rows left out of the loss (mask_truncated_completions)
 
     def to(self, device) -> "RLBatch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
@@ -94,7 +95,9 @@ class RLBatch:
 
     @property
     def mask(self) -> torch.Tensor:
-        return self.loss_mask[:, 1:].float()  # (B, T-1)
+        """(B, T-1) the response tokens the loss reads (rows with ``keep`` 0 have none)."""
+        mask = self.loss_mask[:, 1:].float()
+        return mask if self.keep is None else mask * self.keep[:, None].to(mask.dtype)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -110,9 +113,10 @@ def rows_of(seq: SeqBatch, rows: Sequence[int]) -> SeqBatch:
 def select_rows(parts: Sequence[Tuple[Rollout, List[int]]], pad_id: int) -> Rollout:
     """One rollout of the given rows of several rollouts (dynamic sampling keeps groups from several
     rounds), re-padded on the right to the longest kept sequence; ``prompt_index`` renumbered by group."""
-    ids, attn, lm, plen, resp, texts, ended, pidx = [], [], [], [], [], [], [], []
+    ids, attn, lm, plen, resp, texts, ended, pidx, info = [], [], [], [], [], [], [], [], []
     for g, (ro, rows) in enumerate(parts):
         for r in rows:
+            info.append(ro.info[r] if ro.info is not None else None)
             n = int(ro.sequences.attention_mask[r].sum())
             ids.append(ro.sequences.input_ids[r, :n])
             attn.append(ro.sequences.attention_mask[r, :n])
@@ -128,4 +132,5 @@ def select_rows(parts: Sequence[Tuple[Rollout, List[int]]], pad_id: int) -> Roll
         return torch.stack([torch.cat([x, torch.full((T - len(x),), value, dtype=x.dtype)]) for x in rows])
 
     return Rollout(SeqBatch(pad(ids, pad_id), pad(attn, 0), pad(lm, 0)), plen, resp, texts,
-                   torch.tensor(ended, dtype=torch.bool), pidx)
+                   torch.tensor(ended, dtype=torch.bool), pidx,
+                   info=info if all(x is not None for x in info) else None)

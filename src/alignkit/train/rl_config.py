@@ -7,6 +7,7 @@ the YAML mapping form of :class:`alignkit.rewards.RewardSpec`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
@@ -28,6 +29,14 @@ class RewardsMixin(Section):
     """Reward scored on every rollout and logged as rewards/gold but never optimized (e.g. a held-out
     judge or the true task reward), to catch over-optimization of the proxy reward."""
 
+    reward_weights: Optional[List[float]] = None
+    """TRL's reward_weights: one weight per entry of rewards (reward_funcs), in order; sets each
+    component's weight (empty: the weights the rewards carry, 1.0 by default)."""
+    reward_timeout_s: Optional[float] = Field(120.0, ge=0)
+    """Deadline in seconds of each call of a reward that runs user code (python:, trl: functions, judges;
+    also spelled rewards.timeout_s): a call that runs longer is stopped and the run ends with one Error
+    line naming the function and the batch. 0 or empty: no deadline."""
+
     @field_validator("rewards", "gold_reward", mode="before")
     @classmethod
     def _coerce_specs(cls, v: Any) -> List[RewardSpec]:
@@ -36,9 +45,26 @@ class RewardsMixin(Section):
     @model_validator(mode="after")
     def _need_reward(self):
         if not self.rewards:
-            raise ValueError("no reward: pass --reward KIND:ARG[@WEIGHT] (repeatable) or a `rewards:` list; "
-                             "kinds: " + ", ".join(REWARD_KINDS.names()))
+            raise ValueError("no reward: pass --reward KIND:ARG[@WEIGHT] (repeatable), a `rewards:` list or TRL's "
+                             "`reward_funcs:`; kinds: " + ", ".join(REWARD_KINDS.names()))
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_reward_weights(cls, data: Any) -> Any:
+        """TRL's reward_weights: the i-th weight is the i-th reward's (checked: one per reward)."""
+        if not isinstance(data, dict) or data.get("reward_weights") is None:
+            return data
+        data = dict(data)
+        weights = data["reward_weights"]
+        weights = [weights] if isinstance(weights, (int, float, str)) else list(weights)
+        specs = RewardSpec.coerce_list(data.get("rewards"))
+        if len(weights) != len(specs):
+            raise ValueError(f"reward_weights has {len(weights)} weights for {len(specs)} rewards "
+                             f"({', '.join(s.shorthand() for s in specs) or 'none'}); give one per reward")
+        data["rewards"] = [s.model_copy(update={"weight": float(w)}) for s, w in zip(specs, weights)]
+        data["reward_weights"] = [float(w) for w in weights]
+        return data
 
 
 KLPlacement = Literal["none", "token_reward", "sequence_reward", "loss"]
@@ -122,6 +148,14 @@ class RLOptions(Section):
     max_sampling_rounds: int = Field(4, ge=1)
     """Cap on rollout rounds per step with dynamic_sampling; a batch still short after it is topped up with
     dropped groups (counted in sampling/short_groups)."""
+    # ---- TRL's GRPOConfig options without an alignkit twin
+    std_scope: Literal["group", "batch"] = "group"
+    """group advantages with scale_by_std: divide by the std of the prompt's group (GRPO) or of the whole
+    rollout batch, every process (TRL's scale_rewards=batch; group mean, batch std: Liu et al. 2025,
+    "Tricks or Traps? A Deep Dive into RL for LLM Reasoning", sec. 4.1)."""
+    mask_truncated_completions: bool = False
+    """TRL's mask_truncated_completions: responses cut at generation.max_new_tokens (no EOS) contribute no
+    loss (their tokens are masked; they still count in the group statistics and the reward metrics)."""
 
 
 #: Named bundles of stage choices. A field the user sets wins over its preset's value.
@@ -154,6 +188,35 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 PRESET_NAMES = tuple(PRESETS)
 #: old option names kept working (GRPO's beta is the KL coefficient)
 _LEGACY_FIELDS = {"beta": "kl_coef"}
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """One step's rollout: ``prompts`` per process, each sampled ``generations`` times, on ``processes``
+    processes; micro-batches of ``micro_rows`` sequences; ``updates`` optimizer updates per epoch.
+    ``trl``: the batch was given in TRL's completions (per_device_train_batch_size)."""
+
+    prompts: int
+    generations: int
+    processes: int
+    micro_rows: int
+    updates: int
+    trl: bool
+
+    @property
+    def completions(self) -> int:
+        """Completions per step, every process."""
+        return self.prompts * self.generations * self.processes
+
+    def describe(self) -> str:
+        """The line every online run prints at its start."""
+        p = self.prompts * self.processes
+        procs = f"{self.processes} process{'es' if self.processes != 1 else ''}"
+        upd = f"{self.updates} optimizer update{'s' if self.updates != 1 else ''} per epoch of the rollout"
+        trl = (f" (TRL's per_device_train_batch_size={self.micro_rows} completions x steps_per_generation="
+               f"{self.prompts * self.generations // self.micro_rows} per process)" if self.trl else "")
+        return (f"rollout: {p} prompts x {self.generations} generations = {self.completions} completions per step "
+                f"on {procs}; micro-batches of {self.micro_rows} completions, {upd}{trl}")
 
 
 class ValueOptions(Section):
@@ -194,6 +257,19 @@ class OnlineRLConfig(RunConfig, RewardsMixin):
     """Samples per held-out prompt when evaluating (eval/rewards/*), drawn with a fixed seed."""
     value: ValueOptions = ValueOptions()
     """Value model (critic) options; used when the advantage is gae."""
+    completions_per_device: Optional[int] = Field(None, gt=0)
+    """TRL's per_device_train_batch_size for online RL: completions (not prompts) per micro-batch per
+    process. When set, a step's rollout is completions_per_device x steps_per_generation completions per
+    process (steps_per_generation defaults to train.grad_accum), that is / num_generations prompts, trained
+    in steps_per_generation / train.grad_accum optimizer updates per epoch; train.batch_size and the
+    section's num_minibatches are then not used. Empty: train.batch_size counts prompts (alignkit's meaning)."""
+    steps_per_generation: Optional[int] = Field(None, gt=0)
+    """TRL's steps_per_generation: micro-batches of completions_per_device completions per rollout (default
+    train.grad_accum). Needs completions_per_device (per_device_train_batch_size)."""
+    log_completions: bool = False
+    """TRL's log_completions: at every logged step (log.every), write the step's rollout as a table (prompt,
+    completion, each reward, advantage) to OUTPUT/completions.jsonl and to the trackers (W&B table,
+    TensorBoard text). Without it a few rows per logged step are still kept for report.html."""
 
     @model_validator(mode="before")
     @classmethod
@@ -226,7 +302,30 @@ class OnlineRLConfig(RunConfig, RewardsMixin):
         if o.dynamic_sampling and o.num_generations < 2:
             raise ValueError(f"{self.section}.dynamic_sampling drops prompts whose samples all got the same "
                              f"reward: {self.section}.num_generations must be at least 2")
+        self.rollout_plan(1)  # TRL-style batch sizes must divide into groups
         return self
+
+    def rollout_plan(self, processes: int) -> "RolloutPlan":
+        """The shape of one step's rollout on ``processes`` processes (see :class:`RolloutPlan`)."""
+        G, accum = self.algo.num_generations, self.train.grad_accum
+        B = self.completions_per_device
+        if B is None:
+            if self.steps_per_generation is not None:
+                raise ValueError("steps_per_generation counts micro-batches of per_device_train_batch_size "
+                                 "completions (TRL's meaning): set per_device_train_batch_size too, or use "
+                                 f"{self.section}.num_minibatches")
+            P = self.train.batch_size * accum
+            return RolloutPlan(P, G, processes, self.train.batch_size * G, self.algo.num_minibatches, False)
+        S = self.steps_per_generation or accum
+        if (B * S) % G:
+            raise ValueError(f"per_device_train_batch_size x steps_per_generation = {B} x {S} = {B * S} completions "
+                             f"per process is not a multiple of num_generations ({G}): every prompt needs its {G} "
+                             f"samples on one process")
+        if S % accum:
+            raise ValueError(f"steps_per_generation ({S}) must be a multiple of gradient_accumulation_steps "
+                             f"({accum}): each optimizer update takes {accum} micro-batches")
+        return RolloutPlan(B * S // G, G, processes, B, S // accum, True)
+
 
     @property
     def algo(self) -> "RLOptions":

@@ -109,9 +109,27 @@ def _sequence_scores(a: AdvantageInputs) -> torch.Tensor:
 
 
 def _group(a: AdvantageInputs) -> Dict[str, torch.Tensor]:
-    """GRPO (Shao et al. 2024, sec. 4.1.2): ``(r - mean_g) / std_g``; Dr. GRPO without the std."""
-    return {"advantages": group_normalized_advantages(_sequence_scores(a), a.group_size,
-                                                      scale_by_std=a.opts.scale_by_std)}
+    """GRPO (Shao et al. 2024, sec. 4.1.2): ``(r - mean_g) / std_g``; Dr. GRPO without the std; with
+    ``std_scope=batch`` ``(r - mean_g) / std_batch`` (Liu et al. 2025, "Tricks or Traps", sec. 4.1: group
+    mean, batch std; TRL's ``scale_rewards=batch``), the sample std of every process's sequence scores."""
+    scores = _sequence_scores(a)
+    batch = a.opts.scale_by_std and getattr(a.opts, "std_scope", "group") == "batch"
+    adv = group_normalized_advantages(scores, a.group_size, scale_by_std=a.opts.scale_by_std and not batch)
+    if batch:
+        adv = adv / (batch_std(scores, a.reduce) + 1e-6)
+    return {"advantages": adv}
+
+
+def batch_std(x: torch.Tensor, reduce: Optional[Callable] = None) -> torch.Tensor:
+    """Sample (n - 1) std of a 1-D tensor over every process (``reduce``: a sum over processes; None:
+    this process's), from one reduction of (count, sum, sum of squares) in float64."""
+    x = x.double()
+    stats = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()])
+    if reduce is not None:
+        stats = reduce(stats)
+    n, s1, s2 = stats.unbind()
+    var = (s2 - s1 * s1 / n.clamp(min=1)) / (n - 1).clamp(min=1)
+    return var.clamp(min=0).sqrt().float()
 
 
 def _leave_one_out(a: AdvantageInputs) -> Dict[str, torch.Tensor]:

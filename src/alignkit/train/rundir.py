@@ -34,12 +34,12 @@ LOCK = ".alignkit.lock"
 # what a training run writes into its directory; --overwrite (or a fresh start over an interrupted
 # run without checkpoints) removes exactly these, never other files a user keeps there
 RUN_FILES = ("config.yaml", "data_report.json", "data_report_rows.jsonl", "metrics.jsonl", "alerts.jsonl",
-             "samples.jsonl", "summary.json", "report.html", "checkpoints", "model", ".tmp-model", ".old-model",
+             "samples.jsonl", "completions.jsonl", "summary.json", "report.html", "checkpoints", "model", ".tmp-model", ".old-model",
              "tensorboard", "wandb")
 # dotted fields (or section prefixes) that may differ between a checkpoint's config and the resumed one
 MAY_CHANGE_ON_RESUME = ("resume", "overwrite", "output", "log", "diagnostics", "train.max_steps", "train.epochs",
                         "train.max_bad_steps", "train.logprob_chunk", "data.num_proc", "model.gradient_checkpointing",
-                        "model.attn_implementation")
+                        "model.attn_implementation", "reward_timeout_s", "log_completions")
 
 _MB = 1 << 20
 _HELD: Dict[str, Path] = {}  # lock files this process holds (released at exit)
