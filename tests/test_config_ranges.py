@@ -80,3 +80,9 @@ def test_every_preference_loss_refuses_nonpositive_beta(name):
     for beta in (-0.1, 0.0):
         with pytest.raises(ValueError, match=f"{name}: beta must be > 0"):
             _call(name, beta)
+
+
+def test_extra_loss_weight_must_be_positive():
+    msg = _refused(DPOConfig, "dpo.extra_losses={hinge: -0.5}")
+    assert "extra_losses.hinge: weight must be > 0" in msg
+    assert load_config(DPOConfig, overrides=["dpo.extra_losses={hinge: 0.5}"]).dpo.extra_losses == {"hinge": 0.5}

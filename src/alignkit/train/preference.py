@@ -71,7 +71,8 @@ class DPOOptions(Section):
     """Other hyper-parameters by the name the loss function declares, e.g. {discopop_tau: 0.05};
     each must belong to one of the losses in use."""
     extra_losses: Dict[str, float] = {}
-    """More paired losses added with weights, e.g. {hinge: 0.5}; they share beta and the other knobs."""
+    """More paired losses added with weights, e.g. {hinge: 0.5}; they share beta and the other knobs.
+    Each weight must be > 0: a negative weight would maximize that loss."""
     sft_weight: float = Field(0.0, ge=0)
     """Weight of an NLL term on the chosen response (length-averaged), as in RPO / DPO+SFT."""
     reference: Literal["auto", "model", "adapter", "precomputed"] = "auto"
@@ -123,7 +124,10 @@ class DPOOptions(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        for name in self.extra_losses:
+        for name, weight in self.extra_losses.items():
+            if not weight > 0:
+                raise ValueError(f"extra_losses.{name}: weight must be > 0 (a negative weight maximizes that "
+                                 f"loss, 0 computes it for nothing), got {weight}")
             spec = PREFERENCE_LOSSES.get(name)
             if not spec.paired or not PREFERENCE_LOSSES.get(self.loss).paired:
                 raise ValueError(f"extra_losses: {name!r} cannot be combined with {self.loss!r} "
