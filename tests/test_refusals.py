@@ -63,3 +63,20 @@ def test_hostile_chat_template_is_one_error_line(tiny_model, tmp_path, jsonl):
     errors = [x for x in lines if x.startswith("Error:")]
     assert len(errors) == 1 and "stopped by the sandbox" in errors[0] and "__class__" in errors[0]
     assert "Traceback" not in res.output
+
+
+def test_model_without_safetensors_is_one_error_line(tiny_model, tmp_path, jsonl):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    (bad / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+    torch.save({"w": _Payload(marker)}, bad / "pytorch_model.bin")
+    data = jsonl("d.jsonl", [{"prompt": "a", "completion": "b"}])
+    res = CliRunner().invoke(build_cli(), ["sft", "--model", str(bad), "--data", str(data), "train.max_steps=1",
+                                           "--output", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    errors = [x for x in res.output.splitlines() if x.startswith("Error:")]
+    assert len(errors) == 1 and "safetensors only" in errors[0]
+    assert not marker.exists()

@@ -1,5 +1,5 @@
-"""One line for a refusal by a safety layer: a chat template stopped by Jinja's sandbox, or a pickle that
-``torch.load(weights_only=True)`` would not unpickle. The refusal is the system working as meant, so the
+"""One line for a refusal by a safety layer: a chat template stopped by Jinja's sandbox, a pickle that
+``torch.load(weights_only=True)`` would not unpickle, or model weights offered only as a pickle. The refusal is the system working as meant, so the
 CLI says what was refused and why (one ``Error:`` line) instead of showing the library's traceback."""
 
 from __future__ import annotations
@@ -56,4 +56,8 @@ def refusal_line(e: BaseException) -> Optional[str]:
             return (f"refused to unpickle {where or 'a pickled file'}: {_why_unpickling(str(err))}; such a "
                     "file could run code when loaded, so alignkit loads pickles with weights_only=True only "
                     "(use a file you trust, saved as safetensors)")
+        if isinstance(err, OSError) and "model.safetensors" in str(err) and "no file named" in str(err):
+            return (f"{' '.join(str(err).split())}: alignkit loads model weights from safetensors only (a pickled "
+                    "pytorch_model.bin can run code when loaded); convert it once where you trust it "
+                    "(from_pretrained, then save_pretrained(DIR, safe_serialization=True))")
     return None
