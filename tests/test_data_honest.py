@@ -198,7 +198,8 @@ def test_data_report_lists_every_dropped_row_even_when_all_are_dropped(tmp_path,
     assert res.exit_code == 1 and "no usable sft examples out of 30 rows" in res.output
     (report,) = json.loads((tmp_path / "o" / "data_report.json").read_text())
     assert report["dropped"] == {"empty text": 30}
-    assert [s["row"] for s in report["samples"]] == list(range(1, 31))
+    assert [s["row"] for s in report["samples"] if s["what"] == "dropped"] == list(range(1, 31))
+    assert report["duplicate_rows"] == 29  # the same row 30 times: listed too (issue 32, case 14)
     # many rows: a side file holds every one, the report names it
     monkeypatch.setattr(load_mod, "ROWS_INLINE", 10)
     rep = DataReport(source="x.jsonl")

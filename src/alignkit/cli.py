@@ -195,9 +195,14 @@ def run_reporting_errors(fn, debug: bool = False):
     try:
         return fn()
     except Exception as e:
-        if debug or isinstance(e, click.ClickException) or not isinstance(e, _user_errors()):
+        if debug or isinstance(e, click.ClickException):
             raise
-        raise click.ClickException(str(e)) from None
+        from alignkit.refusals import refusal_line  # sandbox and unpickling refusals: one line too
+
+        line = str(e) if isinstance(e, _user_errors()) else refusal_line(e)
+        if line is None:
+            raise
+        raise click.ClickException(line) from None
     finally:
         release_all()
 

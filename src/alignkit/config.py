@@ -7,8 +7,9 @@ the validation errors. Configs load from YAML plus dotted overrides (``optim.lr=
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Type, TypeVar, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -54,7 +55,7 @@ class LoraConfig(Section):
     alpha: float = Field(32.0, gt=0)
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on the LoRA branch."""
+    """Dropout on the LoRA branch. Must be in [0, 1): a probability, and 1 drops the whole branch."""
     target_modules: Union[str, List[str]] = "all-linear"
     """Module names to adapt, or all-linear."""
     save: Literal["merged", "adapter"] = "merged"
@@ -87,7 +88,7 @@ class DataConfig(Section):
     eval_fraction of the training rows."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     """Fraction of the training rows held out for evaluation when there is no eval_path, eval_split or
-    test twin."""
+    test twin. Must be in [0, 1): 1 would leave nothing to train on."""
     max_length: int = Field(1024, gt=1)
     """Maximum tokens of prompt plus response."""
     max_prompt_length: Optional[int] = Field(None, gt=0)
@@ -140,23 +141,35 @@ class TrainConfig(Section):
 
 class OptimConfig(Section):
     lr: float = Field(1e-5, gt=0)
-    """Peak learning rate."""
+    """Peak learning rate. Must be > 0: 0 trains nothing and a negative rate ascends the loss."""
     weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
-    betas: List[float] = [0.9, 0.999]
-    """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
+    """AdamW weight decay. Must be >= 0: a negative decay pushes every weight away from 0."""
+    betas: List[float] = Field([0.9, 0.999], min_length=2, max_length=2)
+    """AdamW betas (beta1, beta2). Must be in [0, 1): they are the decay rates of the moment averages,
+    and 1 or more never forgets (or grows) the first gradients."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon. Must be > 0: it keeps the update finite where the second moment is 0."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    """Fraction of steps spent warming up linearly from 0."""
+    """Fraction of steps spent warming up linearly from 0. Must be in [0, 1): a fraction of the run
+    that leaves at least one step at the peak rate."""
     warmup_steps: Optional[int] = Field(None, ge=0)
     """Warmup steps (overrides warmup_ratio)."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    """Learning rate at the end of the decay, as a fraction of lr."""
+    """Learning rate at the end of the decay, as a fraction of lr. Must be in [0, 1]: a decay ends at or
+    below the peak and never below 0."""
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
-    """Clip the global gradient norm to this value (empty: no clipping)."""
+    """Clip the global gradient norm to this value (empty: no clipping). Must be > 0: a norm of 0 would
+    zero every update (leave it empty to turn clipping off)."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: List[float]) -> List[float]:
+        bad = [b for b in v if not 0 <= b < 1]
+        if bad:
+            raise ValueError(f"{bad} outside [0, 1). " + field_reason(cls, ("betas",)))
+        return v
 
 
 class LogConfig(Section):
@@ -371,6 +384,40 @@ def _set_dotted(data: Dict[str, Any], key: str, value: Any, cls: Optional[type],
         raise ConfigError(f"override {origin!r}: {e}") from None
 
 
+#: pydantic's error types for a value outside a Field's gt/ge/lt/le range.
+RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
+
+_REASON = re.compile(r"Must be .*?(?:\.(?=\s)|\.?$)", re.S)
+
+
+def _section_in(annotation: Any) -> Optional[type]:
+    """The pydantic model inside a field's annotation (``Section``, ``Optional[Section]``...), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def field_reason(cls: type, loc: tuple) -> Optional[str]:
+    """The "Must be ..." sentence of the field at ``loc`` (its docstring states a range's reason once;
+    error messages quote it from there), or None."""
+    model: Optional[type] = cls
+    info = None
+    for part in loc:
+        if isinstance(part, int):  # an item of a list field: same field
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        info = fields[part]
+        model = _section_in(info.annotation)
+    found = _REASON.search(info.description or "") if info is not None else None
+    return " ".join(found.group(0).split()) if found else None
+
+
 def format_validation_error(err: ValidationError, cls: Optional[type] = None,
                             ignore: Optional[Callable[[tuple], bool]] = None) -> str:
     """One line per error, naming the field (with a "did you mean" for unknown keys of ``cls``);
@@ -387,7 +434,8 @@ def format_validation_error(err: ValidationError, cls: Optional[type] = None,
             msg = "unknown field" + (suggest(cls, loc) if cls is not None else "")
         got = e.get("input")
         extra = f" (got {got!r})" if got is not None and e["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
-        lines.append(f"  {loc}: {msg}{extra}")
+        reason = field_reason(cls, tuple(e["loc"])) if cls is not None and e["type"] in RANGE_ERRORS else None
+        lines.append(f"  {loc}: {msg}{extra}" + (f". {reason}" if reason else ""))
     return "invalid configuration:\n" + "\n".join(lines)
 
 

@@ -134,6 +134,7 @@ def load_spec(cfg: PipelineConfig) -> PipelineSpec:
     spec.vars.update(cfg.vars)
     if cfg.output:
         spec.output = cfg.output
+    spec.output = _resolve_pipeline_output(spec, p)
     names: List[str] = []
     for st in spec.stages:
         if st.name in names:
@@ -143,6 +144,45 @@ def load_spec(cfg: PipelineConfig) -> PipelineSpec:
             _check_ref(ref, st.name, names, spec.vars)
         names.append(st.name)
     return spec
+
+
+def _resolve_pipeline_output(spec: PipelineSpec, source: Path) -> str:
+    """The pipeline's own ``output`` with its ``${vars.KEY}`` references substituted (the only kind it
+    may hold: stages and ``${output}`` depend on it)."""
+    for ref in _refs(spec.output):
+        parts = ref.strip().split(".")
+        if parts[0] != "vars" or len(parts) != 2:
+            raise ConfigError(f"pipeline {source}: output: ${{{ref}}}: the pipeline's output may refer to "
+                              "variables only (${vars.KEY})")
+        if parts[1] not in spec.vars:
+            raise ConfigError(f"pipeline {source}: output: ${{{ref}}}: no variable {parts[1]!r} "
+                              f"(have: {', '.join(spec.vars) or 'none'})")
+    out = _REF.sub(lambda m: str(spec.vars[m.group(1).strip().split(".")[1]]), spec.output)
+    if "${" in out:
+        raise ConfigError(f"pipeline {source}: output {out!r} holds an unresolved ${{...}}")
+    return out
+
+
+def unresolved(value: Any, path: Tuple[Any, ...] = (), skip: Tuple[Tuple[Any, ...], ...] = ()
+               ) -> List[Tuple[Tuple[Any, ...], str]]:
+    """``(field path, text)`` of every string in a resolved config that still holds ``${`` (a variable
+    whose value is itself a reference, a brace never closed): such text would become a literal file
+    name or value. Paths in ``skip`` (summary values not known yet) are left out."""
+    if any(path[:len(p)] == p for p in skip):
+        return []
+    if isinstance(value, str):
+        return [(path, value)] if "${" in value else []
+    if isinstance(value, dict):
+        return [u for k, v in value.items() for u in unresolved(v, path + (k,), skip)]
+    if isinstance(value, list):
+        return [u for i, v in enumerate(value) for u in unresolved(v, path + (i,), skip)]
+    return []
+
+
+def _unresolved_lines(data: Dict[str, Any], skip: Tuple[Tuple[Any, ...], ...] = ()) -> List[str]:
+    return [f"{_dotted(path)}: unresolved reference in {text!r} (a ${{...}} that is not "
+            "stages.NAME.output|model|summary.KEY, vars.KEY or output, or that a variable's value "
+            "brought in)" for path, text in unresolved(data, (), skip)]
 
 
 def _refs(value: Any) -> List[str]:
@@ -292,6 +332,7 @@ def check_stages(spec: PipelineSpec, source: str = "", commands: Optional[Dict[s
         where = f"stage {st.name!r} ({cmd.name})"
         pending: List[Tuple[Any, ...]] = []
         data = _resolve_placeholders(dict(st.config), spec, outputs, (), pending)
+        problems.extend(f"{where}: {line}" for line in _unresolved_lines(data, tuple(pending)))
         out = data.get("output")
         outputs[st.name] = Path(out) if isinstance(out, str) and out and ("output",) not in pending \
             else root / st.name
@@ -370,6 +411,9 @@ def run_stages(spec: PipelineSpec, *, force: bool = False, stop_after: Optional[
     for st in spec.stages:
         cmd = command_for(st.command, commands)
         data = resolve(dict(st.config), spec, outputs)
+        left = _unresolved_lines(data)
+        if left:
+            raise PipelineError(f"stage {st.name!r} ({cmd.name}): " + "; ".join(left))
         out = Path(data["output"]) if data.get("output") else root / st.name
         outputs[st.name] = out
         data["output"] = str(out)

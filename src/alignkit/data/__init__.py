@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from alignkit.config import DataConfig
 from alignkit.data.formats import parse_rows
-from alignkit.data.load import (DataError, DataReport, looks_like_hub_id, read_rows, resolve_data_path, split_names,
-                                twin_split)
+from alignkit.data.load import (DataError, DataReport, chars_budget, cut_long_rows, looks_like_hub_id,
+                                note_duplicates, read_rows, resolve_data_path, split_names, twin_split)
 from alignkit.data.tokenize import Encoder
 
 __all__ = ["prepare", "Prepared", "DataError", "DataReport", "Encoder", "read_rows", "parse_rows"]
@@ -32,12 +32,32 @@ class Prepared:
 
 def _load_split(source: str, split: str, role: str, kind: str, cfg: DataConfig, encoder: Encoder, **parse_kwargs):
     info: Dict[str, Any] = {}
-    name, rows = read_rows(source, split=split, max_rows=cfg.max_rows, subset=cfg.subset, info=info)
+    with _big_file_phase(source, "reading"):
+        name, rows = read_rows(source, split=split, max_rows=cfg.max_rows, subset=cfg.subset, info=info)
     report = DataReport(source=name, role=role, split=info.get("split"), origin=info.get("origin"))
+    rows = cut_long_rows(rows, chars_budget(encoder.tok, cfg.max_length), report)
+    note_duplicates(rows, report)
     examples = parse_rows(rows, kind, report, **parse_kwargs)
-    encoded = encoder.encode(kind, examples, report)
+    with _big_file_phase(source, f"tokenizing {len(examples)} examples of"):
+        encoded = encoder.encode(kind, examples, report)
     report.examples = len(encoded)
     return encoded, report
+
+
+BIG_FILE = 16 << 20  # bytes: reading and tokenizing a larger file shows a progress line
+
+
+def _big_file_phase(source: str, what: str):
+    """A progress indicator (spinner and elapsed time) while a big local file is read or tokenized."""
+    import contextlib
+
+    path = resolve_data_path(source)
+    size = path.stat().st_size if path.is_file() else 0
+    if size < BIG_FILE:
+        return contextlib.nullcontext()
+    from alignkit.train.logging import phase
+
+    return phase(f"{what} {path} ({size / 2**20:.0f} MB)", label="data")
 
 
 def content_key(item: Dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -41,6 +42,7 @@ class DataReport:
     origin: Optional[str] = None
     overlap_with_train: Optional[int] = None
     unused: Counter = field(default_factory=Counter)  # row fields the command does not use -> rows
+    duplicates: int = 0  # rows equal to an earlier row of the same side (kept)
 
     def note_unused(self, fields) -> None:
         """Fields of a kept row that this command does not use (reported, never dropped silently)."""
@@ -50,9 +52,15 @@ class DataReport:
         self.dropped[reason] += 1
         self._note("dropped", row, reason, fieldname)
 
-    def truncate(self, row: int, reason: str) -> None:
+    def truncate(self, row: int, reason: str, fieldname: Optional[str] = None) -> None:
         self.truncated[reason] += 1
-        self._note("truncated", row, reason, None)
+        self._note("truncated", row, reason, fieldname)
+
+    def note_duplicate(self, row: int, first: int) -> None:
+        """A row equal to row ``first`` (kept: it weighs once more in training; listed, and warned about)."""
+        self.duplicates += 1
+        self.samples.append({"what": "kept", "file": self.source, "row": row, "reason": "duplicate row",
+                             "same_as": first})
 
     def note(self, row: int, reason: str, fieldname: Optional[str] = None) -> None:
         """A row that is kept but worth knowing about (e.g. an empty SFT prompt)."""
@@ -80,6 +88,7 @@ class DataReport:
         self.truncated.update(other.truncated)
         self.unused.update(other.unused)
         self.noted.update(other.noted)
+        self.duplicates += other.duplicates
         self.samples.extend(other.samples)
 
     def summary_lines(self) -> List[str]:
@@ -99,6 +108,10 @@ class DataReport:
             lines.append(f"    e.g. {where}: {s['what']} ({s['reason']})")
         if len(self.samples) > 5:
             lines.append(f"    ... every row is listed in data_report.json")
+        if self.duplicates:
+            first = next(s for s in self.samples if s["reason"] == "duplicate row")
+            lines.append(f"  warning: {self.duplicates} rows repeat an earlier row exactly (kept, so those examples "
+                         f"weigh more; e.g. row {first['row']} = row {first['same_as']}; all in data_report.json)")
         if self.overlap_with_train:
             lines.append(f"  warning: {self.overlap_with_train} of {self.examples} eval examples also appear in "
                          f"the training data (same content): held-out numbers are optimistic")
@@ -110,7 +123,7 @@ class DataReport:
         out = {"role": self.role, "source": self.source, "origin": self.origin, "split": self.split,
                "rows_read": self.rows_read, "examples": self.examples, "dropped": dict(self.dropped),
                "truncated": dict(self.truncated), "kept_with_note": dict(self.noted),
-               "unused_fields": dict(self.unused)}
+               "unused_fields": dict(self.unused), "duplicate_rows": self.duplicates}
         if self.overlap_with_train is not None:
             out["overlap_with_train"] = self.overlap_with_train
         if rows_file and len(self.samples) > ROWS_INLINE:
@@ -136,6 +149,56 @@ def write_data_report(reports: List["DataReport"], out: Path) -> Path:
     path = out / "data_report.json"
     path.write_text(json.dumps([r.to_dict(side) for r in reports], indent=2))
     return path
+
+
+def note_duplicates(rows: List[Tuple[int, Dict[str, Any]]], report: DataReport) -> None:
+    """Count (in ``report``) the rows equal to an earlier row; they are kept, not dropped."""
+    first: Dict[bytes, int] = {}
+    for n, row in rows:
+        key = hashlib.blake2b(json.dumps(row, sort_keys=True, default=str).encode(), digest_size=16).digest()
+        if key in first:
+            report.note_duplicate(n, first[key])
+        else:
+            first[key] = n
+
+
+def chars_budget(tokenizer, max_length: int) -> int:
+    """Characters of one text kept from each end of a text before tokenizing: more than ``max_length``
+    tokens can cover (a token spells at most as many characters as its longest vocabulary string, in
+    byte-level and sentencepiece vocabularies alike), plus a margin, so cutting the middle out never
+    changes the tokens that truncation keeps."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return (max_length + 16) * max(longest, 1) * 2
+
+
+def cut_long_rows(rows: List[Tuple[int, Dict[str, Any]]], budget: int, report: DataReport
+                  ) -> List[Tuple[int, Dict[str, Any]]]:
+    """Rows whose texts longer than ``2 * budget`` characters keep only their first and last ``budget``
+    characters (a 50 MB row is cut here, before tokenizing, instead of costing minutes and gigabytes);
+    each such row is counted in ``report`` as truncated, with its field. Truncation to max_length
+    keeps the start of a response and the end of a prompt: both ends survive the cut."""
+    reason = f"text over {2 * budget} characters: cut while reading, before tokenizing"
+
+    def cut(value: Any, path: str, fields: List[str]) -> Any:
+        if isinstance(value, str):
+            if len(value) <= 2 * budget:
+                return value
+            fields.append(path)
+            return value[:budget] + value[-budget:]
+        if isinstance(value, dict):
+            return {k: cut(v, f"{path}.{k}" if path else str(k), fields) for k, v in value.items()}
+        if isinstance(value, list):
+            return [cut(v, f"{path}[{i}]", fields) for i, v in enumerate(value)]
+        return value
+
+    out = []
+    for n, row in rows:
+        fields: List[str] = []
+        row = cut(row, "", fields)
+        if fields:
+            report.truncate(n, reason, ", ".join(fields))
+        out.append((n, row))
+    return out
 
 
 def _utf8_error(path: Path, data: bytes, e: UnicodeDecodeError, first_line: int = 1) -> "DataError":

@@ -54,7 +54,9 @@ class EvalConfig(Section):
     """The policy to evaluate (empty: the embedded default model)."""
     reference: Optional[str] = None
     """Reference model (path or id) for KL and win rate; it must share the policy's tokenizer.
-    Empty: the embedded default model."""
+    Empty: the policy's base model (its LoRA adapter's base_model_name_or_path, or the model recorded in
+    the run's config.yaml beside the policy's model/ directory), else an error asking for one; the
+    embedded default policy is its own reference."""
     data: DataConfig = DataConfig()
     """Prompt rows ({prompt, ...} or {messages}; extra fields reach python rewards). With
     reward_model: preference pairs."""
@@ -272,6 +274,38 @@ def read_reference_samples(path: str, prompts: List[str], specs: Optional[Dict[s
     return [r["completion"] for r in rows], index, scores
 
 
+def default_reference(policy: Optional[str]) -> Optional[str]:
+    """The reference of an eval that names none: the model the policy was trained from.
+
+    A LoRA adapter directory names its base (``adapter_config.json: base_model_name_or_path``); a
+    run's ``OUTPUT/model`` has the run's ``OUTPUT/config.yaml`` beside it, whose ``model.name_or_path``
+    is the model training started from (None there: the embedded default, returned as None). The
+    embedded default policy is its own reference. Anything else (a hub id, a directory without that
+    record) raises :class:`~alignkit.config.ConfigError` asking for ``--reference``: comparing with an
+    unrelated model gives a meaningless KL and win rate."""
+    import yaml
+
+    from alignkit.config import ConfigError
+    from alignkit.models.default import resolve_model_path
+
+    if policy is None or resolve_model_path(policy) == resolve_model_path(None):
+        return policy
+    d = Path(policy).expanduser()
+    adapter = d / "adapter_config.json"
+    if adapter.is_file():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if base:
+            return base
+    run_config = d.parent / "config.yaml"
+    if d.is_dir() and run_config.is_file():
+        recorded = (yaml.safe_load(run_config.read_text()) or {}).get("model")
+        if isinstance(recorded, dict) and "name_or_path" in recorded:
+            return recorded["name_or_path"]
+    raise ConfigError(f"eval: no reference given, and the policy {policy} records no base model (no "
+                      f"adapter_config.json in it, no run config.yaml beside it): pass --reference MODEL, the "
+                      f"model the policy was trained from (or --reference {policy} to compare it with itself)")
+
+
 def _score(specs: List[RewardSpec], prompts: List[Any], texts: List[str], rows: List[Dict[str, Any]]):
     from alignkit.rewards import build_reward
 
@@ -296,6 +330,12 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
         from alignkit.data.load import DataError
 
         raise DataError("no prompts to evaluate on: pass --data FILE (rows {prompt, ...})")
+    if cfg.reference is None and cfg.model.name_or_path is not None:
+        import sys
+
+        cfg = cfg.model_copy(update={"reference": default_reference(cfg.model.name_or_path)})
+        print(f"eval: reference = the policy's base model, {cfg.reference or 'the embedded default'}",
+              file=sys.stderr)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model)

@@ -37,8 +37,8 @@ from alignkit.train.preference import DPOOptions
 
 
 class SPINOptions(RoundOptions):
-    rounds: int = 2
-    """SPIN iterations (the paper runs 3-4 on 50k prompts)."""
+    rounds: int = Field(2, gt=0)
+    """SPIN iterations (the paper runs 3-4 on 50k prompts). Must be > 0: a run of no rounds trains nothing."""
 
 
 class SPINConfig(RunConfig):

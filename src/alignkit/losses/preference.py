@@ -69,6 +69,14 @@ def _mean_logps(name: str, logps: Tensor, lengths: Optional[Tensor], which: str)
     return logps / lengths.to(logps.dtype).clamp(min=1.0)
 
 
+def _check_beta(name: str, beta: float) -> None:
+    """Every loss of this family needs ``beta > 0``: beta scales the implicit reward, so beta < 0 trains
+    the reverse preference (the rejected response up) with metrics that look normal, and 0 learns nothing."""
+    if not beta > 0:
+        raise ValueError(f"{name}: beta must be > 0 (a negative beta trains the reverse preference, "
+                         f"0 learns nothing), got {beta}")
+
+
 def _check_epsilon(name: str, eps: float, upper_inclusive: bool) -> None:
     ok = 0.0 <= eps <= 0.5 if upper_inclusive else 0.0 <= eps < 0.5
     if not ok:
@@ -137,6 +145,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     Shapes: all log-prob inputs ``(B,)`` summed over response tokens; ``labels`` ``(B,)`` or None.
     Returns ``losses (B,)``; rewards are ``beta * (log pi - log ref)`` per response.
     """
+    _check_beta("dpo", beta)
     _check_epsilon("dpo", label_smoothing, upper_inclusive=True)
     chosen_ratio, rejected_ratio = _dpo_margin("dpo", policy_chosen_logps, policy_rejected_logps,
                                                ref_chosen_logps, ref_rejected_logps)
@@ -162,6 +171,7 @@ def cdpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     :func:`dpo_loss` with ``label_smoothing=eps`` (default 0.1 here, 0 in dpo), soft labels included.
     Shapes as in :func:`dpo_loss`.
     """
+    _check_beta("cdpo", beta)
     return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                labels=labels, beta=beta, label_smoothing=label_smoothing)
 
@@ -179,6 +189,7 @@ def robust_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     ``label_smoothing`` (the flip rate ``eps``) must be in ``[0, 0.5)``. ``labels`` are treated as
     hard. Shapes as in :func:`dpo_loss`.
     """
+    _check_beta("robust", beta)
     _check_epsilon("robust", label_smoothing, upper_inclusive=False)
     chosen_ratio, rejected_ratio = _dpo_margin("robust", policy_chosen_logps, policy_rejected_logps,
                                                ref_chosen_logps, ref_rejected_logps)
@@ -200,8 +211,7 @@ def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     ``chosen_lengths`` and ``rejected_lengths`` ``(B,)`` are required. ``labels`` treated as hard.
     Rewards are ``beta * `` the averaged log-ratios. Shapes: inputs ``(B,)``, ``losses (B,)``.
     """
-    if beta <= 0:
-        raise ValueError(f"ipo: beta (tau) must be > 0, got {beta}")
+    _check_beta("ipo", beta)
     _require_reference("ipo", ref_chosen_logps, ref_rejected_logps)
     _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                       ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
@@ -226,6 +236,7 @@ def hinge_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     hinge-norm), i.e. ``delta = 1/beta`` after scaling. Zero loss and zero gradient once
     ``beta h >= 1``. ``labels`` treated as hard. Shapes as in :func:`dpo_loss`.
     """
+    _check_beta("hinge", beta)
     chosen_ratio, rejected_ratio = _dpo_margin("hinge", policy_chosen_logps, policy_rejected_logps,
                                                ref_chosen_logps, ref_rejected_logps)
     losses = torch.relu(1.0 - beta * (chosen_ratio - rejected_ratio))  # (B,)
@@ -246,6 +257,7 @@ def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     ``ref_*`` are ignored. Needs ``chosen_lengths``/``rejected_lengths`` ``(B,)``. ``labels``
     treated as hard. Rewards are ``beta * mean log-prob`` (eq. 4); ``rewards/margin`` excludes gamma.
     """
+    _check_beta("simpo", beta)
     _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     chosen_rewards = beta * _mean_logps("simpo", policy_chosen_logps, chosen_lengths, "chosen")
     rejected_rewards = beta * _mean_logps("simpo", policy_rejected_logps, rejected_lengths, "rejected")
@@ -272,6 +284,7 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     so ``rewards/accuracy`` is also the odds-ratio accuracy), ``orpo/nll`` and
     ``orpo/log_odds_ratio`` ``(B,)``.
     """
+    _check_beta("orpo", beta)
     _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     chosen_mean = _mean_logps("orpo", policy_chosen_logps, chosen_lengths, "chosen")  # (B,)
     rejected_mean = _mean_logps("orpo", policy_rejected_logps, rejected_lengths, "rejected")  # (B,)
@@ -306,6 +319,7 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, *, kl_poli
     Metrics: ``rewards/implicit`` ``(B,)`` = ``beta * r``, ``kto/desirable`` ``(B,)`` 1.0/0.0 (to
     average rewards per class), scalar ``kto/z0``.
     """
+    _check_beta("kto", beta)
     _check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, labels=labels)
     _check_same_shape(kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps)
     desirable = labels.bool()  # (B,)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.losses.base import LossOutput
-from alignkit.losses.preference import (PREFERENCE_LOSSES, _check_epsilon, _dpo_margin, _mean_logps,
+from alignkit.losses.preference import (PREFERENCE_LOSSES, _check_beta, _check_epsilon, _dpo_margin, _mean_logps,
                                         _reward_metrics, _require_reference)
 
 Tensor = torch.Tensor
@@ -49,6 +49,7 @@ def exo_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     ``label_smoothing`` (``eps``) must lie in ``(0, 0.5)``: at 0 the target has a zero and the KL is
     infinite. ``labels`` treated as hard. Shapes as in ``dpo_loss``.
     """
+    _check_beta("exo_pair", beta)
     if not 0.0 < label_smoothing < 0.5:
         raise ValueError(f"exo_pair: label_smoothing (eps) must be in (0, 0.5), got {label_smoothing}")
     a, b = _ratios("exo_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -72,6 +73,7 @@ def nca_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     pushed up against an absolute target, so its likelihood does not fall with the rejected one's.
     ``labels`` treated as hard. Shapes as in ``dpo_loss``.
     """
+    _check_beta("nca_pair", beta)
     a, b = _ratios("nca_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     ra, rb = beta * a, beta * b
     losses = -F.logsigmoid(ra) - 0.5 * F.logsigmoid(-ra) - 0.5 * F.logsigmoid(-rb)
@@ -91,6 +93,7 @@ def bco_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     ``bco_pair`` this form uses ``delta = 0`` (no state between batches, so a micro-batch split or a
     resume cannot change it). ``labels`` treated as hard. Shapes as in ``dpo_loss``.
     """
+    _check_beta("bco_pair", beta)
     a, b = _ratios("bco_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     ra, rb = beta * a, beta * b
     losses = -F.logsigmoid(ra) - F.logsigmoid(-rb)
@@ -109,8 +112,7 @@ def sppo_hard_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     for the rejected one: each log-ratio is regressed onto ``± 1/(2 beta)`` separately (IPO
     regresses only their difference). ``labels`` treated as hard. Shapes as in ``dpo_loss``.
     """
-    if beta <= 0:
-        raise ValueError(f"sppo_hard: beta must be > 0, got {beta}")
+    _check_beta("sppo_hard", beta)
     a, b = _ratios("sppo_hard", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     target = 0.5 / beta
     losses = (a - target) ** 2 + (b + target) ** 2
@@ -137,6 +139,7 @@ def aot_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     sigma(-beta delta_i)``. **Batch-level**: ``losses[i]`` belongs to the i-th smallest margin, not
     to example i. ``labels`` treated as hard; ``label_smoothing`` in ``[0, 0.5]``.
     """
+    _check_beta("aot", beta)
     _check_epsilon("aot", label_smoothing, upper_inclusive=True)
     _require_reference("aot", ref_chosen_logps, ref_rejected_logps)
     a, b = _ratios("aot", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -160,6 +163,7 @@ def aot_unpaired_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor
     releases; both names are accepted as ``loss_type``). **Batch-level** like ``aot``.
     ``label_smoothing`` in ``[0, 0.5]``.
     """
+    _check_beta("aot_unpaired", beta)
     _check_epsilon("aot_unpaired", label_smoothing, upper_inclusive=True)
     a, b = _ratios("aot_unpaired", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                    ref_rejected_logps)
@@ -180,6 +184,7 @@ def apo_zero_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     up and the rejected one down, each anchored at the reference (zero log-ratio) rather than only
     their difference. ``labels`` treated as hard. Shapes as in ``dpo_loss``.
     """
+    _check_beta("apo_zero", beta)
     a, b = _ratios("apo_zero", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = (1.0 - torch.sigmoid(beta * a)) + torch.sigmoid(beta * b)
     return LossOutput(losses, _reward_metrics(beta * a, beta * b))
@@ -196,6 +201,7 @@ def apo_down_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     *worse* than the model's own, both likelihoods go down, the rejected one more (the margin term).
     ``labels`` treated as hard. Shapes as in ``dpo_loss``.
     """
+    _check_beta("apo_down", beta)
     a, b = _ratios("apo_down", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = torch.sigmoid(beta * a) + (1.0 - torch.sigmoid(beta * (a - b)))
     return LossOutput(losses, _reward_metrics(beta * a, beta * b))
@@ -224,6 +230,7 @@ def discopop_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     a run that starts at policy = reference (``z = 0``) is pushed to *negative* margins, into a local
     minimum, unless something else moves it off zero first (see :data:`DISCOPOP_MONOTONE_TAU`).
     """
+    _check_beta("discopop", beta)
     if discopop_tau <= 0:
         raise ValueError(f"discopop: discopop_tau must be > 0, got {discopop_tau}")
     a, b = _ratios("discopop", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -246,6 +253,7 @@ def sigmoid_norm_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor
     ``chosen_lengths``/``rejected_lengths`` ``(B,)``. ``labels`` treated as hard. Rewards are
     ``beta * `` the averaged log-ratios.
     """
+    _check_beta("sigmoid_norm", beta)
     a, b = _ratios("sigmoid_norm", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                    ref_rejected_logps)
     a = _mean_logps("sigmoid_norm", a, chosen_lengths, "chosen")

@@ -33,11 +33,13 @@ class GenerationConfig(Section):
     max_new_tokens: int = Field(64, gt=0)
     """Longest response in tokens; longer ones are cut and marked as not ended."""
     temperature: float = Field(1.0, ge=0)
-    """Sampling temperature (0: greedy)."""
+    """Sampling temperature (0: greedy). Must be >= 0: logits are divided by it, and a negative
+    temperature samples the least likely tokens first."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling: keep the smallest token set with this much probability."""
+    """Nucleus sampling: keep the smallest token set with this much probability. Must be in (0, 1]: a
+    probability mass, and 0 keeps no token."""
     top_k: int = Field(0, ge=0)
-    """Keep only the k most likely tokens (0: all)."""
+    """Keep only the k most likely tokens (0: all). Must be >= 0: a count of tokens."""
     batch_size: int = Field(16, gt=0)
     """Sequences generated per forward batch."""
     engine: Literal["fast", "hf", "vllm"] = "fast"

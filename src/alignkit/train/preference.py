@@ -49,12 +49,17 @@ class DPOOptions(Section):
                       "e.g. [dpo, sft] with loss_weights) is split into loss, extra_losses and sft_weight.")
     loss_weight: float = Field(1.0, gt=0)
     """Weight of the main loss in a weighted sum (the first of TRL's loss_weights)."""
-    beta: Optional[float] = None
-    """Strength (beta; tau for ipo, lambda for orpo). Empty: the loss's own default."""
-    label_smoothing: Optional[float] = None
-    """Assumed label-noise rate for cdpo/robust (and dpo's label smoothing; exo_pair's eps)."""
-    gamma: Optional[float] = None
-    """SimPO target reward margin."""
+    beta: Optional[float] = Field(None, gt=0)
+    """Strength (beta; tau for ipo, lambda for orpo). Empty: the loss's own default. Must be > 0: beta
+    scales the implicit reward beta * log(pi/ref), so a negative beta trains the reverse preference
+    (the rejected response up) while the logged accuracy still looks right, and 0 learns nothing."""
+    label_smoothing: Optional[float] = Field(None, ge=0, le=0.5)
+    """Assumed label-noise rate for cdpo/robust (and dpo's label smoothing; exo_pair's eps). Must be in
+    [0, 0.5]: it is the probability that a label is flipped, and above 0.5 the labels would be read
+    backwards (robust and exo_pair also need it below 0.5)."""
+    gamma: Optional[float] = Field(None, ge=0)
+    """SimPO target reward margin. Must be >= 0: it is a margin the chosen reward must exceed the
+    rejected one by; a negative margin rewards ranking the pair the wrong way."""
     desirable_weight: float = Field(1.0, gt=0)
     """KTO weight of desirable examples (lambda_D)."""
     undesirable_weight: float = Field(1.0, gt=0)
@@ -66,7 +71,8 @@ class DPOOptions(Section):
     """Other hyper-parameters by the name the loss function declares, e.g. {discopop_tau: 0.05};
     each must belong to one of the losses in use."""
     extra_losses: Dict[str, float] = {}
-    """More paired losses added with weights, e.g. {hinge: 0.5}; they share beta and the other knobs."""
+    """More paired losses added with weights, e.g. {hinge: 0.5}; they share beta and the other knobs.
+    Each weight must be > 0: a negative weight would maximize that loss."""
     sft_weight: float = Field(0.0, ge=0)
     """Weight of an NLL term on the chosen response (length-averaged), as in RPO / DPO+SFT."""
     reference: Literal["auto", "model", "adapter", "precomputed"] = "auto"
@@ -118,7 +124,10 @@ class DPOOptions(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        for name in self.extra_losses:
+        for name, weight in self.extra_losses.items():
+            if not weight > 0:
+                raise ValueError(f"extra_losses.{name}: weight must be > 0 (a negative weight maximizes that "
+                                 f"loss, 0 computes it for nothing), got {weight}")
             spec = PREFERENCE_LOSSES.get(name)
             if not spec.paired or not PREFERENCE_LOSSES.get(self.loss).paired:
                 raise ValueError(f"extra_losses: {name!r} cannot be combined with {self.loss!r} "
