@@ -60,7 +60,10 @@ def _devices() -> Dict[str, Any]:
                        for i in range(torch.cuda.device_count())]
     from alignkit.models.loading import native_bf16
 
+    from alignkit import hardware
+
     out["bf16"] = native_bf16()  # what precision=auto and dtype=auto pick (a GPU, or a CPU with AMX/AVX512-BF16)
+    out["cpu"] = hardware.describe()  # the CPU class the hardware-specific paths use, and why (docs/hardware.md)
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         out["mps"] = True
