@@ -10,6 +10,8 @@ from alignkit.ops.packed_linear import PackedLinear, pack_linears, packing_works
 from alignkit.rollout.engine import FastEngine, draw, length_groups, merged_lora, sample_next
 from alignkit.rollout.generate import GenerationConfig, _cut_at_eos, batched_logprobs, generate, hf_generate
 
+pytestmark = pytest.mark.hw  # behaviour depends on the CPU class: run again as an AVX2 CPU (docs/hardware.md)
+
 
 @pytest.fixture(scope="module")
 def model_and_prompts():
