@@ -80,7 +80,7 @@ def test_eval_fraction_holds_out_whole_prompts(tiny_tok, tmp_path):
         assert report["prompt_overlap_with_train"] == 0
         # the one reply shared by prompts A and C is counted when one of them is held out
         assert report["response_overlap_with_train"] == (1 if group(data.eval) & {"A", "C"} else 0)
-        assert report["split"] == f"0.25 of the training prompts (seed {seed}): 3 rows, 1 prompts"
+        assert report["split"] == f"0.25 of the training prompts (seed {seed}): 3 rows, 1 prompt"
         assert (data.reports[0].examples, report["rows_read"], report["examples"]) == (9, 3, 3)
 
     # the row split (the old behaviour, on request) lets held-out rows share prompts with training

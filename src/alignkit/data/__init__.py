@@ -132,7 +132,8 @@ def _prepare(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs) ->
         groups = len({keys.prompt[r] for r in held})
         reports.append(DataReport(source=report.source, role="eval", origin=report.origin,
                                   split=f"{cfg.eval_fraction:g} of the training {unit} (seed {seed}): "
-                                        f"{len(held)} rows, {groups} prompts",
+                                        f"{len(held)} row{'s' if len(held) != 1 else ''}, "
+                                        f"{groups} prompt{'s' if groups != 1 else ''}",
                                   rows_read=len(held), examples=len(eval_items)))
     elif require_eval:
         raise DataError("this command needs held-out data: set data.eval_path, data.eval_split or data.eval_fraction")
