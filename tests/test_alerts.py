@@ -244,3 +244,69 @@ def test_online_eval_hands_per_prompt_accuracy_to_the_heldout_check(tmp_path, ti
     assert len(values) == 4 and set(values) <= {0.0, 0.5, 1.0}  # 2 samples per prompt, scores 0 or 1
     first = json.loads((tmp_path / "g" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and first["eval/rewards/accuracy"] == pytest.approx(sum(values) / 4)
+
+
+def test_end_of_run_reports_conditions_that_held_for_the_whole_short_run():
+    """Shorter than stall_steps: nothing live, but the end of the run names every no-learning condition
+    that held on each logged step; one good step, or a condition already reported, means no end alert."""
+    def end(records, **cfg):
+        d = Diagnostics(DiagnosticsConfig(**cfg))
+        live = [a.kind for a in d.replay(records)]
+        return live, [a.kind for a in d.end_of_run(records[-1]["step"] if records else 0)]
+
+    assert end(lines(3, rewards__std=lambda s: 0.0, train__grad_norm=lambda s: 0.0)) == \
+        ([], ["zero_grad", "constant_reward"])
+    assert end(lines(1, rewards__zero_std_groups=lambda s: 1.0, rewards__std=lambda s: 0.4)) == ([], ["constant_reward"])
+    assert end(lines(2, rollout__eos_rate=lambda s: 0.0, train__units=lambda s: 0.0)) == \
+        ([], ["all_truncated", "all_masked"])
+    # broken once: not "held for every step"
+    assert end(lines(3, rewards__std=lambda s: 0.1 * (s == 2), train__grad_norm=lambda s: 0.5 * (s == 3),
+                     rollout__eos_rate=lambda s: 0.25 * (s == 1), rewards__zero_std_groups=lambda s: 0.5)) == ([], [])
+    # a flat loss over a short run is not judged (a few equal losses do not show that nothing moved)
+    assert end(lines(3, train__loss=lambda s: 4.85)) == ([], [])
+    # already reported live (the run reached stall_steps): not again at the end
+    assert end(lines(4, train__grad_norm=lambda s: 0.0), stall_steps=3) == (["zero_grad"], [])
+    assert end([]) == ([], [])
+    d = Diagnostics()
+    d.replay(lines(2, rewards__std=lambda s: 0.0))
+    (alert,) = d.end_of_run(2)
+    assert alert.step == 2 and "in all 2 logged steps of this run" in alert.message and d.alerts == [alert]
+    assert "constant_reward" in d.active
+
+
+def _grpo_base(tmp_path, tiny_model, reward_src, name):
+    (tmp_path / f"{name}.py").write_text(reward_src)
+    rng = random.Random(0)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w:" + "".join(rng.choice("mnop") for _ in range(3))}
+                                                 for _ in range(8)])
+    return {"model.name_or_path": str(tiny_model), "data.path": str(prompts),
+            "rewards": [f"python:{tmp_path / name}.py:{name}"], "generation.max_new_tokens": 6,
+            "train.batch_size": 4, "grpo.num_generations": 4, "train.max_steps": 3, "optim.lr": 1e-2,
+            "log.progress": False, "log.samples": 0}
+
+
+def test_three_step_grpo_on_a_constant_reward_says_so_at_the_end(tmp_path, tiny_model, capsys):
+    """The default stall_steps (10) is longer than the run: the alert comes at the end, in the log,
+    alerts.jsonl and report.html; fail_on applies. A run whose rewards differ gets no such alert."""
+    from alignkit.train.grpo import train_grpo
+
+    base = _grpo_base(tmp_path, tiny_model, CONST, "const")
+    assert DiagnosticsConfig().stall_steps == 10
+    train_grpo(**base, output=str(tmp_path / "warn"))
+    alerts = _alerts(tmp_path / "warn")
+    const = [a for a in alerts if a["kind"] == "constant_reward"]
+    assert len(const) == 1 and const[0]["step"] == 3, alerts
+    assert "every reward equal in all 3 logged steps of this run" in const[0]["message"]
+    assert "constant_reward" in " ".join(capsys.readouterr().err.split())
+    assert "constant_reward" in (tmp_path / "warn" / "report.html").read_text()
+    with pytest.raises(TrainingAborted, match=r"end of run \(step 3\): constant_reward alert, and diagnostics.fail_on"):
+        train_grpo(**base, output=str(tmp_path / "abort"), **{"diagnostics.fail_on": ["constant_reward"]})
+    assert not (tmp_path / "abort" / "model").exists()
+
+    vowels = "def vowels(prompts, completions, **kw):\n    return [sum(c in 'aeiou' for c in x) / (1 + len(x)) for x in completions]\n"
+    learn = _grpo_base(tmp_path, tiny_model, vowels, "vowels")
+    train_grpo(**learn, output=str(tmp_path / "learn"))
+    metrics = [json.loads(l) for l in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["rewards/std"] > 0 for m in metrics if "rewards/std" in m)
+    kinds = {a["kind"] for a in _alerts(tmp_path / "learn")}
+    assert not kinds & {"constant_reward", "zero_grad", "all_masked"}, kinds

@@ -14,6 +14,8 @@ from alignkit.ops.logprobs import token_logprobs
 from alignkit.ops.packing import resolve_packing
 from alignkit.testing import tiny_causal_lm
 
+pytestmark = pytest.mark.hw  # behaviour depends on the CPU class: run again as an AVX2 CPU (docs/hardware.md)
+
 SHARED = Packing(pack=True, share_prompt=True)
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the switch is for CPU-only hosts")
 

@@ -177,6 +177,7 @@ def tiny_ref(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("ref") / "model", seed=1)
 
 
+@pytest.mark.hw
 def test_eval_on_tiny_models_matches_recomputation(tiny_model, tiny_ref, tmp_path, jsonl):
     """Every aggregate in eval.json is recomputed from samples.jsonl and an independent log-prob pass."""
     from transformers import AutoModelForCausalLM
@@ -277,6 +278,7 @@ def test_vader_gold_reward_values():
     assert scores == pytest.approx([0.6114, 0.0, -0.5719, 0.0])
 
 
+@pytest.mark.hw
 def test_eval_reference_runs_as_a_training_reference(tiny_ref):
     """Where bf16 is native and model.dtype is auto, the eval's reference keeps fp32 embeddings, norms
     and head with its linear layers stored in bf16, under bf16 autocast: bit for bit the log-probs of the

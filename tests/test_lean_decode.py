@@ -10,6 +10,8 @@ from alignkit.rollout.generate import GenerationConfig
 from alignkit.rollout.lean import LeanStep, lean_supported
 from alignkit.testing import tiny_causal_lm
 
+pytestmark = pytest.mark.hw  # behaviour depends on the CPU class: run again as an AVX2 CPU (docs/hardware.md)
+
 
 def _qwen3(**kw):
     import transformers as tf

@@ -279,6 +279,7 @@ def test_schedule_by_token_budget_groups_consecutive_rows_that_fit():
     assert update == want + [cur]
 
 
+@pytest.mark.hw
 def test_reward_scorer_shares_prompts_and_scores_like_rows(tiny_model, tmp_path):
     """RewardScorer lays a chunk out as a prefix tree where the layout probe allows (four completions of
     two prompts with a common beginning): in fp32 the scores are each row's own (1e-5); with dtype=auto

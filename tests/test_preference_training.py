@@ -123,6 +123,7 @@ def test_unknown_loss_error_lists_choices():
         DPOOptions(loss="kto", extra_losses={"dpo": 1.0})
 
 
+@pytest.mark.hw
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
 def test_precast_frozen_linears_is_bit_identical_under_autocast(kind):
     """A frozen reference whose linear weights are stored in bf16 once gives exactly the log-probs of the

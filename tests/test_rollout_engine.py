@@ -5,9 +5,12 @@ for bit."""
 import pytest
 import torch
 
-from alignkit.ops.packed_linear import PackedLinear, pack_linears
+from alignkit import hardware
+from alignkit.ops.packed_linear import PackedLinear, pack_linears, packing_works
 from alignkit.rollout.engine import FastEngine, draw, length_groups, merged_lora, sample_next
 from alignkit.rollout.generate import GenerationConfig, _cut_at_eos, batched_logprobs, generate, hf_generate
+
+pytestmark = pytest.mark.hw  # behaviour depends on the CPU class: run again as an AVX2 CPU (docs/hardware.md)
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +163,16 @@ def _bf16_params(model):
     return out
 
 
-def test_bf16_decode_copy_gives_generate_tokens_of_bf16_weights_and_follows_updates(model_and_prompts):
+@pytest.mark.parametrize("isa", [None, "avx2"])
+def test_bf16_decode_copy_gives_generate_tokens_of_bf16_weights_and_follows_updates(model_and_prompts, isa,
+                                                                                    monkeypatch):
     """``dtype=bf16`` decodes a bf16 copy of an fp32 model: greedy tokens equal transformers' generate on
-    the bf16 weights, the fp32 model is untouched, and a later call sees the model's updated weights."""
+    the bf16 weights, the fp32 model is untouched, and a later call sees the model's updated weights.
+    ``isa="avx2"``: the fallback of a CPU without oneDNN bf16 (plain bf16 linears), forced on every machine."""
     import copy
+
+    if isa:
+        monkeypatch.setenv("ALIGNKIT_CPU_ISA", isa)
 
     tok, model0, prompts = model_and_prompts
     model = copy.deepcopy(model0)
@@ -181,14 +190,17 @@ def test_bf16_decode_copy_gives_generate_tokens_of_bf16_weights_and_follows_upda
                 p.add_(torch.randn(p.shape, generator=g) * 0.5)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert engine._shadow is not None and engine._shadow[0]() is model  # one copy, refilled in place
-    # its linear layers (7 per decoder layer and the head) decode with pre-packed weights, re-packed with
-    # each refill (else round 1 would have decoded the old weights)
+    # where oneDNN packs bf16 weights (packing_works), its linear layers (7 per decoder layer and the head)
+    # decode with pre-packed weights, re-packed with each refill (else round 1 would have decoded the old
+    # weights); elsewhere (an AVX2 CPU, ALIGNKIT_CPU_ISA=avx2) they stay plain bf16 linears, the fallback
     copy = engine._shadow[1]
-    assert sum(isinstance(m, PackedLinear) for m in copy.modules()) == 2 * 7 + 1
+    packed = packing_works()
+    assert sum(isinstance(m, PackedLinear) for m in copy.modules()) == (2 * 7 + 1 if packed else 0)
     # the packed layers' weights exist only packed: the copy's parameters are the embedding (the tied
-    # head's weight) and the norms
+    # head's weight) and the norms; unpacked, it holds every weight in bf16
     assert sum(p.numel() for p in copy.parameters()) == sum(
-        p.numel() for n, p in model.named_parameters() if "embed" in n or "norm" in n)
+        p.numel() for n, p in model.named_parameters() if not packed or "embed" in n or "norm" in n)
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
     import gc
 
     del model
@@ -210,11 +222,15 @@ def test_generation_dtype_auto_follows_native_bf16(monkeypatch):
 
 def test_native_bf16_measures_a_cpu_without_amx(monkeypatch):
     """AMX means bf16; AVX512-BF16 alone means bf16 only where a measured bf16 product beats fp32 by
-    BF16_MIN_SPEEDUP (some Xeons expose the flag and run bf16 2x slower than fp32); neither means fp32."""
+    BF16_MIN_SPEEDUP (some Xeons expose the flag and run bf16 2x slower than fp32); neither means fp32.
+    The CPU class is hardware.cpu_isa: here the chip's flags are faked and nothing caps them."""
     from alignkit.models import loading
 
     flags = set()
-    monkeypatch.setattr(loading, "_cpu_has", lambda flag: flag in flags)
+    monkeypatch.setattr(hardware, "_has", lambda flag: flag in flags)
+    monkeypatch.setattr(hardware, "is_x86", lambda: True)
+    monkeypatch.setattr(hardware, "isa_cap", lambda: None)
+    monkeypatch.setattr(hardware, "onednn_bf16", lambda: True)
     speed = {"x": 3.0}
     monkeypatch.setattr(loading, "cpu_bf16_speedup", lambda: speed["x"])
     assert not loading.native_bf16("cpu")
@@ -228,6 +244,8 @@ def test_native_bf16_measures_a_cpu_without_amx(monkeypatch):
     flags.add("_is_amx_tile_supported")
     assert loading.native_bf16("cpu")  # AMX: no measurement needed
     assert not loading.native_bf16("mps")
+    monkeypatch.setattr(hardware, "onednn_bf16", lambda: False)  # oneDNN without bf16 kernels: no bf16
+    assert not loading.native_bf16("cpu")
 
 
 def test_cpu_bf16_speedup_times_both_products_once(monkeypatch):
@@ -255,6 +273,8 @@ def test_cpu_bf16_speedup_times_both_products_once(monkeypatch):
     loading.cpu_bf16_speedup.cache_clear()
 
 
+@pytest.mark.skipif(not packing_works(), reason="oneDNN does not pack bf16 weights on this CPU (its probe says no: "
+                    f"{hardware.describe()}); the fallback is tested on every machine")
 def test_packed_linear_equals_linear_and_skips_what_it_must():
     """PackedLinear gives F.linear's bf16 numbers bit for bit at every row count (decode, prefill, one
     row) and follows a new weight given in fp32; pack_linears leaves fp32 layers and LoRA adapters
@@ -270,12 +290,30 @@ def test_packed_linear_equals_linear_and_skips_what_it_must():
     x = torch.randn(5, 48, generator=g).to(torch.bfloat16)
     assert torch.equal(packed(x), torch.nn.functional.linear(x, w32.to(torch.bfloat16), lin.bias))
 
-    lora = torch.nn.Module()
-    lora.base_layer = torch.nn.Linear(8, 8)
-    lora.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(8, 2)})
-    net = torch.nn.Sequential(torch.nn.Linear(8, 8), lora)
+    net, lora = _lora_net()
     assert pack_linears(net, 4) == 0  # fp32: left alone
     net = net.to(torch.bfloat16)
     assert pack_linears(net, 4) == 2
     assert isinstance(net[0], PackedLinear) and isinstance(lora.base_layer, PackedLinear)
     assert type(lora.lora_A["default"]) is torch.nn.Linear
+
+
+def _lora_net():
+    lora = torch.nn.Module()
+    lora.base_layer = torch.nn.Linear(8, 8)
+    lora.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(8, 2)})
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), lora), lora
+
+
+def test_pack_linears_falls_back_to_plain_linears_when_packing_is_off(monkeypatch):
+    """On a CPU whose oneDNN has no bf16 kernels (forced here on every machine with ALIGNKIT_CPU_ISA=avx2)
+    packing_works says no and pack_linears leaves every layer a plain nn.Linear, with its numbers."""
+    monkeypatch.setenv("ALIGNKIT_CPU_ISA", "avx2")
+    assert not packing_works()
+    net, lora = _lora_net()
+    net = net.to(torch.bfloat16)
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    before = net[0](x)
+    assert pack_linears(net, 4) == 0
+    assert type(net[0]) is torch.nn.Linear and type(lora.base_layer) is torch.nn.Linear
+    assert torch.equal(net[0](x), before)

@@ -44,6 +44,9 @@ def test_env_reports_versions_devices_paths_and_extras():
     info = json.loads(res.output)
     assert info["packages"]["torch"] == torch.__version__
     assert info["devices"]["cuda"] == torch.cuda.is_available()
+    from alignkit import hardware
+
+    assert info["devices"]["cpu"]["cpu_isa"] == hardware.cpu_isa() and hardware.cpu_isa() in hardware.LEVELS + ("other",)
     assert set(info["paths"]) == {"alignkit_cache", "embedded_model", "hf_hub_cache"}
     assert "vllm" in info["optional"] and isinstance(info["extras"], dict)
     text = CliRunner().invoke(build_cli(), ["env"]).output

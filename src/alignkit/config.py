@@ -87,8 +87,14 @@ class DataConfig(Section):
     dataset has one (test_prefs for train_prefs, test for train) and eval_fraction is 0, else
     eval_fraction of the training rows."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
-    """Fraction of the training rows held out for evaluation when there is no eval_path, eval_split or
-    test twin. Must be in [0, 1): 1 would leave nothing to train on."""
+    """Fraction of the training data held out for evaluation when there is no eval_path, eval_split or
+    test twin: whole prompts (see eval_split_by), about this fraction of the rows.
+    Must be in [0, 1): 1 would leave nothing to train on."""
+    eval_split_by: Literal["prompt", "row"] = "prompt"
+    """How eval_fraction holds data out. prompt: whole prompts (rows grouped by normalized prompt text:
+    Unicode NFKC, case-folded, whitespace collapsed; a conversation by its turns before the first
+    assistant reply), so no held-out row shares its prompt with training; row: single rows (the pairs
+    of one ranking row still stay together), which lets a prompt's other replies sit in training."""
     max_length: int = Field(1024, gt=1)
     """Maximum tokens of prompt plus response."""
     max_prompt_length: Optional[int] = Field(None, gt=0)

@@ -60,7 +60,10 @@ def _devices() -> Dict[str, Any]:
                        for i in range(torch.cuda.device_count())]
     from alignkit.models.loading import native_bf16
 
+    from alignkit import hardware
+
     out["bf16"] = native_bf16()  # what precision=auto and dtype=auto pick (a GPU, or a CPU with AMX/AVX512-BF16)
+    out["cpu"] = hardware.describe()  # the CPU class the hardware-specific paths use, and why (docs/hardware.md)
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         out["mps"] = True
@@ -90,7 +93,8 @@ def collect() -> Dict[str, Any]:
                   "embedded_model": f"{embedded} ({'converted' if (embedded / 'model.safetensors').exists() else 'not converted yet'})",
                   "hf_hub_cache": hf_cache},
         "env": {k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "ALIGNKIT_CACHE",
-                                           "CUDA_VISIBLE_DEVICES", "WORLD_SIZE") if k in os.environ},
+                                           "CUDA_VISIBLE_DEVICES", "WORLD_SIZE", "ALIGNKIT_CPU_ISA", "ONEDNN_MAX_CPU_ISA",
+                                           "ATEN_CPU_CAPABILITY", "ALIGNKIT_LEAN_DECODE") if k in os.environ},
     }
 
 
@@ -110,5 +114,7 @@ def run_env(cfg: EnvConfig) -> None:
                 v = "not installed"
             elif isinstance(v, bool) and title == "extras":
                 v = "installed" if v else "missing"
+            elif isinstance(v, dict):
+                v = ", ".join(f"{a}={b}" for a, b in v.items())
             lines.append(f"  {k}: {', '.join(v) if isinstance(v, list) else v}")
     print("\n".join(lines))

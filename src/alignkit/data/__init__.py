@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -14,6 +13,7 @@ from alignkit.config import DataConfig
 from alignkit.data.formats import parse_rows
 from alignkit.data.load import (DataError, DataReport, chars_budget, cut_long_rows, looks_like_hub_id,
                                 note_duplicates, read_rows, resolve_data_path, split_names, twin_split)
+from alignkit.data.split import RowKeys, held_out_rows, overlaps
 from alignkit.data.tokenize import Encoder
 
 __all__ = ["prepare", "Prepared", "DataError", "DataReport", "Encoder", "read_rows", "parse_rows"]
@@ -41,7 +41,7 @@ def _load_split(source: str, split: str, role: str, kind: str, cfg: DataConfig, 
     with _big_file_phase(source, f"tokenizing {len(examples)} examples of"):
         encoded = encoder.encode(kind, examples, report)
     report.examples = len(encoded)
-    return encoded, report
+    return encoded, report, RowKeys.of(examples)
 
 
 BIG_FILE = 16 << 20  # bytes: reading and tokenizing a larger file shows a progress line
@@ -125,7 +125,8 @@ def prepare(kind: str, cfg: DataConfig, tokenizer, seed: int = 0, require_eval: 
 
 
 def _prepare(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs) -> Prepared:
-    train, report = _load_split(cfg.path, cfg.split, "train", kind, cfg, encoder, **parse_kwargs)
+    train, report, keys = _load_split(cfg.path, cfg.split, "train", kind, cfg, encoder, **parse_kwargs)
+    eval_keys = keys
     reports.append(report)
     if not train:
         raise DataError(f"{cfg.path}: no usable {kind} examples out of {report.rows_read} rows (every row is "
@@ -133,26 +134,31 @@ def _prepare(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs) ->
     eval_items: List[Dict[str, Any]] = []
     source = _eval_source(cfg)
     if source is not None:
-        eval_items, ereport = _load_split(source[0], source[1], "eval", kind, cfg, encoder, **parse_kwargs)
+        eval_items, ereport, eval_keys = _load_split(source[0], source[1], "eval", kind, cfg, encoder, **parse_kwargs)
         reports.append(ereport)
         if not eval_items:
             raise DataError(f"{source[0]}: no usable {kind} examples for evaluation")
     elif cfg.eval_fraction > 0:
-        # split by source row so the expanded pairs of one ranking never straddle the split
-        rows = sorted({x["row"] for x in train})
-        random.Random(seed).shuffle(rows)
-        n_eval = max(1, int(round(len(rows) * cfg.eval_fraction)))
-        held = set(rows[:n_eval])
+        # whole prompt groups (data.eval_split_by=prompt) or source rows; either way the expanded pairs
+        # of one ranking row never straddle the split (data/split.py)
+        held = held_out_rows([x["row"] for x in train], keys, cfg.eval_fraction, seed, cfg.eval_split_by, cfg.path)
         eval_items = [x for x in train if x["row"] in held]
         train = [x for x in train if x["row"] not in held]
         if not train:
             raise DataError(f"{cfg.path}: eval_fraction={cfg.eval_fraction} leaves no training examples")
         report.examples = len(train)
+        unit = "prompts" if cfg.eval_split_by == "prompt" else "rows"
+        groups = len({keys.prompt[r] for r in held})
         reports.append(DataReport(source=report.source, role="eval", origin=report.origin,
-                                  split=f"{cfg.eval_fraction:g} of the training rows (seed {seed})",
-                                  rows_read=n_eval, examples=len(eval_items)))
+                                  split=f"{cfg.eval_fraction:g} of the training {unit} (seed {seed}): "
+                                        f"{len(held)} row{'s' if len(held) != 1 else ''}, "
+                                        f"{groups} prompt{'s' if groups != 1 else ''}",
+                                  rows_read=len(held), examples=len(eval_items)))
     elif require_eval:
         raise DataError("this command needs held-out data: set data.eval_path, data.eval_split or data.eval_fraction")
     if eval_items:
         reports[-1].overlap_with_train = count_overlap(train, eval_items)
+        shared = overlaps([x["row"] for x in train], keys, [x["row"] for x in eval_items], eval_keys)
+        reports[-1].prompt_overlap_with_train = shared["prompt_overlap_with_train"]
+        reports[-1].response_overlap_with_train = shared["response_overlap_with_train"]
     return Prepared(train, eval_items, reports, encoder)

@@ -41,6 +41,8 @@ class DataReport:
     split: Optional[str] = None
     origin: Optional[str] = None
     overlap_with_train: Optional[int] = None
+    prompt_overlap_with_train: Optional[int] = None  # held-out examples whose prompt is a training prompt
+    response_overlap_with_train: Optional[int] = None  # held-out examples sharing a reply text with training
     unused: Counter = field(default_factory=Counter)  # row fields the command does not use -> rows
     duplicates: int = 0  # rows equal to an earlier row of the same side (kept)
 
@@ -115,6 +117,12 @@ class DataReport:
         if self.overlap_with_train:
             lines.append(f"  warning: {self.overlap_with_train} of {self.examples} eval examples also appear in "
                          f"the training data (same content): held-out numbers are optimistic")
+        if self.prompt_overlap_with_train:
+            lines.append(f"  warning: {self.prompt_overlap_with_train} of {self.examples} eval examples share their "
+                         f"prompt with training rows: held-out numbers are optimistic")
+        if self.response_overlap_with_train:
+            lines.append(f"  note: {self.response_overlap_with_train} of {self.examples} eval examples share a reply "
+                         f"text with training rows (under another prompt)")
         return lines
 
     def to_dict(self, rows_file: Optional[str] = None) -> Dict[str, Any]:
@@ -124,8 +132,9 @@ class DataReport:
                "rows_read": self.rows_read, "examples": self.examples, "dropped": dict(self.dropped),
                "truncated": dict(self.truncated), "kept_with_note": dict(self.noted),
                "unused_fields": dict(self.unused), "duplicate_rows": self.duplicates}
-        if self.overlap_with_train is not None:
-            out["overlap_with_train"] = self.overlap_with_train
+        for key in ("overlap_with_train", "prompt_overlap_with_train", "response_overlap_with_train"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         if rows_file and len(self.samples) > ROWS_INLINE:
             out["rows_file"] = rows_file
             out["samples"] = self.samples[:20]

@@ -538,3 +538,67 @@ class Diagnostics:
                         f"DPO-Positive, an SFT term on the chosen responses (RPO), a larger beta, "
                         f"or fewer epochs.")
         return ""
+
+    # ------------------------------------------------------------------ end of a run
+    def end_of_run(self, step: int) -> List[Alert]:
+        """No-learning alerts for a run that ends now, however short it was (issue 31): each of
+        ``zero_grad``, ``constant_reward``, ``all_truncated`` and ``all_masked`` whose condition held on
+        *every* logged observation of the run so far (at least one) and that has not fired yet, e.g.
+        because the run logged fewer than ``stall_steps`` steps. The live checks wait for ``stall_steps``
+        so that a brief zero does not alarm a long run; a run that ends with the condition never once
+        broken has learned nothing from it, whatever its length. Returned alerts are recorded in
+        :attr:`alerts` and marked active, like live ones. ``stuck_loss`` is not judged here: a few equal
+        losses in a short run do not show that nothing moved."""
+        new: List[Alert] = []
+        for kind, message in _end_checks(self.history):
+            if kind in self._active or message is None:
+                continue
+            self._active.add(kind)
+            new.append(Alert(int(step), kind, message))
+        self.alerts.extend(new)
+        return new
+
+
+def _held_throughout(history: Dict[str, List[Point]], key: str, pred: Callable[[float], bool]) -> Optional[int]:
+    """The number of observations of ``key`` when ``pred`` held on every one of them (all finite), else
+    None (also when ``key`` was never logged)."""
+    pts = history.get(key, [])
+    if not pts or not all(math.isfinite(v) and pred(v) for _, v in pts):
+        return None
+    return len(pts)
+
+
+def _end_checks(history: Dict[str, List[Point]]) -> List[Tuple[str, Optional[str]]]:
+    """(kind, message or None) of the no-learning conditions judged at the end of a run by
+    :meth:`Diagnostics.end_of_run`; the thresholds are those of the live checks."""
+    def whole(n: int) -> str:
+        return f"in all {n} logged step{'s' if n != 1 else ''} of this run"
+
+    out: List[Tuple[str, Optional[str]]] = []
+    n = _held_throughout(history, GRAD_NORM_KEY, lambda v: v <= 1e-12)
+    out.append(("zero_grad", None if n is None else
+                f"The run ended with a gradient norm of 0 {whole(n)}: nothing was learned. Check that the loss "
+                f"depends on trainable weights (LoRA targets, frozen layers), that labels are not all masked, "
+                f"and that the rewards differ."))
+    same = _held_throughout(history, REWARD_STD_KEY, lambda v: v <= 1e-12)
+    flat = _held_throughout(history, ZERO_STD_KEY, lambda v: v >= 1.0 - 1e-9)
+    if same is not None:
+        msg: Optional[str] = (f"The run ended with every reward equal {whole(same)} (rewards/std = 0): advantages "
+                              f"were zero and nothing was learned. Check the reward function (does it ever return "
+                              f"different values?), its inputs, and max_new_tokens.")
+    elif flat is not None:
+        msg = (f"The run ended with equal rewards within every prompt's group {whole(flat)} "
+               f"(rewards/zero_std_groups = 1): group-relative advantages were zero and nothing was learned. Use "
+               f"a reward with more resolution, other prompts, more samples per prompt, or dynamic sampling.")
+    else:
+        msg = None
+    out.append(("constant_reward", msg))
+    n = _held_throughout(history, EOS_RATE_KEY, lambda v: v <= 0.0)
+    out.append(("all_truncated", None if n is None else
+                f"The run ended with every completion cut at max_new_tokens {whole(n)} (rollout/eos_rate = 0): "
+                f"rewards judged unfinished text. Raise generation.max_new_tokens or check the stop/EOS token."))
+    n = _held_throughout(history, UNITS_KEY, lambda v: v <= 0.0)
+    out.append(("all_masked", None if n is None else
+                f"The run ended with every label masked {whole(n)} (0 loss tokens per update): there was nothing "
+                f"to learn from. Check the chat template / response masking and data.max_length."))
+    return out

@@ -136,7 +136,11 @@ def load_run(run_dir: Path) -> RunData:
     if (run_dir / "alerts.jsonl").is_file():
         run.alerts = _read_jsonl(run_dir / "alerts.jsonl", run.notes)
     else:
-        run.alerts = [a.to_dict() for a in Diagnostics().replay(run.metrics)]
+        diag = Diagnostics()
+        found = diag.replay(run.metrics)
+        if (run_dir / "summary.json").is_file() and run.metrics:  # a finished run: its end-of-run alerts too
+            found += diag.end_of_run(int(run.metrics[-1].get("step", len(run.metrics))))
+        run.alerts = [a.to_dict() for a in found]
         run.alerts_computed = True
     if (run_dir / "samples.jsonl").is_file():
         run.samples = _read_jsonl(run_dir / "samples.jsonl", run.notes)

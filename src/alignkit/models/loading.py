@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
+from alignkit import hardware
 from alignkit.config import LoraConfig, ModelConfig
 from alignkit.data.templates import resolve_chat_template
 from alignkit.models.default import resolve_model_path
@@ -34,25 +35,25 @@ def native_bf16(device_type: Optional[str] = None) -> bool:
       bf16 products reached ~420 GFLOP/s; on 2 Xeon cores that expose AVX512-BF16 without AMX they ran
       2x *slower* than fp32 (164 vs 329 GFLOP/s), so bf16 autocast there halved training speed.
       :func:`cpu_bf16_speedup` times one product of a training shape both ways, once per process.
-    - Any other CPU: no (bf16 is emulated)."""
+    - Any other CPU (AVX2 or AVX512 without bf16, aarch64): no (bf16 is emulated).
+
+    The CPU class is :func:`alignkit.hardware.cpu_isa`: the chip's flags limited by the process's
+    settings (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``, ``ALIGNKIT_CPU_ISA``) and by whether
+    oneDNN really has bf16 kernels here, so ``ALIGNKIT_CPU_ISA=avx2`` forces the fp32 fallback anywhere."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type != "cpu":
         return False
-    if _cpu_has("_is_amx_tile_supported"):
+    isa = hardware.cpu_isa()
+    if isa == "amx":
         return True
-    return _cpu_has("_is_avx512_bf16_supported") and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+    return isa == "avx512_bf16" and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
 
 
 BF16_MIN_SPEEDUP = 1.2
 """bf16 must beat fp32 by this factor to be chosen: below it the speed gain does not pay for bf16's
 coarser products."""
-
-
-def _cpu_has(flag: str) -> bool:
-    check = getattr(getattr(torch, "cpu", None), flag, None)
-    return bool(check()) if check is not None else False
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,6 +10,7 @@ training's hundreds of rows the re-pack is a small share of the product.
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence
 
 import torch
@@ -38,7 +39,19 @@ class PackedLinear(torch.nn.Module):
 
 
 def packing_works() -> bool:
-    """Whether this torch build packs bf16 linear weights for oneDNN and gives ``F.linear``'s numbers."""
+    """Whether the decode copy's linear layers are packed here: oneDNN packs a bf16 weight and the packed
+    product gives ``F.linear``'s numbers bit for bit (tried once per process), and the settings do not
+    make this process answer as a CPU without AVX512 (``ALIGNKIT_CPU_ISA=avx2`` forces the fallback,
+    plain bf16 ``F.linear``; :mod:`alignkit.hardware`). oneDNN refuses the op where it has no bf16
+    kernels (an AVX2-only CPU: "bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl
+    and avx512dq"), so no flag is trusted: the op itself is tried."""
+    from alignkit.hardware import isa_allows
+
+    return isa_allows("avx512") and _packing_probe()
+
+
+@functools.lru_cache(maxsize=None)
+def _packing_probe() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
@@ -46,7 +59,7 @@ def packing_works() -> bool:
     x = torch.randn(3, 2, 24, generator=g).to(torch.bfloat16)
     try:
         return torch.equal(PackedLinear(w, b, 4)(x), torch.nn.functional.linear(x, w, b))
-    except (RuntimeError, AttributeError):  # a torch build without these oneDNN ops
+    except (RuntimeError, AttributeError):  # no bf16 kernels in oneDNN here, or a build without these ops
         return False
 
 

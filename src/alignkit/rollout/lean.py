@@ -173,7 +173,12 @@ _LEAN: "weakref.WeakKeyDictionary[torch.nn.Module, Tuple[tuple, Optional[LeanSte
 
 def lean_step(model, make_cache, cache_kwarg: str) -> Optional[LeanStep]:
     """The checked :class:`LeanStep` for ``model`` in its current adapter state, or None (transformers'
-    forward decodes). The probe runs once per model and adapter state."""
+    forward decodes). The probe runs once per model and adapter state; ``ALIGNKIT_LEAN_DECODE=off`` always
+    gives None."""
+    from alignkit.hardware import lean_decode_allowed
+
+    if not lean_decode_allowed():  # ALIGNKIT_LEAN_DECODE=off: the fallback, on request
+        return None
     if hasattr(model, "get_base_model"):  # a peft model: its transformers model, LoRA layers inside
         model = model.get_base_model()
     if not lean_supported(model):

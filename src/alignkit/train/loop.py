@@ -383,6 +383,7 @@ class Trainer:
                 if cfg.log.save_every and self.step % cfg.log.save_every == 0:
                     self._save()
             self.logger.stop()
+            self._diagnose_end()
             final = dict(last)
             if self.eval_items:
                 final.update(self.evaluate())
@@ -420,6 +421,18 @@ class Trainer:
             if alert.kind in fail_on or "any" in fail_on:
                 raise TrainingAborted(f"step {alert.step}: {alert.kind} alert, and diagnostics.fail_on includes it: "
                                       f"{alert.message}")
+
+    def _diagnose_end(self) -> None:
+        """No-learning conditions that held for the whole run, however short (``Diagnostics.end_of_run``):
+        alerts to alerts.jsonl and the console, and ``diagnostics.fail_on`` applies as to live ones."""
+        if self.diagnostics is None:  # every process judges the same (global) metrics, so all stop together
+            return
+        fail_on = set(self.cfg.diagnostics.fail_on)
+        for alert in self.diagnostics.end_of_run(self.step):
+            self.logger.alert(alert)
+            if alert.kind in fail_on or "any" in fail_on:
+                raise TrainingAborted(f"end of run (step {alert.step}): {alert.kind} alert, and diagnostics.fail_on "
+                                      f"includes it: {alert.message}")
 
     def _weight_rms(self) -> torch.Tensor:
         """Root mean square of the trained weights (L2 norm / sqrt(count)), as a device tensor (read with
