@@ -34,7 +34,7 @@ class Command:
 
 TRAIN_FLAGS = {"model": "model.name_or_path", "data": "data.path", "output": "output",
                "max_steps": "train.max_steps", "resume": "resume", "overwrite": "overwrite",
-               "push_to_hub": "hub.push"}
+               "resume_anyway": "resume_anyway", "push_to_hub": "hub.push"}
 
 # filled by the modules of alignkit.commands, each registering its own commands
 COMMANDS: List[Command] = []
@@ -107,6 +107,10 @@ def _make(cmd: Command) -> click.Command:
         _quiet_hf_progress()
         cls = _load(cmd.config)
         overrides = cli_tokens_to_overrides(list(overrides))  # TRL style: --learning_rate 5e-7
+        if isinstance(flags.get("resume"), str) and _is_override(flags["resume"]):
+            # `--resume optim.lr=1e-3`: click took the override as --resume's optional value; give it back
+            overrides.insert(0, flags["resume"])
+            flags["resume"] = "latest"
         flat = dict(cmd.defaults or {})
         # a repeatable flag (list field) given zero times leaves the YAML value alone
         flat.update({cmd.flags[k]: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()
@@ -166,6 +170,17 @@ def _make(cmd: Command) -> click.Command:
                                 context_settings={"max_content_width": 120, "ignore_unknown_options": True})
 
 
+def _is_override(token: str) -> bool:
+    """A ``KEY=VALUE`` override (not a checkpoint path that happens to hold an '=')."""
+    from pathlib import Path
+
+    return "=" in token and re.match(r"^[A-Za-z_][\w.\-]*=", token) is not None and not Path(token).exists()
+
+
+#: the arguments of the command being run (after the program name), for the --resume hint of a preempted run
+_ARGV: List[str] = []
+
+
 def _user_errors() -> tuple:
     """Exceptions that describe a mistake in the input (data, paths, config, run directory): their
     message is the whole story, so the CLI prints it as one line without a traceback."""
@@ -190,10 +205,18 @@ def _user_errors() -> tuple:
 def run_reporting_errors(fn, debug: bool = False):
     """Call ``fn``; a mistake in the input (:func:`_user_errors`) becomes one ``Error: ...`` line and
     exit code 1 (``debug``: the traceback). Anything else is a bug and keeps its traceback."""
+    from alignkit.train.preempt import Preempted, resume_command
     from alignkit.train.rundir import release_all
 
     try:
         return fn()
+    except Preempted as e:
+        from alignkit.train.logging import is_main_process
+
+        if is_main_process():
+            click.echo(f"preempted by {e.signame} after step {e.step}: checkpoint {e.checkpoint} written; resume "
+                       f"with: {resume_command(_ARGV)}", err=True)
+        raise SystemExit(e.exit_code) from None
     except Exception as e:
         if debug or isinstance(e, click.ClickException) or not isinstance(e, _user_errors()):
             raise
@@ -301,6 +324,7 @@ def _quiet_hf_progress() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     build_cli()(args=argv, prog_name="alignkit")
 
 
