@@ -94,6 +94,15 @@ def _leaf_fields(cls: Type[BaseModel], prefix: str = ""):
 
 
 class CommandWithRawEpilog(click.Command):
+    def parse_args(self, ctx, args):
+        # `--resume optim.lr=1e-3`: --resume takes an optional value (a checkpoint), and click would take the
+        # override for it; an override after --resume stays an override, in its place
+        args = list(args)
+        for i, a in enumerate(args[:-1]):
+            if a == "--resume" and _is_override(args[i + 1]):
+                args[i] = "--resume=latest"
+        return super().parse_args(ctx, args)
+
     def format_epilog(self, ctx, formatter):
         if self.epilog:
             formatter.write("\n" + self.epilog + "\n")
@@ -107,10 +116,6 @@ def _make(cmd: Command) -> click.Command:
         _quiet_hf_progress()
         cls = _load(cmd.config)
         overrides = cli_tokens_to_overrides(list(overrides))  # TRL style: --learning_rate 5e-7
-        if isinstance(flags.get("resume"), str) and _is_override(flags["resume"]):
-            # `--resume optim.lr=1e-3`: click took the override as --resume's optional value; give it back
-            overrides.insert(0, flags["resume"])
-            flags["resume"] = "latest"
         flat = dict(cmd.defaults or {})
         # a repeatable flag (list field) given zero times leaves the YAML value alone
         flat.update({cmd.flags[k]: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()

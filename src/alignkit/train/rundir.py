@@ -386,12 +386,13 @@ def check_resume(cfg, out: Path, warn=print) -> Path:
     if isinstance(recorded, dict) and recorded:
         changed = input_changes(recorded, input_fingerprints(cfg))
         if changed and not getattr(cfg, "resume_anyway", False):
-            raise RunDirError(f"--resume: {changed[0]} since the checkpoint {ckpt} was written"
-                              + (f" (and {len(changed) - 1} more input(s))" if len(changed) > 1 else "")
-                              + "; resume with the inputs the run read, pass --resume-anyway to continue on the "
-                                "changed input, or start afresh with --overwrite")
-        for c in changed:
-            warn(f"--resume-anyway: {c}; continuing on it")
+            more = f" (and {len(changed) - 1} more input(s))" if len(changed) > 1 else ""
+            raise RunDirError(f"--resume: {changed[0][0]} changed since the checkpoint {ckpt} was written "
+                              f"({changed[0][1]}){more}; resume with the inputs the run read, pass --resume-anyway "
+                              f"to continue on the changed input, or start afresh with --overwrite")
+        for what, how in changed:
+            warn(f"--resume-anyway: {what} changed since the checkpoint {ckpt.name} was written ({how}); "
+                 f"continuing on it")
     return ckpt
 
 
@@ -500,8 +501,8 @@ def _say(fp: Dict[str, Any]) -> str:
     return json.dumps(fp)
 
 
-def input_changes(recorded: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
-    """``"FIELD (WHAT) changed: A then, B now"`` for each input whose fingerprint differs (a Hub name whose
+def input_changes(recorded: Dict[str, Any], now: Dict[str, Any]) -> List[tuple]:
+    """``("FIELD (WHAT)", "A then, B now")`` for each input whose fingerprint differs (a Hub name whose
     revision is unknown on either side is not compared)."""
     out = []
     for key in sorted(set(recorded) & set(now)):
@@ -511,7 +512,7 @@ def input_changes(recorded: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
         if "hub" in a and "hub" in b and a.get("hub") == b.get("hub") and None in (a.get("revision"), b.get("revision")):
             continue
         what = b.get("file") or b.get("dir") or b.get("hub") or b.get("builtin")
-        out.append(f"{key} ({what}) changed: {_say(a)} then, {_say(b)} now")
+        out.append((f"{key} ({what})", f"{_say(a)} then, {_say(b)} now"))
     return out
 
 
