@@ -219,8 +219,11 @@ def run_reporting_errors(fn, debug: bool = False):
         from alignkit.train.logging import is_main_process
 
         if is_main_process():
-            click.echo(f"preempted by {e.signame} after step {e.step}: checkpoint {e.checkpoint} written; resume "
-                       f"with: {resume_command(_ARGV)}", err=True)
+            cmd = next((c for c in COMMANDS if _ARGV and c.name == _ARGV[0]), None)
+            how = (f"resume with: {resume_command(_ARGV)}" if cmd is None or "resume" in cmd.flags.values()
+                   else "rerun the same command to resume it")  # e.g. a pipeline resumes its stage itself
+            click.echo(f"preempted by {e.signame} after step {e.step}: checkpoint {e.checkpoint} written; {how}",
+                       err=True)
         raise SystemExit(e.exit_code) from None
     except Exception as e:
         if debug or isinstance(e, click.ClickException) or not isinstance(e, _user_errors()):

@@ -6,7 +6,8 @@ SIGTERM and wait a grace period, a terminal sends SIGINT. While :meth:`Trainer.f
 these only sets a flag; the loop finishes the step it is in, writes a checkpoint (every process saves its
 part: processes agree on the step through the all-reduce each update already does), prints one line with
 the ``--resume`` command and raises :class:`Preempted`, which the CLI turns into exit code
-:data:`EXIT_PREEMPTED`. A second signal aborts at once (the default action of that signal); one that
+:data:`EXIT_PREEMPTED`. A second signal aborts at once (the default action of that signal; for SIGINT a
+``KeyboardInterrupt``); one that
 comes within :data:`SAME_SIGNAL_S` of the first counts as the same request, because launchers forward the
 signal they receive to workers that already got it from the process group (torchrun, srun).
 """
@@ -61,6 +62,9 @@ class StopSignals:
             return
         if now - self._first < SAME_SIGNAL_S:  # the launcher forwarding what the process group already got
             return
+        if signum == signal.SIGINT:  # Ctrl-C twice: Python's own interruption (a notebook's kernel survives)
+            self.__exit__(None, None, None)
+            raise KeyboardInterrupt
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 

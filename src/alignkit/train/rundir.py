@@ -214,12 +214,15 @@ def read_marker(out: Path) -> Optional[Dict[str, Any]]:
     return data if data.get("tool") == "alignkit" and isinstance(data.get("files"), list) else None
 
 
-def write_marker(out: Path, command: str) -> None:
-    """Mark ``out`` as an alignkit run directory, listing the files a run writes there."""
+def write_marker(out: Path, command: str, files: Optional[List[str]] = None) -> None:
+    """Mark ``out`` as an alignkit run directory, listing the files a run writes there (default: the
+    :data:`RUN_FILES` not already there; ``[]``: a directory another alignkit tool fills before a run)."""
     from alignkit import __version__
 
+    if files is None:
+        files = [n for n in RUN_FILES if not ((Path(out) / n).exists() or (Path(out) / n).is_symlink())]
     info = {"tool": "alignkit", "version": __version__, "command": command, "created": time.time(),
-            "files": list(RUN_FILES)}
+            "files": list(files)}
     tmp = Path(out) / (MARKER + ".tmp")
     tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, Path(out) / MARKER)
