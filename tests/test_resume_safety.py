@@ -146,11 +146,19 @@ def test_rotation_keeps_the_last_intact_checkpoint(tmp_path, base, monkeypatch):
     ckpts = out / "checkpoints"
     assert [p.name for p in ckpts.iterdir()] == ["step-00000002"]
     # a checkpoint whose weights went non-finite is no keeper: the intact one before it stays
-    orig = Trainer._finite_weights
-    monkeypatch.setattr(Trainer, "_finite_weights", lambda self: self.step < 3)  # steps 3, 4 went non-finite
-    go(base, out, resume="latest", **{"train.max_steps": 4, "log.save_every": 1, "log.save_total_limit": 1,
-                                      "train.max_bad_steps": 100})
-    monkeypatch.setattr(Trainer, "_finite_weights", orig)
+    real_save = Trainer._save
+
+    def save(self):  # the checkpoints of steps 3 and 4 record non-finite weights
+        self._saving = True
+        try:
+            return real_save(self)
+        finally:
+            self._saving = False
+
+    monkeypatch.setattr(Trainer, "_save", save)
+    monkeypatch.setattr(Trainer, "_finite_weights", lambda self: not getattr(self, "_saving", False) or self.step < 3)
+    go(base, out, resume="latest", **{"train.max_steps": 4, "log.save_every": 1, "log.save_total_limit": 1})
+    monkeypatch.undo()
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
 
 
@@ -168,6 +176,21 @@ def test_resumed_run_whose_first_steps_are_all_nan_stops_naming_the_checkpoint(t
         go(base, out, resume="latest", **{"train.max_steps": 8, "log.save_every": 1})
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]  # nothing saved over it
     assert not (out / "model").exists()
+
+
+def test_damaged_optimizer_state_stops_after_the_first_update(tmp_path, base, monkeypatch):
+    """A state the manifest agrees with (written that way) whose first update makes the weights NaN."""
+    out = tmp_path / "run"
+    ckpt = interrupted(base, out, monkeypatch)
+    opt = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    for st in opt["state"].values():
+        st["exp_avg"].fill_(float("nan"))
+    torch.save(opt, ckpt / "optimizer.bin")
+    write_manifest(ckpt)
+    with pytest.raises(TrainingAborted, match=rf"step 3: the first update after resuming from {ckpt} made the "
+                                              r"weights NaN/Inf"):
+        go(base, out, resume="latest", **{"log.save_every": 1})
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
 
 
 def test_checkpoint_with_nan_weights_is_refused(tmp_path, base, monkeypatch):

@@ -204,6 +204,8 @@ class Trainer:
         self.diagnostics = make_diagnostics(cfg)
         self.resumed_from: Optional[Path] = None  # the checkpoint this run resumed from
         self.good_since_resume = 0  # updates applied since then (a damaged state gives none)
+        self._skipped_at_resume = 0
+        self._checked_after_resume = False
         self.stop = StopSignals(announce=self.acc.is_main_process, label=getattr(cfg, "command", "") or "run")
         self._inputs: Optional[Dict[str, Any]] = None
         self._stop_agreed = False  # several processes: a stop every process has learnt of (see _update)
@@ -280,8 +282,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_a_row += 1
             self.skipped += 1
-            if self.resumed_from is not None and self.good_since_resume == 0 \
-                    and self.bad_in_a_row >= min(3, self.cfg.train.max_bad_steps):
+            if self._only_bad_since_resume() \
+                    and self.skipped - self._skipped_at_resume >= min(3, self.cfg.train.max_bad_steps):
                 raise TrainingAborted(self._damaged_resume())
             if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
                 raise TrainingAborted(
@@ -303,15 +305,19 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    def _only_bad_since_resume(self) -> bool:
+        """Resumed, and every update since was skipped as non-finite (at least one)."""
+        return self.resumed_from is not None and self.good_since_resume == 0 and self.skipped > self._skipped_at_resume
+
     def _damaged_resume(self) -> str:
         return (f"step {self.step}: every update since resuming from {self.resumed_from} had a NaN/Inf loss or "
-                f"gradient ({self.bad_in_a_row} of them): that checkpoint's state is damaged; resume from an older "
-                f"checkpoint (--resume PATH) or start afresh with --overwrite")
+                f"gradient ({self.skipped - self._skipped_at_resume} of them): that checkpoint's state is damaged; "
+                f"resume from an older checkpoint (--resume PATH) or start afresh with --overwrite")
 
     def _save(self) -> Optional[Path]:
         from alignkit.train.rundir import input_fingerprints, tensor_bytes
 
-        if self.resumed_from is not None and self.good_since_resume == 0 and self.skipped:
+        if self._only_bad_since_resume():
             return None  # nothing but skipped updates since a resume: never rotate out a good checkpoint for it
         if self._inputs is None and self.acc.is_main_process:
             self._inputs = input_fingerprints(self.cfg)  # what the run read, checked by --resume
@@ -337,7 +343,7 @@ class Trainer:
                                   f"checkpoint (--resume PATH) or start afresh with --overwrite")
         self.resumed_from = path
         self.step = state["step"]
-        self.skipped = state.get("skipped", 0)
+        self.skipped = self._skipped_at_resume = state.get("skipped", 0)
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
         self.task.load_state_dict(state.get("task", {}))
         self._resume_schedule(state)
@@ -428,11 +434,18 @@ class Trainer:
                 if self.eval_items and cfg.log.eval_every and self.step % cfg.log.eval_every == 0 \
                         and self.step < self.total_steps:
                     self.evaluate()
+                if self.resumed_from is not None and self.good_since_resume and not self._checked_after_resume:
+                    self._checked_after_resume = True  # once: the first update from the restored optimizer state
+                    if not self._finite_weights():
+                        raise TrainingAborted(f"step {self.step}: the first update after resuming from "
+                                              f"{self.resumed_from} made the weights NaN/Inf: that checkpoint's "
+                                              f"optimizer state is damaged; resume from an older checkpoint "
+                                              f"(--resume PATH) or start afresh with --overwrite")
                 saved = bool(cfg.log.save_every and self.step % cfg.log.save_every == 0) and self._save() is not None
                 stop = self._stop_agreed if self.acc.num_processes > 1 else self.stop.requested
                 if stop and self.step < self.total_steps:
                     self._preempt(saved)
-            if self.resumed_from is not None and self.good_since_resume == 0 and self.skipped:
+            if self._only_bad_since_resume():
                 raise TrainingAborted(self._damaged_resume())
             self.logger.stop()
             final = dict(last)

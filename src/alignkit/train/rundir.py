@@ -515,7 +515,8 @@ def input_changes(recorded: Dict[str, Any], now: Dict[str, Any]) -> List[tuple]:
         if "hub" in a and "hub" in b and a.get("hub") == b.get("hub") and None in (a.get("revision"), b.get("revision")):
             continue
         what = b.get("file") or b.get("dir") or b.get("hub") or b.get("builtin")
-        out.append((f"{key} ({what})", f"{_say(a)} then, {_say(b)} now"))
+        now_said = "no such file or directory now" if ("file" in a or "dir" in a) and "hub" in b else f"{_say(b)} now"
+        out.append((f"{key} ({what})", f"{_say(a)} then, {now_said}"))
     return out
 
 
