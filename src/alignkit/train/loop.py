@@ -459,10 +459,10 @@ class Trainer:
     def _preempt(self, saved: bool) -> None:
         """Stop after a signal: checkpoint this step (unless one was just written), then raise
         :class:`Preempted` on every process."""
-        if not saved:
-            self._save()
-        self.logger.stop()
         ckpt = self.out / "checkpoints" / f"step-{self.step:08d}"
+        if not saved and self._save() is None:  # nothing but skipped updates since a resume: the last good one
+            ckpt = self.ckpt.latest()
+        self.logger.stop()
         raise Preempted(self.stop.signame or "a signal", self.step, ckpt, self.out)
 
     def _logged_final(self) -> Dict[str, float]:
