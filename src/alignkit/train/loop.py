@@ -383,7 +383,8 @@ class Trainer:
             from alignkit.train.common import console
 
             console().print(f"--resume: the run was {before} steps long, now {self.total_steps}; at step {self.step} "
-                            f"(lr {was:.3g}) the learning rate {how}", style="yellow", markup=False, highlight=False)
+                            f"(lr {was:.3g}) the learning rate {how}", style="yellow", markup=False, highlight=False,
+                            soft_wrap=True)
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> Dict[str, float]:
