@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from alignkit.cli import build_cli
-from alignkit.train.rundir import LOCK, RunDirError, SaveError
+from alignkit.train.rundir import LOCK, MARKER, RunDirError, SaveError, write_marker
 from alignkit.train.sft import train_sft
 from tests.helpers import sft_rows
 
@@ -116,6 +116,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lock(tmp_path, base):
     try:
         lock = {"pid": first.pid, "host": socket.gethostname(), "command": "sft", "started": 0}
         (out / LOCK).write_text(json.dumps(lock))
+        write_marker(out, "sft")  # the first run (an alignkit run) marked the directory as its own
         (out / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n')  # the first run's files
         with pytest.raises(RunDirError, match=rf"is in use by another run \(pid {first.pid} on "):
             go(base, out)

@@ -34,7 +34,7 @@ class Command:
 
 TRAIN_FLAGS = {"model": "model.name_or_path", "data": "data.path", "output": "output",
                "max_steps": "train.max_steps", "resume": "resume", "overwrite": "overwrite",
-               "push_to_hub": "hub.push"}
+               "resume_anyway": "resume_anyway", "push_to_hub": "hub.push"}
 
 # filled by the modules of alignkit.commands, each registering its own commands
 COMMANDS: List[Command] = []
@@ -94,6 +94,15 @@ def _leaf_fields(cls: Type[BaseModel], prefix: str = ""):
 
 
 class CommandWithRawEpilog(click.Command):
+    def parse_args(self, ctx, args):
+        # `--resume optim.lr=1e-3`: --resume takes an optional value (a checkpoint), and click would take the
+        # override for it; an override after --resume stays an override, in its place
+        args = list(args)
+        for i, a in enumerate(args[:-1]):
+            if a == "--resume" and _is_override(args[i + 1]):
+                args[i] = "--resume=latest"
+        return super().parse_args(ctx, args)
+
     def format_epilog(self, ctx, formatter):
         if self.epilog:
             formatter.write("\n" + self.epilog + "\n")
@@ -166,6 +175,17 @@ def _make(cmd: Command) -> click.Command:
                                 context_settings={"max_content_width": 120, "ignore_unknown_options": True})
 
 
+def _is_override(token: str) -> bool:
+    """A ``KEY=VALUE`` override (not a checkpoint path that happens to hold an '=')."""
+    from pathlib import Path
+
+    return "=" in token and re.match(r"^[A-Za-z_][\w.\-]*=", token) is not None and not Path(token).exists()
+
+
+#: the arguments of the command being run (after the program name), for the --resume hint of a preempted run
+_ARGV: List[str] = []
+
+
 def _user_errors() -> tuple:
     """Exceptions that describe a mistake in the input (data, paths, config, run directory): their
     message is the whole story, so the CLI prints it as one line without a traceback."""
@@ -190,10 +210,21 @@ def _user_errors() -> tuple:
 def run_reporting_errors(fn, debug: bool = False):
     """Call ``fn``; a mistake in the input (:func:`_user_errors`) becomes one ``Error: ...`` line and
     exit code 1 (``debug``: the traceback). Anything else is a bug and keeps its traceback."""
+    from alignkit.train.preempt import Preempted, resume_command
     from alignkit.train.rundir import release_all
 
     try:
         return fn()
+    except Preempted as e:
+        from alignkit.train.logging import is_main_process
+
+        if is_main_process():
+            cmd = next((c for c in COMMANDS if _ARGV and c.name == _ARGV[0]), None)
+            how = (f"resume with: {resume_command(_ARGV)}" if cmd is None or "resume" in cmd.flags.values()
+                   else "rerun the same command to resume it")  # e.g. a pipeline resumes its stage itself
+            click.echo(f"preempted by {e.signame} after step {e.step}: checkpoint {e.checkpoint} written; {how}",
+                       err=True)
+        raise SystemExit(e.exit_code) from None
     except Exception as e:
         if debug or isinstance(e, click.ClickException):
             raise
@@ -306,6 +337,7 @@ def _quiet_hf_progress() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     build_cli()(args=argv, prog_name="alignkit")
 
 

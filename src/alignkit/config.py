@@ -168,6 +168,10 @@ class OptimConfig(Section):
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (empty: no clipping). Must be > 0: a norm of 0 would
     zero every update (leave it empty to turn clipping off)."""
+    resume_schedule: Literal["continue", "restart"] = "continue"
+    """When a resumed run is longer than the checkpoint's (train.max_steps raised): continue the schedule
+    recomputed for the new length from the checkpoint's step, or restart warmup and decay over the
+    remaining steps. The log says which."""
 
     @field_validator("betas")
     @classmethod
@@ -294,7 +298,12 @@ class RunConfig(Section):
     """Resume from a checkpoint directory, or 'latest' for OUTPUT's newest checkpoint. The checkpoint's
     config must match (only log, diagnostics, a larger train.max_steps and the like may change)."""
     overwrite: bool = False
-    """Replace a finished or unfinished run already in OUTPUT (without it such a run is never overwritten)."""
+    """Replace a finished or unfinished run already in OUTPUT (without it such a run is never overwritten).
+    Only a directory that alignkit marked as its run (.alignkit-run.json) is cleared, and only the files
+    it lists."""
+    resume_anyway: bool = False
+    """Resume even though an input (data file, model or reference weights, Hub revision) changed since the
+    checkpoint was written (--resume refuses that otherwise, naming the input)."""
 
 
 class SFTOptions(Section):

@@ -259,6 +259,7 @@ def run_iterative_round(config: Union[IterativeRoundConfig, Dict[str, Any], None
     from alignkit.feedback.common import load_policy, write_jsonl
     from alignkit.models.loading import load_tokenizer
     from alignkit.train.common import console
+    from alignkit.train.rundir import write_marker
 
     cfg = as_config(IterativeRoundConfig, config, overrides)
     opts, k, rdir = cfg.iterative, cfg.round, Path(cfg.output)
@@ -292,6 +293,8 @@ def run_iterative_round(config: Union[IterativeRoundConfig, Dict[str, Any], None
                                                      opts.samples_per_prompt)
     unfinished = sum(1 for e in ended if not e)  # re-encoded for DPO, these get an EOS they never sampled
     pairs, counts = best_vs_worst(texts, rewards, groups, opts.min_gap)
+    rdir.mkdir(parents=True, exist_ok=True)
+    write_marker(rdir, "iterative-dpo-round", files=[])  # alignkit's directory; its samples are not the run's
     write_jsonl(rdir / "samples.jsonl", ({"prompt": items[g]["prompt"], "completion": t, "reward": r}
                                          for t, r, g in zip(texts, rewards, groups)))
     write_jsonl(rdir / "pairs.jsonl", ({"prompt": items[g]["prompt"], "chosen": c, "rejected": j,

@@ -45,7 +45,8 @@ def claim_output(cfg: RunConfig, acc) -> None:
     error: Optional[BaseException] = None
     if acc.is_main_process:
         try:
-            claim(cfg, warn=lambda m: console().print(m, style="yellow", markup=False, highlight=False))
+            claim(cfg, warn=lambda m: console().print(m, style="yellow", markup=False, highlight=False,
+                                                      soft_wrap=True))
         except (RunDirError, OSError) as e:
             error = e
     if acc.num_processes > 1:

@@ -23,6 +23,7 @@ from alignkit.runtime import keep_host_memory
 from alignkit.train.checkpoint import CheckpointManager
 from alignkit.train.logging import MetricLogger, peak_memory_gb
 from alignkit.train.optim import ClippedStep, make_optimizer
+from alignkit.train.preempt import Preempted, StopSignals
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -136,10 +137,14 @@ EVAL_EXAMPLES = "examples"  # key of the per-example values in Task.evaluate's r
 HELDOUT_BASELINE_FILE = "heldout_examples_before.json"  # their values before training, for resume
 
 
-def make_scheduler(optimizer, total_steps: int, cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total_steps))
+def make_scheduler(optimizer, total_steps: int, cfg, start: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then decay over ``total_steps``, beginning at step ``start`` (a schedule restarted on resume:
+    ``optim.resume_schedule=restart``)."""
+    span = max(1, total_steps - start)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * span))
 
     def factor(step: int) -> float:
+        step, total_steps = step - start, span
         if warmup and step < warmup:
             return (step + 1) / warmup
         if cfg.scheduler == "constant":
@@ -207,13 +212,20 @@ class Trainer:
         # the scheduler is stepped by us once per update (accelerate's wrapper would step it per process)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.optim)
         self.clipped = ClippedStep(self.acc, self.optimizer)  # clipping folded into the fused AdamW step
-        self.acc.register_for_checkpointing(self.scheduler)
+        # the scheduler's state is saved as JSON by the checkpoint manager (never a pickle)
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped = 0
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.acc, cfg.log.save_total_limit)
         self.logger = MetricLogger(self.out, cfg, self.acc.is_main_process)
         self.diagnostics = make_diagnostics(cfg)
+        self.resumed_from: Optional[Path] = None  # the checkpoint this run resumed from
+        self.good_since_resume = 0  # updates applied since then (a damaged state gives none)
+        self._skipped_at_resume = 0
+        self._checked_after_resume = False
+        self.stop = StopSignals(announce=self.acc.is_main_process, label=getattr(cfg, "command", "") or "run")
+        self._inputs: Optional[Dict[str, Any]] = None
+        self._stop_agreed = False  # several processes: a stop every process has learnt of (see _update)
 
     # ------------------------------------------------------------------ data order
     def _epoch_order(self, epoch: int) -> List[int]:
@@ -274,13 +286,22 @@ class Trainer:
         sums, local_units, total, bad = self.accumulate(micro_batches)
         grad_norm = self.clipped.norm(model.parameters(), self.cfg.optim.max_grad_norm)
         flag = (bad | ~torch.isfinite(grad_norm)).float()
-        if acc.num_processes > 1:
-            flag = acc.reduce(flag, "sum")
+        if acc.num_processes > 1:  # the stop request rides on the skip flag's all-reduce: every process
+            # learns of a signal any of them got at the same update, so all stop after the same step
+            both = acc.reduce(torch.stack([flag, torch.tensor(float(self.stop.requested), device=flag.device)]), "sum")
+            flag, stop = both.unbind()
+            if stop.item() > 0:
+                self._stop_agreed = True
+                if self.stop.signame is None:
+                    self.stop.signame = "a signal to another process"
         if flag.item() > 0:
             self.clipped.skip()
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_a_row += 1
             self.skipped += 1
+            if self._only_bad_since_resume() \
+                    and self.skipped - self._skipped_at_resume >= min(3, self.cfg.train.max_bad_steps):
+                raise TrainingAborted(self._damaged_resume())
             if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
                 raise TrainingAborted(
                     f"step {self.step}: {self.bad_in_a_row} consecutive updates had a NaN/Inf loss or gradient; "
@@ -289,6 +310,7 @@ class Trainer:
         self.clipped.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_in_a_row = 0
+        self.good_since_resume += 1
         keys = sorted(sums)
         if acc.num_processes > 1:  # one all-reduce for every metric: rank 0 logs the whole global batch
             sums = dict(zip(keys, acc.reduce(torch.stack([sums[k].float() for k in keys]), "sum").unbind()))
@@ -300,22 +322,48 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def _save(self) -> None:
-        from alignkit.train.rundir import tensor_bytes
+    def _only_bad_since_resume(self) -> bool:
+        """Resumed, and every update since was skipped as non-finite (at least one)."""
+        return self.resumed_from is not None and self.good_since_resume == 0 and self.skipped > self._skipped_at_resume
 
+    def _damaged_resume(self) -> str:
+        return (f"step {self.step}: every update since resuming from {self.resumed_from} had a NaN/Inf loss or "
+                f"gradient ({self.skipped - self._skipped_at_resume} of them): that checkpoint's state is damaged; "
+                f"resume from an older checkpoint (--resume PATH) or start afresh with --overwrite")
+
+    def _save(self) -> Optional[Path]:
+        from alignkit.train.rundir import input_fingerprints, tensor_bytes
+
+        if self._only_bad_since_resume():
+            return None  # nothing but skipped updates since a resume: never rotate out a good checkpoint for it
+        if self._inputs is None and self.acc.is_main_process:
+            self._inputs = input_fingerprints(self.cfg)  # what the run read, checked by --resume
         # the config goes with the checkpoint, so --resume can refuse a mismatched one (train/rundir.py)
         state = {"step": self.step, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row,
-                 "task": self.task.state_dict(), "config": self.cfg.model_dump(mode="json")}
+                 "task": self.task.state_dict(), "config": self.cfg.model_dump(mode="json"),
+                 "total_steps": self.total_steps, "world_size": self.acc.num_processes,
+                 "finite": self._finite_weights(), "inputs": self._inputs or {}}
         need = tensor_bytes(self.unwrapped(), getattr(self.optimizer, "optimizer", self.optimizer))
         with self.logger.phase(f"saving checkpoint step-{self.step}"):
-            self.ckpt.save(self.step, state, need=need)
+            return self.ckpt.save(self.step, state, scheduler=self.scheduler, need=need)
+
+    def _finite_weights(self) -> bool:
+        params = [p.detach() for p in self.model.parameters()]
+        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
     def _resume(self, where: str) -> None:
-        state = self.ckpt.load(where)
+        path, state = self.ckpt.load(where, self.scheduler)
+        if not self._finite_weights():
+            from alignkit.train.checkpoint import CheckpointError
+
+            raise CheckpointError(f"--resume: the checkpoint {path} holds NaN/Inf weights; resume from an older "
+                                  f"checkpoint (--resume PATH) or start afresh with --overwrite")
+        self.resumed_from = path
         self.step = state["step"]
-        self.skipped = state.get("skipped", 0)
+        self.skipped = self._skipped_at_resume = state.get("skipped", 0)
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
         self.task.load_state_dict(state.get("task", {}))
+        self._resume_schedule(state)
         self.logger.resumed(self.step)
         if self.diagnostics is not None and self.acc.is_main_process:
             # the trends (and the before-training baseline of held-out metrics) continue from the
@@ -329,6 +377,37 @@ class Trainer:
 
                 self.diagnostics.set_heldout_baseline(json.loads(baseline.read_text()))
 
+    def _resume_schedule(self, state: Dict[str, Any]) -> None:
+        """A resumed run of another length (train.max_steps or epochs raised) either continues the
+        schedule recomputed for the new length from the checkpoint's step or restarts warmup and decay
+        over the remaining steps (``optim.resume_schedule``); either way the log says which."""
+        before = state.get("total_steps") or (state.get("config") or {}).get("train", {}).get("max_steps")
+        if not before or before == self.total_steps:
+            return
+        was = self.scheduler.get_last_lr()[0]
+        if self.cfg.optim.resume_schedule == "restart":
+            restarted = make_scheduler(self.optimizer, self.total_steps, self.cfg.optim, start=self.step)
+            restarted.load_state_dict({**self.scheduler.state_dict(), "lr_lambdas": [None] * len(restarted.lr_lambdas)})
+            lrs = [base * lam(self.step) for base, lam in zip(restarted.base_lrs, restarted.lr_lambdas)]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            restarted._last_lr = lrs
+            self.scheduler = restarted
+            how = (f"restarts warmup and {self.cfg.optim.scheduler} decay over steps {self.step + 1}-{self.total_steps} "
+                   f"(optim.resume_schedule=restart)")
+        else:
+            lam = self.scheduler.lr_lambdas[0]
+            nxt = self.scheduler.base_lrs[0] * lam(self.step)
+            how = (f"continues the {self.cfg.optim.scheduler} schedule recomputed for {self.total_steps} steps "
+                   f"(lr {nxt:.3g} at step {self.step + 1}; optim.resume_schedule=restart starts a new warmup and "
+                   f"decay over the remaining steps instead)")
+        if self.acc.is_main_process:
+            from alignkit.train.common import console
+
+            console().print(f"--resume: the run was {before} steps long, now {self.total_steps}; at step {self.step} "
+                            f"(lr {was:.3g}) the learning rate {how}", style="yellow", markup=False, highlight=False,
+                            soft_wrap=True)
+
     # ------------------------------------------------------------------ main loop
     def fit(self) -> Dict[str, float]:
         cfg = self.cfg
@@ -338,7 +417,10 @@ class Trainer:
         if self.step == 0:
             self._preflight()
         self.logger.start(self.total_steps, self.step)
+        if self.resumed_from is not None and self.step >= self.total_steps:
+            last = self._logged_final()  # a run killed while saving its model: its last step's numbers
         try:
+            self.stop.__enter__()  # SIGTERM/SIGINT/SIGUSR1: finish the step, checkpoint, exit (train/preempt.py)
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 items = self._global_batch(self.step)
@@ -380,16 +462,48 @@ class Trainer:
                 if self.eval_items and cfg.log.eval_every and self.step % cfg.log.eval_every == 0 \
                         and self.step < self.total_steps:
                     self.evaluate()
-                if cfg.log.save_every and self.step % cfg.log.save_every == 0:
-                    self._save()
+                if self.resumed_from is not None and self.good_since_resume and not self._checked_after_resume:
+                    self._checked_after_resume = True  # once: the first update from the restored optimizer state
+                    if not self._finite_weights():
+                        raise TrainingAborted(f"step {self.step}: the first update after resuming from "
+                                              f"{self.resumed_from} made the weights NaN/Inf: that checkpoint's "
+                                              f"optimizer state is damaged; resume from an older checkpoint "
+                                              f"(--resume PATH) or start afresh with --overwrite")
+                saved = bool(cfg.log.save_every and self.step % cfg.log.save_every == 0) and self._save() is not None
+                stop = self._stop_agreed if self.acc.num_processes > 1 else self.stop.requested
+                if stop and self.step < self.total_steps:
+                    self._preempt(saved)
+            if self._only_bad_since_resume():
+                raise TrainingAborted(self._damaged_resume())
             self.logger.stop()
             self._diagnose_end()
             final = dict(last)
             if self.eval_items:
                 final.update(self.evaluate())
         finally:
+            self.stop.__exit__(None, None, None)
             self.logger.close()  # finishes this run's tracker runs (W&B, TensorBoard, Trackio)
         return final
+
+    def _preempt(self, saved: bool) -> None:
+        """Stop after a signal: checkpoint this step (unless one was just written), then raise
+        :class:`Preempted` on every process."""
+        ckpt = self.out / "checkpoints" / f"step-{self.step:08d}"
+        if not saved and self._save() is None:  # nothing but skipped updates since a resume: the last good one
+            ckpt = self.ckpt.latest()
+        self.logger.stop()
+        raise Preempted(self.stop.signame or "a signal", self.step, ckpt, self.out)
+
+    def _logged_final(self) -> Dict[str, float]:
+        """The training metrics logged at the current (last) step, for the summary of a resumed run
+        that has no step left to run."""
+        from alignkit.train.rundir import read_records
+
+        out: Dict[str, float] = {}
+        for rec in read_records(self.out / "metrics.jsonl"):
+            if rec.get("step") == self.step:
+                out.update({k: v for k, v in rec.items() if k not in ("step", "time") and not k.startswith("eval/")})
+        return out
 
     def evaluate(self) -> Dict[str, float]:
         model = self.acc.unwrap_model(self.model)

@@ -6,12 +6,20 @@ Ownership (:func:`claim`, called by ``start_run`` before anything is written):
   (``O_EXCL``), so a second run into the same directory is refused while the first is alive. A lock
   whose process is gone (a crash or kill -9) is stale: it is reported and taken over. A lock from
   another host cannot be checked and is never taken over: the message names the file to delete.
+- ``OUTPUT/.alignkit-run.json`` (:data:`MARKER`, written when a run takes a directory) names the
+  directory as an alignkit run and lists the files that run writes. ``--overwrite`` and the fresh start
+  over an interrupted run clear only a directory with that marker, and only the files it lists; a
+  directory holding run-like files without it (the user's own ``config.yaml``, ``model/``, ...) is
+  refused with one line naming what is there. A symlinked output is resolved and treated the same way.
 - A finished run (``summary.json`` or ``model/``) is never overwritten unless ``overwrite=true``
   (``--overwrite``); an unfinished run with checkpoints needs ``--resume`` or ``--overwrite``. A run
   that stopped before its first checkpoint has nothing to resume: its files are cleared, with a note.
-- ``--resume`` compares the checkpoint's config with the new one and refuses a mismatch, naming each
-  differing field. Only the fields in :data:`MAY_CHANGE_ON_RESUME` may differ (and ``train.max_steps``
-  only upwards from the checkpoint's step).
+- ``--resume`` takes the newest intact checkpoint (train/checkpoint.py verifies its manifest), compares
+  its config with the new one and refuses a mismatch, naming each differing field. Only the fields in
+  :data:`MAY_CHANGE_ON_RESUME` may differ (and ``train.max_steps`` only upwards from the checkpoint's
+  step). It also compares the fingerprints of what the run read (:func:`input_fingerprints`: data files'
+  size and SHA-256, model and reference weights' hashes, Hub revisions) and refuses a changed input,
+  naming it, unless ``resume_anyway`` (``--resume-anyway``).
 
 Saves (:func:`check_space`, :func:`save_error`): a disk-space check before each checkpoint and the
 final model, and write errors that name the path and the cause ("no space left on device ...: need
@@ -24,6 +32,7 @@ import atexit
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -31,13 +40,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 LOCK = ".alignkit.lock"
+MARKER = ".alignkit-run.json"  # "this directory is an alignkit run", with the files the run writes
 # what a training run writes into its directory; --overwrite (or a fresh start over an interrupted
 # run without checkpoints) removes exactly these, never other files a user keeps there
 RUN_FILES = ("config.yaml", "data_report.json", "data_report_rows.jsonl", "metrics.jsonl", "alerts.jsonl",
-             "samples.jsonl", "completions.jsonl", "summary.json", "report.html", "checkpoints", "model", ".tmp-model", ".old-model",
+             "samples.jsonl", "completions.jsonl", "heldout_examples_before.json", "summary.json", "report.html", "checkpoints", "model", ".tmp-model", ".old-model",
              "tensorboard", "wandb")
 # dotted fields (or section prefixes) that may differ between a checkpoint's config and the resumed one
-MAY_CHANGE_ON_RESUME = ("resume", "overwrite", "output", "log", "diagnostics", "train.max_steps", "train.epochs",
+MAY_CHANGE_ON_RESUME = ("resume", "overwrite", "resume_anyway", "optim.resume_schedule", "output", "log", "diagnostics", "train.max_steps", "train.epochs",
                         "train.max_bad_steps", "train.logprob_chunk", "data.num_proc", "model.gradient_checkpointing",
                         "model.attn_implementation", "reward_timeout_s", "log_completions")
 
@@ -198,10 +208,46 @@ def _last_step(out: Path) -> Optional[int]:
     return steps[-1] if steps else None
 
 
-def clear_run_files(out: Path) -> List[str]:
-    """Remove what a run wrote into ``out`` (:data:`RUN_FILES`); returns the names removed."""
-    removed = []
+def read_marker(out: Path) -> Optional[Dict[str, Any]]:
+    """``out``'s :data:`MARKER` (None when there is none or it is not one)."""
+    data = _read_lock(Path(out) / MARKER)
+    return data if data.get("tool") == "alignkit" and isinstance(data.get("files"), list) else None
+
+
+def write_marker(out: Path, command: str, files: Optional[List[str]] = None) -> None:
+    """Mark ``out`` as an alignkit run directory, listing the files a run writes there (default: the
+    :data:`RUN_FILES` not already there; ``[]``: a directory another alignkit tool fills before a run)."""
+    from alignkit import __version__
+
+    if files is None:
+        files = [n for n in RUN_FILES if not ((Path(out) / n).exists() or (Path(out) / n).is_symlink())]
+    info = {"tool": "alignkit", "version": __version__, "command": command, "created": time.time(),
+            "files": list(files)}
+    tmp = Path(out) / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, Path(out) / MARKER)
+
+
+def _run_like(out: Path) -> List[str]:
+    """The names of :data:`RUN_FILES` present in ``out`` (a directory name with a trailing /)."""
+    found = []
     for name in RUN_FILES:
+        p = out / name
+        if p.exists() or p.is_symlink():
+            found.append(name + ("/" if p.is_dir() else ""))
+    return found
+
+
+def clear_run_files(out: Path) -> List[str]:
+    """Remove what a run wrote into ``out``: the files its :data:`MARKER` lists (none without a marker);
+    returns the names removed."""
+    marker = read_marker(out)
+    if marker is None:
+        return []
+    removed = []
+    for name in marker["files"]:
+        if not isinstance(name, str) or name not in RUN_FILES:  # a tampered marker lists only our names
+            continue
         p = out / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -220,7 +266,9 @@ def claim(cfg, warn=print) -> None:
     out = Path(cfg.output)
     acquire(out, getattr(cfg, "command", "run"), warn)
     try:
-        _check_contents(cfg, out, warn)
+        _check_contents(cfg, out.resolve(), warn)  # a symlinked output is what it points to
+        if not (cfg.resume and read_marker(out) is not None):
+            write_marker(out, getattr(cfg, "command", "run"))
     except BaseException:
         release(out)
         raise
@@ -228,6 +276,12 @@ def claim(cfg, warn=print) -> None:
 
 def _check_contents(cfg, out: Path, warn) -> None:
     overwrite, resume = bool(getattr(cfg, "overwrite", False)), getattr(cfg, "resume", None)
+    found = _run_like(out)
+    if found and read_marker(out) is None:
+        shown = str(out) if str(out) == str(Path(cfg.output)) else f"{cfg.output} (-> {out})"
+        asked = "--overwrite" if overwrite and not resume else ("--resume" if resume else "a new run")
+        raise RunDirError(f"output {shown} holds {', '.join(found)} but no {MARKER}: alignkit did not write them, "
+                          f"so {asked} will not touch them; choose another --output, or move those files away")
     finished = (out / "summary.json").exists() or (out / "model").is_dir()
     ckpts = _checkpoints(out)
     if overwrite and not resume:
@@ -236,7 +290,7 @@ def _check_contents(cfg, out: Path, warn) -> None:
             warn(f"{out}: --overwrite: removed the earlier run ({', '.join(removed)})")
         return
     if resume:
-        check_resume(cfg, out)
+        check_resume(cfg, out, warn)
         return
     if finished:
         summary = _read_lock(out / "summary.json")  # any JSON file
@@ -311,11 +365,13 @@ def saved_config(ckpt: Path) -> Optional[Dict[str, Any]]:
     return None
 
 
-def check_resume(cfg, out: Path) -> Path:
-    """Refuse to resume from a checkpoint written with another config; returns the checkpoint."""
+def check_resume(cfg, out: Path, warn=print) -> Path:
+    """Refuse to resume from a damaged checkpoint (the newest intact one is taken for ``latest``, with a
+    line through ``warn``), from one written with another config, or over changed inputs; returns the
+    checkpoint."""
     from alignkit.train.checkpoint import resolve_checkpoint
 
-    ckpt = resolve_checkpoint(out / "checkpoints", cfg.resume)
+    ckpt = resolve_checkpoint(out / "checkpoints", cfg.resume, warn)
     step = step_of(ckpt) if ckpt.name.startswith("step-") else int(_read_lock(ckpt / "trainer_state.json").get("step", 0))
     max_steps = getattr(getattr(cfg, "train", None), "max_steps", None)
     if max_steps is not None and max_steps < step:
@@ -329,7 +385,139 @@ def check_resume(cfg, out: Path) -> Path:
         raise RunDirError(f"--resume: the checkpoint {ckpt} was written with another config ({'; '.join(diffs)}); "
                           f"resume with the same settings (only log.*, diagnostics.*, a larger train.max_steps "
                           f"and the like may change), or start afresh with --overwrite")
+    recorded = _read_lock(ckpt / "trainer_state.json").get("inputs")
+    if isinstance(recorded, dict) and recorded:
+        changed = input_changes(recorded, input_fingerprints(cfg))
+        if changed and not getattr(cfg, "resume_anyway", False):
+            more = f" (and {len(changed) - 1} more input(s))" if len(changed) > 1 else ""
+            raise RunDirError(f"--resume: {changed[0][0]} changed since the checkpoint {ckpt} was written "
+                              f"({changed[0][1]}){more}; resume with the inputs the run read, pass --resume-anyway "
+                              f"to continue on the changed input, or start afresh with --overwrite")
+        for what, how in changed:
+            warn(f"--resume-anyway: {what} changed since the checkpoint {ckpt.name} was written ({how}); "
+                 f"continuing on it")
     return ckpt
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hub_revision(name: str, repo_type: str, revision: Optional[str]) -> Optional[str]:
+    """The commit a Hub name resolves to in the local cache (None when it is not cached)."""
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover
+        return revision
+    ref = Path(HF_HUB_CACHE) / f"{repo_type}s--{name.replace('/', '--')}" / "refs" / (revision or "main")
+    try:
+        return ref.read_text().strip() or revision
+    except OSError:
+        return revision
+
+
+def fingerprint(value: str, kind: str, revision: Optional[str] = None) -> Dict[str, Any]:
+    """What identifies one input: a file's size and SHA-256; a directory's files (a model directory: its
+    weights and config.json) by name, size and SHA-256; a Hub name's revision (``kind``: model or
+    dataset)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return {"file": str(path), "size": path.stat().st_size, "sha256": _sha256(path)}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts and ".git" not in p.parts)
+        if kind == "model" and any(p.suffix in _WEIGHTS for p in files):
+            files = [p for p in files if p.suffix in _WEIGHTS or p.name == "config.json"]
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in files:
+            h.update(f"{p.relative_to(path)}\0{p.stat().st_size}\0{_sha256(p)}\n".encode())
+        return {"dir": str(path), "files": len(files), "size": sum(p.stat().st_size for p in files),
+                "sha256": h.hexdigest()}
+    if value.startswith("builtin:"):
+        return {"builtin": value}
+    return {"hub": value, "revision": _hub_revision(value, kind, revision)}
+
+
+def _inputs_of(cfg) -> Dict[str, tuple]:
+    """``{field: (value, kind, revision)}`` of the inputs a run reads: model, reference and critic
+    weights, reward models, training and held-out data."""
+    dump = cfg.model_dump(mode="json")
+    found: Dict[str, tuple] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            if node.get("kind") == "model" and isinstance(node.get("arg"), str) and node["arg"]:
+                found[key] = (node["arg"], "model", None)  # a reward model
+                return
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else k)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(node, str) and node:
+            leaf = key.rsplit(".", 1)[-1]
+            if key == "model.name_or_path":
+                return
+            if leaf in ("ref_model", "name_or_path"):
+                found[key] = (node, "model", None)
+            elif key.endswith("value.init") and node not in ("policy", "reward"):
+                found[key] = (node, "model", None)
+            elif key in ("data.path", "data.eval_path"):
+                found[key] = (node, "dataset", None)
+
+    walk(dump, "")
+    model = getattr(cfg, "model", None)
+    if model is not None:
+        from alignkit.models.default import DEFAULT_ALIASES, default_model_dir
+
+        name = model.name_or_path
+        if name is None or name.strip().lower() in DEFAULT_ALIASES:
+            name = str(default_model_dir(convert=False))
+        found["model.name_or_path"] = (name, "model", model.revision)
+    return found
+
+
+def input_fingerprints(cfg) -> Dict[str, Dict[str, Any]]:
+    """The fingerprint (:func:`fingerprint`) of every input of ``cfg``'s run, by config field."""
+    return {key: fingerprint(value, kind, rev) for key, (value, kind, rev) in _inputs_of(cfg).items()}
+
+
+def _say(fp: Dict[str, Any]) -> str:
+    if "sha256" in fp:
+        return f"{fp['size']} bytes, sha256 {fp['sha256'][:12]}"
+    if "hub" in fp:
+        return f"Hub revision {fp.get('revision') or 'unknown'}"
+    return json.dumps(fp)
+
+
+def input_changes(recorded: Dict[str, Any], now: Dict[str, Any]) -> List[tuple]:
+    """``("FIELD (WHAT)", "A then, B now")`` for each input whose fingerprint differs (a Hub name whose
+    revision is unknown on either side is not compared)."""
+    out = []
+    for key in sorted(set(recorded) & set(now)):
+        a, b = recorded[key], now[key]
+        if not isinstance(a, dict) or a == b:
+            continue
+        if "hub" in a and "hub" in b and a.get("hub") == b.get("hub") and None in (a.get("revision"), b.get("revision")):
+            continue
+        what = b.get("file") or b.get("dir") or b.get("hub") or b.get("builtin")
+        now_said = "no such file or directory now" if ("file" in a or "dir" in a) and "hub" in b else f"{_say(b)} now"
+        out.append((f"{key} ({what})", f"{_say(a)} then, {now_said}"))
+    return out
 
 
 # ------------------------------------------------------------------------------------ disk space
