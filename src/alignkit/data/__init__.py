@@ -40,6 +40,16 @@ def _load_split(source: str, split: str, role: str, kind: str, cfg: DataConfig, 
     return encoded, report
 
 
+def no_examples_message(source: str, kind: str, report: DataReport) -> str:
+    """One message for a side with no usable examples: the commonest reason once (with its field), not
+    the report's lines again (the run prints those itself)."""
+    head = f"{source}: no usable {kind} examples out of {report.rows_read} rows"
+    if report.dropped:
+        reason, n = report.dropped.most_common(1)[0]
+        head += f"; {n} dropped: {reason}"
+    return head + " (every row is listed in data_report.json)"
+
+
 def content_key(item: Dict[str, Any]) -> str:
     """What an example says, without its row number: equal keys are the same training content."""
     return json.dumps({k: v for k, v in item.items() if k != "row"}, sort_keys=True, default=str)
@@ -108,8 +118,7 @@ def _prepare(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs) ->
     train, report = _load_split(cfg.path, cfg.split, "train", kind, cfg, encoder, **parse_kwargs)
     reports.append(report)
     if not train:
-        raise DataError(f"{cfg.path}: no usable {kind} examples out of {report.rows_read} rows (every row is "
-                        f"listed in data_report.json)\n" + "\n".join(report.summary_lines()))
+        raise DataError(no_examples_message(cfg.path, kind, report))
     eval_items: List[Dict[str, Any]] = []
     source = _eval_source(cfg)
     if source is not None:

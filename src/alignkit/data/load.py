@@ -86,23 +86,40 @@ class DataReport:
         where = ", ".join(x for x in (self.origin, f"split {self.split}" if self.split else None) if x)
         head = f"{self.role} data: {self.source}" + (f" ({where})" if where else "")
         lines = [f"{head}: {self.rows_read} rows read, {self.examples} examples kept"]
-        for reason, n in sorted(self.dropped.items()):
-            lines.append(f"  dropped {n}: {reason}")
-        for reason, n in sorted(self.truncated.items()):
-            lines.append(f"  truncated {n}: {reason}")
+        rows = self._rows_by_reason()
+        shown = 0
+        for what, counts in (("dropped", self.dropped), ("truncated", self.truncated)):
+            for reason, n in sorted(counts.items()):
+                lines.append(f"  {what} {n}: {reason}")
+                if shown < 5:  # the reason once, then where its rows are (never one line per row)
+                    lines.extend(rows.get((what, reason), [])[:2])
+                    shown += 1
         if self.unused:
             lines.append("  fields not used: " + ", ".join(f"{k} ({n} rows)" for k, n in sorted(self.unused.items())))
         for reason, n in sorted(self.noted.items()):
             lines.append(f"  kept {n}: {reason}")
-        for s in self.samples[:5]:
-            where = f"{s['file']} row {s['row']}" + (f" field {s['field']!r}" if "field" in s else "")
-            lines.append(f"    e.g. {where}: {s['what']} ({s['reason']})")
+            if shown < 5:
+                lines.extend(rows.get(("kept", reason), [])[:2])
+                shown += 1
         if len(self.samples) > 5:
-            lines.append(f"    ... every row is listed in data_report.json")
+            lines.append("    ... every row is listed in data_report.json")
         if self.overlap_with_train:
             lines.append(f"  warning: {self.overlap_with_train} of {self.examples} eval examples also appear in "
                          f"the training data (same content): held-out numbers are optimistic")
         return lines
+
+    def _rows_by_reason(self, rows: int = 5) -> Dict[Tuple[str, str], List[str]]:
+        """(what, reason) -> lines naming the file, the first row numbers and the field of its rows."""
+        grouped: Dict[Tuple[str, str, str, Optional[str]], List[Any]] = {}
+        for s in self.samples:
+            grouped.setdefault((s["what"], s["reason"], s["file"], s.get("field")), []).append(s["row"])
+        out: Dict[Tuple[str, str], List[str]] = {}
+        for (what, reason, file, fieldname), nums in grouped.items():
+            more = f" (+{len(nums) - rows} more)" if len(nums) > rows else ""
+            where = (f"{file} row{'s' if len(nums) > 1 else ''} {', '.join(str(n) for n in nums[:rows])}{more}"
+                     + (f" field {fieldname!r}" if fieldname else ""))
+            out.setdefault((what, reason), []).append(f"    e.g. {where}")
+        return out
 
     def to_dict(self, rows_file: Optional[str] = None) -> Dict[str, Any]:
         """The ``data_report.json`` entry. ``rows_file``: when the rows are too many to list inline

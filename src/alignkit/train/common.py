@@ -90,7 +90,7 @@ def prepare_data(kind: str, cfg: RunConfig, tokenizer, acc, **kwargs) -> Prepare
 def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save_kwargs: Optional[dict] = None) -> Path:
     """Save OUTPUT/model (safetensors + tokenizer + README.md model card) and OUTPUT/summary.json on the
     main process; push OUTPUT/model to the Hub when hub.push is set."""
-    from alignkit.hub import base_model_id, push_to_hub, write_model_card
+    from alignkit.hub import HubPushError, base_model_id, push_to_hub, write_model_card
     from alignkit.models.loading import checkpoint_dtype, save_model
 
     from alignkit.train.rundir import atomic_save_dir, release, tensor_bytes
@@ -98,6 +98,7 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
     acc = trainer.acc
     out = Path(cfg.output)
     model_dir = out / "model"
+    push_error: Optional[HubPushError] = None
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(trainer.model) if acc.distributed_type.value == "FSDP" else None
     if acc.is_main_process:
@@ -114,13 +115,18 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
         write_model_card(model_dir, cfg, summary)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         console().print(f"saved {model_dir}", style="green")
-        if cfg.hub.push:
-            with trainer.logger.phase("pushing to the Hub"):
-                url = push_to_hub(model_dir, cfg)
-            console().print(f"pushed to {url}", style="green")
         write_run_report(out)
         release(out)
+        if cfg.hub.push:  # after the run is complete: a failed push loses nothing
+            try:
+                with trainer.logger.phase("pushing to the Hub"):
+                    url = push_to_hub(model_dir, cfg)
+                console().print(f"pushed to {url}", style="green")
+            except HubPushError as e:
+                push_error = e
     acc.wait_for_everyone()
+    if push_error is not None:
+        raise push_error
     return model_dir
 
 
