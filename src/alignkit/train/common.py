@@ -31,9 +31,19 @@ def start_run(cfg: RunConfig):
     set_seed(cfg.train.seed)
     claim_output(cfg, acc)
     if acc.is_main_process:
+        console().print(processes_line(acc), markup=False, highlight=False)
+    if acc.is_main_process:
         (Path(cfg.output) / "config.yaml").write_text(to_yaml(cfg))
     acc.wait_for_everyone()
     return acc
+
+
+def processes_line(acc) -> str:
+    """The run's first log line: how many processes train and where, so a launch that silently ran one
+    process (``accelerate launch --num_processes 2`` without a config that takes it) shows at once."""
+    n = acc.num_processes
+    kind = acc.distributed_type.value if n > 1 else "single process"
+    return f"processes: {n} ({kind}, device {acc.device.type}, mixed precision {acc.mixed_precision})"
 
 
 def claim_output(cfg: RunConfig, acc) -> None:
