@@ -103,11 +103,19 @@ def prepare(kind: str, cfg: DataConfig, tokenizer, seed: int = 0, require_eval: 
     Held-out data: see :func:`_eval_source`; each side's report names its source, split and counts,
     and held-out examples that repeat a training example are counted (``overlap_with_train``).
     """
-    if not cfg.path:
-        raise DataError("no training data: pass --data FILE (or data.path=...)")
+    if not cfg.path and not cfg.mix:
+        raise DataError("no training data: pass --data FILE (or data.path=..., or data.mix)")
     encoder = Encoder(tokenizer, cfg)
     reports: List[DataReport] = []
     try:
+        if cfg.streaming:  # data/stream.py: training examples read lazily, by position
+            from alignkit.data.stream import prepare_streaming
+
+            return prepare_streaming(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs)
+        if cfg.mix:  # data/mix.py: several datasets sampled by weight
+            from alignkit.data.mix import prepare_mix
+
+            return prepare_mix(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs)
         return _prepare(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs)
     except DataError as e:
         e.reports = reports  # type: ignore[attr-defined]

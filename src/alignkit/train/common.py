@@ -87,6 +87,9 @@ def prepare_data(kind: str, cfg: RunConfig, tokenizer, acc, **kwargs) -> Prepare
     when the data is refused, e.g. every row dropped."""
     from alignkit.data import DataError, prepare
 
+    if cfg.data.streaming and not cfg.train.max_steps:
+        raise DataError("data.streaming needs train.max_steps (--max-steps): a stream's length is not known before "
+                        "it is read")
     try:
         data = prepare(kind, cfg.data, tokenizer, **kwargs)
     except DataError as e:
@@ -197,6 +200,10 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
                 write_run_report(out)  # the report shows the alert that aborted the run
             release(out)
         raise
+    if getattr(trainer, "stream", None) is not None and trainer.acc.is_main_process:
+        from alignkit.data.load import write_data_report  # the counts of every streamed row read
+
+        write_data_report(trainer.stream.all_reports, out)
     if samples:
         sample_report_prompts(trainer, tokenizer, eval_items, "after")
     summary = {**final, **{f"{k}_before": v for k, v in before.items()}, **extra}
