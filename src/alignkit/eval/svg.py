@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from html import escape
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["PALETTE", "bar_plot", "line_plot", "scatter_plot"]
 
@@ -197,21 +197,46 @@ def line_plot(series: Dict[str, List[Tuple[float, float]]], title: str,
     return "\n".join(parts + frame.close())
 
 
+MAX_POINT_LABELS = 12  # printed point labels per group; every point keeps its label in the tooltip
+
+
+def labelled_indices(n: int, limit: int = MAX_POINT_LABELS) -> List[int]:
+    """Which of ``n`` points get a printed label: all up to ``limit``, else ``limit`` evenly spread ones
+    that always include the first and the last."""
+    if n <= limit:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
+
+
 def scatter_plot(points: Dict[str, List[Tuple[float, float]]], title: str,
-                 xlabel: str = "", ylabel: str = "") -> str:
+                 xlabel: str = "", ylabel: str = "", point_labels: Optional[Dict[str, List[str]]] = None) -> str:
     """Scatter chart of ``{label: [(x, y), ...]}`` groups, one colour per group, as an SVG string.
 
     nan/inf points are skipped. Each dot carries a hover tooltip with its label and coordinates.
+    ``point_labels`` (``{label: [text per point]}``, e.g. the step of each point) are added to the tooltips
+    and printed beside the dots (up to :data:`MAX_POINT_LABELS` per group, first and last included).
     """
-    clean = {label: _finite(pts) for label, pts in points.items()}
+    clean: Dict[str, Points] = {}
+    texts: Dict[str, List[str]] = {}
+    for label, pts in points.items():
+        given = (point_labels or {}).get(label)
+        keep = [i for i, (x, y) in enumerate(pts) if math.isfinite(x) and math.isfinite(y)]
+        clean[label] = [(float(pts[i][0]), float(pts[i][1])) for i in keep]
+        texts[label] = [str(given[i]) for i in keep] if given is not None and len(given) == len(pts) else []
     frame = _Frame(clean, title, xlabel, ylabel)
     parts = frame.open()
     for i, (label, pts) in enumerate(clean.items()):
         colour = PALETTE[i % len(PALETTE)]
-        for x, y in pts:
+        names = texts[label]
+        shown = set(labelled_indices(len(pts))) if names else set()
+        for j, (x, y) in enumerate(pts):
+            tip = f"{escape(label)}" + (f" {escape(names[j])}" if names else "")
             parts.append(f'<circle class="pt" cx="{frame.px(x):.2f}" cy="{frame.py(y):.2f}" r="3.5" '
-                         f'fill="{colour}" fill-opacity="0.8"><title>{escape(label)}: '
+                         f'fill="{colour}" fill-opacity="0.8"><title>{tip}: '
                          f"({_fmt(x)}, {_fmt(y)})</title></circle>")
+            if j in shown:
+                parts.append(f'<text class="ptlabel" x="{frame.px(x) + 5:.2f}" y="{frame.py(y) - 5:.2f}" '
+                             f'font-size="9" fill="{colour}">{escape(names[j])}</text>')
     return "\n".join(parts + frame.close())
 
 
