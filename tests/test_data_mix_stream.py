@@ -148,3 +148,32 @@ def test_streaming_resume_equals_a_straight_run_and_the_in_memory_run(tmp_path, 
         assert torch.allclose(a[k], c[k], atol=1e-6, rtol=1e-5), k
     report = json.loads((tmp_path / "resumed" / "data_report.json").read_text())[0]
     assert report["rows_read"] == 4 and report["examples"] == 4 and report["streaming"]["passes_started"] == 4
+
+
+def test_streaming_parquet_and_dataset_dirs_and_a_dpo_run(tmp_path, tiny_model, tiny_tok, jsonl):
+    from click.testing import CliRunner
+    from datasets import Dataset, DatasetDict
+
+    from alignkit.cli import build_cli
+    from tests.helpers import pref_rows
+
+    pairs = pref_rows(12, 0)
+    Dataset.from_list(pairs).to_parquet(str(tmp_path / "p.parquet"))
+    DatasetDict({"train_prefs": Dataset.from_list(pairs), "test_prefs": Dataset.from_list(pairs[:3])}).save_to_disk(
+        str(tmp_path / "uf"))
+    whole = prepare("preference", DataConfig(path=str(jsonl("p.jsonl", pairs))), tiny_tok).train
+    pq = prepare("preference", DataConfig(path=str(tmp_path / "p.parquet"), streaming=True), tiny_tok)
+    assert [{k: v for k, v in x.items() if k != "row"} for x in pq.train[0:12]] == \
+        [{k: v for k, v in x.items() if k != "row"} for x in whole]  # jsonl rows count from 1, parquet from 0
+    uf = prepare("preference", DataConfig(path=str(tmp_path / "uf"), split="train_prefs", streaming=True), tiny_tok)
+    assert len(uf.eval) == 3 and uf.reports[1].split == "test_prefs"  # the held-out twin, read whole
+    out = tmp_path / "dpo"
+    res = CliRunner().invoke(build_cli(), ["dpo", "--model", str(tiny_model), "--data", str(tmp_path / "uf"),
+                                           "data.split=train_prefs", "data.streaming=true", "data.shuffle_buffer=4",
+                                           "--max-steps", "2", "train.batch_size=2", "--output", str(out),
+                                           "log.progress=false", "log.samples=0"])
+    assert res.exit_code == 0, res.output
+    assert "streaming: rows are read as training goes" in res.output
+    report = json.loads((out / "data_report.json").read_text())
+    # the start-up check reads 16 examples: the first pass (12 rows, each counted once) and part of a second
+    assert report[0]["streaming"]["passes_started"] == 2 and report[0]["rows_read"] == 12
