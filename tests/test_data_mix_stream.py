@@ -177,3 +177,20 @@ def test_streaming_parquet_and_dataset_dirs_and_a_dpo_run(tmp_path, tiny_model, 
     report = json.loads((out / "data_report.json").read_text())
     # the start-up check reads 16 examples: the first pass (12 rows, each counted once) and part of a second
     assert report[0]["streaming"]["passes_started"] == 2 and report[0]["rows_read"] == 12
+
+
+def test_a_datasets_iterable_dataset_streams_like_its_file(tiny_tok, jsonl):
+    from datasets import Dataset
+
+    from alignkit.config import SFTConfig, build_config
+    from alignkit.data.stream import stream_rows
+
+    data = rows("I", 6)
+    whole = prepare("sft", DataConfig(path=str(jsonl("i.jsonl", data))), tiny_tok).train
+    it = Dataset.from_list(data).to_iterable_dataset()
+    prep = stream_rows("sft", it, DataConfig(), tiny_tok, name="my_iterable")
+    strip = lambda xs: [{k: v for k, v in x.items() if k != "row"} for x in xs]  # noqa: E731
+    assert strip(prep.train[0:12]) == strip(whole + whole)  # pass after pass over the iterable
+    assert prep.reports[0].rows_read == 6 and prep.reports[0].source == "my_iterable"
+    cfg = build_config(SFTConfig, {"dataset_name": "x.jsonl", "dataset_streaming": True, "buffer_size": 64})
+    assert cfg.data.streaming and cfg.data.shuffle_buffer == 64  # TRL's and LLaMA-Factory's names

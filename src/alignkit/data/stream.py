@@ -266,3 +266,21 @@ def prepare_streaming(kind: str, cfg, encoder, seed: int, require_eval: bool, re
     train.all_reports = reports  # every side's report, rewritten into data_report.json at the end of the run
     train.get(0, 1)  # a stream with no usable example fails here, with its report
     return Prepared(train, evals, reports, encoder)
+
+
+def stream_rows(kind: str, rows, cfg, tokenizer, seed: int = 0, name: str = "dataset", **parse_kwargs):
+    """A :class:`~alignkit.data.Prepared` whose training side streams ``rows``: any re-iterable of row
+    dicts, such as a ``datasets.IterableDataset`` (each pass iterates it again) or a list. For the
+    Python API; ``cfg`` (a DataConfig) gives the tokenization settings and ``shuffle_buffer``. The
+    held-out side is empty (pass held-out examples to the trainer yourself)."""
+    from alignkit.data import Prepared
+    from alignkit.data.tokenize import Encoder
+
+    if kind not in STREAMING_KINDS:
+        raise DataError(f"streaming works for sft and preference data; {kind} data is needed whole")
+    encoder = Encoder(tokenizer, cfg)
+    report = StreamReport(source=name, role="train", origin="in-memory iterable")
+    train = StreamingItems([(name, iterable_factory(rows), 1.0)], [report], kind, encoder, seed, cfg.shuffle_buffer,
+                           **parse_kwargs)
+    train.get(0, 1)
+    return Prepared(train, [], [report], encoder)
