@@ -63,6 +63,10 @@ def test_mix_holds_out_each_dataset_before_drawing(tiny_tok, jsonl):
     held = {tiny_tok.decode(it["input_ids"]) for it in prep.eval}
     assert len(held) == 4 and not (train & held) and len(prep.train) == 16
     assert [r.role for r in prep.reports] == ["train", "eval", "train", "eval"]
+    held_file = jsonl("held.jsonl", rows("H", 3))
+    prep = prepare("sft", DataConfig(mix=[str(a), str(b)], eval_path=str(held_file)), tiny_tok, seed=1)
+    assert len(prep.train) == 20 and len(prep.eval) == 3  # one held-out set for the whole mixture
+    assert [r.role for r in prep.reports] == ["train", "train", "eval"] and prep.reports[2].overlap_with_train == 0
 
 
 def test_stream_positions_are_the_files_rows_in_order_pass_after_pass(tiny_tok, jsonl):
