@@ -100,7 +100,7 @@ def test_streamed_mix_draws_by_weight(tiny_tok, jsonl):
         "sft", DataConfig(path=str(a)), tiny_tok).train[:3]]  # each dataset in its own order
 
 
-def test_streaming_refusals(tiny_tok, jsonl):
+def test_streaming_refusals(tiny_tok, jsonl, tmp_path):
     data = jsonl("d.jsonl", rows("S", 4))
     with pytest.raises(DataError, match="eval_fraction needs every row"):
         prepare("sft", DataConfig(path=str(data), streaming=True, eval_fraction=0.5), tiny_tok)
@@ -110,7 +110,8 @@ def test_streaming_refusals(tiny_tok, jsonl):
     with pytest.raises(DataError, match="no usable sft examples in the stream"):
         prepare("sft", DataConfig(path=str(bad), streaming=True), tiny_tok)
     with pytest.raises(DataError, match="needs train.max_steps"):
-        train_sft(**{"data.path": str(data), "data.streaming": True, "output": "unused-run", "log.progress": False})
+        train_sft(**{"data.path": str(data), "data.streaming": True, "output": str(tmp_path / "run"),
+                     "log.progress": False})
 
 
 def _weights(run_dir):
