@@ -96,3 +96,24 @@ def test_every_run_says_how_many_processes(tmp_path, tiny_model, jsonl):
                                            str(tmp_path / "r"), "--max-steps", "1", "log.progress=false"])
     assert res.exit_code == 0, res.output
     assert "processes: 1 (single process, device cpu" in res.output.splitlines()[0] + res.output
+
+
+def test_unreachable_hub_dataset_fails_at_once(monkeypatch, tmp_path):
+    from alignkit.data.load import DataError, read_rows
+    from alignkit.models import default
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="offline mode is set"):
+        read_rows("nobody/no-such-dataset")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(default, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(DataError, match="the Hub cannot be reached"):
+        read_rows("nobody/no-such-dataset")
+    assert time.perf_counter() - t0 < 5
+    (tmp_path / "hub" / "datasets--nobody--cached").mkdir(parents=True)
+    assert default.check_hub_dataset("nobody/cached") is None  # a cached dataset is left to datasets

@@ -293,6 +293,10 @@ def split_names(source: str, subset: Optional[str] = None) -> Optional[List[str]
         return list(ds) if isinstance(ds, DatasetDict) else None
     if path.exists() or not looks_like_hub_id(source):
         return None
+    from alignkit.models.default import check_hub_dataset
+
+    if check_hub_dataset(source):  # unreachable: read_rows says so in one line
+        return None
     try:
         from datasets import get_dataset_split_names
 
@@ -363,6 +367,11 @@ def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None,
             raise DataError(f"{source}: no such file or directory")
         info["origin"] = "Hugging Face Hub" + (f", subset {subset}" if subset else "")
         info["split"] = split
+        from alignkit.models.default import check_hub_dataset
+
+        unreachable = check_hub_dataset(source)  # one line now instead of a minute of retries
+        if unreachable:
+            raise DataError(unreachable)
         try:
             from datasets import load_dataset
 

@@ -87,6 +87,11 @@ def row_factory(source: str, split: str = "train", subset: Optional[str] = None,
         raise DataError(f"{source}: no such file or directory")
     info["origin"] = "Hugging Face Hub, streaming" + (f", subset {subset}" if subset else "")
     info["split"] = split
+    from alignkit.models.default import check_hub_dataset
+
+    unreachable = check_hub_dataset(source)
+    if unreachable:
+        raise DataError(unreachable)
     try:
         from datasets import load_dataset
 

