@@ -132,6 +132,8 @@ def online_lines(cfg: Any) -> List[str]:
                 continue
             if key in ("clip_eps", "clip_eps_high") and section.policy_loss == "reinforce":
                 continue
+            if key in ("kl_coef", "kl_estimator") and section.kl_placement == "none":  # no KL term at all
+                continue
             lines.append(f"| {key} | {fmt_value(v)} |")
         if section.advantage == "gae":  # gamma and lambda mean something only with a critic
             lines += [f"| gamma | {fmt_value(section.gamma)} |", f"| lam | {fmt_value(section.lam)} |"]
