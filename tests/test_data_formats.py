@@ -116,3 +116,17 @@ def test_empty_result_is_an_error(tmp_path, tiny_tok):
     p.write_text('{"foo": 1}\n{"bar": 2}\n')
     with pytest.raises(DataError, match="no usable sft examples out of 2 rows"):
         prepare("sft", DataConfig(path=str(p)), tiny_tok)
+
+
+def test_missing_field_is_named_and_said_once_not_once_per_row():
+    rows = [{"prompt": f"p{i}", "chosen": "c"} for i in range(12)]
+    out, rep = parse("preference", rows)
+    assert out == [] and rep.n_dropped == 12
+    assert {s.get("field") for s in rep.samples} == {"rejected"}
+    lines = rep.summary_lines()
+    text = "\n".join(lines)
+    assert "missing field 'rejected' (has chosen, prompt;" in text
+    assert text.count("missing field") == 1  # the reason once, then where its rows are
+    assert any("rows 1, 2, 3, 4, 5 (+7 more) field 'rejected'" in line for line in lines), text
+    _, rep = parse("sft", [{"foo": 1}])  # nothing of any shape: no field to name
+    assert rep.samples[0].get("field") is None and "fits no SFT shape: expected" in rep.samples[0]["reason"]

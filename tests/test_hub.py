@@ -134,3 +134,92 @@ def test_adapter_reward_model_scores_the_same_batched_and_single(tmp_path, tiny_
     assert len(set(round(x, 4) for x in single)) == 3  # a trained head, not a constant
     ours = load_reward_scorer(str(model_dir), dtype="float32").score_ids(enc)  # auto: bf16 where native
     assert ours == pytest.approx(single, abs=1e-5)
+
+
+def test_base_model_from_a_hub_cache_snapshot_or_its_config(tmp_path):
+    snap = tmp_path / "hub" / "models--Qwen--Qwen2-0.5B" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    assert base_model_id(str(snap)) == "Qwen/Qwen2-0.5B"
+    named = tmp_path / "dl"
+    named.mkdir()
+    (named / "config.json").write_text(json.dumps({"_name_or_path": "meta-llama/Llama-3.2-1B"}))
+    assert base_model_id(str(named)) == "meta-llama/Llama-3.2-1B"
+    converted = tmp_path / "conv"
+    converted.mkdir()
+    (converted / "config.json").write_text(json.dumps({"_name_or_path": "SmolLM2-135M-Instruct"}))
+    assert base_model_id(str(converted)) == EMBEDDED_HUB_ID
+    local = tmp_path / "mine"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path / "elsewhere")}))
+    assert base_model_id(str(local)) == str(local.resolve())  # a local model stays a local path
+
+
+def test_online_card_lists_rewards_generation_and_alerts_not_offline_fields():
+    from alignkit.train.rl_config import GRPOConfig
+
+    cfg = GRPOConfig(output="runs/g", model={"name_or_path": "default"}, data={"path": "p.jsonl"},
+                     rewards=["length:target=20@0.5", {"kind": "regex", "arg": "^<think>", "name": "format"}],
+                     generation={"max_new_tokens": 48, "temperature": 0.7, "top_p": 0.9})
+    alerts = [{"step": 3, "kind": "kl_blowup", "message": "KL 12.5 | above 10"}]
+    card = model_card(cfg, {"steps": 5}, alerts=alerts)
+    assert front_matter(card)["base_model"] == EMBEDDED_HUB_ID
+    for line in ("| length | length | `target=20` | 0.5 |", "| format | regex | `^<think>` | 1 |",
+                 "| max_new_tokens | 48 |", "| temperature | 0.7 |", "| top_p | 0.9 |", "| num_generations | 8 |",
+                 "| kl_coef | 0.04 |", "| 3 | kl_blowup | KL 12.5 \\| above 10 |"):
+        assert line in card, line
+    assert "gamma" not in card and "max length" not in card  # no critic, and rollouts are cut by max_new_tokens
+    assert "No training alert fired" in model_card(cfg, {"steps": 5}, alerts=[])
+    ppo = model_card(__import__("alignkit.train.rl_config", fromlist=["PPOConfig"]).PPOConfig(
+        output="runs/p", data={"path": "p.jsonl"}, rewards=["length:target=20"]), {})
+    assert "| gamma | 1 |" in ppo  # with a critic (gae) gamma means something
+
+
+def _hub_error(kind):
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    req = httpx.Request("POST", "https://huggingface.co/api/repos/create")
+    if kind == "network":
+        try:  # what a DNS failure looks like from huggingface_hub: httpx's ConnectError wrapped
+            raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution", request=req)
+        except httpx.ConnectError as inner:
+            try:
+                raise OSError("request failed") from inner
+            except OSError as outer:
+                return outer
+    if kind == "auth_missing":
+        return LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
+    status = {"auth": 401, "permission": 403}[kind]
+    return HfHubHTTPError(f"{status} Client Error", response=httpx.Response(status, request=req))
+
+
+@pytest.mark.parametrize("kind,cause,advice", [
+    ("network", "network", "could not reach the Hugging Face Hub"),
+    ("auth", "auth", "hf auth login"),
+    ("auth_missing", "auth", "hf auth login"),
+    ("permission", "permission", "write access"),
+])
+def test_failed_push_keeps_the_run_complete_and_names_the_cause(tmp_path, tiny_model, jsonl, monkeypatch, kind,
+                                                                  cause, advice):
+    import huggingface_hub
+
+    err = _hub_error(kind)
+
+    class FailingApi:
+        def create_repo(self, **kw):
+            raise err
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FailingApi)
+    data = jsonl("d.jsonl", [{"prompt": "a", "completion": "b"}] * 2)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(build_cli(), ["sft", "--model", str(tiny_model), "--data", str(data), "--output", str(out),
+                                           "--max-steps", "1", "log.progress=false", "--push-to-hub",
+                                           "--hub_model_id", "me/tiny"])
+    assert res.exit_code == 1 and res.exception is not None and isinstance(res.exception, SystemExit)
+    assert f"failed ({cause})" in res.output and advice in res.output, res.output
+    assert "Traceback" not in res.output and "hf upload me/tiny" in res.output
+    if cause != "auth":
+        assert "hf auth login" not in res.output  # a DNS failure is not a login problem
+    for name in ("report.html", "summary.json", "model/model.safetensors", "model/README.md"):
+        assert (out / name).exists(), name
+    assert not (out / ".alignkit.lock").exists()

@@ -249,3 +249,43 @@ def test_tick_labels_are_distinct_and_steps_are_integers():
     assert len(ys) == len(set(ys)) >= 3 and "1000.1" in ys  # .4g alone would print "1000" for each
     assert xs == ["0", "1", "2"]  # a step axis has no 0.5 ticks
     assert tick_labels([0.1, 0.2, 0.30000000000000004]) == ["0.1", "0.2", "0.3"]
+
+
+def test_reward_vs_kl_points_carry_their_steps(tmp_path):
+    """Every point's tooltip names its step; up to 12 labels are printed, always the first and last."""
+    run = write_run(tmp_path / "r", steps=30)
+    html = write_report(run).read_text()
+    fig = figure(html, "reward_vs_kl:rewards/mean")
+    tips = re.findall(r"<title>rewards/mean (step \d+): \(([^,]+), ([^)]+)\)</title>", fig)
+    assert [t[0] for t in tips] == [f"step {s}" for s in range(30)]
+    assert float(tips[7][1]) == pytest.approx(3.5) and float(tips[7][2]) == pytest.approx(0.21)  # kl 0.5*7, 0.03*7
+    printed = re.findall(r'<text class="ptlabel"[^>]*>(step \d+)</text>', fig)
+    assert len(printed) == 12 and printed[0] == "step 0" and printed[-1] == "step 29"
+    eval_fig = figure(html, "reward_vs_kl:eval/rewards/gold")
+    assert re.findall(r'class="ptlabel"[^>]*>(step \d+)<', eval_fig) == ["step 0", "step 10", "step 20"]
+
+
+def test_compare_shows_config_differences_and_samples_side_by_side(tmp_path):
+    from alignkit.eval.report import config_diff
+
+    a = write_run(tmp_path / "a", command="dpo", name="lr-high")
+    b = write_run(tmp_path / "b", command="dpo", name="lr-low")
+    (a / "config.yaml").write_text("command: dpo\nname: lr-high\noutput: runs/a\noptim:\n  lr: 0.001\n"
+                                   "  scheduler: cosine\ndpo:\n  beta: 0.1\n")
+    (b / "config.yaml").write_text("command: dpo\nname: lr-low\noutput: runs/b\noptim:\n  lr: 1.0e-05\n"
+                                   "  scheduler: cosine\ndpo:\n  beta: 0.1\n  loss: ipo\n")
+    samples_b = [{"tag": "after", "prompt": "Say hi & bye", "completion": "bye <b>now</b>", "reward": 0.2}]
+    (b / "samples.jsonl").write_text("\n".join(json.dumps(x) for x in samples_b) + "\n")
+    diff = dict((k, [str(x) for x in v]) for k, v in config_diff([load_run(a).config, load_run(b).config]))
+    assert diff == {"dpo.loss": ["(not set)", "ipo"], "name": ["lr-high", "lr-low"], "optim.lr": ["0.001", "1e-05"]}
+    html = compare_runs([a, b], tmp_path / "c.html").read_text()
+    section = html.split("<h2>Config differences</h2>")[1].split("<h2>")[0]
+    assert "<th>optim.lr</th><td><code>0.001</code></td><td><code>1e-05</code></td>" in section
+    assert "scheduler" not in section and "output" not in section and "dpo.beta" not in section
+    side = html.split("<h2>Samples side by side</h2>")[1]
+    first = side.split("<tr>")[2]  # the first prompt is the one both runs answered
+    assert "Say hi &amp; bye" in first
+    answers = side.split("<tr>")[3]
+    assert answers.index("&lt;script&gt;alert") < answers.index("bye &lt;b&gt;now&lt;/b&gt;")  # run a, then b
+    assert "reward 0.9" in answers and "reward 0.2" in answers and "<script>" not in html
+    assert "(no sample)" in side  # "Only after" exists in run a only

@@ -237,6 +237,9 @@ ALIASES: Dict[str, Alias] = {
     "max_prompt_length": _a("data.max_prompt_length"),
     "max_samples": _a("data.max_rows"),  # LLaMA-Factory
     "val_size": _a("data.eval_fraction"),  # LLaMA-Factory
+    "dataset_streaming": _a("data.streaming"),  # TRL ScriptArguments
+    "streaming": _a("data.streaming"),  # LLaMA-Factory
+    "buffer_size": _a("data.shuffle_buffer"),  # LLaMA-Factory: the streaming shuffle buffer
     "dataset_num_proc": _a("data.num_proc"),
     "preprocessing_num_workers": _a("data.num_proc"),
     # batching and steps

@@ -277,8 +277,10 @@ def _print_summary(summary: Dict[str, Any]) -> None:
 
 
 def short_help(text: str) -> str:
-    """The first sentence of a command's help, whole: never cut inside a citation ("Azar et al. 2023")."""
-    m = re.search(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)\.(\s|$)", text)
+    """The first sentence of a command's help, whole: never cut inside a citation ("Azar et al. 2023"),
+    a title or abbreviation ("Dr. GRPO", "Eq. 3", "cf.") or an initial ("J. Schulman")."""
+    m = re.search(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)(?<!\bDr)(?<!\bMr)(?<!\bEq)(?<!\beq)(?<!\bFig)"
+                  r"(?<!\bcf)(?<!\bSec)(?<!\bNo)(?<!\b[A-Z])\.(\s|$)", text)
     return text[: m.start() + 1] if m else text
 
 

@@ -72,6 +72,29 @@ class HubConfig(Section):
     """Create the Hub repository as private."""
 
 
+class MixSource(Section):
+    """One dataset of ``data.mix``."""
+
+    path: str
+    """A file, a dataset directory or a hub name (as data.path)."""
+    weight: float = Field(1.0, gt=0)
+    """Sampling weight: this dataset gives weight / (sum of weights) of the mixed training examples."""
+    split: str = "train"
+    """Split to read from a dataset directory or hub dataset."""
+    subset: Optional[str] = None
+    """Configuration (subset) of a hub dataset (default: data.subset)."""
+
+    @classmethod
+    def coerce(cls, v: Any) -> Any:
+        """``"PATH@WEIGHT"`` (or ``"PATH"``) strings become ``{path, weight}``."""
+        if isinstance(v, str):
+            path, at, weight = v.rpartition("@")
+            if at and weight.replace(".", "", 1).replace("e-", "", 1).isdigit():
+                return {"path": path, "weight": float(weight)}
+            return {"path": v}
+        return v
+
+
 class DataConfig(Section):
     path: Optional[str] = None
     """Training data: a JSONL/JSON/Parquet/CSV file, a datasets.save_to_disk directory, or a hub name."""
@@ -109,6 +132,24 @@ class DataConfig(Section):
     """Read at most this many rows (after shuffling is not applied: the first rows)."""
     num_proc: int = Field(1, ge=1)
     """Processes for tokenization (datasets.map)."""
+    mix: List[MixSource] = []
+    """Several training datasets sampled by weight, instead of data.path: a list of {path, weight, split,
+    subset} (or "PATH@WEIGHT" strings). Each gives weight / (sum of weights) of the training examples;
+    data_report.json lists each dataset's share and how many of its examples were drawn (docs/data.md)."""
+    streaming: bool = False
+    """Read the training data lazily as training goes (large files, hub datasets) instead of all at
+    start. Needs train.max_steps; data order is the stream's (see shuffle_buffer), and a resumed run
+    reads exactly the rows a straight run would at each step."""
+    shuffle_buffer: int = Field(0, ge=0)
+    """With data.streaming: shuffle the stream within a buffer of this many examples (seeded by
+    train.seed); 0 keeps the stream's own order."""
+
+    @field_validator("mix", mode="before")
+    @classmethod
+    def _coerce_mix(cls, v: Any) -> Any:
+        if isinstance(v, (str, dict)):
+            v = [v]
+        return [MixSource.coerce(x) for x in v] if isinstance(v, list) else v
 
 
 class TrainConfig(Section):

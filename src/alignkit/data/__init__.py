@@ -60,6 +60,16 @@ def _big_file_phase(source: str, what: str):
     return phase(f"{what} {path} ({size / 2**20:.0f} MB)", label="data")
 
 
+def no_examples_message(source: str, kind: str, report: DataReport) -> str:
+    """One message for a side with no usable examples: the commonest reason once (with its field), not
+    the report's lines again (the run prints those itself)."""
+    head = f"{source}: no usable {kind} examples out of {report.rows_read} rows"
+    if report.dropped:
+        reason, n = report.dropped.most_common(1)[0]
+        head += f"; {n} dropped: {reason}"
+    return head + " (every row is listed in data_report.json)"
+
+
 def content_key(item: Dict[str, Any]) -> str:
     """What an example says, without its row number: equal keys are the same training content."""
     return json.dumps({k: v for k, v in item.items() if k != "row"}, sort_keys=True, default=str)
@@ -113,11 +123,19 @@ def prepare(kind: str, cfg: DataConfig, tokenizer, seed: int = 0, require_eval: 
     Held-out data: see :func:`_eval_source`; each side's report names its source, split and counts,
     and held-out examples that repeat a training example are counted (``overlap_with_train``).
     """
-    if not cfg.path:
-        raise DataError("no training data: pass --data FILE (or data.path=...)")
+    if not cfg.path and not cfg.mix:
+        raise DataError("no training data: pass --data FILE (or data.path=..., or data.mix)")
     encoder = Encoder(tokenizer, cfg)
     reports: List[DataReport] = []
     try:
+        if cfg.streaming:  # data/stream.py: training examples read lazily, by position
+            from alignkit.data.stream import prepare_streaming
+
+            return prepare_streaming(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs)
+        if cfg.mix:  # data/mix.py: several datasets sampled by weight
+            from alignkit.data.mix import prepare_mix
+
+            return prepare_mix(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs)
         return _prepare(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs)
     except DataError as e:
         e.reports = reports  # type: ignore[attr-defined]
@@ -129,8 +147,7 @@ def _prepare(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs) ->
     eval_keys = keys
     reports.append(report)
     if not train:
-        raise DataError(f"{cfg.path}: no usable {kind} examples out of {report.rows_read} rows (every row is "
-                        f"listed in data_report.json)\n" + "\n".join(report.summary_lines()))
+        raise DataError(no_examples_message(cfg.path, kind, report))
     eval_items: List[Dict[str, Any]] = []
     source = _eval_source(cfg)
     if source is not None:

@@ -243,6 +243,19 @@ def _soft_label(row: Dict[str, Any]) -> float:
 
 # ---------------------------------------------------------------- per-kind parsers
 
+def _no_shape(row: Dict[str, Any], kind: str, expected: str, shapes: Sequence[Tuple[str, ...]]) -> "RowError":
+    """A row that fits no shape of ``kind``. When it has part of a shape (``{prompt, chosen}`` of
+    ``{prompt, chosen, rejected}``), the error names the missing field(s) of the closest shape (the one
+    with the most fields present, then the fewest missing), and the report's field is the first of them."""
+    best = max(shapes, key=lambda s: (sum(f in row for f in s), -sum(f not in row for f in s)))
+    missing = [f for f in best if f not in row]
+    if not any(f in row for f in best) or not missing:
+        return RowError(f"fits no {kind} shape: expected {expected}")
+    names = " and ".join(repr(f) for f in missing)
+    return RowError(f"fits no {kind} shape: missing field {names} (has {', '.join(sorted(map(str, row)))}; "
+                    f"expected {expected})", missing[0])
+
+
 def parse_sft(row: Dict[str, Any], n: int) -> List[SFTExample]:
     if "messages" in row:
         msgs = _messages(row["messages"], "messages")
@@ -267,7 +280,7 @@ def parse_sft(row: Dict[str, Any], n: int) -> List[SFTExample]:
         return [SFTExample(n, prompt=prompt, completion=_text(comp, "completion"))]
     if "text" in row:
         return [SFTExample(n, prompt="", completion=_text(row["text"], "text"))]
-    raise RowError("fits no SFT shape: expected {prompt, completion}, {messages} or {text}")
+    raise _no_shape(row, "SFT", "{prompt, completion}, {messages} or {text}", (("prompt", "completion"),))
 
 
 def parse_preference(row: Dict[str, Any], n: int, margin_field: Optional[str] = None) -> List[PreferenceExample]:
@@ -297,8 +310,9 @@ def parse_preference(row: Dict[str, Any], n: int, margin_field: Optional[str] = 
         if chosen == rejected:
             raise RowError("chosen equals rejected", "rejected")
         return [PreferenceExample(n, prompt, chosen, rejected, _soft_label(row), margin, extra)]
-    raise RowError("fits no preference shape: expected {prompt, chosen, rejected}, HH {chosen, rejected} "
-                   "or a ranking {prompt, responses}")
+    raise _no_shape(row, "preference", "{prompt, chosen, rejected}, HH {chosen, rejected} or a ranking "
+                    "{prompt, responses}", (("prompt", "chosen", "rejected"), ("chosen", "rejected"),
+                                             ("prompt", "responses")))
 
 
 def parse_unpaired(row: Dict[str, Any], n: int) -> List[UnpairedExample]:
@@ -318,7 +332,8 @@ def parse_unpaired(row: Dict[str, Any], n: int) -> List[UnpairedExample]:
         if chosen == rejected:
             raise RowError("chosen equals rejected", "rejected")
         return [UnpairedExample(n, prompt, chosen, True), UnpairedExample(n, prompt, rejected, False)]
-    raise RowError("fits no unpaired shape: expected {prompt, completion, label} or a preference pair")
+    raise _no_shape(row, "unpaired", "{prompt, completion, label} or a preference pair",
+                    (("prompt", "completion", "label"), ("chosen", "rejected")))
 
 
 def parse_prompt(row: Dict[str, Any], n: int) -> List[PromptExample]:

@@ -97,17 +97,21 @@ class DataReport:
         where = ", ".join(x for x in (self.origin, f"split {self.split}" if self.split else None) if x)
         head = f"{self.role} data: {self.source}" + (f" ({where})" if where else "")
         lines = [f"{head}: {self.rows_read} rows read, {self.examples} examples kept"]
-        for reason, n in sorted(self.dropped.items()):
-            lines.append(f"  dropped {n}: {reason}")
-        for reason, n in sorted(self.truncated.items()):
-            lines.append(f"  truncated {n}: {reason}")
+        rows = self._rows_by_reason()
+        shown = 0
+        for what, counts in (("dropped", self.dropped), ("truncated", self.truncated)):
+            for reason, n in sorted(counts.items()):
+                lines.append(f"  {what} {n}: {reason}")
+                if shown < 5:  # the reason once, then where its rows are (never one line per row)
+                    lines.extend(rows.get((what, reason), [])[:2])
+                    shown += 1
         if self.unused:
             lines.append("  fields not used: " + ", ".join(f"{k} ({n} rows)" for k, n in sorted(self.unused.items())))
         for reason, n in sorted(self.noted.items()):
             lines.append(f"  kept {n}: {reason}")
-        for s in self.samples[:5]:
-            where = f"{s['file']} row {s['row']}" + (f" field {s['field']!r}" if "field" in s else "")
-            lines.append(f"    e.g. {where}: {s['what']} ({s['reason']})")
+            if shown < 5:
+                lines.extend(rows.get(("kept", reason), [])[:2])
+                shown += 1
         if len(self.samples) > 5:
             lines.append(f"    ... every row is listed in data_report.json")
         if self.duplicates:
@@ -124,6 +128,19 @@ class DataReport:
             lines.append(f"  note: {self.response_overlap_with_train} of {self.examples} eval examples share a reply "
                          f"text with training rows (under another prompt)")
         return lines
+
+    def _rows_by_reason(self, rows: int = 5) -> Dict[Tuple[str, str], List[str]]:
+        """(what, reason) -> lines naming the file, the first row numbers and the field of its rows."""
+        grouped: Dict[Tuple[str, str, str, Optional[str]], List[Any]] = {}
+        for s in self.samples:
+            grouped.setdefault((s["what"], s["reason"], s["file"], s.get("field")), []).append(s["row"])
+        out: Dict[Tuple[str, str], List[str]] = {}
+        for (what, reason, file, fieldname), nums in grouped.items():
+            more = f" (+{len(nums) - rows} more)" if len(nums) > rows else ""
+            where = (f"{file} row{'s' if len(nums) > 1 else ''} {', '.join(str(n) for n in nums[:rows])}{more}"
+                     + (f" field {fieldname!r}" if fieldname else ""))
+            out.setdefault((what, reason), []).append(f"    e.g. {where}")
+        return out
 
     def to_dict(self, rows_file: Optional[str] = None) -> Dict[str, Any]:
         """The ``data_report.json`` entry. ``rows_file``: when the rows are too many to list inline
@@ -348,6 +365,10 @@ def split_names(source: str, subset: Optional[str] = None) -> Optional[List[str]
         return list(ds) if isinstance(ds, DatasetDict) else None
     if path.exists() or not looks_like_hub_id(source):
         return None
+    from alignkit.models.default import check_hub_dataset
+
+    if check_hub_dataset(source):  # unreachable: read_rows says so in one line
+        return None
     try:
         from datasets import get_dataset_split_names
 
@@ -418,6 +439,11 @@ def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None,
             raise DataError(f"{source}: no such file or directory")
         info["origin"] = "Hugging Face Hub" + (f", subset {subset}" if subset else "")
         info["split"] = split
+        from alignkit.models.default import check_hub_dataset
+
+        unreachable = check_hub_dataset(source)  # one line now instead of a minute of retries
+        if unreachable:
+            raise DataError(unreachable)
         try:
             from datasets import load_dataset
 

@@ -19,12 +19,24 @@ _TOOL_CALLS = (
     "{% endif %}}\n</tool_call>{% endfor %}{% endif %}"
 )
 
+# the row's tool schemas (a `tools` field), as a system turn before the conversation (merged into the
+# conversation's own system turn when it starts with one), one JSON schema per line in <tools> tags
+_TOOLS_SYSTEM = (
+    "{%- set skip_first = tools and messages and messages[0]['role'] == 'system' %}"
+    "{%- if tools %}<|im_start|>system\n{% if skip_first %}{{ messages[0]['content'] or '' }}{{ '\\n\\n' }}{% endif %}"
+    "You can call the functions below; their JSON schemas:{{ '\\n' }}<tools>{{ '\\n' }}"
+    "{% for t in tools %}{{ t | tojson }}{{ '\\n' }}{% endfor %}</tools>{{ '\\n' }}"
+    "To call one, answer with <tool_call>{{ '\\n' }}{\"name\": NAME, \"arguments\": {...}}{{ '\\n' }}</tool_call>"
+    "<|im_end|>{{ '\\n' }}{% endif %}"
+)
+
 NAMED_TEMPLATES = {
-    # ChatML (Qwen, SmolLM2, Hermes): <|im_start|>role\ncontent<|im_end|>
+    # ChatML (Qwen, SmolLM2, Hermes): <|im_start|>role\ncontent<|im_end|>; tools as Hermes/Qwen put them
     "chatml": (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}" + _TOOL_CALLS
+        _TOOLS_SYSTEM + "{% for m in messages %}{% if not (loop.first and skip_first) %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}" + _TOOL_CALLS
         + "<|im_end|>{% if m['role'] == 'assistant' and eos_token != '<|im_end|>' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
     # Zephyr: <|user|>\ncontent</s>
     "zephyr": (

@@ -44,7 +44,26 @@ class Encoder:
                             f"{TEMPLATE_HINT} (e.g. model.chat_template=chatml), or give plain "
                             "{prompt, completion} strings")
         kw = {"tools": tools} if tools else {}
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kw)
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                                **kw)
+        except Exception as e:  # noqa: BLE001 - a template that cannot render this row (jinja UndefinedError, ...)
+            from jinja2 import TemplateError
+
+            if not isinstance(e, (TemplateError, TypeError, KeyError, AttributeError, IndexError)):
+                raise
+            what = " ".join(str(e).split())[:160]
+            raise RowError(f"the chat template cannot render this row ({type(e).__name__}: {what}); "
+                           f"{TEMPLATE_HINT} (chatml renders tool calls and tools)", "messages") from None
+
+    def tools_left_out(self, messages: List[Message], tools) -> List[str]:
+        """Names of the row's tool schemas when the chat template leaves them out of the text: it renders
+        the conversation the same with and without ``tools``."""
+        if not tools:
+            return []
+        if self._template(messages, False, tools) != self._template(messages, False, None):
+            return []
+        return [str(t.get("function", t).get("name", "?")) if isinstance(t, dict) else "?" for t in tools]
 
     @staticmethod
     def _check_rendered(message: Message, rendered: str, fieldname: str) -> None:
@@ -150,6 +169,10 @@ class Encoder:
     def sft(self, ex: SFTExample, report: DataReport) -> Optional[Dict[str, Any]]:
         if ex.messages is not None:
             ids, mask = self.encode_conversation(ex.messages, ex.tools)
+            missing = self.tools_left_out(ex.messages, ex.tools)
+            if missing:  # kept (the turns are fine) but never silently: the schemas are not in the text
+                report.note(ex.row, f"the chat template leaves out the row's tools schemas ({', '.join(missing)}); "
+                            f"model.chat_template=chatml includes them", "tools")
             if len(ids) > self.max_len:
                 if self.cfg.truncation == "drop":
                     report.drop(ex.row, f"longer than data.max_length={self.max_len}")

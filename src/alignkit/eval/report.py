@@ -214,13 +214,23 @@ def _fmt_key(values: Dict[str, Any], key: str) -> str:
 
 def _reward_kl_points(series: Series, reward_key: str) -> List[Tuple[float, float]]:
     """(KL, reward) at the steps where ``reward_key`` and a KL key were both logged."""
+    return [(kl, r) for _, kl, r in reward_kl_steps(series, reward_key)]
+
+
+def reward_kl_steps(series: Series, reward_key: str) -> List[Tuple[float, float, float]]:
+    """(step, KL, reward) at the steps where ``reward_key`` and a KL key were both logged."""
     # an eval reward pairs with the eval KL when one was logged, a train reward with the train KL
     for kl_key in KL_KEYS if reward_key.startswith("eval/") else KL_KEYS[1:]:
         kl = dict(series.get(kl_key, ()))
-        pts = [(kl[s], r) for s, r in series.get(reward_key, ()) if s in kl]
+        pts = [(s, kl[s], r) for s, r in series.get(reward_key, ()) if s in kl]
         if pts:
             return pts
     return []
+
+
+def _step_labels(series: Series, reward_key: str) -> List[str]:
+    """"step N" for each reward-vs-KL point, so the path of the run reads off the plot."""
+    return [f"step {int(s) if float(s).is_integer() else s}" for s, _, _ in reward_kl_steps(series, reward_key)]
 
 
 def _page(title: str, body: List[str]) -> str:
@@ -461,7 +471,8 @@ def write_report(run_dir: Path, *, out: Optional[Path] = None, max_prompts: int 
     scatter = [(key, pts) for key in REWARD_KEYS if len(pts := _reward_kl_points(series, key)) >= 2]
     if scatter:
         body += ["<h2>Reward versus KL</h2>", '<div class="grid">']
-        body += [_figure(f"reward_vs_kl:{key}", scatter_plot({key: pts}, f"{key} vs KL", "KL (nats/sequence)", key),
+        body += [_figure(f"reward_vs_kl:{key}", scatter_plot({key: pts}, f"{key} vs KL", "KL (nats/sequence)", key,
+                                                             point_labels={key: _step_labels(series, key)}),
                          [key]) for key, pts in scatter]
         body.append("</div>")
     body.append("<h2>Metrics</h2>")
@@ -638,10 +649,13 @@ def compare_runs(run_dirs: List[Path], out: Path, baseline: Optional[Path] = Non
         body += _verdicts_html(labels, runs, base)
     frontier, key, errors = _frontier(labels, all_series)
     if frontier:
+        steps = {label: (_step_labels(s, key) if key.startswith("eval/") else _step_labels(s, key)[-1:])
+                 for label, s in zip(labels, all_series) if label in frontier}
         body += ["<h2>Reward versus KL frontier</h2>", '<div class="grid">', _figure(
             "frontier", scatter_plot(frontier, f"{key} vs KL", "KL to reference (nats/sequence)",
-                                     key, errors=errors)), "</div>"]
+                                     key, errors=errors, point_labels=steps)), "</div>"]
     body += _summary_side_by_side(labels, runs)
+    body += config_diff_html(labels, runs)
     body.append("<h2>Shared metrics</h2>")
     if not shared:
         body.append('<p class="note">The runs share no metric.</p>')
@@ -658,7 +672,127 @@ def compare_runs(run_dirs: List[Path], out: Path, baseline: Optional[Path] = Non
             else:
                 body.append(_figure(k, line_plot(curves, k, "step", k.rsplit("/", 1)[-1])))
     body.append("</div>")
+    body += samples_side_by_side_html(labels, runs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(_page(title, body), encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------- compare: config diff and samples
+
+# fields that differ between any two runs without saying anything about the training
+CONFIG_NOISE = ("output", "resume", "overwrite")
+
+
+def flatten_config(cfg: Any, prefix: str = "") -> Dict[str, Any]:
+    """``{"optim.lr": 1e-5, ...}``: dotted keys of a nested config mapping (lists stay values)."""
+    out: Dict[str, Any] = {}
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                out.update(flatten_config(v, key + "."))
+            else:
+                out[key] = v
+    return out
+
+
+def config_diff(configs: Sequence[Optional[Dict[str, Any]]]) -> List[Tuple[str, List[Any]]]:
+    """The dotted config fields whose values differ between the runs (a field one run lacks counts as
+    different), sorted by name, each with its value per run (``MISSING`` where a run lacks it).
+    Run-bookkeeping fields (:data:`CONFIG_NOISE`) are left out."""
+    flat = [flatten_config(c or {}) for c in configs]
+    keys = sorted({k for f in flat for k in f})
+    out = []
+    for k in keys:
+        if k in CONFIG_NOISE:
+            continue
+        values = [f.get(k, MISSING) for f in flat]
+        if any(json.dumps(v, sort_keys=True, default=str) != json.dumps(values[0], sort_keys=True, default=str)
+               for v in values[1:]):
+            out.append((k, values))
+    return out
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+MISSING = _Missing()
+
+
+def _config_cell(v: Any) -> str:
+    if v is MISSING:
+        return '<td class="note">(not set)</td>'
+    text = v if isinstance(v, str) else json.dumps(v, default=str)
+    return f"<td><code>{escape(text)}</code></td>"
+
+
+def config_diff_html(labels: List[str], runs: List[RunData]) -> List[str]:
+    """compare.html's "Config differences": one row per config field whose value differs between runs."""
+    if len(runs) < 2:
+        return []
+    have = [r.config is not None for r in runs]
+    out = ["<h2>Config differences</h2>"]
+    if not any(have):
+        return out + ['<p class="note">No run has a config.yaml.</p>']
+    missing = [label for label, h in zip(labels, have) if not h]
+    if missing:
+        out.append(f'<p class="note">No config.yaml in: {escape(", ".join(missing))}.</p>')
+    diff = config_diff([r.config for r in runs])
+    if not diff:
+        return out + ['<p class="note">The runs have the same config (apart from output and resume).</p>']
+    head = "".join(f"<th>{escape(label)}</th>" for label in labels)
+    rows = "".join(f"<tr><th>{escape(k)}</th>{''.join(_config_cell(v) for v in values)}</tr>" for k, values in diff)
+    return out + [f'<table class="configdiff"><tr><th>field</th>{head}</tr>{rows}</table>']
+
+
+NO_SAMPLE = '<span class="note">(no sample)</span>'
+
+# the tag a run's final answers carry in samples.jsonl: training runs "after", evaluations "policy"
+FINAL_TAGS = ("after", "policy", "sample")
+
+
+def final_samples(run: RunData) -> Dict[str, List[Dict[str, Any]]]:
+    """prompt -> the run's final samples for it (the first tag of :data:`FINAL_TAGS` it has, else its
+    last tag), in file order."""
+    tags = [str(s.get("tag", "sample")) for s in run.samples]
+    if not tags:
+        return {}
+    tag = next((t for t in FINAL_TAGS if t in tags), tags[-1])
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for s, t in zip(run.samples, tags):
+        if t == tag:
+            out.setdefault(str(s.get("prompt", "")), []).append(s)
+    return out
+
+
+def samples_side_by_side_html(labels: List[str], runs: List[RunData], max_prompts: int = 20) -> List[str]:
+    """compare.html's "Samples side by side": per prompt, each run's final answer(s) and reward in one row;
+    prompts every run answered first (in the first run's order), then the others. Model text is escaped."""
+    per_run = [final_samples(r) for r in runs]
+    if len(runs) < 2 or sum(bool(p) for p in per_run) < 2:
+        return []
+    order: List[str] = []
+    for p in per_run:
+        order += [k for k in p if k not in order]
+    order.sort(key=lambda k: -sum(k in p for p in per_run))  # stable: shared prompts first
+    head = "".join(f"<th>{escape(label)}</th>" for label in labels)
+    rows = []
+    for prompt in order[:max_prompts]:
+        tds = []
+        for p in per_run:
+            parts = []
+            for s in p.get(prompt, []):
+                reward = _number(s.get("reward"))
+                r = f'<div class="note">reward {_fmt(reward)}</div>' if reward is not None else ""
+                parts.append(f"<pre>{escape(str(s.get('completion', '')))}</pre>{r}")
+            tds.append(f"<td>{'<hr>'.join(parts) or NO_SAMPLE}</td>")
+        rows.append(f'<tr><td colspan="{len(runs)}"><b>Prompt:</b><pre>{escape(prompt)}</pre></td></tr>'
+                    f"<tr>{''.join(tds)}</tr>")
+    out = ["<h2>Samples side by side</h2>", f'<table class="samples"><tr>{head}</tr>{"".join(rows)}</table>']
+    if len(order) > max_prompts:
+        out.append(f'<p class="note">{len(order) - max_prompts} more prompt(s) not shown.</p>')
     return out

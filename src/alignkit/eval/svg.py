@@ -198,21 +198,41 @@ def line_plot(series: Dict[str, List[Tuple[float, float]]], title: str,
     return "\n".join(parts + frame.close())
 
 
+MAX_POINT_LABELS = 12  # printed point labels per group; every point keeps its label in the tooltip
+
+
+def labelled_indices(n: int, limit: int = MAX_POINT_LABELS) -> List[int]:
+    """Which of ``n`` points get a printed label: all up to ``limit``, else ``limit`` evenly spread ones
+    that always include the first and the last."""
+    if n <= limit:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
+
+
 def scatter_plot(points: Dict[str, List[Tuple[float, float]]], title: str,
                  xlabel: str = "", ylabel: str = "",
-                 errors: Optional[Dict[str, List[Optional[Tuple[float, float, float, float]]]]] = None) -> str:
+                 errors: Optional[Dict[str, List[Optional[Tuple[float, float, float, float]]]]] = None,
+                 point_labels: Optional[Dict[str, List[str]]] = None) -> str:
     """Scatter chart of ``{label: [(x, y), ...]}`` groups, one colour per group, as an SVG string.
 
     nan/inf points are skipped. Each dot carries a hover tooltip with its label and coordinates.
     ``errors`` gives, per label and point (same order as ``points``), its intervals ``(x_lo, x_hi,
     y_lo, y_hi)`` or None: drawn as horizontal and vertical error bars through the dot.
+    ``point_labels`` (``{label: [text per point]}``, e.g. the step of each point) are added to the tooltips
+    and printed beside the dots (up to :data:`MAX_POINT_LABELS` per group, first and last included).
     """
     bars: Dict[str, List[Tuple[float, float, float, float]]] = {}
     for label, pts in points.items():
         for j, e in enumerate((errors or {}).get(label, [])[:len(pts)]):
             if e is not None and all(math.isfinite(float(v)) for v in e) and math.isfinite(float(pts[j][1])):
                 bars.setdefault(label, []).append((float(pts[j][0]), float(pts[j][1]), *map(float, e)))
-    clean = {label: _finite(pts) for label, pts in points.items()}
+    clean: Dict[str, Points] = {}
+    texts: Dict[str, List[str]] = {}
+    for label, pts in points.items():
+        given = (point_labels or {}).get(label)
+        keep = [i for i, (x, y) in enumerate(pts) if math.isfinite(x) and math.isfinite(y)]
+        clean[label] = [(float(pts[i][0]), float(pts[i][1])) for i in keep]
+        texts[label] = [str(given[i]) for i in keep] if given is not None and len(given) == len(pts) else []
     # the axes hold the error bars too
     frame = _Frame(clean, title, xlabel, ylabel,
                    [(b[2], b[4]) for bs in bars.values() for b in bs] + [(b[3], b[5]) for bs in bars.values() for b in bs])
@@ -227,10 +247,16 @@ def scatter_plot(points: Dict[str, List[Tuple[float, float]]], title: str,
                          f'V{py + 4:.2f}" stroke="{colour}" stroke-width="1.3" fill="none"/>')
     for i, (label, pts) in enumerate(clean.items()):
         colour = PALETTE[i % len(PALETTE)]
-        for x, y in pts:
+        names = texts[label]
+        shown = set(labelled_indices(len(pts))) if names else set()
+        for j, (x, y) in enumerate(pts):
+            tip = f"{escape(label)}" + (f" {escape(names[j])}" if names else "")
             parts.append(f'<circle class="pt" cx="{frame.px(x):.2f}" cy="{frame.py(y):.2f}" r="3.5" '
-                         f'fill="{colour}" fill-opacity="0.8"><title>{escape(label)}: '
+                         f'fill="{colour}" fill-opacity="0.8"><title>{tip}: '
                          f"({_fmt(x)}, {_fmt(y)})</title></circle>")
+            if j in shown:
+                parts.append(f'<text class="ptlabel" x="{frame.px(x) + 5:.2f}" y="{frame.py(y) - 5:.2f}" '
+                             f'font-size="9" fill="{colour}">{escape(names[j])}</text>')
     return "\n".join(parts + frame.close())
 
 

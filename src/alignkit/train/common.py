@@ -31,9 +31,19 @@ def start_run(cfg: RunConfig):
     set_seed(cfg.train.seed)
     claim_output(cfg, acc)
     if acc.is_main_process:
+        console().print(processes_line(acc), markup=False, highlight=False)
+    if acc.is_main_process:
         (Path(cfg.output) / "config.yaml").write_text(to_yaml(cfg))
     acc.wait_for_everyone()
     return acc
+
+
+def processes_line(acc) -> str:
+    """The run's first log line: how many processes train and where, so a launch that silently ran one
+    process (``accelerate launch --num_processes 2`` without a config that takes it) shows at once."""
+    n = acc.num_processes
+    kind = acc.distributed_type.value if n > 1 else "single process"
+    return f"processes: {n} ({kind}, device {acc.device.type}, mixed precision {acc.mixed_precision})"
 
 
 def claim_output(cfg: RunConfig, acc) -> None:
@@ -78,6 +88,9 @@ def prepare_data(kind: str, cfg: RunConfig, tokenizer, acc, **kwargs) -> Prepare
     when the data is refused, e.g. every row dropped."""
     from alignkit.data import DataError, prepare
 
+    if cfg.data.streaming and not cfg.train.max_steps:
+        raise DataError("data.streaming needs train.max_steps (--max-steps): a stream's length is not known before "
+                        "it is read")
     try:
         data = prepare(kind, cfg.data, tokenizer, **kwargs)
     except DataError as e:
@@ -91,7 +104,7 @@ def prepare_data(kind: str, cfg: RunConfig, tokenizer, acc, **kwargs) -> Prepare
 def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save_kwargs: Optional[dict] = None) -> Path:
     """Save OUTPUT/model (safetensors + tokenizer + README.md model card) and OUTPUT/summary.json on the
     main process; push OUTPUT/model to the Hub when hub.push is set."""
-    from alignkit.hub import base_model_id, push_to_hub, write_model_card
+    from alignkit.hub import HubPushError, base_model_id, push_to_hub, write_model_card
     from alignkit.models.loading import checkpoint_dtype, save_model
 
     from alignkit.train.rundir import atomic_save_dir, release, tensor_bytes
@@ -99,6 +112,7 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
     acc = trainer.acc
     out = Path(cfg.output)
     model_dir = out / "model"
+    push_error: Optional[HubPushError] = None
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(trainer.model) if acc.distributed_type.value == "FSDP" else None
     if acc.is_main_process:
@@ -115,13 +129,18 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
         write_model_card(model_dir, cfg, summary)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         console().print(f"saved {model_dir}", style="green")
-        if cfg.hub.push:
-            with trainer.logger.phase("pushing to the Hub"):
-                url = push_to_hub(model_dir, cfg)
-            console().print(f"pushed to {url}", style="green")
         write_run_report(out)
         release(out)
+        if cfg.hub.push:  # after the run is complete: a failed push loses nothing
+            try:
+                with trainer.logger.phase("pushing to the Hub"):
+                    url = push_to_hub(model_dir, cfg)
+                console().print(f"pushed to {url}", style="green")
+            except HubPushError as e:
+                push_error = e
     acc.wait_for_everyone()
+    if push_error is not None:
+        raise push_error
     return model_dir
 
 
@@ -182,6 +201,10 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
                 write_run_report(out)  # the report shows the alert that aborted the run
             release(out)
         raise
+    if getattr(trainer, "stream", None) is not None and trainer.acc.is_main_process:
+        from alignkit.data.load import write_data_report  # the counts of every streamed row read
+
+        write_data_report(trainer.stream.all_reports, out)
     if samples:
         sample_report_prompts(trainer, tokenizer, eval_items, "after")
     summary = {**final, **{f"{k}_before": v for k, v in before.items()}, **extra}

@@ -20,6 +20,7 @@ import torch
 
 from alignkit.config import RunConfig
 from alignkit.runtime import keep_host_memory
+from alignkit.data.stream import StreamingItems
 from alignkit.train.checkpoint import CheckpointManager
 from alignkit.train.logging import MetricLogger, peak_memory_gb
 from alignkit.train.optim import ClippedStep, make_optimizer
@@ -192,13 +193,19 @@ class Trainer:
         keep_host_memory()  # freed tensors stay mapped: no page faults on every step's fresh buffers
         self.acc = accelerator or make_accelerator(cfg)
         self.out = Path(cfg.output)
-        self.train_items, self.eval_items = list(train_items), list(eval_items)
+        # data.streaming: examples read lazily by position (data/stream.py); anything else is a list
+        self.stream = train_items if isinstance(train_items, StreamingItems) else None
+        self.train_items = self.stream if self.stream is not None else list(train_items)
+        self.eval_items = list(eval_items)
         self.tokenizer = tokenizer
         task.setup(self.acc)
         world = self.acc.num_processes
         self.micro, accum = task.batch_shape(cfg)
         self.global_batch = self.micro * accum * world
-        self.steps_per_epoch = max(1, math.ceil(len(self.train_items) / self.global_batch))
+        if self.stream is not None and not cfg.train.max_steps:
+            raise ValueError("data.streaming needs train.max_steps: a stream's length is not known before it is read")
+        self.steps_per_epoch = (cfg.train.max_steps if self.stream is not None  # train/epoch: fraction of the run
+                                else max(1, math.ceil(len(self.train_items) / self.global_batch)))
         if cfg.train.max_steps:
             self.total_steps = cfg.train.max_steps
         else:
@@ -234,11 +241,14 @@ class Trainer:
 
     def _global_batch(self, step: int) -> List[Dict[str, Any]]:
         """Items of global batch ``step`` for this process. The last batch of an epoch wraps around."""
+        share = self.global_batch // self.acc.num_processes
+        if self.stream is not None:  # positions [step * G, (step + 1) * G) of the stream: exact on resume
+            return self.stream.global_batch(step, self.global_batch)[
+                self.acc.process_index * share:(self.acc.process_index + 1) * share]
         epoch, idx = divmod(step, self.steps_per_epoch)
         order = self._epoch_order(epoch)
         start = idx * self.global_batch
         ids = [order[(start + k) % len(order)] for k in range(self.global_batch)]
-        share = self.global_batch // self.acc.num_processes
         mine = ids[self.acc.process_index * share:(self.acc.process_index + 1) * share]
         return [self.train_items[i] for i in mine]
 
