@@ -170,7 +170,8 @@ class Trainer:
         keep_host_memory()  # freed tensors stay mapped: no page faults on every step's fresh buffers
         self.acc = accelerator or make_accelerator(cfg)
         self.out = Path(cfg.output)
-        self.train_items, self.eval_items = list(train_items), list(eval_items)
+        self.train_items = list(train_items)
+        self.eval_items = list(eval_items) if cfg.log.evaluate else []  # log.evaluate=false: no held-out passes
         self.tokenizer = tokenizer
         task.setup(self.acc)
         world = self.acc.num_processes
@@ -197,6 +198,10 @@ class Trainer:
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.acc, cfg.log.save_total_limit)
         self.logger = MetricLogger(self.out, cfg, self.acc.is_main_process)
         self.diagnostics = make_diagnostics(cfg)
+        # user callbacks of an object-API call (alignkit/api.py); empty otherwise
+        from alignkit.api import run_callbacks
+
+        self.callbacks = run_callbacks(cfg, self.total_steps, self.unwrapped(), tokenizer)
 
     # ------------------------------------------------------------------ data order
     def _epoch_order(self, epoch: int) -> List[int]:
@@ -292,6 +297,8 @@ class Trainer:
         need = tensor_bytes(self.unwrapped(), getattr(self.optimizer, "optimizer", self.optimizer))
         with self.logger.phase(f"saving checkpoint step-{self.step}"):
             self.ckpt.save(self.step, state, need=need)
+        if self.callbacks:
+            self.callbacks.save(self.step, self.out / "checkpoints" / f"step-{self.step}")
 
     def _resume(self, where: str) -> None:
         state = self.ckpt.load(where)
@@ -316,6 +323,8 @@ class Trainer:
         if self.step == 0:
             self._preflight()
         self.logger.start(self.total_steps, self.step)
+        if self.callbacks:
+            self.callbacks.train_begin(self.step)
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
@@ -355,10 +364,17 @@ class Trainer:
                     self.evaluate()
                 if cfg.log.save_every and self.step % cfg.log.save_every == 0:
                     self._save()
+                if self.callbacks:
+                    logged = self.step % cfg.log.every == 0 or self.step == self.total_steps
+                    self.callbacks.step_end(self.step, metrics, logged)
+                    if self.callbacks.should_stop:  # a TrainerCallback's control.should_training_stop
+                        break
             self.logger.stop()
             final = dict(last)
             if self.eval_items:
                 final.update(self.evaluate())
+            if self.callbacks:
+                self.callbacks.train_end(self.step, final)
         finally:
             self.logger.close()  # finishes this run's tracker runs (W&B, TensorBoard, Trackio)
         return final
@@ -373,6 +389,8 @@ class Trainer:
         res = {k if k.startswith("eval/") else f"eval/{k}": float(v) for k, v in res.items()}
         self.logger.log(self.step, res)
         self._diagnose(res)
+        if self.callbacks:
+            self.callbacks.evaluate(self.step, res)
         return res
 
     def _diagnose(self, metrics: Dict[str, float]) -> None:
