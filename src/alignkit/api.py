@@ -37,7 +37,9 @@ log = logging.getLogger("alignkit")
 class TrainResult(dict):
     """The run's summary (``result["eval/loss"]``, ``result["model_dir"]``, ... as before), plus:
 
-    - ``model``: the trained model (a peft model for LoRA runs), ``tokenizer``: its tokenizer;
+    - ``model``: the trained model as saved in ``OUTPUT/model``: for LoRA runs the peft model with
+      ``lora.save=adapter``, the model with the adapters merged in with ``lora.save=merged`` (the
+      default); ``tokenizer``: its tokenizer;
     - ``metrics``: the final numeric metrics (a dict); ``paths``: ``output``, ``model``, ``metrics``
       (metrics.jsonl), ``report`` (report.html), ``config`` (config.yaml)."""
 

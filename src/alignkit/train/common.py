@@ -190,8 +190,12 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
     summary = {**final, **{f"{k}_before": v for k, v in before.items()}, **extra}
     summary["model_dir"] = str(finish_run(trainer, tokenizer, cfg, summary))
     from alignkit.api import TrainResult
+    from alignkit.models.loading import is_peft
 
-    return TrainResult(summary, model=trainer.unwrapped(), tokenizer=tokenizer, output=cfg.output)
+    model = trainer.unwrapped()
+    if is_peft(model) and cfg.lora.save == "merged" and trainer.acc.is_main_process:
+        model = model.get_base_model()  # saving merged the adapters into it in place: the model as saved
+    return TrainResult({"steps": trainer.step, **summary}, model=model, tokenizer=tokenizer, output=cfg.output)
 
 
 def _logged_before(out: Path) -> Dict[str, float]:
