@@ -32,6 +32,9 @@ class Recorder:
     def on_evaluate(self, step, metrics):
         self.events.append(("eval", step, dict(metrics)))
 
+    def on_save(self, step, path):
+        self.events.append(("save", step, path))
+
     def on_train_end(self, step, metrics):
         self.events.append(("end", step))
 
@@ -112,13 +115,33 @@ def test_sft_with_peft_model_datasetdict_and_trainer_callback_stop(tmp_path, tin
     dd = DatasetDict({"train": Dataset.from_list(sft_rows(16, 0)), "test": Dataset.from_list(sft_rows(6, 1))})
     rec = Recorder()
     res = alignkit.train_sft(model=model, tokenizer=tiny_tok, train_dataset=dd, callbacks=[StopAt2(), rec],
-                             output=str(tmp_path / "sft"), max_steps=5, per_device_train_batch_size=4,
+                             output=str(tmp_path / "sft"), max_steps=5, per_device_train_batch_size=4, save_steps=1,
                              **{"log.samples": 0, "lora.save": "adapter"})
     assert res["steps"] == 2 and [e[1] for e in rec.events if e[0] == "step"] == [1, 2]
+    assert [e[1:] for e in rec.events if e[0] == "save"] == [(k, tmp_path / "sft" / "checkpoints" / f"step-{k:08d}")
+                                                             for k in (1, 2)]
+    assert all(e[2].is_dir() for e in rec.events if e[0] == "save")
     assert res.model.peft_config["default"].use_dora  # the given adapters were trained, not replaced
     report = json.loads((tmp_path / "sft" / "data_report.json").read_text())
     assert (report[0]["split"], report[1]["split"]) == ("train", "test")  # DatasetDict: read by split name
     assert "eval/loss" in res and (tmp_path / "sft" / "model" / "adapter_config.json").exists()
+
+
+def test_datasets_of_every_kind_become_files(tmp_path):
+    from datasets import Dataset, DatasetDict, IterableDataset
+
+    from alignkit.api import materialize
+
+    rows = pref_rows(5, 0)
+    for i, ds in enumerate([rows, Dataset.from_list(rows), IterableDataset.from_generator(lambda: iter(rows))]):
+        where = materialize(ds, tmp_path / str(i), "train", "train_dataset")
+        assert _records(tmp_path / str(i) / "inputs" / "train.jsonl") == rows and where["path"].endswith("train.jsonl")
+    where = materialize(DatasetDict({"train_prefs": Dataset.from_list(rows), "test_prefs": Dataset.from_list(rows[:2])}),
+                        tmp_path / "dd", "train", "train_dataset")
+    assert where["splits"] == ["train_prefs", "test_prefs"]
+    assert _records(tmp_path / "dd" / "inputs" / "train" / "test_prefs.jsonl") == rows[:2]
+    with pytest.raises(TypeError, match="train_dataset: row 1 is a str, expected a dict"):
+        materialize([rows[0], "x"], tmp_path / "bad", "train", "train_dataset")
 
 
 def test_object_api_errors_are_one_line(tmp_path, tiny_tok):
@@ -327,7 +350,7 @@ def _bnb_runs() -> str:
     return ""
 
 
-def test_qlora_nf4_double_quant_trains_lora(tiny_model):
+def test_qlora_nf4_double_quant_trains_lora(tmp_path):
     why = _bnb_runs()
     if why:
         pytest.skip(why)
@@ -335,8 +358,10 @@ def test_qlora_nf4_double_quant_trains_lora(tiny_model):
 
     from alignkit.config import LoraConfig, ModelConfig
     from alignkit.models.loading import apply_lora, load_causal_lm
+    from alignkit.testing import save_tiny_model
 
-    m = load_causal_lm(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=True, bnb_4bit_use_double_quant=True))
+    path = save_tiny_model(tmp_path / "m", hidden=64)  # 4-bit blocks are 64 values: a layer at least that wide
+    m = load_causal_lm(ModelConfig(name_or_path=str(path), load_in_4bit=True, bnb_4bit_use_double_quant=True))
     q = m.model.layers[0].self_attn.q_proj
     assert isinstance(q, Linear4bit) and q.weight.quant_type == "nf4" and q.weight.quant_state.nested
     m = apply_lora(m, LoraConfig(enabled=True, r=4))
@@ -352,3 +377,22 @@ def test_qlora_nf4_double_quant_trains_lora(tiny_model):
         opt.zero_grad()
         losses.append(float(loss))
     assert losses[-1] < losses[0]  # the adapters on the 4-bit base learn the batch
+
+
+def test_grpo_with_model_object_uses_a_copy_as_reference(tmp_path, tiny_tok):
+    import alignkit
+    from datasets import Dataset
+
+    from alignkit.testing import tiny_llama
+
+    rec = Recorder()
+    prompts = Dataset.from_list([{"prompt": f"say {c}:"} for c in "abcdefgh"])
+    res = alignkit.train_grpo(model=tiny_llama(tiny_tok), tokenizer=tiny_tok, train_dataset=prompts,
+                              callbacks=[rec], output=str(tmp_path / "grpo"), max_steps=2, num_generations=4,
+                              beta=0.1, **{"train.batch_size": 2, "rewards": ["python:alignkit.rewards.toy:char_share"],
+                                           "log.samples": 0, "generation.max_new_tokens": 6,
+                                           "train.precision": "fp32"})
+    steps = [e for e in rec.events if e[0] == "step"]
+    assert [s[1] for s in steps] == [1, 2] and res["steps"] == 2
+    first = _records(tmp_path / "grpo" / "metrics.jsonl")[0]
+    assert first["kl/ref"] == pytest.approx(0.0, abs=1e-6)  # the reference is the given model before training

@@ -81,7 +81,6 @@ class RunInputs:
     tokenizer: Any = None
     ref_model: Any = None
     callbacks: List[Any] = field(default_factory=list)
-    reference_copy: Any = None  # a frozen copy of ``model`` taken before training (the default reference)
 
 
 _INPUTS: contextvars.ContextVar[Optional[RunInputs]] = contextvars.ContextVar("alignkit_run_inputs", default=None)
@@ -114,8 +113,7 @@ def policy_tokenizer(cfg, padding_side: str = "right"):
 
 def policy_model(cfg, load: Callable[[], Any], task_type: str = "CAUSAL_LM"):
     """The model to train: the given one (a peft model is trained as it is; a plain model gets
-    ``lora`` adapters when ``lora.enabled``), else ``load()`` with ``lora`` applied. With a given model
-    and no reference given, a frozen copy is kept as the default reference (:func:`reference_model`)."""
+    ``lora`` adapters when ``lora.enabled``), else ``load()`` with ``lora`` applied."""
     from alignkit.models.loading import apply_lora, is_peft, prepare_for_training
     from alignkit.ops import attention
 
@@ -128,8 +126,6 @@ def policy_model(cfg, load: Callable[[], Any], task_type: str = "CAUSAL_LM"):
             raise TypeError(f"model: train_rm needs a sequence-classification model (num_labels=1), got "
                             f"{type(_base(model)).__name__}; load it with AutoModelForSequenceClassification")
         attention.use_for(_base(model))  # CPU: the sdpa whose training pass runs in fp32, as loaded models
-        if current().ref_model is None and not is_peft(model):
-            current().reference_copy = frozen_copy(model)
         if not is_peft(model):
             prepare_for_training(model, cfg.model)
         elif cfg.lora.enabled:
@@ -157,15 +153,16 @@ def given_adapter_policy() -> bool:
 
 
 def reference_model(ref_cfg, ref_path: Optional[str]):
-    """The frozen reference: the given ``ref_model``, else (no ``ref_model`` path set) the copy of a given
-    model taken before training, else ``load_causal_lm(ref_cfg)``."""
+    """The frozen reference: the given ``ref_model``, else (no ``ref_model`` path set) a frozen copy of a
+    given model, else ``load_causal_lm(ref_cfg)``. Commands build the reference before the first step,
+    so the copy is the model before training (a copy only when a reference is used: sft makes none)."""
     from alignkit.models.loading import load_causal_lm
 
     inputs = current()
     if inputs.ref_model is not None:
         ref = inputs.ref_model
-    elif inputs.reference_copy is not None and not ref_path:
-        ref = inputs.reference_copy
+    elif inputs.model is not None and not ref_path:
+        return frozen_copy(inputs.model)
     else:
         return load_causal_lm(ref_cfg)
     for p in ref.parameters():
@@ -481,9 +478,9 @@ def _with_objects(cfg, model, tok, train_dataset, eval_dataset, fname: str):
         where = materialize(train_dataset, out, "train", "train_dataset")
         cfg.data.path = where["path"]
         splits = where.get("splits")
-        if splits and cfg.data.split not in splits:
-            if len(splits) == 1 or "train" in splits:
-                cfg.data.split = "train" if "train" in splits else splits[0]
+        trains = [s for s in splits or [] if "train" in s]
+        if splits and cfg.data.split not in splits and (len(splits) == 1 or len(trains) == 1):
+            cfg.data.split = trains[0] if trains else splits[0]  # the one training split (train_prefs, ...)
     if eval_dataset is not None:
         if cfg.data.eval_path is not None:
             raise TypeError(f"{fn_name(fname)}: give eval_dataset= or data.eval_path, not both")

@@ -298,7 +298,7 @@ class Trainer:
         with self.logger.phase(f"saving checkpoint step-{self.step}"):
             self.ckpt.save(self.step, state, need=need)
         if self.callbacks:
-            self.callbacks.save(self.step, self.out / "checkpoints" / f"step-{self.step}")
+            self.callbacks.save(self.step, self.ckpt.latest())  # the checkpoint just written
 
     def _resume(self, where: str) -> None:
         state = self.ckpt.load(where)
