@@ -396,3 +396,24 @@ def test_grpo_with_model_object_uses_a_copy_as_reference(tmp_path, tiny_tok):
     assert [s[1] for s in steps] == [1, 2] and res["steps"] == 2
     first = _records(tmp_path / "grpo" / "metrics.jsonl")[0]
     assert first["kl/ref"] == pytest.approx(0.0, abs=1e-6)  # the reference is the given model before training
+
+
+def test_qlora_dpo_run_end_to_end(tmp_path):
+    why = _bnb_runs()
+    if why:
+        pytest.skip(why)
+    from click.testing import CliRunner
+
+    from alignkit.cli import build_cli
+    from alignkit.testing import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "m", hidden=64)
+    data = write_jsonl(tmp_path / "p.jsonl", pref_rows(8, 0))
+    res = CliRunner().invoke(build_cli(), ["dpo", "--model", str(path), "--data", str(data), "--output",
+                                           str(tmp_path / "q"), "--max-steps", "1", "--lora", "load_in_4bit=true",
+                                           "use_bnb_nested_quant=true", "train.batch_size=4", "log.samples=0",
+                                           "lora.save=adapter"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert summary["reference"] == "adapter" and summary["train/loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert (tmp_path / "q" / "model" / "adapter_config.json").exists()
