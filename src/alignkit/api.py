@@ -183,9 +183,6 @@ def _base(model):
 
 # ------------------------------------------------------------------ callbacks
 
-CALLBACK_EVENTS = ("on_train_begin", "on_step_end", "on_evaluate", "on_save", "on_train_end")
-
-
 class Callbacks:
     """The callbacks of a run, called by the loop (train/loop.py).
 
@@ -407,8 +404,6 @@ EXAMPLES = {
     "online": 'ds = Dataset.from_list([{"prompt": "Count to three:"}] * 16)  # plus reward_funcs=/rewards=',
 }
 
-API_ARGS = ("model", "tokenizer", "processing_class", "train_dataset", "eval_dataset", "ref_model", "callbacks")
-
 
 def object_api(config_cls, example: str = "dpo"):
     """Give a ``train_*(config=None, **overrides)`` function the object arguments (see ``API_DOC``) and a
@@ -467,14 +462,14 @@ def _with_objects(cfg, model, tok, train_dataset, eval_dataset, fname: str):
         if source and Path(source).expanduser().is_dir():
             cfg.model.name_or_path = source
         elif tok is None:
-            raise TypeError(f"{fn_name(fname)}: model= was given without tokenizer= (processing_class=), and "
+            raise TypeError(f"{fname}: model= was given without tokenizer= (processing_class=), and "
                             "its config names no local checkpoint to load one from")
         elif source:
             cfg.model.name_or_path = source  # a hub id: named in the model card, never downloaded here
     out = Path(cfg.output)
     if train_dataset is not None:
         if cfg.data.path is not None:
-            raise TypeError(f"{fn_name(fname)}: give train_dataset= or data.path (dataset_name), not both")
+            raise TypeError(f"{fname}: give train_dataset= or data.path (dataset_name), not both")
         where = materialize(train_dataset, out, "train", "train_dataset")
         cfg.data.path = where["path"]
         splits = where.get("splits")
@@ -483,13 +478,10 @@ def _with_objects(cfg, model, tok, train_dataset, eval_dataset, fname: str):
             cfg.data.split = trains[0] if trains else splits[0]  # the one training split (train_prefs, ...)
     if eval_dataset is not None:
         if cfg.data.eval_path is not None:
-            raise TypeError(f"{fn_name(fname)}: give eval_dataset= or data.eval_path, not both")
+            raise TypeError(f"{fname}: give eval_dataset= or data.eval_path, not both")
         where = materialize(eval_dataset, out, "eval", "eval_dataset")
         cfg.data.eval_path = where["path"]
         if where.get("splits"):
             cfg.data.eval_split = cfg.data.eval_split or where["splits"][0]
     return cfg
 
-
-def fn_name(name: str) -> str:
-    return name
