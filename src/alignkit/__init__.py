@@ -1,7 +1,41 @@
 """alignkit: align language models with preferences.
 
-The Python API mirrors the CLI: each ``train_*`` function takes a config object or a dict plus keyword
-overrides (``optim__lr=1e-4`` or ``**{"optim.lr": 1e-4}``) and returns the run's summary.
+The Python API mirrors the CLI, and takes Python objects as TRL's trainers do. Every training function
+
+    train_sft, train_rm, train_dpo, train_ppo, train_grpo, train_rloo, train_rl
+
+has the signature::
+
+    train_X(config=None, *, model=None, tokenizer=None, processing_class=None, train_dataset=None,
+            eval_dataset=None, ref_model=None, callbacks=None, **overrides) -> TrainResult
+
+- ``config``: a config object (``alignkit.DPOConfig(...)``) or a dict (our YAML keys or TRL's names);
+  ``**overrides``: keyword settings, ``learning_rate=1e-5``, ``optim__lr=1e-5`` or ``**{"optim.lr": 1e-5}``.
+- ``model``: ``transformers.PreTrainedModel`` or ``peft.PeftModel`` (default: ``model_name_or_path``);
+  ``tokenizer`` / ``processing_class``: its tokenizer.
+- ``train_dataset`` / ``eval_dataset``: ``datasets.Dataset``, ``DatasetDict``, ``IterableDataset`` or a
+  list of dicts (default: ``dataset_name`` / ``data.path``).
+- ``ref_model``: the frozen reference of the dpo family and KL-regularized RL.
+- ``callbacks``: objects with ``on_train_begin()``, ``on_step_end(step, metrics)``,
+  ``on_evaluate(step, metrics)``, ``on_save(step, path)``, ``on_train_end(step, metrics)``, or
+  transformers/TRL ``TrainerCallback`` objects.
+- returns a ``TrainResult``: the summary dict (final metrics, ``model_dir``) with ``.model`` (trained),
+  ``.tokenizer``, ``.metrics`` and ``.paths``.
+
+Example::
+
+    import alignkit
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}] * 16)
+    res = alignkit.train_dpo(model=model, processing_class=tok, train_dataset=ds, beta=0.1,
+                             output="runs/dpo", max_steps=10)
+    res.model.generate(...); res.metrics["train/loss"]; res.paths["model"]
+
+``help(alignkit.train_dpo)`` (and each other function) lists the arguments with their types. Other
+entry points: score, best_of_n, rejection_sampling, run_cai_sl, run_cai_rl, run_judge,
+run_iterative_dpo, run_spin; configs: SFTConfig, RMConfig, ScoreConfig, DPOConfig, PPOConfig,
+GRPOConfig, RLOOConfig.
 """
 
 from __future__ import annotations
@@ -27,6 +61,11 @@ _API = {
     "RMConfig": "alignkit.config",
     "ScoreConfig": "alignkit.config",
     "DPOConfig": "alignkit.train.preference",
+    "train_rl": "alignkit.train.online",
+    "PPOConfig": "alignkit.train.rl_config",
+    "GRPOConfig": "alignkit.train.rl_config",
+    "RLOOConfig": "alignkit.train.rl_config",
+    "TrainResult": "alignkit.api",
 }
 
 
@@ -39,3 +78,7 @@ def __getattr__(name):  # lazy: `import alignkit` stays cheap, torch loads on fi
 
 
 __all__ = sorted(_API)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

@@ -320,16 +320,42 @@ ALIASES: Dict[str, Alias] = {
     "num_iterations": _a(*_rl("epochs")),
     "use_vllm": _a("generation.engine", convert=_use_vllm),
     "vllm_mode": _a("generation.engine", convert=_vllm_mode),
+    # DPO recipes / peft (h34b)
+    "gradient_checkpointing_kwargs": _a("model.gradient_checkpointing_kwargs"),
+    "use_rslora": _a("lora.use_rslora"),
+    "use_dora": _a("lora.use_dora"),
+    "lora_task_type": _a("lora.task_type"),
+    "lora_target_parameters": _a("lora.target_parameters", convert=lambda v: [v] if isinstance(v, str) else v),
+    "load_in_4bit": _a("model.load_in_4bit"),
+    "load_in_8bit": _a("model.load_in_8bit"),
+    "bnb_4bit_quant_type": _a("model.bnb_4bit_quant_type"),
+    "use_bnb_nested_quant": _a("model.bnb_4bit_use_double_quant"),
+    "bnb_4bit_use_double_quant": _a("model.bnb_4bit_use_double_quant"),
+    "bnb_4bit_compute_dtype": _a("model.bnb_4bit_compute_dtype"),
+    "eval_strategy": _a("log.evaluate", convert=lambda v: _eval_strategy("eval_strategy", v)),
+    "evaluation_strategy": _a("log.evaluate", convert=lambda v: _eval_strategy("evaluation_strategy", v)),
 }
 
 #: dotted spellings of fields that cannot be nested where they read naturally (``rewards`` is a list)
 DOTTED_ALIASES: Dict[str, str] = {"rewards.timeout_s": "reward_timeout_s", "reward.timeout_s": "reward_timeout_s"}
 
+# DPO recipes / peft (h34b): a scalar given where we have a section sets one field of it
+# (transformers' ``optim: adamw_torch`` names the optimizer; our ``optim`` is the optimizer section)
+SECTION_SCALARS: Dict[str, str] = {"optim": "optim.optimizer"}
+
+
+def _eval_strategy(key: str, v: Any) -> Any:
+    """transformers' eval_strategy: no -> log.evaluate=false (YAML reads a bare no as false); steps and
+    epoch keep evaluation on, at log.eval_every (eval_steps) and at the end, and are reported."""
+    if v is False or v is None or str(v).strip().lower() in ("no", "none", "false"):
+        return False
+    log.warning("config: %s=%r ignored: %s", key, v,
+                "evaluation runs before and after training and every log.eval_every (eval_steps) steps")
+    return SKIP
+
 # keys of other frameworks that have no meaning here: accepted, reported as ignored
 IGNORED: Dict[str, str] = {
     "remove_unused_columns": "alignkit keeps the fields it uses and reports the rest",
-    "eval_strategy": "set log.eval_every (eval_steps) to evaluate during training",
-    "evaluation_strategy": "set log.eval_every (eval_steps) to evaluate during training",
     "save_strategy": "set log.save_every (save_steps) to write checkpoints",
     "logging_strategy": "metrics are logged every log.every (logging_steps) steps",
     "logging_first_step": "the first step is always logged",
@@ -408,6 +434,8 @@ def resolve_key(cls: type, dotted: str, value: Any) -> List[Tuple[str, Any]]:
     Our own names pass through unchanged (pydantic reports them if unknown). ``optim.learning_rate``
     works like ``learning_rate`` when the alias's target lies in that section.
     """
+    if dotted in SECTION_SCALARS and not isinstance(value, dict):  # optim: adamw_torch
+        return [(SECTION_SCALARS[dotted], value)]
     if _field_type(cls, dotted)[0]:
         return [(dotted, value)]
     if dotted in DOTTED_ALIASES and _field_type(cls, DOTTED_ALIASES[dotted])[0]:

@@ -40,11 +40,24 @@ class ModelConfig(Section):
     """Attention backend passed to transformers (e.g. sdpa, eager, flash_attention_2)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing_kwargs: Dict[str, Any] = {}
+    """Arguments of transformers' gradient_checkpointing_enable (default {use_reentrant: false})."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) when loading by id."""
     chat_template: Optional[str] = None
     """Chat template for a tokenizer without one (or to replace its own): a Jinja file (.jinja/.j2/.txt)
     or a named template (chatml, zephyr, llama3). Saved with the tokenizer in OUTPUT/model."""
+    load_in_4bit: bool = False
+    """QLoRA: load the trained model's base weights in 4 bits (bitsandbytes, an optional extra:
+    pip install 'alignkit[qlora]'); train LoRA adapters on top (lora.enabled)."""
+    load_in_8bit: bool = False
+    """Load the base weights in 8 bits (bitsandbytes)."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: nf4 (NormalFloat, Dettmers et al. 2023) or fp4."""
+    bnb_4bit_use_double_quant: bool = False
+    """Double quantization: the quantization constants quantized too (QLoRA, Dettmers et al. 2023)."""
+    bnb_4bit_compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """Dtype of the 4-bit layers' matrix products (empty: bfloat16 where bf16 is native, else float32)."""
 
 
 class LoraConfig(Section):
@@ -60,6 +73,15 @@ class LoraConfig(Section):
     """Module names to adapt, or all-linear."""
     save: Literal["merged", "adapter"] = "merged"
     """What OUTPUT/model holds after a LoRA run: merged full weights or the adapter only."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: scale = alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)."""
+    use_dora: bool = False
+    """DoRA: weight-decomposed LoRA, a trained magnitude per output feature (Liu et al. 2024)."""
+    target_parameters: Optional[List[str]] = None
+    """Parameters (not modules) to adapt, e.g. mixture-of-experts weights stored as nn.Parameter
+    (peft's target_parameters)."""
+    task_type: Optional[str] = None
+    """peft task type (CAUSAL_LM, SEQ_CLS); empty: the command's own (SEQ_CLS for rm, else CAUSAL_LM)."""
 
 
 class HubConfig(Section):
@@ -213,6 +235,10 @@ class OptimConfig(Section):
     """When a resumed run is longer than the checkpoint's (train.max_steps raised): continue the schedule
     recomputed for the new length from the checkpoint's step, or restart warmup and decay over the
     remaining steps. The log says which."""
+    optimizer: str = "adamw"
+    """Optimizer: adamw (fused where possible; transformers' adamw_torch, adamw_torch_fused, adamw_hf),
+    adam, sgd, adagrad, rmsprop, adafactor, or with bitsandbytes adamw_8bit, paged_adamw_8bit,
+    paged_adamw_32bit (TRL's optim key)."""
 
     @field_validator("betas")
     @classmethod
@@ -222,12 +248,22 @@ class OptimConfig(Section):
             raise ValueError(f"{bad} outside [0, 1). " + field_reason(cls, ("betas",)))
         return v
 
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        from alignkit.train.optim import canonical_optimizer
+
+        return canonical_optimizer(v)
+
 
 class LogConfig(Section):
     every: int = Field(1, gt=0)
     """Log metrics every N optimizer steps."""
     eval_every: Optional[int] = Field(None, gt=0)
     """Evaluate on the held-out split every N steps (always at the end when there is one)."""
+    evaluate: bool = True
+    """Held-out evaluation (before, every eval_every steps, at the end); false: none (TRL's
+    eval_strategy: no). Report samples (log.samples) are still answered."""
     save_every: Optional[int] = Field(None, gt=0)
     """Write a checkpoint every N steps (atomic; resume with --resume)."""
     save_total_limit: int = Field(2, gt=0)

@@ -352,10 +352,69 @@ def looks_like_hub_id(name: str, allow_bare: bool = False) -> bool:
     return bool(_HUB_ID.match(name) or (allow_bare and _BARE_HUB_ID.match(name)))
 
 
+HUB_LAYOUT_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json", ".csv")
+_SHARD = re.compile(r"^(?P<split>[^-]+?)(?:-.*)?$")  # train_prefs-00000-of-00001 -> train_prefs
+
+
+def hub_layout_splits(path: Path) -> Optional[Dict[str, List[Path]]]:
+    """The splits of a folder laid out as a Hub dataset repository, each with its files in name order:
+    ``data/train_prefs-00000-of-00001.parquet`` and ``train.jsonl`` (split = the file name up to its first
+    ``-``), or ``data/train/*.parquet`` (split = the folder). None for a ``datasets.save_to_disk``
+    directory (``dataset_dict.json`` / ``state.json``) or a folder with no data files."""
+    path = Path(path)
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return None
+    splits: Dict[str, List[Path]] = {}
+    for root in (path, path / "data"):
+        if not root.is_dir():
+            continue
+        for f in sorted(root.iterdir()):
+            if f.name.startswith((".", "_")) or (root == path and f.name == "data"):
+                continue
+            if f.is_file() and f.suffix.lower() in HUB_LAYOUT_SUFFIXES:
+                splits.setdefault(_SHARD.match(f.name[:-len(f.suffix)]).group("split"), []).append(f)
+            elif f.is_dir():
+                files = [g for g in sorted(f.iterdir()) if g.is_file() and g.suffix.lower() in HUB_LAYOUT_SUFFIXES]
+                if files:
+                    splits.setdefault(f.name, []).extend(files)
+    return splits or None
+
+
+def _read_file(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
+        from datasets import Dataset
+
+        return _read_dataset(Dataset.from_parquet(str(path)))
+    raise DataError(f"{path}: unknown file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def _read_hub_layout(path: Path, files: List[Path]) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """Rows of a split's files in order: one file keeps its own numbers (JSONL lines, parquet indices);
+    several shards are numbered 0, 1, ... across them, in file-name order."""
+    if len(files) == 1:
+        yield from _read_file(files[0])
+        return
+    i = 0
+    for f in files:
+        for _, row in _read_file(f):
+            yield i, row
+            i += 1
+
+
 def split_names(source: str, subset: Optional[str] = None) -> Optional[List[str]]:
     """The splits of a dataset directory or hub dataset; None for a file (one table, no splits)."""
     path = resolve_data_path(source)
     if path.is_dir():
+        layout = hub_layout_splits(path)
+        if layout is not None:
+            return list(layout)
         from datasets import DatasetDict, load_from_disk
 
         try:
@@ -405,7 +464,16 @@ def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None,
     info = {} if info is None else info
     path = resolve_data_path(source)
     info["split"] = None
-    if path.is_dir():
+    layout = hub_layout_splits(path) if path.is_dir() else None
+    if layout is not None:  # a folder laid out as on the Hub: data/train_prefs-00000-of-00001.parquet
+        if split not in layout:
+            raise DataError(f"{path}: no split {split!r} (its files give {', '.join(layout)}); set the split to "
+                            f"one of them")
+        info["origin"] = "local folder (Hub layout: " + ", ".join(
+            str(f.relative_to(path)) for f in layout[split][:3]) + (" ..." if len(layout[split]) > 3 else "") + ")"
+        info["split"] = split
+        rows = _read_hub_layout(path, layout[split])
+    elif path.is_dir():
         from datasets import DatasetDict, load_from_disk
 
         try:

@@ -190,12 +190,59 @@ def load_causal_lm(cfg: ModelConfig, dtype: Optional[torch.dtype] = None, traina
     path = resolve_model_path(cfg.name_or_path)
     dtype = dtype or resolve_dtype(cfg.dtype, trainable=trainable)
     with _one_line_hub_errors(path):
-        model = AutoModelForCausalLM.from_pretrained(path, **_common_kwargs(cfg, dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, **_common_kwargs(cfg, dtype), **quantization_kwargs(cfg))
     attention.use_for(model)  # CPU: sdpa whose training pass runs in fp32 (ops/attention.py)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    prepare_for_training(model, cfg, trainable)
     return model
+
+
+def checkpointing_kwargs(cfg: ModelConfig) -> dict:
+    """transformers' gradient_checkpointing_kwargs: ``model.gradient_checkpointing_kwargs`` over our
+    default (non-reentrant checkpoints, which work with frozen inputs and LoRA)."""
+    return {"use_reentrant": False, **(cfg.gradient_checkpointing_kwargs or {})}
+
+
+def prepare_for_training(model, cfg: ModelConfig, trainable: bool = True) -> None:
+    """Gradient checkpointing (with ``model.gradient_checkpointing_kwargs``) and, for a quantized
+    (QLoRA) base, peft's k-bit preparation: norms in fp32, inputs that require grad."""
+    if trainable and (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(cfg))
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+
+
+def quantization_kwargs(cfg: ModelConfig) -> dict:
+    """``quantization_config`` for ``model.load_in_4bit`` / ``load_in_8bit`` (bitsandbytes, an optional
+    extra imported only here); {} otherwise. QLoRA (Dettmers et al. 2023): a frozen 4-bit NormalFloat
+    base (``bnb_4bit_quant_type=nf4``), optionally with its quantization constants quantized again
+    (``bnb_4bit_use_double_quant``), and LoRA adapters trained in higher precision on top."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return {}
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        from alignkit.config import ConfigError
+
+        raise ConfigError("model.load_in_4bit and model.load_in_8bit: choose one")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        from alignkit.config import ConfigError
+
+        flag = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+        raise ConfigError(f"model.{flag} (QLoRA) needs bitsandbytes, an optional extra that is not installed: "
+                          f"pip install 'alignkit[qlora]' (or pip install bitsandbytes), or drop {flag}")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    compute = cfg.bnb_4bit_compute_dtype
+    compute_dtype = _DTYPES[compute] if compute else (torch.bfloat16 if native_bf16() else torch.float32)
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute_dtype)}
 
 
 def load_reward_model(cfg: ModelConfig, pad_token_id: Optional[int] = None, dtype: Optional[torch.dtype] = None):
@@ -210,7 +257,8 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: Optional[int] = None, dtyp
     prev = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_common_kwargs(cfg, dtype))
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_common_kwargs(cfg, dtype),
+                                                                   **quantization_kwargs(cfg))
     finally:
         transformers.logging.set_verbosity(prev)
     attention.use_for(model)
@@ -221,18 +269,28 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: Optional[int] = None, dtyp
     if head is not None and not any(a.endswith("ForSequenceClassification") for a in archs):
         # a fresh head starts at zero, so the initial rewards are 0 for every response, not noise
         torch.nn.init.zeros_(head.weight)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_for_training(model, cfg)
     return model
 
 
 def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
-    """Wrap ``model`` with LoRA adapters (peft). For SEQ_CLS the score head stays fully trainable."""
+    """Wrap ``model`` with LoRA adapters (peft). For SEQ_CLS the score head stays fully trainable.
+
+    ``lora.use_rslora``: scale alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023, eq. 3); ``lora.use_dora``:
+    DoRA (Liu et al. 2024, eq. 5: W = m * (W0 + BA) / ||W0 + BA||_c); ``lora.target_parameters``: LoRA
+    on parameters that are not Linear modules (peft's target_parameters); ``lora.task_type`` overrides
+    the command's peft task type."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
-    check_lora_targets(model, cfg.target_modules)
+    targets = cfg.target_modules
+    if cfg.target_parameters and targets == "all-linear":
+        targets = []  # parameters only, as peft's target_parameters alone would
+    check_lora_targets(model, targets)
+    check_lora_parameters(model, cfg.target_parameters)
     pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=cfg.target_modules, task_type=task_type, bias="none")
+                          target_modules=targets, task_type=cfg.task_type or task_type, bias="none",
+                          use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+                          target_parameters=list(cfg.target_parameters) if cfg.target_parameters else None)
     flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
         else "is_gradient_checkpointing"
     if getattr(model, flag, False):  # checkpointed layers need inputs that require grad
@@ -260,6 +318,23 @@ def check_lora_targets(model, targets) -> None:
                          or type(m).__name__ == "Conv1D"})
         raise ConfigError(f"lora.target_modules: {', '.join(missing)} not found in the model (its linear layers: "
                           f"{', '.join(linear)}); use names from that list or lora.target_modules=all-linear")
+
+
+def check_lora_parameters(model, names) -> None:
+    """Every name in ``lora.target_parameters`` must end a parameter name of ``model``; a missing one is a
+    one-line ConfigError listing the model's parameter names (without layer numbers)."""
+    if not names:
+        return
+    from alignkit.config import ConfigError
+
+    params = [n for n, _ in model.named_parameters()]
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in params)]
+    if missing:
+        import re
+
+        kinds = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in params})
+        raise ConfigError(f"lora.target_parameters: {', '.join(missing)} not found in the model (its parameters: "
+                          f"{', '.join(kinds[:20])}{' ...' if len(kinds) > 20 else ''})")
 
 
 def is_peft(model) -> bool:

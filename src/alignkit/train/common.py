@@ -109,10 +109,13 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
 
     from alignkit.train.rundir import atomic_save_dir, release, tensor_bytes
 
+    from alignkit.api import current
+
     acc = trainer.acc
     out = Path(cfg.output)
     model_dir = out / "model"
     push_error: Optional[HubPushError] = None
+    given = current().model is not None  # a model object with no checkpoint: saved in its own dtype
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(trainer.model) if acc.distributed_type.value == "FSDP" else None
     if acc.is_main_process:
@@ -123,7 +126,8 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
         with trainer.logger.phase("saving the model"):
             atomic_save_dir(model_dir, lambda tmp: save_model(
                 trainer.unwrapped(), tokenizer, tmp, lora_save=cfg.lora.save, state_dict=state_dict,
-                dtype=checkpoint_dtype(cfg.model), base_model=base_model_id(cfg.model.name_or_path)),
+                dtype=None if given and not cfg.model.name_or_path else checkpoint_dtype(cfg.model),
+                base_model=None if given and not cfg.model.name_or_path else base_model_id(cfg.model.name_or_path)),
                 tensor_bytes(trainer.unwrapped()), "the final model", hint)
         summary = {"command": cfg.command, "steps": trainer.step, **summary}
         write_model_card(model_dir, cfg, summary)
@@ -190,7 +194,7 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
         before = _logged_before(out)
         _drop_samples(out, "after")
     else:
-        before = trainer.evaluate() if eval_items else {}
+        before = trainer.evaluate() if trainer.eval_items else {}  # empty with log.evaluate=false
     if samples and not (cfg.resume and _has_samples(out, "before")):
         sample_report_prompts(trainer, tokenizer, eval_items, "before")
     try:
@@ -209,7 +213,13 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
         sample_report_prompts(trainer, tokenizer, eval_items, "after")
     summary = {**final, **{f"{k}_before": v for k, v in before.items()}, **extra}
     summary["model_dir"] = str(finish_run(trainer, tokenizer, cfg, summary))
-    return summary
+    from alignkit.api import TrainResult
+    from alignkit.models.loading import is_peft
+
+    model = trainer.unwrapped()
+    if is_peft(model) and cfg.lora.save == "merged" and trainer.acc.is_main_process:
+        model = model.get_base_model()  # saving merged the adapters into it in place: the model as saved
+    return TrainResult({"steps": trainer.step, **summary}, model=model, tokenizer=tokenizer, output=cfg.output)
 
 
 def _logged_before(out: Path) -> Dict[str, float]:

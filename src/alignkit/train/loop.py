@@ -196,7 +196,7 @@ class Trainer:
         # data.streaming: examples read lazily by position (data/stream.py); anything else is a list
         self.stream = train_items if isinstance(train_items, StreamingItems) else None
         self.train_items = self.stream if self.stream is not None else list(train_items)
-        self.eval_items = list(eval_items)
+        self.eval_items = list(eval_items) if cfg.log.evaluate else []  # log.evaluate=false: no held-out passes
         self.tokenizer = tokenizer
         task.setup(self.acc)
         world = self.acc.num_processes
@@ -233,6 +233,10 @@ class Trainer:
         self.stop = StopSignals(announce=self.acc.is_main_process, label=getattr(cfg, "command", "") or "run")
         self._inputs: Optional[Dict[str, Any]] = None
         self._stop_agreed = False  # several processes: a stop every process has learnt of (see _update)
+        # user callbacks of an object-API call (alignkit/api.py); empty otherwise
+        from alignkit.api import run_callbacks
+
+        self.callbacks = run_callbacks(cfg, self.total_steps, self.unwrapped(), tokenizer)
 
     # ------------------------------------------------------------------ data order
     def _epoch_order(self, epoch: int) -> List[int]:
@@ -355,7 +359,10 @@ class Trainer:
                  "finite": self._finite_weights(), "inputs": self._inputs or {}}
         need = tensor_bytes(self.unwrapped(), getattr(self.optimizer, "optimizer", self.optimizer))
         with self.logger.phase(f"saving checkpoint step-{self.step}"):
-            return self.ckpt.save(self.step, state, scheduler=self.scheduler, need=need)
+            path = self.ckpt.save(self.step, state, scheduler=self.scheduler, need=need)
+        if self.callbacks and path is not None:
+            self.callbacks.save(self.step, path)  # the checkpoint just written
+        return path
 
     def _finite_weights(self) -> bool:
         params = [p.detach() for p in self.model.parameters()]
@@ -427,6 +434,8 @@ class Trainer:
         if self.step == 0:
             self._preflight()
         self.logger.start(self.total_steps, self.step)
+        if self.callbacks:
+            self.callbacks.train_begin(self.step)
         if self.resumed_from is not None and self.step >= self.total_steps:
             last = self._logged_final()  # a run killed while saving its model: its last step's numbers
         try:
@@ -483,6 +492,11 @@ class Trainer:
                 stop = self._stop_agreed if self.acc.num_processes > 1 else self.stop.requested
                 if stop and self.step < self.total_steps:
                     self._preempt(saved)
+                if self.callbacks:
+                    logged = self.step % cfg.log.every == 0 or self.step == self.total_steps
+                    self.callbacks.step_end(self.step, metrics, logged)
+                    if self.callbacks.should_stop:  # a TrainerCallback's control.should_training_stop
+                        break
             if self._only_bad_since_resume():
                 raise TrainingAborted(self._damaged_resume())
             self.logger.stop()
@@ -490,6 +504,8 @@ class Trainer:
             final = dict(last)
             if self.eval_items:
                 final.update(self.evaluate())
+            if self.callbacks:
+                self.callbacks.train_end(self.step, final)
         finally:
             self.stop.__exit__(None, None, None)
             self.logger.close()  # finishes this run's tracker runs (W&B, TensorBoard, Trackio)
@@ -531,6 +547,8 @@ class Trainer:
             (self.out / HELDOUT_BASELINE_FILE).write_text(json.dumps({k: list(map(float, v))
                                                                       for k, v in examples.items()}))
         self._diagnose(res, examples)
+        if self.callbacks:
+            self.callbacks.evaluate(self.step, res)
         return res
 
     def _diagnose(self, metrics: Dict[str, float], examples: Optional[Dict[str, Sequence[float]]] = None) -> None:

@@ -37,10 +37,12 @@ from alignkit.losses.value import explained_variance, value_loss
 from alignkit.ops.kl import kl_estimate, kl_k1
 from alignkit.ops.masked import masked_mean
 from alignkit.train import metric_keys as K
+from alignkit.api import object_api
 from alignkit.train.loop import EVAL_EXAMPLES, Task, Trainer, Update
 from alignkit.train.rl_batch import (
     RLBatch, disable_dropout, from_response_space, last_response_index, loss_aggregation, policy_of,
     response_index, rows_of, select_rows, to_response_space)
+from alignkit.train.rl_config import RLConfig
 from alignkit.train.rl_stages import ADVANTAGES, AdvantageInputs, place_kl, shape_rewards
 
 
@@ -569,12 +571,14 @@ def load_reference(cfg, accelerator, needed: bool):
 
     if not needed:
         return None, False
-    if cfg.lora.enabled and not cfg.ref_model:
+    from alignkit.api import current, given_adapter_policy, reference_model
+
+    if (cfg.lora.enabled and not cfg.ref_model and current().ref_model is None) or given_adapter_policy():
         return None, True
     ref_cfg = cfg.model.model_copy(update={"name_or_path": cfg.ref_model or cfg.model.name_or_path,
                                            "gradient_checkpointing": False})
     # the policy's dtype, run under the same autocast: at step 0 reference == policy exactly, on a GPU too
-    ref = load_causal_lm(ref_cfg).to(accelerator.device).eval()
+    ref = reference_model(ref_cfg, cfg.ref_model).to(accelerator.device).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     precast_frozen_linears(ref, accelerator)  # bit-identical under autocast, without a cast per forward
@@ -615,6 +619,11 @@ def share_group_prompts(cfg, policy, ref=None) -> bool:
     return all(resolve_packing(m, True, share_prompt=True).share_prompt for m in (policy, ref) if m is not None)
 
 
+def _without_dropout(model):
+    disable_dropout(model)
+    return model
+
+
 def run_online(cfg) -> Dict[str, Any]:
     """Shared body of every online-RL command (train_ppo, train_grpo, train_rloo, train_rl). Prints the
     rollout's shape first (prompts x generations = completions per step, processes); the run directory's
@@ -634,14 +643,15 @@ def run_online(cfg) -> Dict[str, Any]:
 
 def _run_online(cfg, acc) -> Dict[str, Any]:
     from alignkit.models.default import resolve_model_path
-    from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
+    from alignkit.api import current, policy_model, policy_tokenizer
+    from alignkit.models.loading import load_causal_lm
     from alignkit.rewards import build_reward
     from alignkit.train.common import console, fit_and_finish, prepare_data
 
     plan = cfg.rollout_plan(acc.num_processes)
     if acc.is_main_process:
         console().print(plan.describe(), markup=False, highlight=False)
-    tok = load_tokenizer(cfg.model)
+    tok = policy_tokenizer(cfg)
     data = prepare_data("prompt", cfg, tok, acc, seed=cfg.train.seed)
     reward = build_reward(cfg.rewards, timeout_s=cfg.reward_timeout_s)
     gold = build_reward(cfg.gold_reward, timeout_s=cfg.reward_timeout_s) if cfg.gold_reward else None
@@ -649,10 +659,9 @@ def _run_online(cfg, acc) -> Dict[str, Any]:
     for r in (reward, gold):  # a reward function that cannot be called with this data: one line, no model loaded
         if r is not None:
             r.check_inputs(columns)
-    policy = load_causal_lm(cfg.model)
-    disable_dropout(policy)
-    if cfg.lora.enabled:
-        policy = apply_lora(policy, cfg.lora)
+    if current().model is not None:
+        disable_dropout(current().model)  # before LoRA: the adapters' dropout stays as lora.dropout sets it
+    policy = policy_model(cfg, lambda: _without_dropout(load_causal_lm(cfg.model)))
     engine = None
     if cfg.generation.engine == "vllm":
         from alignkit.rollout.vllm_engine import make_engine
@@ -663,6 +672,7 @@ def _run_online(cfg, acc) -> Dict[str, Any]:
     return fit_and_finish(trainer, tok, cfg, data.eval)
 
 
+@object_api(RLConfig, "online")
 def train_rl(config=None, **overrides) -> Dict[str, Any]:
     """Run any preset (``preset=dapo``, ...); the Python twin of ``alignkit rl``."""
     from alignkit.config import as_config

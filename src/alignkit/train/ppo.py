@@ -24,6 +24,7 @@ from torch import nn
 from alignkit.data.layout import SeqBatch, SharedRows
 from alignkit.ops import logprobs as lp
 from alignkit.ops.wrappers import unwrap
+from alignkit.api import object_api
 from alignkit.train.online import run_online
 from alignkit.train.rl_batch import disable_dropout
 from alignkit.train.rl_config import PPOConfig
@@ -143,6 +144,7 @@ def build_critic(cfg: PPOConfig, tokenizer):
     return critic
 
 
+@object_api(PPOConfig, "online")
 def train_ppo(config: Union[PPOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run PPO; the Python twin of ``alignkit ppo``. Returns the summary (final metrics, paths)."""
     from alignkit.config import as_config

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from alignkit.api import object_api, policy_model, policy_tokenizer
 from alignkit.config import RunConfig, Section, as_config
 from alignkit.data.collate import PairBatch, UnpairedBatch, collate_pairs, collate_unpaired
 from alignkit.data.layout import PADDED, Packing
@@ -324,25 +325,24 @@ def assign_kl_partners(items: List[Dict[str, Any]], seed: int) -> None:
         items[a]["kl_completion_ids"] = items[b]["completion_ids"]
 
 
+@object_api(DPOConfig, "dpo")
 def train_dpo(config: Union[DPOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Train with a preference loss; the Python twin of ``alignkit dpo``."""
-    from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
+    from alignkit.models.loading import load_causal_lm
     from alignkit.ops.packing import resolve_packing
     from alignkit.train.common import fit_and_finish, prepare_data, start_run
 
     cfg = as_config(DPOConfig, config, overrides)
     opts = cfg.dpo
     acc = start_run(cfg)
-    tok = load_tokenizer(cfg.model)
+    tok = policy_tokenizer(cfg)
     kind = "preference" if opts.paired else "unpaired"
     data = prepare_data(kind, cfg, tok, acc, seed=cfg.train.seed)
     if not opts.paired:
         assign_kl_partners(data.train, cfg.train.seed)
         if data.eval:
             assign_kl_partners(data.eval, cfg.train.seed)
-    model = load_causal_lm(cfg.model)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+    model = policy_model(cfg, lambda: load_causal_lm(cfg.model))
     packing = resolve_packing(model, cfg.train.packing, cfg.train.prefix_sharing and opts.paired,
                               cfg.train.max_tokens_per_batch)
     reference = make_reference(cfg, model, data, tok, acc, packing) if opts.needs_reference else None

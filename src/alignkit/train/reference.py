@@ -101,12 +101,14 @@ def precompute(ref: Reference, items: List[Dict[str, Any]], pad_id: int, paired:
 def make_reference(cfg, policy, data, tokenizer, accelerator, packing: Packing = PADDED) -> Reference:
     """Build the reference that ``cfg.dpo.reference`` asks for (see the module docstring); ``packing``
     is the policy's batch layout, narrowed for a separate reference model that cannot do all of it."""
-    from alignkit.models.loading import is_peft, load_causal_lm, precast_frozen_linears
+    from alignkit.models.loading import is_peft, precast_frozen_linears
     from alignkit.ops.packing import resolve_packing
 
     opts = cfg.dpo
     mode = opts.reference
-    use_adapter = cfg.lora.enabled and not opts.ref_model and is_peft(policy)
+    from alignkit.api import current, reference_model, uses_adapter_reference
+
+    use_adapter = uses_adapter_reference(cfg, policy)  # LoRA (or a given peft model), no reference given
     if mode == "auto":
         mode = "adapter" if use_adapter else "model"
     if mode == "adapter":
@@ -124,9 +126,9 @@ def make_reference(cfg, policy, data, tokenizer, accelerator, packing: Packing =
                                                "gradient_checkpointing": False})
         # same dtype as the policy and run under the same autocast, so at step 0 reference == policy exactly
         # (its linear weights pre-cast to the autocast dtype: the same numbers without a cast per forward)
-        ref = ModelReference(load_causal_lm(ref_cfg).to(accelerator.device), cfg.train.logprob_chunk)
+        ref = ModelReference(reference_model(ref_cfg, opts.ref_model).to(accelerator.device), cfg.train.logprob_chunk)
         precast_frozen_linears(ref.model, accelerator)
-        if opts.ref_model and packing.pack:  # another model: check that it packs (and shares) exactly too
+        if (opts.ref_model or current().ref_model is not None) and packing.pack:  # another model: must pack exactly too
             ref_packing = resolve_packing(ref.model, packing.pack, packing.share_prompt, packing.max_tokens)
             if ref_packing != packing:
                 packing = ref_packing

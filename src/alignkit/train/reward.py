@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from alignkit.api import object_api, policy_model, policy_tokenizer
 from alignkit.config import RMConfig, as_config
 from alignkit.data.layout import PADDED, Packing, SeqBatch, layout_prompted
 from alignkit.losses.reward import RANKING_LOSSES, all_pairs_bradley_terry_loss, plackett_luce_loss
@@ -197,16 +198,17 @@ class RewardTask(Task):
         return res
 
 
+@object_api(RMConfig, "rm")
 def train_rm(config: Union[RMConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Train a reward model; the Python twin of ``alignkit rm``."""
-    from alignkit.models.loading import apply_lora, load_reward_model, load_tokenizer
+    from alignkit.models.loading import load_reward_model
     from alignkit.models.reward import reward_pad_token
     from alignkit.ops.packing import resolve_packing
     from alignkit.train.common import fit_and_finish, prepare_data, start_run
 
     cfg = as_config(RMConfig, config, overrides)
     acc = start_run(cfg)
-    tok = load_tokenizer(cfg.model)
+    tok = policy_tokenizer(cfg)
     pad_id = reward_pad_token(tok)
     data = prepare_data("preference", cfg, tok, acc, seed=cfg.train.seed, margin_field=cfg.rm.margin_field)
     train_items, split_train = group_rankings(data.train)
@@ -214,9 +216,7 @@ def train_rm(config: Union[RMConfig, Dict[str, Any], None] = None, **overrides) 
     if (split_train or split_eval) and acc.is_main_process:
         print(f"rm: {split_train + split_eval} ranking rows imply no strict order (a response listed twice?); "
               "their pairs train as separate elements")
-    model = load_reward_model(cfg.model, pad_token_id=pad_id)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+    model = policy_model(cfg, lambda: load_reward_model(cfg.model, pad_token_id=pad_id), task_type="SEQ_CLS")
     packing = resolve_packing(model, cfg.train.packing, cfg.train.prefix_sharing, cfg.train.max_tokens_per_batch)
     task = RewardTask(pad_id, cfg.rm.center_rewards_coef, cfg.rm.loss, packing)
     trainer = Trainer(cfg, task, model, train_items, eval_items, accelerator=acc, tokenizer=tok)

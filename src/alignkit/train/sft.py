@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Union
 
 import torch
 
+from alignkit.api import object_api, policy_model, policy_tokenizer
 from alignkit.config import SFTConfig, as_config
 from alignkit.data.collate import collate_sft
 from alignkit.data.layout import PADDED, Packing, SeqBatch
@@ -53,19 +54,18 @@ class SFTTask(Task):
                 EVAL_EXAMPLES: {"eval/loss": per_seq}}
 
 
+@object_api(SFTConfig, "sft")
 def train_sft(config: Union[SFTConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run SFT; the Python twin of ``alignkit sft``. Returns the summary (final metrics, paths)."""
-    from alignkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
+    from alignkit.models.loading import load_causal_lm
     from alignkit.ops.packing import resolve_packing
     from alignkit.train.common import fit_and_finish, prepare_data, start_run
 
     cfg = as_config(SFTConfig, config, overrides)
     acc = start_run(cfg)
-    tok = load_tokenizer(cfg.model)
+    tok = policy_tokenizer(cfg)
     data = prepare_data("sft", cfg, tok, acc, seed=cfg.train.seed)
-    model = load_causal_lm(cfg.model)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+    model = policy_model(cfg, lambda: load_causal_lm(cfg.model))
     packing = resolve_packing(model, cfg.train.packing, max_tokens=cfg.train.max_tokens_per_batch)
     task = SFTTask(tok.pad_token_id, cfg.sft.loss_reduction, cfg.train.logprob_chunk, packing)
     trainer = Trainer(cfg, task, model, data.train, data.eval, accelerator=acc, tokenizer=tok)
