@@ -71,7 +71,7 @@ def test_a_template_that_ignores_tools_is_reported():
     assert "leaves out the row's tools schemas (get_weather)" in reason and rep.samples[0]["field"] == "tools"
 
 
-def test_mistyped_hub_id_offline_fails_at_once_in_one_line(monkeypatch):
+def test_mistyped_hub_id_offline_fails_at_once_in_one_line(monkeypatch, tmp_path):
     from alignkit.models import default
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -86,7 +86,7 @@ def test_mistyped_hub_id_offline_fails_at_once_in_one_line(monkeypatch):
     with pytest.raises(FileNotFoundError, match="the Hub cannot be reached"):
         default.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instructt")
     res = CliRunner().invoke(build_cli(), ["sft", "--model", "nobody/no-such-model", "--data", "builtin:demo_sft",
-                                           "--output", "/nonexistent-dir/x"])
+                                           "--output", str(tmp_path / "x")])
     assert res.exit_code == 1 and "Traceback" not in res.output and "the Hub cannot be reached" in res.output
 
 

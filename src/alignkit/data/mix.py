@@ -91,7 +91,7 @@ def prepare_mix(kind: str, cfg, encoder, seed: int, require_eval: bool, reports:
         sub = source_config(cfg, src)
         try:
             if cfg.eval_path:  # one held-out set for the mixture: read only the training side here
-                train, report = _load_split(sub.path, sub.split, "train", kind, sub, encoder, **parse_kwargs)
+                train, report, _keys = _load_split(sub.path, sub.split, "train", kind, sub, encoder, **parse_kwargs)
                 own.append(report)
                 if not train:
                     raise DataError(no_examples_message(sub.path, kind, report))
@@ -119,7 +119,7 @@ def prepare_mix(kind: str, cfg, encoder, seed: int, require_eval: bool, reports:
     if cfg.eval_path:
         where = _eval_source(source_config(cfg, cfg.mix[0]))
         if where is not None:
-            eval_items, ereport = _load_split(where[0], where[1], "eval", kind, cfg, encoder, **parse_kwargs)
+            eval_items, ereport, _keys = _load_split(where[0], where[1], "eval", kind, cfg, encoder, **parse_kwargs)
             reports.append(ereport)
             if not eval_items:
                 raise DataError(f"{where[0]}: no usable {kind} examples for evaluation")

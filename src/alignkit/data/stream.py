@@ -257,13 +257,13 @@ def prepare_streaming(kind: str, cfg, encoder, seed: int, require_eval: bool, re
         if not cfg.eval_path:
             where = _eval_source(sub)
             if where is not None:
-                items, erep = _load_split(where[0], where[1], "eval", kind, sub, encoder, **parse_kwargs)
+                items, erep, _keys = _load_split(where[0], where[1], "eval", kind, sub, encoder, **parse_kwargs)
                 reports.append(erep)
                 evals.extend(items)
     if cfg.eval_path:
         where = _eval_source(source_config(cfg, mix[0]))
         if where is not None:
-            evals, erep = _load_split(where[0], where[1], "eval", kind, cfg, encoder, **parse_kwargs)
+            evals, erep, _keys = _load_split(where[0], where[1], "eval", kind, cfg, encoder, **parse_kwargs)
             reports.append(erep)
     if require_eval and not evals:
         raise DataError("this command needs held-out data: set data.eval_path or data.eval_split")
