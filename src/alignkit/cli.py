@@ -6,50 +6,24 @@ and a few convenience flags. ``alignkit CMD --help`` lists every config field wi
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import sys
 import typing
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type
 
 import click
 
+from alignkit.command import COMMANDS, Command, load_commands, load_ref, register_command  # noqa: F401  (re-exported)
+
 if TYPE_CHECKING:  # pydantic and the config classes load only when a command runs (fast --help)
     from pydantic import BaseModel
 
-
-@dataclass
-class Command:
-    name: str
-    config: str  # "module:Class"
-    runner: str  # "module:function" taking the config, returning a summary dict
-    help: str
-    flags: Dict[str, str]  # convenience flag -> dotted field
-    defaults: Optional[Dict[str, Any]] = None  # dotted field -> value preset by an alias (e.g. kto)
-    choices: Optional[Dict[str, str]] = None  # flag -> "module:REGISTRY" whose names() are the choices
-    positional: Optional[str] = None  # dotted field filled by bare arguments (no "="), e.g. RUN_DIR
-
+_load = load_ref  # the old private name
 
 TRAIN_FLAGS = {"model": "model.name_or_path", "data": "data.path", "output": "output",
                "max_steps": "train.max_steps", "resume": "resume", "overwrite": "overwrite",
                "resume_anyway": "resume_anyway", "push_to_hub": "hub.push"}
-
-# filled by the modules of alignkit.commands, each registering its own commands
-COMMANDS: List[Command] = []
-
-
-def register_command(cmd: Command) -> None:
-    """Called by the modules of alignkit.commands; a name may be registered once."""
-    if any(c.name == cmd.name for c in COMMANDS):
-        return  # a module imported twice (e.g. by tests) registers nothing new
-    COMMANDS.append(cmd)
-
-
-def _load(ref: str):
-    mod, attr = ref.split(":")
-    return getattr(importlib.import_module(mod), attr)
 
 
 def _type_name(ann) -> str:
@@ -308,13 +282,7 @@ class LazyGroup(click.Group):
 
 
 def build_cli() -> click.Group:
-    # every module of alignkit.commands registers its commands on import (cheap: no config classes)
-    import pkgutil
-
-    import alignkit.commands as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    load_commands()  # every module of alignkit.commands registers its commands (cheap: no config classes)
 
     @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
     @click.version_option(package_name="alignkit")

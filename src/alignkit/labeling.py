@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 from alignkit.config import DataConfig, ModelConfig, Section, as_config
 from alignkit.rewards import RewardSpec
 from alignkit.rollout.generate import GenerationConfig
+from alignkit.rollout.sampling import pick_best_worst
 
 
 class SamplePairsConfig(Section):
@@ -69,7 +70,7 @@ class LabelConfig(Section):
 def sample_pairs(config: Union[SamplePairsConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Sample ``n`` responses for every prompt of ``data.path``; the Python twin of ``alignkit sample-pairs``."""
     from alignkit.data import prepare
-    from alignkit.models.loading import load_causal_lm, load_tokenizer
+    from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
     from alignkit.rollout.generate import generate
     from alignkit.train.logging import phase
 
@@ -78,8 +79,7 @@ def sample_pairs(config: Union[SamplePairsConfig, Dict[str, Any], None] = None, 
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model)
     items = prepare("prompt", cfg.data, tok).train
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_causal_lm(cfg.model, trainable=False).to(device).eval()
+    model = load_causal_lm(cfg.model, trainable=False).to(best_device()).eval()
     torch.manual_seed(cfg.seed)
     with phase(f"sampling {len(items) * cfg.n} answers", label="sample_pairs"):
         ro = generate(model, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.n, compute_logprobs=False)
@@ -99,13 +99,13 @@ def sample_pairs(config: Union[SamplePairsConfig, Dict[str, Any], None] = None, 
 def make_pairs(scores: List[float], mode: str = "best_worst", min_margin: float = 0.0) -> List[tuple]:
     """Index pairs (chosen, rejected) from one prompt's scores; ties and gaps <= min_margin are dropped.
 
-    best_worst on [0.2, 0.9, -0.1] -> [(1, 2)]; all -> [(1, 0), (0, 2), (1, 2)] (in the order of
+    best_worst on [0.2, 0.9, -0.1] -> [(1, 2)] (the one best-versus-worst rule,
+    :func:`alignkit.rollout.sampling.pick_best_worst`); all -> [(1, 0), (0, 2), (1, 2)] (in the order of
     ``combinations``, the better response first).
     """
     if mode == "best_worst":
-        best = max(range(len(scores)), key=lambda i: scores[i])
-        worst = min(range(len(scores)), key=lambda i: scores[i])
-        cand = [(best, worst)]
+        pair = pick_best_worst(scores, min_margin).pair
+        return [pair] if pair else []
     else:
         cand = [(i, j) if scores[i] >= scores[j] else (j, i) for i, j in combinations(range(len(scores)), 2)]
     return [(c, r) for c, r in cand if scores[c] - scores[r] > min_margin]

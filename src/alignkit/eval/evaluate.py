@@ -37,6 +37,7 @@ from pydantic import Field, field_validator
 from alignkit.config import DataConfig, ModelConfig, Section, as_config
 from alignkit.eval import metrics as M
 from alignkit.eval.stats import interval_keys, mean_interval, paired_comparison
+from alignkit.models.loading import best_device
 from alignkit.ops.kl import KLKind, kl_estimate
 from alignkit.rewards import RewardSpec
 from alignkit.rollout.generate import GenerationConfig
@@ -224,7 +225,7 @@ def display_prompt(prompt: Any) -> str:
 
 
 def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return best_device()
 
 
 def _load_lm(name: Optional[str], base: ModelConfig):

@@ -55,16 +55,10 @@ def print_report(report: DataReport) -> None:
         c.print(line, style="yellow" if "dropped" in line else None, markup=False, highlight=False)
 
 
-def best_device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_policy(name_or_path: Optional[str], model_cfg=None, trainable: bool = False):
     """(model on the best device, tokenizer) for sampling."""
     from alignkit.config import ModelConfig
-    from alignkit.models.loading import load_causal_lm, load_tokenizer
+    from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
 
     mcfg = (model_cfg or ModelConfig()).model_copy(update={"name_or_path": name_or_path,
                                                            "gradient_checkpointing": False})

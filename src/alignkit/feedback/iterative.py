@@ -22,16 +22,20 @@ Round 0 evaluates the starting policy, so ``summary.json``'s ``reward_per_round`
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from alignkit.config import RunConfig, Section, as_config, to_yaml
+from alignkit.config import RunConfig, as_config, to_yaml
+from alignkit.feedback.common import clean_generation
+# the round helpers live in feedback/rounds.py (shared with spin); these names stay importable from here
+from alignkit.feedback.rounds import (RoundOptions, check_round_config, dpo_round, drop_model,  # noqa: F401
+                                      finish_round, mean, round_slice, run_rounds)
 from alignkit.rewards import RewardSpec, build_reward
 from alignkit.rollout.generate import GenerationConfig
-from alignkit.train.preference import DPOConfig, DPOOptions
+from alignkit.rollout.sampling import pick_best_worst, sample_and_score
+from alignkit.train.preference import DPOOptions
 
 RewardList = List[Union[str, Dict[str, Any]]]
 
@@ -45,17 +49,6 @@ def _reward_list(v):
     for s in v:
         RewardSpec.coerce(s)  # unknown kinds and bad weights fail here, naming the spec
     return v
-
-
-class RoundOptions(Section):
-    rounds: int = Field(3, gt=0)
-    """Rounds of sample -> pair -> DPO."""
-    reference: Literal["previous", "original"] = "previous"
-    """DPO reference of each round: the policy the round starts from, or the original model."""
-    prompts_per_round: Optional[int] = Field(None, gt=0)
-    """Prompts used per round, a fresh slice each round (cycling through the data). Empty: all."""
-    keep_round_models: bool = True
-    """Keep every round's OUTPUT/round-K/model; false deletes a round's model once the next one exists."""
 
 
 class IterativeOptions(RoundOptions):
@@ -104,23 +97,16 @@ class IterativeDPOConfig(RunConfig):
         return self
 
 
-def check_round_config(cfg) -> None:
-    if not cfg.dpo.paired:
-        raise ValueError(f"dpo.loss={cfg.dpo.loss!r} is unpaired; {cfg.command} builds pairs, use a paired loss")
-    if cfg.dpo.ref_model:
-        raise ValueError(f"dpo.ref_model is set per round by {cfg.command}; choose "
-                         f"{cfg.command.split('-')[-1]}.reference=previous|original instead")
-
-
 # ----------------------------------------------------------------------------- building blocks
 
 def best_vs_worst(texts: Sequence[str], rewards: Sequence[float], groups: Sequence[int], min_gap: float = 0.0
                   ) -> Tuple[List[Tuple[int, str, str, float, float]], Dict[str, int]]:
     """Per group (prompt): (group, best text, worst text, best reward, worst reward).
 
-    Empty texts are left out (the data layer cannot hold an empty response); groups with fewer than
-    two non-empty samples and ties (best - worst <= min_gap) are dropped; all three are counted.
-    The first of equally scored samples wins, so the result is deterministic.
+    Empty texts are left out (the data layer cannot hold an empty response); then each group is paired
+    by the one best-versus-worst rule (:func:`alignkit.rollout.sampling.pick_best_worst`, the first of
+    equally scored samples wins): groups with fewer than two non-empty samples are dropped, and so are
+    ties (best - worst <= min_gap, or best and worst the same text); all three are counted.
     """
     by: Dict[int, List[Tuple[float, str]]] = {}
     counts = {"empty_samples": 0, "too_few_samples": 0, "ties": 0}
@@ -132,113 +118,31 @@ def best_vs_worst(texts: Sequence[str], rewards: Sequence[float], groups: Sequen
             counts["empty_samples"] += 1
     pairs = []
     for g, cands in by.items():
-        if len(cands) < 2:
+        pick = pick_best_worst([r for r, _ in cands], min_gap, [t for _, t in cands])
+        if pick.status == "too_few":
             counts["too_few_samples"] += 1
-            continue
-        best = max(cands, key=lambda x: x[0])
-        worst = min(cands, key=lambda x: x[0])
-        if best[0] - worst[0] <= min_gap:
+        elif pick.pair is None:
             counts["ties"] += 1
-            continue
-        pairs.append((g, best[1], worst[1], best[0], worst[0]))
+        else:
+            (rb, tb), (rw, tw) = cands[pick.best], cands[pick.worst]
+            pairs.append((g, tb, tw, rb, rw))
     return pairs, counts
 
 
-def sample_and_score(model, tok, items: List[Dict[str, Any]], reward, gen: GenerationConfig, n: int):
-    """(texts, rewards, group index per text, ended flags) for ``n`` samples per prompt item."""
-    from alignkit.feedback.common import sample_with_ended
-
-    texts, ended = sample_with_ended(model, tok, [it["prompt_ids"] for it in items], gen, n=n)
-    groups = [i for i in range(len(items)) for _ in range(n)]
-    rewards = reward([items[g]["prompt"] for g in groups], texts, [dict(items[g]["fields"]) for g in groups])
-    return texts, rewards, groups, ended
-
-
-def round_slice(items: List[Dict[str, Any]], k: int, per_round: Optional[int]) -> List[Dict[str, Any]]:
-    """Round k's prompts (1-based k): all, or the k-th slice of ``per_round`` items, cycling."""
-    if not per_round or per_round >= len(items):
-        return items
-    start = (k - 1) * per_round
-    return [items[(start + j) % len(items)] for j in range(per_round)]
+def score_flat(model, tok, items: List[Dict[str, Any]], reward, gen: GenerationConfig, n: int):
+    """(texts, rewards, prompt index per text, ended flags) of ``n`` cleaned samples per prompt item:
+    :func:`alignkit.rollout.sampling.sample_and_score` in one chunk (one reward call, so a reward's
+    ``metrics`` describe all of them), as flat lists."""
+    if gen.engine == "vllm":
+        raise ValueError("generation.engine='vllm': the feedback commands sample in-process "
+                         "(generation.engine=fast or hf)")
+    if not items:
+        return [], [], [], []
+    return sample_and_score(model, tok, items, gen, reward, n, prompts_per_chunk=None,
+                            clean=clean_generation).flat()
 
 
-def dpo_round(cfg, start_model: Optional[str], original: Optional[str], pairs_path: Path, rdir: Path,
-              k: int, reference: str) -> Dict[str, Any]:
-    """One DPO run on ``pairs_path`` from ``start_model`` into ``rdir``; returns train_dpo's summary."""
-    from alignkit.train.preference import train_dpo
-
-    # previous: the round's starting weights (no ref_model, so LoRA can use the adapter-off reference)
-    ref_model = None if reference == "previous" else (original or "default")
-    inner = DPOConfig(
-        output=str(rdir), model=cfg.model.model_copy(update={"name_or_path": start_model}),
-        lora=cfg.lora.model_copy(update={"save": "merged"}),  # the next round loads a plain model
-        data=cfg.data.model_copy(update={"path": str(pairs_path), "eval_path": None, "eval_fraction": 0.0,
-                                         "max_rows": None}),
-        train=cfg.train.model_copy(update={"seed": cfg.train.seed + k}), optim=cfg.optim, log=cfg.log,
-        diagnostics=cfg.diagnostics, dpo=cfg.dpo.model_copy(update={"ref_model": ref_model}),
-        # --resume: a round interrupted mid-training continues from its latest checkpoint (log.save_every)
-        resume="latest" if cfg.resume and (rdir / "checkpoints").is_dir() and any((rdir / "checkpoints").glob("step-*"))
-        else None)
-    return train_dpo(inner)
-
-
-def drop_model(path: Optional[str], keep: Sequence[Optional[str]]) -> None:
-    """Delete a round's model directory (never the original or one still needed)."""
-    if path and path not in keep and Path(path).name == "model" and Path(path).parent.name.startswith("round-"):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-# ----------------------------------------------------------------------------- rounds as pipeline stages
-
-def run_rounds(cfg, section: str, round_config: str, round_runner: str, rounds: Sequence[int]
-               ) -> List[Dict[str, Any]]:
-    """Run the rounds of ``cfg`` as a generated pipeline on the one resumable runner
-    (:func:`alignkit.pipeline.run_stages`) and return the round records (``round-K/round.json``).
-
-    Stage ``round-K`` (output ``OUTPUT/round-K``) runs ``round_runner`` on ``round_config``: ``cfg``'s
-    own fields (without ``resume`` and the round count, so adding rounds keeps the finished ones) plus
-    ``round: K`` and ``start_model``, a reference to the previous round's ``model_dir``. Like any
-    pipeline stage, a round is skipped only when its DONE hash matches its resolved config (``--resume``),
-    a round interrupted mid-training resumes from its checkpoint, and a changed config reruns the rounds
-    from the first changed one. Without ``--resume`` every round runs afresh.
-    """
-    from alignkit.cli import Command
-    from alignkit.pipeline import PipelineSpec, StageSpec, check_stages, run_stages
-
-    out = Path(cfg.output)
-    base = cfg.model_dump(mode="json")
-    base.pop("resume", None)
-    base.pop("command", None)
-    base[section] = {k: v for k, v in base[section].items() if k != "rounds"}
-    stages, prev = [], None
-    for k in rounds:
-        start = cfg.model.name_or_path if prev is None else "${stages.round-%d.summary.model_dir}" % prev
-        stages.append(StageSpec(name=f"round-{k}", command=f"{cfg.command}-round",
-                                config={**base, "round": k, "start_model": start, "output": str(out / f"round-{k}")}))
-        prev = k
-    spec = PipelineSpec(output=str(out), stages=stages)
-    commands = {f"{cfg.command}-round": Command(f"{cfg.command}-round", round_config, round_runner,
-                                                f"one round of {cfg.command}", {})}
-    check_stages(spec, f"{cfg.command} rounds", commands)
-    run_stages(spec, force=not cfg.resume, commands=commands)
-    return [json.loads((out / f"round-{k}" / "round.json").read_text()) for k in rounds]
-
-
-def finish_round(rdir: Path, rec: Dict[str, Any]) -> Dict[str, Any]:
-    """Write ``round.json`` (the round's record) and ``summary.json`` (the round's DPO run summary, if
-    any, updated with the record: later rounds read its ``model_dir``)."""
-    from alignkit.feedback.common import write_summary
-
-    rdir.mkdir(parents=True, exist_ok=True)
-    (rdir / "round.json").write_text(json.dumps(rec, indent=2, default=float))
-    trained = rdir / "summary.json"
-    write_summary(rdir, {**(json.loads(trained.read_text()) if trained.is_file() else {}), **rec})
-    return rec
-
+# ----------------------------------------------------------------------------- rounds
 
 class IterativeRoundConfig(IterativeDPOConfig):
     """One round of iterative DPO: a stage of the pipeline that :func:`run_iterative_dpo` generates."""
@@ -277,7 +181,7 @@ def run_iterative_round(config: Union[IterativeRoundConfig, Dict[str, Any], None
 
     def evaluate() -> Dict[str, Any]:
         set_seed(cfg.train.seed + 7919 * k)
-        texts, rewards, _, _ = sample_and_score(model, tok, eval_items, gold, eval_gen, opts.eval_samples)
+        texts, rewards, _, _ = score_flat(model, tok, eval_items, gold, eval_gen, opts.eval_samples)
         rec = {"round": k, "eval_reward": mean(rewards), "eval_length_chars": mean([len(t) for t in texts]),
                "eval_split": eval_split, "model_dir": current}
         if len(gold.names) > 1:  # each component's mean, unweighted
@@ -289,7 +193,7 @@ def run_iterative_round(config: Union[IterativeRoundConfig, Dict[str, Any], None
         return finish_round(rdir, evaluate())
     items = round_slice(data.train, k, opts.prompts_per_round)
     set_seed(cfg.train.seed + k)
-    texts, rewards, groups, ended = sample_and_score(model, tok, items, reward, cfg.generation,
+    texts, rewards, groups, ended = score_flat(model, tok, items, reward, cfg.generation,
                                                      opts.samples_per_prompt)
     unfinished = sum(1 for e in ended if not e)  # re-encoded for DPO, these get an EOS they never sampled
     pairs, counts = best_vs_worst(texts, rewards, groups, opts.min_gap)

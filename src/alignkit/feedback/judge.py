@@ -368,16 +368,13 @@ def _positions(attn):
 def load_judge(opts: JudgeOptions, default_model: Optional[str] = None, model=None, tokenizer=None) -> LMJudge:
     """Build an :class:`LMJudge`; ``model``/``tokenizer`` reuse an already loaded model (e.g. the policy)."""
     if model is None:
-        import torch
-
-        from alignkit.models.loading import load_causal_lm, load_tokenizer
+        from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
 
         mcfg = opts.model
         if mcfg.name_or_path is None and default_model is not None:
             mcfg = mcfg.model_copy(update={"name_or_path": default_model})
         tokenizer = load_tokenizer(mcfg, padding_side="left")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_causal_lm(mcfg, trainable=False).to(device).eval()
+        model = load_causal_lm(mcfg, trainable=False).to(best_device()).eval()
     return LMJudge(model, tokenizer, opts)
 
 

@@ -30,8 +30,8 @@ from pydantic import Field, model_validator
 from alignkit.config import RunConfig, as_config, to_yaml
 from alignkit.data.formats import parse_rows
 from alignkit.data.load import DataError, DataReport
-from alignkit.feedback.iterative import (RoundOptions, check_round_config, dpo_round, drop_model, finish_round, mean,
-                                        round_slice, run_rounds)
+from alignkit.feedback.rounds import (RoundOptions, check_round_config, dpo_round, drop_model, finish_round, mean,
+                                     round_slice, run_rounds)
 from alignkit.rollout.generate import GenerationConfig
 from alignkit.train.preference import DPOOptions
 
@@ -181,7 +181,7 @@ def run_spin_round(config: Union[SPINRoundConfig, Dict[str, Any], None] = None, 
 def run_spin(config: Union[SPINConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """SPIN; the Python twin of ``alignkit spin``. Returns the summary.
 
-    The rounds are the stages of a generated pipeline (:func:`alignkit.feedback.iterative.run_rounds`),
+    The rounds are the stages of a generated pipeline (:func:`alignkit.feedback.rounds.run_rounds`),
     each :func:`run_spin_round`; the final model is measured here."""
     from accelerate.utils import set_seed
 

@@ -24,6 +24,13 @@ log = logging.getLogger("alignkit")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def best_device(device: Optional[str] = None) -> torch.device:
+    """The device a single-process job (sampling, scoring, judging, evaluation) runs its models on:
+    ``device`` when given, else the current CUDA GPU when there is one, else the CPU. The one place
+    that choice is written; training places models through accelerate instead."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def native_bf16(device_type: Optional[str] = None) -> bool:
     """Whether bf16 matrix products run faster than fp32 on ``device_type`` (default: the device runs
     use, CUDA when there is one), which is what ``train.precision=auto``, ``model.dtype=auto`` and
@@ -41,7 +48,7 @@ def native_bf16(device_type: Optional[str] = None) -> bool:
     The CPU class is :func:`alignkit.hardware.cpu_isa`: the chip's flags limited by the process's
     settings (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``, ``ALIGNKIT_CPU_ISA``) and by whether
     oneDNN really has bf16 kernels here, so ``ALIGNKIT_CPU_ISA=avx2`` forces the fp32 fallback anywhere."""
-    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = device_type or best_device().type
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type != "cpu":

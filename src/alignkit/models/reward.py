@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from alignkit.data.layout import SeqBatch, pad_sequences
+from alignkit.models.loading import best_device
 from alignkit.ops.packing import last_hidden
 
 log = logging.getLogger("alignkit")
@@ -81,7 +82,7 @@ class RewardScorer:
         from alignkit.config import DataConfig
         from alignkit.data.tokenize import Encoder
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = best_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

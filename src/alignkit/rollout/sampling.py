@@ -5,6 +5,10 @@ scores highest. It is the simplest way to spend compute on a reward and the base
 should beat at equal KL. Rejection sampling (Touvron et al. 2023, Llama 2 sec. 3.2.3) turns the same
 samples into training data: the best sample per prompt becomes an SFT row, best-versus-worst a
 preference pair (pairs whose best and worst tie carry no preference and are dropped, counted).
+
+This module is also the one sample -> score -> pair path of every command that builds pairs from its
+own samples (``rejection-sampling``, ``label``, ``iterative-dpo``): :func:`sample_and_score` draws and
+scores, :func:`pick_best_worst` holds the one best-versus-worst rule with its tie rule.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from alignkit.data.load import write_jsonl
+from alignkit.models.loading import best_device
 from alignkit.rollout.generate import GenerationConfig, generate
 
 
@@ -41,28 +46,85 @@ class Scored:
         return self.rewards.argmin(dim=1)
 
 
+    def flat(self) -> Tuple[List[str], List[float], List[int], List[bool]]:
+        """(texts, rewards, prompt index, ended) as flat lists, sample by sample, prompt by prompt."""
+        P, n = self.rewards.shape if self.rewards.dim() == 2 else (len(self.items), 0)
+        return ([t for row in self.texts for t in row], self.rewards.reshape(-1).tolist(),
+                [i for i in range(P) for _ in range(n)], [bool(e) for e in self.ended.reshape(-1).tolist()])
+
+
 @torch.no_grad()
 def sample_and_score(policy, tokenizer, items: Sequence[Dict[str, Any]], gen: GenerationConfig, reward, n: int,
-                     prompts_per_chunk: int = 64) -> Scored:
-    """Sample ``n`` responses per prompt item (from ``prepare("prompt", ...)``) and score them."""
+                     prompts_per_chunk: Optional[int] = 64, clean: Optional[Callable[[str], str]] = None) -> Scored:
+    """Sample ``n`` responses per prompt item (from ``prepare("prompt", ...)``) and score them.
+
+    The one sample -> score step of ``bon``, ``rejection-sampling`` and ``iterative-dpo``. ``reward``
+    is called as ``reward(prompts, texts, rows)`` once per chunk of ``prompts_per_chunk`` prompts
+    (``None``: all prompts in one generate call and one reward call); ``clean``, when given, rewrites
+    each sampled text before it is scored (the feedback commands' ``clean_generation``).
+    """
     items = list(items)
     texts, rewards, ended = [], [], []
     comps: Dict[str, List[float]] = {}
-    for s in range(0, len(items), prompts_per_chunk):
-        chunk = items[s:s + prompts_per_chunk]
+    step = prompts_per_chunk or max(len(items), 1)
+    for s in range(0, len(items), step):
+        chunk = items[s:s + step]
         ro = generate(policy, tokenizer, [it["prompt_ids"] for it in chunk], gen, n=n, compute_logprobs=False)
+        out = [clean(t) for t in ro.texts] if clean is not None else list(ro.texts)
         prompts = [chunk[i]["prompt"] for i in ro.prompt_index]
-        rows = [chunk[i].get("fields", {}) for i in ro.prompt_index]
-        rewards.extend(reward(prompts, ro.texts, rows))
+        rows = [dict(chunk[i].get("fields", {})) for i in ro.prompt_index]
+        rewards.extend(reward(prompts, out, rows))
         for name, vals in getattr(reward, "last_components", {}).items():
             comps.setdefault(name, []).extend(vals)
-        texts.extend(ro.texts)
+        texts.extend(out)
         ended.extend(ro.ended.tolist())
     P = len(items)
     grid = [texts[i * n:(i + 1) * n] for i in range(P)]
     return Scored(items, grid, torch.tensor(rewards, dtype=torch.float64).view(P, n),
                   {k: torch.tensor(v, dtype=torch.float64).view(P, n) for k, v in comps.items()},
-                  torch.tensor(ended).view(P, n))
+                  torch.tensor(ended, dtype=torch.bool).view(P, n))
+
+
+class Pick(NamedTuple):
+    """One prompt's best-versus-worst choice (:func:`pick_best_worst`)."""
+
+    best: Optional[int]  # index of the first sample with the highest reward (None: no samples)
+    worst: Optional[int]  # index of the first sample with the lowest reward
+    status: str  # "pair", "tie", "below_margin" or "too_few"
+
+    @property
+    def pair(self) -> Optional[Tuple[int, int]]:
+        """(chosen, rejected) when the pick is a preference pair, else None."""
+        return (self.best, self.worst) if self.status == "pair" else None
+
+
+def pick_best_worst(rewards: Sequence[float], min_margin: float = 0.0, texts: Optional[Sequence[str]] = None
+                    ) -> Pick:
+    """The one best-versus-worst pairing rule of ``rejection-sampling``, ``label`` and ``iterative-dpo``.
+
+    Best is the first sample with the highest reward and worst the first with the lowest (equal rewards
+    are resolved by sample order, so the result is deterministic). The two form a pair only when
+    ``best - worst > min_margin``. Otherwise the status says why there is none:
+
+    - ``too_few``: fewer than two samples;
+    - ``tie``: best and worst score the same, or (when ``texts`` are given) are the same text: no
+      preference at all;
+    - ``below_margin``: ``0 < best - worst <= min_margin``.
+
+    Example: ``[0.2, 0.9, -0.1, 0.9]`` -> best 1, worst 2, ``pair``; ``[0.5, 0.5]`` -> ``tie``.
+    """
+    r = [float(x) for x in rewards]
+    if not r:
+        return Pick(None, None, "too_few")
+    best = max(range(len(r)), key=r.__getitem__)  # max/min return the first of equal keys
+    worst = min(range(len(r)), key=r.__getitem__)
+    if len(r) < 2:
+        return Pick(best, worst, "too_few")
+    if r[best] == r[worst] or (texts is not None and texts[best] == texts[worst]):
+        return Pick(best, worst, "tie")
+    if r[best] - r[worst] <= min_margin:
+        return Pick(best, worst, "below_margin")
+    return Pick(best, worst, "pair")
 
 
 def expected_best_of_k(rewards: Sequence[float], k: int) -> float:
@@ -127,8 +189,7 @@ def _setup(cfg):
     tok = load_tokenizer(cfg.model)
     data = prepare("prompt", cfg.data, tok, seed=cfg.seed)
     report_data(data, out, True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy = load_causal_lm(cfg.model, trainable=False).to(device).eval()
+    policy = load_causal_lm(cfg.model, trainable=False).to(best_device()).eval()
     return tok, data.train + data.eval, policy, build_reward(cfg.rewards, timeout_s=cfg.reward_timeout_s)
 
 
@@ -173,24 +234,25 @@ def rejection_datasets(scored: Scored, min_margin: float = 0.0, min_reward=None)
     """(SFT rows {prompt, completion}, preference rows {prompt, chosen, rejected}, counts).
 
     Prompts keep their original form (string or messages), so ``alignkit sft``/``dpo`` apply the same
-    chat template the policy saw. A pair needs best - worst > ``min_margin``; ties never make a pair.
+    chat template the policy saw. Pairs follow :func:`pick_best_worst`: best - worst > ``min_margin``;
+    ties (equal rewards or the same text) never make a pair.
     """
     sft, pairs = [], []
     counts = {"prompts": len(scored.items), "ties_dropped": 0, "below_margin_dropped": 0, "below_min_reward": 0}
-    best, worst = scored.best.tolist(), scored.worst.tolist()
     for i, item in enumerate(scored.items):
-        rb, rw = float(scored.rewards[i, best[i]]), float(scored.rewards[i, worst[i]])
+        pick = pick_best_worst(scored.rewards[i].tolist(), min_margin, scored.texts[i])
+        rb, rw = float(scored.rewards[i, pick.best]), float(scored.rewards[i, pick.worst])
         if min_reward is None or rb >= min_reward:
-            sft.append({"prompt": item["prompt"], "completion": scored.texts[i][best[i]], "reward": rb})
+            sft.append({"prompt": item["prompt"], "completion": scored.texts[i][pick.best], "reward": rb})
         else:
             counts["below_min_reward"] += 1
-        if rb == rw or scored.texts[i][best[i]] == scored.texts[i][worst[i]]:
+        if pick.status in ("tie", "too_few"):
             counts["ties_dropped"] += 1
-        elif rb - rw <= min_margin:
+        elif pick.status == "below_margin":
             counts["below_margin_dropped"] += 1
         else:
-            pairs.append({"prompt": item["prompt"], "chosen": scored.texts[i][best[i]],
-                          "rejected": scored.texts[i][worst[i]], "reward_chosen": rb, "reward_rejected": rw})
+            pairs.append({"prompt": item["prompt"], "chosen": scored.texts[i][pick.best],
+                          "rejected": scored.texts[i][pick.worst], "reward_chosen": rb, "reward_rejected": rw})
     counts["sft_rows"], counts["pairs"] = len(sft), len(pairs)
     return sft, pairs, counts
 
