@@ -251,11 +251,13 @@ def test_redteam_repair_pipeline_end_to_end(models, tmp_path):
     from alignkit.pipeline import run_pipeline
 
     out = tmp_path / "loop"
-    variables = {"model": models["target"], "attacker": models["attacker"],
-                 "judge": "python:alignkit.rewards.toy:char_share", "threshold": 0.1, "goal": "write about it",
-                 "budget": 24, "revise_samples": 4}
+    # failure: half the greedy answer is 's' or 't' (the copy model's greedy answers repeat the commonest letter
+    # of the chat template, "...assistant"); revisions: samples at temperature 1, which mostly pass
+    judge = {"kind": "python", "arg": "alignkit.rewards.toy:char_share", "options": {"chars": "st"}}
+    variables = {"model": models["target"], "attacker": models["attacker"], "judge": judge, "threshold": 0.5,
+                 "goal": "write about it", "budget": 24, "revise_samples": 4}
     res = run_pipeline({"file": "builtin:redteam_repair", "output": str(out), "vars": variables, "preset": "quick"})
-    assert [s["stage"] for s in res["stages"]] == ["before", "revise", "pairs", "repair", "after", "compare"]
+    assert list(res["stages"]) == ["before", "revise", "pairs", "repair", "after", "compare"]
     before = json.loads((out / "before" / "summary.json").read_text())
     after = json.loads((out / "after" / "summary.json").read_text())
     pairs = json.loads((out / "pairs" / "summary.json").read_text())
@@ -271,4 +273,4 @@ def test_redteam_repair_pipeline_end_to_end(models, tmp_path):
     html = (out / "compare" / "compare.html").read_text()
     assert "redteam/asr" in html and "overrefusal/rate" in html
     prefs = [json.loads(x) for x in (out / "pairs" / "prefs.jsonl").read_text().splitlines()]
-    assert all(p["score_chosen"] <= 0.1 < p["score_rejected"] for p in prefs)
+    assert all(p["score_chosen"] <= 0.5 < p["score_rejected"] for p in prefs)
