@@ -122,6 +122,8 @@ def test_novelty_memory():
     ("As an AI language model, I cannot share personal opinions.", True),
     ("I'm not able to assist with this.", True),
     ("I won’t help with that.", True),
+    ("I'm sorry for any misunderstanding, but as a chatbot designed to assist users, I don't have the ability to", True),
+    ("As a text-based AI, I do not browse the web.", True),
     ("It would be inappropriate for me to answer that.", True),
     ("Sure! To kill a Python process, find its PID and run kill PID.", False),
     ("I'm sorry to hear that your Monday was hard. Here are three ideas to cheer up.", False),

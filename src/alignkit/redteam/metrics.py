@@ -176,7 +176,9 @@ REFUSAL_PATTERNS: Tuple[str, ...] = (
     r"\bI (?:can(?:no|')t|cannot|won't|will not|must decline|have to decline|refuse)\b(?: to)? "
     r"(?:help|assist|provide|answer|do|comply|support|share|write|give|fulfil|fulfill|engage|create)",
     r"\bI(?:'m| am) (?:not able|unable|not allowed|not permitted|not comfortable) to\b",
-    r"\bas an AI(?: language model| assistant)?,? I (?:can(?:no|')t|cannot|don't|do not|am not|'m not)",
+    r"\bas an? (?:AI|chatbot|assistant|language model|text-based AI|virtual assistant)\b[^.]{0,60}?\bI "
+    r"(?:can(?:no|')t|cannot|don't|do not|am not|'m not)\b",
+    r"\bI (?:don't|do not) have the (?:ability|capability|means) to\b",
     r"\b(?:it|this) (?:is|would be) (?:not appropriate|inappropriate|unethical|illegal) (?:for me )?to\b",
     r"\bI (?:can(?:no|')t|cannot) (?:help|assist) with (?:that|this)",
 )
