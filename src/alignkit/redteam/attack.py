@@ -96,8 +96,10 @@ class RedteamConfig(Section):
     example_temperature: float = Field(0.1, gt=0)
     """few-shot: examples are drawn with probability ∝ exp(score / this), scores rescaled to [0, 1], among
     earlier successes (or among all attacks while there is none)."""
-    novelty: float = Field(0.5, ge=0)
-    """rl: weight of the novelty bonus 1 - BLEU(attack, earlier attacks) (Hong et al. 2024); 0 turns it off."""
+    novelty: float = Field(0.1, ge=0)
+    """rl: weight of the novelty bonus 1 - BLEU(attack, earlier attacks) (Hong et al. 2024); 0 turns it off.
+    Keep it below the judge's spread: at 0.5 on the test models the attacker maximized novelty with random
+    text instead of failures."""
     zero_shot_template: str = ZERO_SHOT
     """Attacker instruction; {goal} and {category_line} are filled in."""
     few_shot_template: str = FEW_SHOT

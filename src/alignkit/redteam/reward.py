@@ -67,4 +67,4 @@ def build_redteam(spec: RewardSpec) -> RedteamReward:
     gen = GenerationConfig(**opts.get("generation", {"max_new_tokens": 48, "temperature": 0.0}))
     return RedteamReward(Responder.load(model_cfg, gen),
                          Judge(RewardSpec.coerce_list(judge), float(opts.get("threshold", 0.5))),
-                         float(opts.get("novelty", 0.5)), opts.get("log"))
+                         float(opts.get("novelty", 0.1)), opts.get("log"))
