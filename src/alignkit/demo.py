@@ -29,9 +29,10 @@ class DemoConfig(Section):
     """Directory of the demo: one subdirectory per stage, compare/compare.html."""
     model: Optional[str] = None
     """Starting model (empty: the embedded SmolLM2-135M-Instruct). It must have a chat template."""
-    task: Literal["classic", "reasoning"] = "classic"
+    task: Literal["classic", "reasoning", "redteam"] = "classic"
     """classic: SFT-free RLHF on a sentiment task (reward model, DPO, PPO); reasoning: GRPO with the DAPO
-    preset on rule-checked arithmetic answers (R1-Zero in miniature, docs/reasoning-demo.md)."""
+    preset on rule-checked arithmetic answers (R1-Zero in miniature, docs/reasoning-demo.md); redteam:
+    attack, repair and re-test (builtin:redteam_repair, docs/red-teaming.md)."""
     quick: bool = False
     """A smoke run in seconds (few prompts, steps and tokens): checks the wiring, proves nothing."""
     force: bool = False
@@ -57,6 +58,10 @@ def demo(config: Union[DemoConfig, Dict[str, Any], None] = None, **overrides) ->
     cfg = as_config(DemoConfig, config, overrides)
     if cfg.task == "reasoning":
         return reasoning_demo(cfg)
+    if cfg.task == "redteam":
+        from alignkit.redteam.repair import redteam_demo
+
+        return redteam_demo(cfg)
     variables = dict(cfg.vars)
     if cfg.model:
         variables["model"] = cfg.model

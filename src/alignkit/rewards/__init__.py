@@ -9,6 +9,7 @@ Shorthand ``KIND:ARG@WEIGHT`` (weight optional, parsed only from a trailing ``@<
     length:target=N|max=N|min=N[,unit=chars]     length shaping
     python:MODULE:FN | python:FILE.py:FN         any callable
     judge:MODEL[;reference_field=F,...]          LLM judge vs a reference answer (alignkit.feedback)
+    redteam:TARGET (options judge, novelty)      an attacker's reward: judged failure + novelty (alignkit.redteam)
 
 ``build_reward(["match:answer", "regex:<answer>.*</answer>@0.2"])`` returns a
 :class:`CompositeReward`; call it as ``reward(prompts, completions, rows)``.
@@ -19,6 +20,7 @@ from alignkit.rewards.base import (REWARD_KINDS, FunctionSource, RewardKind, Rew
 # importing the kind modules registers them
 from alignkit.rewards import pyfunc, rules, scorers  # noqa: E402,F401  (registration side effect)
 from alignkit.feedback import judge_reward  # noqa: E402,F401  (registers judge:, see alignkit.feedback)
+from alignkit.redteam import reward as _redteam_reward  # noqa: E402,F401  (registers redteam:)
 from alignkit.rewards.answer import answers_match, extract_answer, parse_number
 from alignkit.rewards.composite import CompositeReward, build_reward, build_source
 from alignkit.rewards.scorers import EnsembleReward, ModelReward, combine_scores
