@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from alignkit.eval.behaviour import compare_probes_html
 from alignkit.eval.diagnostics import Diagnostics
 from alignkit.eval.svg import bar_plot, line_plot, scatter_plot
 
@@ -485,6 +486,7 @@ def compare_runs(run_dirs: List[Path], out: Path) -> Path:
         body.append(f"<tr><td>{escape(label)}</td><td>{escape(str(run.path))}</td>{cell}</tr>")
     body.append("</table>")
     body += _summary_side_by_side(labels, runs)
+    body += compare_probes_html([r.path for r in runs], labels)  # behaviour probes before/after (eval --probe)
     frontier, key = _frontier(labels, all_series)
     if frontier:
         body += ["<h2>Reward versus KL frontier</h2>", '<div class="grid">', _figure(
