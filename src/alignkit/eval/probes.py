@@ -281,7 +281,7 @@ def load_pairs_file(source: str) -> List[ProbePair]:
         probe_name = str(row.get("probe") or stem)
         if probe_name == POSITION:
             raise DataError(f"{name}, row {number}: probe name 'position' is reserved for the judge position probe")
-        out.append(ProbePair(probe_name, str(row.get("variant") or probe_name), str(row.get("item") or number),
+        out.append(ProbePair(probe_name, str(row.get("variant") or probe_name), f"{stem}:{row.get('item') or number}",
                              row["prompt"], row["original"], row["perturbed"], str(row.get("category", ""))))
     return out
 
