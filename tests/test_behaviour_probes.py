@@ -167,3 +167,26 @@ def test_reward_marker_alert_fires_on_hedging_correlation_only():
     assert _run(Diagnostics(cfg), 12, **{"rewards/corr_length": 0.95, "rollout/length_mean": 20.0,
                                         "rewards/mean": 1.0}) == ["verbosity"]
     assert _run(Diagnostics(DiagnosticsConfig(marker_corr=0.99)), 12, **{"rewards/corr_length": 0.95}) == []
+
+
+
+def test_online_rl_logs_reward_marker_correlations():
+    """The rollout metrics of online RL (RLTask.score) carry the reward's correlation with each marker;
+    a reward that pays for hedges correlates 1 with them, a marker constant over the rollout is left out."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from alignkit.train.online import RLTask
+
+    texts = ["Perhaps yes.", "Yes.", "I might be wrong, but no.", "No."]
+    reward = lambda prompts, completions, rows: [2.0 if "Perhaps" in c or "wrong" in c else 0.0 for c in completions]
+    task = SimpleNamespace(reward=reward, gold=None, _gather=lambda t: t)
+    ro = SimpleNamespace(prompt_index=[0, 0, 1, 1], texts=texts, response_lengths=torch.tensor([3, 2, 7, 2]),
+                         ended=torch.tensor([True] * 4))
+    _, m = RLTask.score(task, ro, [{"prompt": "a"}, {"prompt": "b"}])
+    assert m["rewards/corr_hedging"] == pytest.approx(1.0)
+    # lengths 3, 2, 7, 2 against rewards 2, 0, 2, 0: deviations (-.5, -1.5, 3.5, -1.5), (1, -1, 1, -1):
+    # r = 6 / sqrt(17 * 4) = 0.72761
+    assert m["rewards/corr_length"] == pytest.approx(6 / 68 ** 0.5)
+    assert "rewards/corr_list" not in m and "rewards/corr_agreement" not in m
