@@ -182,7 +182,7 @@ def test_online_rl_logs_reward_marker_correlations():
     texts = ["Perhaps yes.", "Yes.", "I might be wrong, but no.", "No."]
     reward = lambda prompts, completions, rows: [2.0 if "Perhaps" in c or "wrong" in c else 0.0 for c in completions]
     task = SimpleNamespace(reward=reward, gold=None, _gather=lambda t: t)
-    ro = SimpleNamespace(prompt_index=[0, 0, 1, 1], texts=texts, response_lengths=torch.tensor([3, 2, 7, 2]),
+    ro = SimpleNamespace(prompt_index=[0, 0, 1, 1], texts=texts, response_lengths=torch.tensor([3.0, 2.0, 7.0, 2.0]),
                          ended=torch.tensor([True] * 4))
     _, m = RLTask.score(task, ro, [{"prompt": "a"}, {"prompt": "b"}])
     assert m["rewards/corr_hedging"] == pytest.approx(1.0)
