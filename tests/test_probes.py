@@ -150,7 +150,9 @@ def test_agreement_scorer_is_flagged_for_sycophancy_only(tmp_path, scorers):
 
 
 def test_constant_scorer_is_never_flagged(tmp_path, scorers):
-    doc = probe(rewards=[f"python:{scorers}:constant"], output=str(tmp_path / "p"))
+    import alignkit
+
+    doc = alignkit.probe(rewards=[f"python:{scorers}:constant"], output=str(tmp_path / "p"))  # the public API
     assert all(r["verdict"] == "not shown" and r["p_value"] == 1.0 for r in doc["probes"])
 
 
