@@ -125,15 +125,17 @@ def test_eval_with_probes_end_to_end_and_compare(tmp_path, tiny_model, jsonl):
     doc = json.loads((tmp_path / "a" / "eval.json").read_text())
     assert doc["probes"]["over_refusal"]["n"] == 3 and len(doc["probes"]["sycophancy"]["items"]) == 3
     assert doc["probes"]["intervals"]["probe/over_refusal/refusal_rate"]["method"] == "wilson"
-    # a second evaluation whose refusal rate moved far: compare shows the section and an alert
-    evaluate(common, output=str(tmp_path / "b"))
+    # a second evaluation (a copy) whose hedging rate moved far: compare shows the section and an alert
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
     doc_b = json.loads((tmp_path / "b" / "eval.json").read_text())
     doc_b["probes"]["intervals"]["probe/hedging/rate"] = {"mean": 1.0, "lo": 0.99, "hi": 1.0, "n": 4}
     (tmp_path / "b" / "eval.json").write_text(json.dumps(doc_b))
     compare(runs=[str(tmp_path / "a"), str(tmp_path / "b")], output=str(tmp_path / "c.html"))
     html = (tmp_path / "c.html").read_text()
     assert "<h2>Behaviour probes</h2>" in html and 'data-alert="probe/hedging/rate"' in html
-    assert html.count("data-alert=") == 1  # identical runs otherwise: nothing else moved
+    assert html.count("data-alert=") == 1  # identical otherwise: nothing else moved
 
 
 def test_unknown_probe_is_a_config_error():
