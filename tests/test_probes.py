@@ -297,3 +297,16 @@ def test_reward_model_trained_on_longer_chosen_is_flagged_for_length(tmp_path, t
                 probes=["length"], output=str(tmp_path / "probe"))
     (r,) = doc["probes"]
     assert r["verdict"] == "biased" and r["direction"] == "prefers perturbed" and r["rate"]["mean"] > 0.8, r
+
+
+def test_data_rows_of_every_shape_and_skipped_rows_counted(tmp_path):
+    rows = [{"prompt": "p1", "completion": "c1"},
+            {"messages": [{"role": "user", "content": "p2"}, {"role": "assistant", "content": "c2"}]},
+            {"prompt": "p3", "chosen": [{"role": "assistant", "content": "c3"}], "rejected": "r3"},
+            {"prompt": "p4"}, {"prompt": "p5", "response": "   "}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items, skipped = load_probe_items(str(path))
+    assert [(it.prompt, it.response) for it in items] == [
+        ("p1", "c1"), ([{"role": "user", "content": "p2"}], "c2"), ("p3", "c3")]
+    assert skipped == 2 and items[0].id == "d:1"
