@@ -547,7 +547,9 @@ def probe(config: Union[ProbeConfig, Dict[str, Any], None] = None, scorer: Any =
         sources[path] = {"items": len(its), "skipped": skipped}
         prefs = _preference_rows(path)
         if prefs:
-            audits[path] = {"pairs": len(prefs), "markers": audit_preferences(prefs)}
+            # pairs of one prompt share it: the prompt is the unit of the interval
+            audits[path] = {"pairs": len(prefs), "markers": audit_preferences(
+                prefs, [json.dumps(p, sort_keys=True) for p, _, _ in prefs])}
     pairs = perturb_items(items, chosen, cfg.seed) if chosen else []
     for path in cfg.pairs:
         ps = load_pairs_file(path)
