@@ -57,6 +57,8 @@ _API = {
     "run_judge": "alignkit.feedback.label",
     "run_iterative_dpo": "alignkit.feedback.iterative",
     "run_spin": "alignkit.feedback.spin",
+    "probe": "alignkit.eval.probes",
+    "ProbeConfig": "alignkit.eval.probes",
     "SFTConfig": "alignkit.config",
     "RMConfig": "alignkit.config",
     "ScoreConfig": "alignkit.config",

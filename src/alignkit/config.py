@@ -294,6 +294,9 @@ class DiagnosticsConfig(Section):
     """Warn when distinct-2 falls below (1 - this) of its first value (mode collapse)."""
     gold_drop: float = Field(0.05, gt=0)
     """Warn when the gold reward falls by this much while the proxy reward rises (over-optimization)."""
+    marker_corr: float = Field(0.6, gt=0, le=1)
+    """Warn when the reward's correlation with a probe marker (rewards/corr_length, _hedging, _list,
+    _agreement), averaged over the window, exceeds this: the reward pays for a surface feature."""
     logp_drop: float = Field(0.1, gt=0)
     """Warn when chosen log-probs fall by this fraction while DPO margins grow (likelihood displacement)."""
     window: int = Field(5, ge=3)

@@ -8,7 +8,7 @@ register_command(Command(
     "reward model on held-out pairs (--reward-model: accuracy, calibration).",
     {"model": "model.name_or_path", "reference": "reference", "data": "data.path", "output": "output",
      "reward": "rewards", "gold": "gold", "samples": "samples", "reward_model": "reward_model",
-     "reference_samples": "reference_samples"}))
+     "reference_samples": "reference_samples", "probe": "probes"}))
 register_command(Command("report", "alignkit.eval.runs:ReportConfig", "alignkit.eval.runs:report",
                          "Regenerate RUN_DIR/report.html (plots, alerts, samples) from the run's files.",
                          {"output": "output"}, positional="run_dir"))

@@ -13,7 +13,14 @@ Checks (a check whose metric keys never appear is skipped):
 ``verbosity``
     ``rollout/length_mean`` rises by more than ``length_growth`` (relative) over a trend horizon
     while ``rewards/mean`` rises too: the policy is buying reward with length (reward hacking
-    through the reward model's length bias).
+    through the reward model's length bias); or the reward's correlation with length
+    (``rewards/corr_length``) averaged over the last ``window`` observations exceeds ``marker_corr``
+    (Singhal et al. 2023).
+``reward_marker``
+    the same correlation check for the other probe markers of :mod:`alignkit.eval.markers`:
+    hedge phrases, markdown lists and agreement or flattery phrases (``rewards/corr_hedging``,
+    ``rewards/corr_list``, ``rewards/corr_agreement``): the reward pays for a surface feature the
+    policy can learn instead of the content (Sharma et al. 2023; Zhang et al. 2024).
 ``mode_collapse``
     ``diversity/distinct_2`` averaged over the window falls below ``(1 - diversity_drop)`` times
     its first observed value.
@@ -96,7 +103,11 @@ EOS_RATE_KEY = "rollout/eos_rate"
 HELDOUT_ACCURACY_KEYS = ("eval/accuracy", "eval/rewards/accuracy")
 HELDOUT_LOSS_KEYS = ("eval/loss",)
 
-ALERT_KINDS = ("kl_blowup", "verbosity", "mode_collapse", "overoptimization", "likelihood_displacement",
+# reward-versus-marker correlations (logged by online RL; alignkit.eval.markers), length first
+MARKER_CORR_KEYS = {"length": "rewards/corr_length", "hedging": "rewards/corr_hedging",
+                    "list": "rewards/corr_list", "agreement": "rewards/corr_agreement"}
+
+ALERT_KINDS = ("kl_blowup", "verbosity", "reward_marker", "mode_collapse", "overoptimization", "likelihood_displacement",
                "zero_grad", "stuck_loss", "constant_reward", "all_truncated", "all_masked", "exploding",
                "heldout_regression")
 
@@ -194,7 +205,9 @@ class Diagnostics:
         # kind -> (metric keys whose arrival triggers the check, check)
         self._checks: Dict[str, Tuple[Tuple[str, ...], Callable[[], Optional[str]]]] = {
             "kl_blowup": ((KL_KEY,), self._check_kl),
-            "verbosity": ((LENGTH_KEY,), self._check_verbosity),
+            "verbosity": ((LENGTH_KEY, MARKER_CORR_KEYS["length"]), self._check_verbosity),
+            "reward_marker": (tuple(v for k, v in MARKER_CORR_KEYS.items() if k != "length"),
+                              self._check_reward_markers),
             "mode_collapse": ((DIVERSITY_KEY,), self._check_mode_collapse),
             "overoptimization": (GOLD_KEYS, self._check_overoptimization),
             "likelihood_displacement": ((CHOSEN_LOGP_KEY,), self._check_likelihood_displacement),
@@ -322,11 +335,39 @@ class Diagnostics:
                 f"{len(recent)} steps), above the budget {budget:.1f}: lower the learning rate or "
                 f"raise beta (the KL coefficient).")
 
+    def _marker_correlation(self, markers: Sequence[str]) -> Optional[str]:
+        """The alert message when the reward's correlation with one of ``markers``, averaged over its
+        last ``window`` observations, exceeds ``marker_corr``; "" when none does; None before any has
+        ``window`` observations. One check for every probe marker (length, hedging, list, agreement)."""
+        cfg = self.config
+        judged = None
+        for marker in markers:
+            recent = self._last(MARKER_CORR_KEYS[marker], cfg.window)
+            if len(recent) < cfg.window:
+                continue
+            judged = ""
+            mean = sum(v for _, v in recent) / len(recent)
+            if mean > cfg.marker_corr:
+                what = {"length": "response length", "hedging": "hedge phrases ('I might be wrong')",
+                        "list": "markdown lists", "agreement": "agreement and flattery phrases"}[marker]
+                return (f"The reward correlates with {what} (mean correlation {mean:.2f} over steps "
+                        f"{int(recent[0][0])}-{int(recent[-1][0])}, above {cfg.marker_corr:g}): the reward "
+                        f"pays for a surface feature, which the policy can learn instead of the content. "
+                        f"Run `alignkit probe` on the reward model, add a penalty for the marker, or raise "
+                        f"the KL coefficient.")
+        return judged
+
+    def _check_reward_markers(self) -> Optional[str]:
+        return self._marker_correlation([m for m in MARKER_CORR_KEYS if m != "length"])
+
     def _check_verbosity(self) -> Optional[str]:
         cfg = self.config
+        corr = self._marker_correlation(["length"])
+        if corr:
+            return corr
         horizons = self._horizons(LENGTH_KEY)
         if not horizons:
-            return None
+            return corr
         for pts in horizons:
             lo, hi = pts[0][0], pts[-1][0]
             length, reward = fit_trend(pts), fit_trend(self._span(PROXY_KEY, lo, hi))

@@ -36,6 +36,7 @@ from pydantic import Field, field_validator
 
 from alignkit.config import DataConfig, ModelConfig, Section, as_config
 from alignkit.eval import metrics as M
+from alignkit.eval.behaviour import BehaviourProbeConfig
 from alignkit.eval.stats import interval_keys, mean_interval, paired_comparison
 from alignkit.models.loading import best_device
 from alignkit.ops.kl import KLKind, kl_estimate
@@ -97,6 +98,22 @@ class EvalConfig(Section):
     instead of a policy: pairwise accuracy and calibration."""
     calibration_bins: int = Field(10, gt=0)
     """Equal-width probability bins of the reward model's calibration (ECE)."""
+    probes: List[str] = []
+    """Behaviour probes (CLI: --probe NAME, repeatable): sycophancy, hedging, format, over_refusal
+    (alignkit.eval.behaviour; docs/evaluation.md). Metrics probe/<name>/..., intervals in eval.json."""
+    probe_settings: BehaviourProbeConfig = BehaviourProbeConfig()
+    """Settings of the behaviour probes (probe sets, answer length, refusal judge)."""
+
+    @field_validator("probes", mode="before")
+    @classmethod
+    def _known_probes(cls, v: Any) -> List[str]:
+        from alignkit.eval.behaviour import BEHAVIOUR_PROBES
+
+        v = [v] if isinstance(v, str) else list(v or [])
+        unknown = [p for p in v if p not in BEHAVIOUR_PROBES]
+        if unknown:
+            raise ValueError(f"unknown behaviour probe(s) {unknown}; known: {', '.join(BEHAVIOUR_PROBES)}")
+        return v
 
     @field_validator("rewards", "gold", mode="before")
     @classmethod
@@ -350,6 +367,15 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
         # the policy's log-probs of its samples come with them (the fast engine's sampling step; other
         # engines add one forward pass)
         ro = generate(policy, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples)
+    probe_metrics, probe_details = {}, None
+    if cfg.probes:  # behaviour probes while the policy is loaded (alignkit.eval.behaviour)
+        from alignkit.eval.behaviour import policy_answerer, run_behaviour_probes
+
+        with phase(f"behaviour probes: {', '.join(cfg.probes)}", label="eval"):
+            probe_metrics, probe_details = run_behaviour_probes(
+                cfg.probes, cfg.probe_settings,
+                policy_answerer(policy, tok, cfg.generation, cfg.probe_settings.max_new_tokens),
+                ro.texts, ro.prompt_index)
     temp = cfg.generation.temperature or 1.0
     lp = ro.logprobs
     same = resolve_model_path(cfg.reference) == resolve_model_path(cfg.model.name_or_path)
@@ -400,6 +426,7 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
     lengths = ro.response_lengths.tolist()
     metrics = summarize(ro.texts, lengths, ro.ended.tolist(), ro.prompt_index, kl_tokens, rewards, ref_rewards,
                         ref_index, judge, cfg.repetition_n)
+    metrics.update(probe_metrics)
     samples = []
     for tag, texts, index, scores in (("reference", ref_texts, ref_index, ref_rewards),
                                       ("policy", ro.texts, ro.prompt_index, rewards)):
@@ -419,7 +446,7 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
                "generation": cfg.generation.model_dump(), "kl_estimator": cfg.kl_estimator,
                "rewards": [s.shorthand() for s in cfg.rewards], "gold": [s.shorthand() for s in cfg.gold],
                "reference_samples": cfg.reference_samples}
-    write_eval_run(out, cfg, metrics, context, samples)
+    write_eval_run(out, cfg, metrics, context, samples, {"probes": probe_details} if probe_details else None)
     print_table(metrics, f"eval: {cfg.name or out.name}")
     return metrics
 

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from alignkit.eval.behaviour import compare_probes_html
 from alignkit.eval.diagnostics import Diagnostics
 from alignkit.eval.paired import versus
 from alignkit.eval.stats import format_pm, is_interval_key, read_interval
@@ -648,6 +649,7 @@ def compare_runs(run_dirs: List[Path], out: Path, baseline: Optional[Path] = Non
     if len(runs) > 1:
         body += _verdicts_html(labels, runs, base)
     frontier, key, errors = _frontier(labels, all_series)
+    body += compare_probes_html([r.path for r in runs], labels)  # behaviour probes before/after (eval --probe)
     if frontier:
         steps = {label: (_step_labels(s, key) if key.startswith("eval/") else _step_labels(s, key)[-1:])
                  for label, s in zip(labels, all_series) if label in frontier}

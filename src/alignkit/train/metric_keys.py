@@ -75,6 +75,13 @@ VALUE_MEAN = _key("value/mean", "reward", "mean value over response tokens at ro
 LENGTH_MEAN = _key("rollout/length_mean", "tokens", "mean response length")
 EOS_RATE = _key("rollout/eos_rate", "fraction", "responses that ended with EOS (the rest hit max_new_tokens)")
 DISTINCT_2 = _key("diversity/distinct_2", "fraction", "distinct bigrams over the rollout's texts")
+# ---- reward against surface markers (alignkit.eval.markers; the verbosity and reward_marker alerts)
+CORR_LENGTH = _key("rewards/corr_length", "correlation", "Pearson correlation of the reward with the response length")
+CORR_HEDGING = _key("rewards/corr_hedging", "correlation",
+                    "correlation of the reward with a hedge phrase in the response (0/1); nan when no or every response hedges")
+CORR_LIST = _key("rewards/corr_list", "correlation", "correlation of the reward with a markdown list in the response (0/1)")
+CORR_AGREEMENT = _key("rewards/corr_agreement", "correlation",
+                      "correlation of the reward with an agreement or flattery phrase in the response (0/1)")
 # ---- dynamic sampling
 DROPPED_GROUPS = _key("sampling/dropped_groups", "groups",
                       "all-equal-reward groups dropped this step (every process, every round)")

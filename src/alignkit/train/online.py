@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from alignkit.data.layout import SeqBatch, SharedRows, share_row_prompts
+from alignkit.eval.markers import marker_correlations
 from alignkit.eval.metrics import distinct_n
 from alignkit.ops.logprobs import TokenLogprobs, row_logprobs
 from alignkit.ops.wrappers import unwrap
@@ -216,6 +217,8 @@ class RLTask(Task):
         m[f"{prefix}rollout/length_mean"] = float(self._gather(ro.response_lengths).mean())
         m[f"{prefix}rollout/eos_rate"] = float(self._gather(ro.ended.float()).mean())
         m[f"{prefix}diversity/distinct_2"] = distinct_n(ro.texts, 2)
+        # does the reward pay for length, hedges, lists or agreement? (this process's rollout)
+        m.update(marker_correlations(raw.tolist(), ro.texts, ro.response_lengths.tolist(), prefix))
         return raw, m
 
     @torch.no_grad()
