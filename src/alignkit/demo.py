@@ -33,12 +33,34 @@ class DemoConfig(Section):
     """classic: SFT-free RLHF on a sentiment task (reward model, DPO, PPO); reasoning: GRPO with the DAPO
     preset on rule-checked arithmetic answers (R1-Zero in miniature, docs/reasoning-demo.md); redteam:
     attack, repair and re-test (builtin:redteam_repair, docs/red-teaming.md)."""
+    seed: Optional[int] = None
+    """Seed of every stage (sampling of the pairs, LoRA init and data order of rm, dpo and ppo, the
+    evaluations' sampling); empty: the pipeline's vars.seed (0). The demo's claims are checked on seeds
+    0, 1 and 2 (docs/pipeline.md)."""
+    precision: Literal["auto", "fp32"] = "auto"
+    """auto: bf16 where it is native (autocast for training, bf16 weights for sampling and scoring),
+    fp32 elsewhere; fp32: fp32 everywhere, whatever the machine (the path of a CPU without native bf16)."""
     quick: bool = False
     """A smoke run in seconds (few prompts, steps and tokens): checks the wiring, proves nothing."""
     force: bool = False
     """Run every stage again instead of skipping the finished ones."""
     vars: Dict[str, Any] = {}
     """Override pipeline variables (e.g. vars.ppo_steps=20, vars.gold=python:my.module:fn)."""
+
+
+PRECISION_VARS = {"auto": {}, "fp32": {"precision": "fp32", "dtype": "float32"}}
+"""Pipeline variables of each ``--precision``: ``precision`` is train.precision of the training
+stages, ``dtype`` the weights that sample and score (model.dtype, generation.dtype, reward models)."""
+
+
+def stage_vars(cfg: DemoConfig) -> Dict[str, Any]:
+    """The pipeline variables that the demo's own options set (``vars.KEY=`` given explicitly wins)."""
+    out: Dict[str, Any] = dict(PRECISION_VARS[cfg.precision])
+    if cfg.seed is not None:
+        out["seed"] = cfg.seed
+    if cfg.model:
+        out["model"] = cfg.model
+    return out
 
 
 def read_results(output: Path) -> Dict[str, Dict[str, float]]:
@@ -48,6 +70,39 @@ def read_results(output: Path) -> Dict[str, Dict[str, float]]:
         path = Path(output) / stage / "eval.json"
         if path.is_file():
             out[label] = json.loads(path.read_text())["metrics"]
+    return out
+
+
+def read_gold(path: Path) -> Optional[tuple]:
+    """(gold values, prompts) of the policy's samples in an evaluation's samples.jsonl, or None."""
+    if not path.is_file():
+        return None
+    values, prompts = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("tag", "policy") == "policy" and "gold" in row.get("rewards", {}):
+            values.append(float(row["rewards"]["gold"]))
+            prompts.append(row["prompt"])
+    return (values, prompts) if values else None
+
+
+def gold_gains(output: Path, evals=EVALS) -> Dict[str, Dict[str, Any]]:
+    """Held-out gold of every evaluated model with its 95% interval over prompts, and each trained
+    model's gain over the first (the base), paired by prompt (:func:`alignkit.eval.stats.paired_comparison`:
+    the per-prompt mean difference, its t interval and verdict). ``{label: {"gold": Interval dict,
+    "gain": PairedComparison dict (not for the base)}}``."""
+    from alignkit.eval.stats import mean_interval, paired_comparison
+
+    golds = {label: read_gold(Path(output) / stage / "samples.jsonl") for stage, label in evals}
+    base_label = evals[0][1]
+    out: Dict[str, Dict[str, Any]] = {}
+    for label, g in golds.items():
+        if g is None:
+            continue
+        out[label] = {"gold": mean_interval(g[0], g[1]).to_dict()}
+        if label != base_label and golds.get(base_label) is not None:
+            base = golds[base_label]
+            out[label]["gain"] = paired_comparison(base[0], g[0], base[1], g[1]).to_dict()
     return out
 
 
@@ -62,20 +117,24 @@ def demo(config: Union[DemoConfig, Dict[str, Any], None] = None, **overrides) ->
         from alignkit.redteam.repair import redteam_demo
 
         return redteam_demo(cfg)
-    variables = dict(cfg.vars)
-    if cfg.model:
-        variables["model"] = cfg.model
+    variables = {**stage_vars(cfg), **cfg.vars}
     t0 = time.perf_counter()
     res = run_pipeline({"file": "builtin:demo_pipeline", "output": cfg.output, "vars": variables,
                         "preset": "quick" if cfg.quick else None, "force": cfg.force})
     seconds = time.perf_counter() - t0
     results = read_results(Path(cfg.output))
+    gains = gold_gains(Path(cfg.output))
     compare = Path(cfg.output) / "compare" / "compare.html"
-    print_results(results, seconds, Path(cfg.output), compare)
-    return {"results": results, "stages": res["stages"], "compare": str(compare), "seconds": seconds}
+    (Path(cfg.output) / "demo_summary.json").write_text(json.dumps(
+        {"seed": variables.get("seed", 0), "precision": cfg.precision, "seconds": seconds, "gold": gains,
+         "results": results}, indent=2, default=float))
+    print_results(results, seconds, Path(cfg.output), compare, gains)
+    return {"results": results, "gains": gains, "stages": res["stages"], "compare": str(compare),
+            "seconds": seconds}
 
 
-def print_results(results: Dict[str, Dict[str, float]], seconds: float, output: Path, compare: Path) -> None:
+def print_results(results: Dict[str, Dict[str, float]], seconds: float, output: Path, compare: Path,
+                  gains: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -92,16 +151,34 @@ def print_results(results: Dict[str, Dict[str, float]], seconds: float, output: 
     for label, m in results.items():
         table.add_row(label, *[f"{m.get(k, float('nan')):.2f}" for _, k in cols])
     con.print(table)
-    base = results.get("base", {}).get("rewards/gold")
-    for label in ("DPO", "PPO"):
-        gold = results.get(label, {}).get("rewards/gold")
-        if base is not None and gold is not None:
-            verdict = "better" if gold > base else "NOT better"
-            con.print(f"{label}: gold reward {base:.3f} -> {gold:.3f} ({gold - base:+.3f}, {verdict} than the "
-                      f"starting model), KL {results[label].get('kl/ref', float('nan')):.2f} nats/sequence",
-                      highlight=False)
+    for line in gain_lines(results, gains or {}):
+        con.print(line, highlight=False)
     con.print(f"reports: {compare} (side by side) and {output}/<stage>/report.html; took {seconds / 60:.1f} min",
               style="green", highlight=False)
+
+
+def gain_lines(results: Dict[str, Dict[str, float]], gains: Dict[str, Dict[str, Any]]) -> list:
+    """One line per trained model: held-out gold before -> after with 95% intervals over prompts, and
+    the gain paired by prompt with its interval and verdict (better / worse / not distinguishable)."""
+    from alignkit.eval.stats import Interval
+
+    def iv(d: Dict[str, Any]) -> Interval:
+        return Interval(**d)
+
+    lines = []
+    base = gains.get("base")
+    for label in ("DPO", "PPO"):
+        g = gains.get(label)
+        if base is None or g is None or "gain" not in g:
+            continue
+        d = g["gain"]
+        lo, hi, n = d["diff_lo"], d["diff_hi"], d["diff_n"]
+        verdict = {"better": "better than", "worse": "WORSE than"}.get(d["verdict"], "NOT DISTINGUISHABLE from")
+        kl = results.get(label, {}).get("kl/ref", float("nan"))
+        lines.append(f"{label}: held-out gold {iv(base['gold']).format()} -> {iv(g['gold']).format()}; gain "
+                     f"{d['diff_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] (95%, paired over {n} prompts, "
+                     f"p={d['p_value']:.2g}): {verdict} the starting model; KL {kl:.2f} nats/sequence")
+    return lines
 
 
 REASONING_EVALS = (("eval_base", "base"), ("eval_after", "GRPO (DAPO)"))
@@ -120,9 +197,8 @@ def reasoning_demo(cfg: DemoConfig) -> Dict[str, Any]:
     held = reasoning_rows(100, seed=2, exclude=[r["question"] for r in train])  # questions never seen in training
     for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    variables = {"prompts": str(data / "train.jsonl"), "heldout": str(data / "heldout.jsonl"), **cfg.vars}
-    if cfg.model:
-        variables["model"] = cfg.model
+    variables = {"prompts": str(data / "train.jsonl"), "heldout": str(data / "heldout.jsonl"), **stage_vars(cfg),
+                 **cfg.vars}
     t0 = time.perf_counter()
     res = run_pipeline({"file": "builtin:reasoning_pipeline", "output": str(out), "vars": variables,
                         "preset": "quick" if cfg.quick else None, "force": cfg.force})

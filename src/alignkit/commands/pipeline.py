@@ -10,7 +10,8 @@ register_command(Command("demo", "alignkit.demo:DemoConfig", "alignkit.demo:run_
                          "The classical pipeline on the embedded model in minutes on a CPU: sample pairs, label "
                          "them with a sentiment gold reward, train a reward model, DPO and PPO, evaluate, report. "
                          "--task reasoning: GRPO (DAPO preset) on rule-checked arithmetic, held-out accuracy before/after.",
-                         {"output": "output", "model": "model", "quick": "quick", "force": "force", "task": "task"}))
+                         {"output": "output", "model": "model", "quick": "quick", "force": "force", "task": "task",
+                          "seed": "seed", "precision": "precision"}))
 register_command(Command("sample-pairs", "alignkit.labeling:SamplePairsConfig", "alignkit.labeling:sample_pairs",
                          "Sample n responses per prompt (rows {prompt, completions}) for labelling.",
                          {"model": "model.name_or_path", "data": "data.path", "output": "output", "n": "n"}))
