@@ -49,8 +49,11 @@ class Encoder:
                                                 **kw)
         except Exception as e:  # noqa: BLE001 - a template that cannot render this row (jinja UndefinedError, ...)
             from jinja2 import TemplateError
+            from jinja2.exceptions import SecurityError
 
-            if not isinstance(e, (TemplateError, TypeError, KeyError, AttributeError, IndexError)):
+            # the sandbox stopping the template is about the template, not this row: one error for the run
+            if isinstance(e, SecurityError) or not isinstance(e, (TemplateError, TypeError, KeyError,
+                                                                  AttributeError, IndexError)):
                 raise
             what = " ".join(str(e).split())[:160]
             raise RowError(f"the chat template cannot render this row ({type(e).__name__}: {what}); "
