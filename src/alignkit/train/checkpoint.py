@@ -23,7 +23,6 @@ Before each checkpoint the free disk space is checked against its size; a failed
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -43,7 +42,7 @@ _ALLOWED = re.compile(r"^(model(_\d+)?\.safetensors|pytorch_model(_fsdp)?(_\d+)?
                       r"|scheduler\.json|rng_state_\d+\.safetensors|trainer_state\.json|manifest\.json)$")
 
 
-from alignkit.train.rundir import RunDirError
+from alignkit.train.rundir import RunDirError, sha256_file
 
 
 class CheckpointError(RunDirError):
@@ -61,14 +60,6 @@ def step_dirs(root: Path) -> List[Path]:
 
 # ------------------------------------------------------------------------------------ manifest
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(ckpt: Path) -> List[str]:
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if (p.is_file() or p.is_symlink())
                   and p.name != MANIFEST)
@@ -76,7 +67,7 @@ def _files(ckpt: Path) -> List[str]:
 
 def _hash_all(ckpt: Path, names: List[str]) -> Dict[str, str]:
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(names)))) as pool:  # hashlib releases the GIL
-        return dict(zip(names, pool.map(lambda n: _sha256(ckpt / n), names)))
+        return dict(zip(names, pool.map(lambda n: sha256_file(ckpt / n), names)))
 
 
 def write_manifest(ckpt: Path) -> None:

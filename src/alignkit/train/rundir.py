@@ -404,7 +404,8 @@ def check_resume(cfg, out: Path, warn=print) -> Path:
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks (input fingerprints and checkpoint manifests)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -435,7 +436,7 @@ def fingerprint(value: str, kind: str, revision: Optional[str] = None) -> Dict[s
     dataset)."""
     path = Path(value).expanduser()
     if path.is_file():
-        return {"file": str(path), "size": path.stat().st_size, "sha256": _sha256(path)}
+        return {"file": str(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts and ".git" not in p.parts)
         if kind == "model" and any(p.suffix in _WEIGHTS for p in files):
@@ -444,7 +445,7 @@ def fingerprint(value: str, kind: str, revision: Optional[str] = None) -> Dict[s
 
         h = hashlib.sha256()
         for p in files:
-            h.update(f"{p.relative_to(path)}\0{p.stat().st_size}\0{_sha256(p)}\n".encode())
+            h.update(f"{p.relative_to(path)}\0{p.stat().st_size}\0{sha256_file(p)}\n".encode())
         return {"dir": str(path), "files": len(files), "size": sum(p.stat().st_size for p in files),
                 "sha256": h.hexdigest()}
     if value.startswith("builtin:"):
