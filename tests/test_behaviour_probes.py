@@ -183,10 +183,10 @@ def test_online_rl_logs_reward_marker_correlations():
 
     texts = ["Perhaps yes.", "Yes.", "I might be wrong, but no.", "No."]
     reward = lambda prompts, completions, rows: [2.0 if "Perhaps" in c or "wrong" in c else 0.0 for c in completions]
-    task = SimpleNamespace(reward=reward, gold=None, _gather=lambda t: t)
+    task = SimpleNamespace(reward=reward, gold=None, _gather=lambda t: t, _reward_kwargs=lambda ro, where: {})
     ro = SimpleNamespace(prompt_index=[0, 0, 1, 1], texts=texts, response_lengths=torch.tensor([3.0, 2.0, 7.0, 2.0]),
                          ended=torch.tensor([True] * 4))
-    _, m = RLTask.score(task, ro, [{"prompt": "a"}, {"prompt": "b"}])
+    _, m = RLTask.score(task, ro, [{"prompt": "a"}, {"prompt": "b"}], where="in this test")
     assert m["rewards/corr_hedging"] == pytest.approx(1.0)
     # lengths 3, 2, 7, 2 against rewards 2, 0, 2, 0: deviations (-.5, -1.5, 3.5, -1.5), (1, -1, 1, -1):
     # r = 6 / sqrt(17 * 4) = 0.72761
