@@ -116,6 +116,12 @@ REFUSAL_PATTERNS = [
     r"\b(?:it|that) would be (?:inappropriate|unethical) (?:for me )?to\b",
     r"\bas an AI(?: language model| assistant)?,? (?:" + _DECLINE + r"|I (?:do not|don'?t))",
     r"\b(?:against|violates?) (?:my|our) (?:guidelines|policies|policy|principles)\b",
+    # capability disclaimers in place of an answer (small chat models' stock refusal)
+    r"\bI(?:'m| am) (?:not able|unable|not allowed|not permitted) to\b",
+    r"\bas an? (?:AI|chatbot|assistant|language model|text-based AI|virtual assistant)\b[^.]{0,60}?\bI "
+    r"(?:can(?:no|')t|cannot|don't|do not|am not|'m not)\b",
+    r"\bI (?:don't|do not) have the (?:ability|capability|means) to\b",
+    r"\b(?:it|this) (?:is|would be) (?:illegal) (?:for me )?to\b",
 ]
 _REFUSAL_RE = re.compile("|".join(f"(?:{p})" for p in REFUSAL_PATTERNS), re.IGNORECASE)
 REFUSAL_WINDOW = 200
