@@ -39,6 +39,7 @@ from alignkit.eval.diagnostics import Diagnostics
 from alignkit.eval.paired import versus
 from alignkit.eval.stats import format_pm, is_interval_key, read_interval
 from alignkit.eval.svg import bar_plot, line_plot, scatter_plot
+from alignkit.train.rundir import flatten_config
 
 __all__ = ["RunData", "compare_runs", "load_run", "metric_series", "write_report"]
 
@@ -376,22 +377,30 @@ def _samples_html(samples: List[Dict[str, Any]], max_prompts: int) -> List[str]:
         by_prompt.setdefault(str(s.get("prompt", "")), {}).setdefault(tag, []).append(s)
     # "before" then "after" side by side, any other tags after them in order of appearance
     tags.sort(key=lambda t: {"before": 0, "after": 1}.get(t, 2))
-    head = "".join(f"<th>{escape(t)}</th>" for t in tags)
+    cells = [[by_prompt[p].get(tag, []) for tag in tags] for p in by_prompt]
+    return _samples_table("Samples", tags, list(by_prompt), cells, max_prompts)
+
+
+def _samples_table(title: str, columns: List[str], prompts: List[str], cells: List[List[List[Dict[str, Any]]]],
+                   max_prompts: int, empty: str = "") -> List[str]:
+    """A table of samples: per prompt, a row with the prompt, then a row with one cell per column
+    (``cells[i][j]``: the samples of prompt i in column j, each answer with its reward). Escaped."""
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
     rows = []
-    for prompt, cells in list(by_prompt.items())[:max_prompts]:
+    for prompt, row in list(zip(prompts, cells))[:max_prompts]:
         tds = []
-        for tag in tags:
+        for samples in row:
             parts = []
-            for s in cells.get(tag, []):
+            for s in samples:
                 reward = _number(s.get("reward"))
                 r = f'<div class="note">reward {_fmt(reward)}</div>' if reward is not None else ""
                 parts.append(f"<pre>{escape(str(s.get('completion', '')))}</pre>{r}")
-            tds.append(f"<td>{'<hr>'.join(parts)}</td>")
-        rows.append(f'<tr><td colspan="{len(tags)}"><b>Prompt:</b><pre>{escape(prompt)}</pre></td></tr>'
+            tds.append(f"<td>{'<hr>'.join(parts) or empty}</td>")
+        rows.append(f'<tr><td colspan="{len(columns)}"><b>Prompt:</b><pre>{escape(prompt)}</pre></td></tr>'
                     f"<tr>{''.join(tds)}</tr>")
-    out = ["<h2>Samples</h2>", f'<table class="samples"><tr>{head}</tr>{"".join(rows)}</table>']
-    if len(by_prompt) > max_prompts:
-        out.append(f'<p class="note">{len(by_prompt) - max_prompts} more prompt(s) not shown.</p>')
+    out = [f"<h2>{escape(title)}</h2>", f'<table class="samples"><tr>{head}</tr>{"".join(rows)}</table>']
+    if len(prompts) > max_prompts:
+        out.append(f'<p class="note">{len(prompts) - max_prompts} more prompt(s) not shown.</p>')
     return out
 
 
@@ -687,24 +696,11 @@ def compare_runs(run_dirs: List[Path], out: Path, baseline: Optional[Path] = Non
 CONFIG_NOISE = ("output", "resume", "overwrite")
 
 
-def flatten_config(cfg: Any, prefix: str = "") -> Dict[str, Any]:
-    """``{"optim.lr": 1e-5, ...}``: dotted keys of a nested config mapping (lists stay values)."""
-    out: Dict[str, Any] = {}
-    if isinstance(cfg, dict):
-        for k, v in cfg.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and v:
-                out.update(flatten_config(v, key + "."))
-            else:
-                out[key] = v
-    return out
-
-
 def config_diff(configs: Sequence[Optional[Dict[str, Any]]]) -> List[Tuple[str, List[Any]]]:
     """The dotted config fields whose values differ between the runs (a field one run lacks counts as
     different), sorted by name, each with its value per run (``MISSING`` where a run lacks it).
     Run-bookkeeping fields (:data:`CONFIG_NOISE`) are left out."""
-    flat = [flatten_config(c or {}) for c in configs]
+    flat = [flatten_config(c) if isinstance(c, dict) else {} for c in configs]
     keys = sorted({k for f in flat for k in f})
     out = []
     for k in keys:
@@ -781,20 +777,5 @@ def samples_side_by_side_html(labels: List[str], runs: List[RunData], max_prompt
     for p in per_run:
         order += [k for k in p if k not in order]
     order.sort(key=lambda k: -sum(k in p for p in per_run))  # stable: shared prompts first
-    head = "".join(f"<th>{escape(label)}</th>" for label in labels)
-    rows = []
-    for prompt in order[:max_prompts]:
-        tds = []
-        for p in per_run:
-            parts = []
-            for s in p.get(prompt, []):
-                reward = _number(s.get("reward"))
-                r = f'<div class="note">reward {_fmt(reward)}</div>' if reward is not None else ""
-                parts.append(f"<pre>{escape(str(s.get('completion', '')))}</pre>{r}")
-            tds.append(f"<td>{'<hr>'.join(parts) or NO_SAMPLE}</td>")
-        rows.append(f'<tr><td colspan="{len(runs)}"><b>Prompt:</b><pre>{escape(prompt)}</pre></td></tr>'
-                    f"<tr>{''.join(tds)}</tr>")
-    out = ["<h2>Samples side by side</h2>", f'<table class="samples"><tr>{head}</tr>{"".join(rows)}</table>']
-    if len(order) > max_prompts:
-        out.append(f'<p class="note">{len(order) - max_prompts} more prompt(s) not shown.</p>')
-    return out
+    cells = [[p.get(prompt, []) for p in per_run] for prompt in order]
+    return _samples_table("Samples side by side", labels, order, cells, max_prompts, NO_SAMPLE)

@@ -316,14 +316,16 @@ def step_of(ckpt: Path) -> int:
 
 # ------------------------------------------------------------------------------------ resume
 
-def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
+def flatten_config(cfg: Any, prefix: str = "") -> Dict[str, Any]:
+    """``{"optim.lr": 1e-5, ...}``: dotted keys of a nested config mapping (lists stay values; a
+    non-mapping is ``{prefix: value}``). Used by --resume's config check and compare's config diff."""
+    if not isinstance(cfg, dict):
+        return {prefix: cfg}
     out: Dict[str, Any] = {}
-    for k, v in d.items():
+    for k, v in cfg.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_config(v, key + "."))
         else:
             out[key] = v
     return out
@@ -336,7 +338,7 @@ def _may_change(key: str) -> bool:
 def config_differences(saved: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     """``"field: A in the checkpoint, B now"`` for every field that differs and may not change on
     resume. A field only one side has (added or removed by another alignkit version) is skipped."""
-    a, b = _flatten(saved), _flatten(new)
+    a, b = flatten_config(saved), flatten_config(new)
     diffs = []
     for key in sorted(set(a) & set(b)):
         if _may_change(key):
