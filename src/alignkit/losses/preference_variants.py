@@ -23,14 +23,9 @@ import torch.nn.functional as F
 
 from alignkit.losses.base import LossOutput
 from alignkit.losses.preference import (PREFERENCE_LOSSES, _check_beta, _check_epsilon, _dpo_margin, _mean_logps,
-                                        _reward_metrics, _require_reference)
+                                        _reward_metrics)
 
 Tensor = torch.Tensor
-
-
-def _ratios(name: str, pc: Tensor, pr: Tensor, rc: Optional[Tensor], rr: Optional[Tensor]):
-    """``(a, b)``: the chosen and rejected log-ratios ``(B,)``, reference required."""
-    return _dpo_margin(name, pc, pr, rc, rr)
 
 
 @PREFERENCE_LOSSES.register("exo_pair")
@@ -52,7 +47,7 @@ def exo_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     _check_beta("exo_pair", beta)
     if not 0.0 < label_smoothing < 0.5:
         raise ValueError(f"exo_pair: label_smoothing (eps) must be in (0, 0.5), got {label_smoothing}")
-    a, b = _ratios("exo_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    a, b = _dpo_margin("exo_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * (a - b)  # (B,)
     log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)  # log q over {chosen, rejected}
     losses = (log_qw.exp() * (log_qw - math.log1p(-label_smoothing))
@@ -74,7 +69,7 @@ def nca_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     ``labels`` treated as hard. Shapes as in ``dpo_loss``.
     """
     _check_beta("nca_pair", beta)
-    a, b = _ratios("nca_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    a, b = _dpo_margin("nca_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     ra, rb = beta * a, beta * b
     losses = -F.logsigmoid(ra) - 0.5 * F.logsigmoid(-ra) - 0.5 * F.logsigmoid(-rb)
     return LossOutput(losses, _reward_metrics(ra, rb))
@@ -94,7 +89,7 @@ def bco_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     resume cannot change it). ``labels`` treated as hard. Shapes as in ``dpo_loss``.
     """
     _check_beta("bco_pair", beta)
-    a, b = _ratios("bco_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    a, b = _dpo_margin("bco_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     ra, rb = beta * a, beta * b
     losses = -F.logsigmoid(ra) - F.logsigmoid(-rb)
     return LossOutput(losses, _reward_metrics(ra, rb))
@@ -113,7 +108,7 @@ def sppo_hard_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     regresses only their difference). ``labels`` treated as hard. Shapes as in ``dpo_loss``.
     """
     _check_beta("sppo_hard", beta)
-    a, b = _ratios("sppo_hard", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    a, b = _dpo_margin("sppo_hard", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     target = 0.5 / beta
     losses = (a - target) ** 2 + (b + target) ** 2
     return LossOutput(losses, _reward_metrics(beta * a, beta * b))
@@ -141,8 +136,7 @@ def aot_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     """
     _check_beta("aot", beta)
     _check_epsilon("aot", label_smoothing, upper_inclusive=True)
-    _require_reference("aot", ref_chosen_logps, ref_rejected_logps)
-    a, b = _ratios("aot", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    a, b = _dpo_margin("aot", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     policy_sorted = torch.sort(policy_chosen_logps - policy_rejected_logps).values  # (B,)
     ref_sorted = torch.sort(ref_chosen_logps - ref_rejected_logps).values  # (B,)
     losses = _smoothed_logistic(beta * (policy_sorted - ref_sorted), label_smoothing)
@@ -165,7 +159,7 @@ def aot_unpaired_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor
     """
     _check_beta("aot_unpaired", beta)
     _check_epsilon("aot_unpaired", label_smoothing, upper_inclusive=True)
-    a, b = _ratios("aot_unpaired", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    a, b = _dpo_margin("aot_unpaired", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                    ref_rejected_logps)
     delta = torch.sort(a).values - torch.sort(b).values  # (B,)
     losses = _smoothed_logistic(beta * delta, label_smoothing)
@@ -185,7 +179,7 @@ def apo_zero_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     their difference. ``labels`` treated as hard. Shapes as in ``dpo_loss``.
     """
     _check_beta("apo_zero", beta)
-    a, b = _ratios("apo_zero", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    a, b = _dpo_margin("apo_zero", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = (1.0 - torch.sigmoid(beta * a)) + torch.sigmoid(beta * b)
     return LossOutput(losses, _reward_metrics(beta * a, beta * b))
 
@@ -202,7 +196,7 @@ def apo_down_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     ``labels`` treated as hard. Shapes as in ``dpo_loss``.
     """
     _check_beta("apo_down", beta)
-    a, b = _ratios("apo_down", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    a, b = _dpo_margin("apo_down", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = torch.sigmoid(beta * a) + (1.0 - torch.sigmoid(beta * (a - b)))
     return LossOutput(losses, _reward_metrics(beta * a, beta * b))
 
@@ -233,7 +227,7 @@ def discopop_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     _check_beta("discopop", beta)
     if discopop_tau <= 0:
         raise ValueError(f"discopop: discopop_tau must be > 0, got {discopop_tau}")
-    a, b = _ratios("discopop", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    a, b = _dpo_margin("discopop", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * (a - b)  # (B,)
     m = torch.sigmoid(z / discopop_tau)
     losses = (1.0 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
@@ -254,7 +248,7 @@ def sigmoid_norm_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor
     ``beta * `` the averaged log-ratios.
     """
     _check_beta("sigmoid_norm", beta)
-    a, b = _ratios("sigmoid_norm", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    a, b = _dpo_margin("sigmoid_norm", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                    ref_rejected_logps)
     a = _mean_logps("sigmoid_norm", a, chosen_lengths, "chosen")
     b = _mean_logps("sigmoid_norm", b, rejected_lengths, "rejected")

@@ -144,7 +144,7 @@ class DPOOptions(Section):
             if key not in accepted:  # e.g. TRL's discopop_tau in a dumped DPOConfig for sigmoid
                 log.warning("config: dpo.hparams.%s is ignored: no loss in use (%s) takes it", key,
                             ", ".join(n for n, _ in self.losses()))
-        tau = self.hparams_for("discopop").get("discopop_tau", loss_hparams("discopop")["discopop_tau"])
+        tau = {**loss_hparams("discopop"), **self.hparams_for("discopop")}["discopop_tau"]
         if "discopop" in dict(self.losses()) and tau < DISCOPOP_MONOTONE_TAU:
             log.warning("dpo: discopop with discopop_tau=%g < %.3f: at policy = reference the loss rises with "
                         "the margin, so training starts by ranking pairs the wrong way (docs/preference.md); "
