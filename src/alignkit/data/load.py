@@ -113,7 +113,7 @@ class DataReport:
                 lines.extend(rows.get(("kept", reason), [])[:2])
                 shown += 1
         if len(self.samples) > 5:
-            lines.append(f"    ... every row is listed in data_report.json")
+            lines.append("    ... every row is listed in data_report.json")
         if self.duplicates:
             first = next(s for s in self.samples if s["reason"] == "duplicate row")
             lines.append(f"  warning: {self.duplicates} rows repeat an earlier row exactly (kept, so those examples "

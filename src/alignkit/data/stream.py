@@ -40,7 +40,7 @@ class StreamReport(DataReport):
 
     def summary_lines(self) -> List[str]:
         lines = super().summary_lines()
-        what = f"streaming: rows are read as training goes (counts so far; data_report.json is rewritten at the end)"
+        what = "streaming: rows are read as training goes (counts so far; data_report.json is rewritten at the end)"
         if self.weight is not None:
             what += f"; mix weight {self.weight:g}"
         lines.insert(1, "  " + what)

@@ -570,7 +570,7 @@ class OnlineTrainer(Trainer):
 
 def load_reference(cfg, accelerator, needed: bool):
     """(frozen reference model or None, use the policy with its adapter off)."""
-    from alignkit.models.loading import load_causal_lm, precast_frozen_linears
+    from alignkit.models.loading import precast_frozen_linears
 
     if not needed:
         return None, False
