@@ -57,6 +57,11 @@ def test_demo_runs_every_stage_and_reports(demo_dir):
     assert 'data-metric="frontier"' in html and "base model (eval)" in html and "PPO (eval)" in html
     assert "Final numbers" in html
     assert "gold" in output and "compare.html" in output
+    # the reward model's accuracy: on its eval pairs (held-out prompts) and on the base's held-out answers
+    rm = json.loads((out / "demo_summary.json").read_text())["reward_model"]
+    assert 0.0 <= rm["eval_split"]["accuracy"] <= 1.0 and rm["eval_split"]["pairs"] >= 1
+    assert rm["heldout_prompts"]["prompts"] <= 4 and rm["heldout_prompts"]["pairs"] >= 1
+    assert "reward model" in output
 
 
 def test_second_demo_run_skips_every_stage(demo_dir, tiny_model):
@@ -287,3 +292,28 @@ def test_demo_gains_are_paired_by_prompt(tmp_path):
     g = gold_gains(tmp_path)
     assert g["PPO"]["gain"]["verdict"] == "not distinguishable"
     assert "NOT DISTINGUISHABLE from the starting model" in gain_lines({}, g)[1]
+
+
+def test_reward_model_accuracy_on_held_out_prompts(tmp_path):
+    """Pairs within a prompt whose gold gap exceeds the margin, scored by whether the proxy orders them
+    as gold does (a proxy tie is one half), averaged per prompt, then over prompts. Hand-computed with
+    margin 0.3: prompt A (gold 0.0, 0.5, 0.9; proxy 1, 2, 0): pairs (0.0, 0.5) right, (0.0, 0.9) wrong,
+    (0.5, 0.9) wrong -> 1/3; prompt B (gold 0.0, 1.0; proxy 3, 3): a tie -> 1/2; prompt C (gold 0.1,
+    0.2): gap 0.1, no pair. Mean of (1/3, 1/2) = 5/12 over 2 prompts, 4 pairs; the t interval over the
+    two prompt means: se = |1/2 - 1/3| / 2 = 1/12, half-width t(1, 0.975) = 12.7062 x 1/12."""
+    from alignkit.demo import reward_model_lines, rm_heldout_accuracy
+
+    rows = [("A", 0.0, 1.0), ("A", 0.5, 2.0), ("A", 0.9, 0.0), ("B", 0.0, 3.0), ("B", 1.0, 3.0),
+            ("C", 0.1, 0.0), ("C", 0.2, 5.0)]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"tag": "policy", "prompt": p, "completion": "x",
+                                        "rewards": {"gold": g, "proxy": q}}) + "\n" for p, g, q in rows)
+                    + json.dumps({"tag": "reference", "prompt": "A", "rewards": {"gold": 9.0, "proxy": -9.0}}) + "\n")
+    res = rm_heldout_accuracy(path, margin=0.3)
+    assert res["pairs"] == 4 and res["prompts"] == 2 and res["margin"] == 0.3
+    acc = res["accuracy"]
+    assert acc["mean"] == pytest.approx(5 / 12)
+    assert acc["hi"] - acc["mean"] == pytest.approx(12.7062 / 12, rel=1e-4)
+    assert rm_heldout_accuracy(path, margin=2.0) is None  # no pair qualifies
+    (line,) = reward_model_lines({"heldout_prompts": res})
+    assert "4 answer pairs" in line and "2 prompts" in line and "gold gap > 0.3" in line

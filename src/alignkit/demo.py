@@ -106,9 +106,61 @@ def gold_gains(output: Path, evals=EVALS) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def rm_heldout_accuracy(samples: Path, margin: float = 0.3) -> Optional[Dict[str, Any]]:
+    """The reward model (proxy) judged on prompts it never saw: in an evaluation's ``samples.jsonl``
+    (the base model's answers to the held-out prompts, each scored by proxy and gold), every pair of
+    answers to one prompt whose gold scores differ by more than ``margin`` counts as correct when the
+    proxy orders it as gold does (a proxy tie counts one half). The accuracy is the mean over prompts
+    of each prompt's share (pairs of one prompt are not independent), with a t interval over prompts
+    (:func:`alignkit.eval.stats.mean_interval`). None when no pair qualifies."""
+    from alignkit.eval.stats import mean_interval
+
+    if not samples.is_file():
+        return None
+    by_prompt: Dict[str, list] = {}
+    for line in samples.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else {}
+        r = row.get("rewards", {})
+        if row.get("tag", "policy") == "policy" and "gold" in r and "proxy" in r:
+            by_prompt.setdefault(row["prompt"], []).append((float(r["proxy"]), float(r["gold"])))
+    values, groups = [], []
+    for prompt, scored in by_prompt.items():
+        for i in range(len(scored)):
+            for j in range(i + 1, len(scored)):
+                (pi, gi), (pj, gj) = scored[i], scored[j]
+                if abs(gi - gj) <= margin:
+                    continue
+                agree = (pi - pj) * (gi - gj)
+                values.append(1.0 if agree > 0 else 0.5 if pi == pj else 0.0)
+                groups.append(prompt)
+    if not values:
+        return None
+    iv = mean_interval(values, groups)
+    return {"accuracy": iv.to_dict(), "pairs": len(values), "prompts": iv.n, "margin": margin}
+
+
+def rm_stage_accuracy(output: Path) -> Optional[Dict[str, Any]]:
+    """The rm stage's own held-out accuracy: its last ``eval/accuracy`` (pairs of held-out prompts:
+    ``data.eval_fraction`` holds out whole prompts, docs/data.md) and the number of eval pairs."""
+    metrics, report = output / "rm" / "metrics.jsonl", output / "rm" / "data_report.json"
+    if not metrics.is_file():
+        return None
+    acc = None
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "eval/accuracy" in row:
+            acc = float(row["eval/accuracy"])
+    if acc is None:
+        return None
+    n = None
+    if report.is_file():
+        n = next((r.get("examples") for r in json.loads(report.read_text()) if r.get("role") == "eval"), None)
+    return {"accuracy": acc, "pairs": n}
+
+
 def demo(config: Union[DemoConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run the demo; returns ``{"results": {label: metrics}, "stages", "compare", "seconds"}``."""
-    from alignkit.pipeline import run_pipeline
+    from alignkit.pipeline import PipelineConfig, load_spec, run_pipeline
 
     cfg = as_config(DemoConfig, config, overrides)
     if cfg.task == "reasoning":
@@ -119,22 +171,27 @@ def demo(config: Union[DemoConfig, Dict[str, Any], None] = None, **overrides) ->
         return redteam_demo(cfg)
     variables = {**stage_vars(cfg), **cfg.vars}
     t0 = time.perf_counter()
-    res = run_pipeline({"file": "builtin:demo_pipeline", "output": cfg.output, "vars": variables,
-                        "preset": "quick" if cfg.quick else None, "force": cfg.force})
+    pipeline = PipelineConfig(file="builtin:demo_pipeline", output=cfg.output, vars=variables,
+                              preset="quick" if cfg.quick else None, force=cfg.force)
+    res = run_pipeline(pipeline)
     seconds = time.perf_counter() - t0
     results = read_results(Path(cfg.output))
     gains = gold_gains(Path(cfg.output))
     compare = Path(cfg.output) / "compare" / "compare.html"
+    margin = float(load_spec(pipeline).vars["rm_margin"])  # the pairs the reward model was trained on
+    reward_model = {"eval_split": rm_stage_accuracy(Path(cfg.output)),
+                    "heldout_prompts": rm_heldout_accuracy(Path(cfg.output) / "eval_base" / "samples.jsonl", margin)}
     (Path(cfg.output) / "demo_summary.json").write_text(json.dumps(
         {"seed": variables.get("seed", 0), "precision": cfg.precision, "seconds": seconds, "gold": gains,
-         "results": results}, indent=2, default=float))
-    print_results(results, seconds, Path(cfg.output), compare, gains)
-    return {"results": results, "gains": gains, "stages": res["stages"], "compare": str(compare),
-            "seconds": seconds}
+         "reward_model": reward_model, "results": results}, indent=2, default=float))
+    print_results(results, seconds, Path(cfg.output), compare, gains, reward_model)
+    return {"results": results, "gains": gains, "reward_model": reward_model, "stages": res["stages"],
+            "compare": str(compare), "seconds": seconds}
 
 
 def print_results(results: Dict[str, Dict[str, float]], seconds: float, output: Path, compare: Path,
-                  gains: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
+                  gains: Optional[Dict[str, Dict[str, Any]]] = None,
+                  reward_model: Optional[Dict[str, Any]] = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -152,6 +209,8 @@ def print_results(results: Dict[str, Dict[str, float]], seconds: float, output: 
         table.add_row(label, *[f"{m.get(k, float('nan')):.2f}" for _, k in cols])
     con.print(table)
     for line in gain_lines(results, gains or {}):
+        con.print(line, highlight=False)
+    for line in reward_model_lines(reward_model or {}):
         con.print(line, highlight=False)
     con.print(f"reports: {compare} (side by side) and {output}/<stage>/report.html; took {seconds / 60:.1f} min",
               style="green", highlight=False)
@@ -178,6 +237,23 @@ def gain_lines(results: Dict[str, Dict[str, float]], gains: Dict[str, Dict[str, 
         lines.append(f"{label}: held-out gold {iv(base['gold']).format()} -> {iv(g['gold']).format()}; gain "
                      f"{d['diff_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] (95%, paired over {n} prompts, "
                      f"p={d['p_value']:.2g}): {verdict} the starting model; KL {kl:.2f} nats/sequence")
+    return lines
+
+
+def reward_model_lines(rm: Dict[str, Any]) -> list:
+    """How well the reward model orders replies to prompts it never saw (see :func:`rm_heldout_accuracy`)."""
+    from alignkit.eval.stats import Interval
+
+    lines = []
+    split, held = rm.get("eval_split"), rm.get("heldout_prompts")
+    if split:
+        lines.append(f"reward model: accuracy {split['accuracy']:.2f} on its {split['pairs']} eval pairs "
+                     "(prompts held out of its training pairs)")
+    if held:
+        iv = Interval(**held["accuracy"])
+        lines.append(f"reward model on the base's answers to the held-out prompts: orders {iv.format()} of "
+                     f"{held['pairs']} answer pairs as gold does (gold gap > {held['margin']:g}, "
+                     f"{held['prompts']} prompts)")
     return lines
 
 
