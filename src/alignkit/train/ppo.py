@@ -21,7 +21,11 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
+from alignkit.config import as_config
 from alignkit.data.layout import SeqBatch, SharedRows
+from alignkit.models.default import resolve_model_path
+from alignkit.models.loading import apply_lora, load_reward_model
+from alignkit.models.reward import _score_head
 from alignkit.ops import logprobs as lp
 from alignkit.ops.wrappers import unwrap
 from alignkit.api import object_api
@@ -52,8 +56,6 @@ class _Forwarded:
 def critic_values(critic, seq: SeqBatch) -> torch.Tensor:
     """(B, T-1) values V(s_t) of a sequence-classification critic: its scalar head at every position
     t < T-1 (the state before label t+1 is emitted), aligned with the log-probs."""
-    from alignkit.models.reward import _score_head
-
     inner = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
     backbone = inner.base_model  # the transformer without the head (LoRA layers, if any, are inside)
     out = backbone(input_ids=seq.input_ids, attention_mask=seq.attention_mask,
@@ -127,9 +129,6 @@ def _critic_path(cfg: PPOConfig) -> str:
 
 def build_critic(cfg: PPOConfig, tokenizer):
     """The separate critic: a sequence-classification model (num_labels=1) from ``value.init``."""
-    from alignkit.models.default import resolve_model_path
-    from alignkit.models.loading import apply_lora, load_reward_model
-
     path = _critic_path(cfg)
     critic = load_reward_model(cfg.model.model_copy(update={"name_or_path": path}),
                                pad_token_id=tokenizer.pad_token_id)
@@ -147,6 +146,4 @@ def build_critic(cfg: PPOConfig, tokenizer):
 @object_api(PPOConfig, "online")
 def train_ppo(config: Union[PPOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run PPO; the Python twin of ``alignkit ppo``. Returns the summary (final metrics, paths)."""
-    from alignkit.config import as_config
-
     return run_online(as_config(PPOConfig, config, overrides))
