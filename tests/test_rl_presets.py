@@ -379,7 +379,8 @@ def test_no_string_test_of_a_stage_name_in_train():
 
     names = {n for reg in (ADVANTAGES, KL_PLACEMENTS, RL_POLICY_LOSSES, AGGREGATIONS) for n in reg.names()}
     alt = "|".join(re.escape(n) for n in sorted(names))
-    test = re.compile(rf"""(==|!=)\s*["']({alt})["']|["']({alt})["']\s*(==|!=)|\bin\s*[(\[{{][^)\]}}]*["']({alt})["']""")
+    name = rf"""["']({alt})["']"""
+    test = re.compile(rf"(==|!=)\s*{name}|{name}\s*(==|!=)|\bin\s*[(\[{{][^)\]}}]*{name}")
     train = Path(__file__).resolve().parents[1] / "src" / "alignkit" / "train"
     found = [f"{p.name}:{k + 1}: {line.strip()}" for p in sorted(train.glob("*.py"))
              for k, line in enumerate(p.read_text().splitlines()) if test.search(line)]

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from alignkit.advantages import ADVANTAGES, AdvantageInputs, RunningMoments  # noqa: F401  (the advantage stage, re-exported)
+from alignkit.advantages import ADVANTAGES, AdvantageInputs, RunningMoments  # noqa: F401  (re-exported)
 from alignkit.losses.base import Registry
 from alignkit.ops.kl import kl_estimate, kl_k1
 
