@@ -104,8 +104,13 @@ def _slow_batch_baseline(o, seq, tok_r, G):  # reward-to-go, then (A - mean) / s
     return out, None
 
 
+def _slow_batch_mean(o, seq, tok_r, G):  # r_i - mean of the whole batch (one process here)
+    mean = sum(seq) / len(seq)
+    return [[x - mean] * len(r) for x, r in zip(seq, tok_r)], None
+
+
 SLOW_ADVANTAGES = {"gae": _slow_gae, "group": _slow_group, "leave_one_out": _slow_leave_one_out,
-                   "batch_baseline": _slow_batch_baseline}
+                   "batch_baseline": _slow_batch_baseline, "batch_mean": _slow_batch_mean}
 
 
 def reference_loss(task, ro, policy, ref_model):
@@ -342,7 +347,22 @@ HAND_ADVANTAGES = {
     # reward-to-go, whitened over the 8 response tokens of the batch (mean 3.1875, sample std 1.8886)
     "batch_baseline": (dict(whiten_scope="process"), [_RTG_W[0:2] + [0.0], _RTG_W[2:5], [_RTG_W[5], 0.0, 0.0],
                                                       _RTG_W[6:8] + [0.0]]),
+    # r_i - the batch mean (1 + 3 + 2 + 6) / 4 = 3, not divided
+    "batch_mean": ({}, [-2.0, 0.0, -1.0, 3.0]),
 }
+
+
+def test_batch_mean_baseline_is_the_mean_over_every_process():
+    """Two processes of two rows each: the baseline is the mean of all four scores, from one reduction."""
+    scores = torch.tensor(HAND_INPUT["scores"])
+    halves = [scores[:2], scores[2:]]
+    summed = lambda t: sum(torch.stack([h.double().new_tensor(float(h.numel())), h.double().sum()])  # noqa: E731
+                           for h in halves)
+    fn = ADVANTAGES.get("batch_mean").fn
+    got = [fn(AdvantageInputs(h, torch.zeros(2, 1), torch.ones(2, 1), 2, reduce=summed))["advantages"] for h in halves]
+    assert torch.cat(got).tolist() == pytest.approx([-2.0, 0.0, -1.0, 3.0], abs=1e-6)
+    alone = fn(AdvantageInputs(halves[0], torch.zeros(2, 1), torch.ones(2, 1), 2))["advantages"]
+    assert alone.tolist() == pytest.approx([-1.0, 1.0])  # one process: its own mean (1 + 3) / 2
 
 
 @pytest.mark.parametrize("name", ADVANTAGES.names())

@@ -344,6 +344,25 @@ def reinforce_pp_advantages(a: AdvantageInputs, *, whiten_scope: str) -> Dict[st
     return {"advantages": batch_baseline_advantages(a.token_rewards, a.mask, reduce)}
 
 
+@ADVANTAGES.register("batch_mean")
+@torch.no_grad()
+def batch_mean_advantages(a: AdvantageInputs) -> Dict[str, torch.Tensor]:
+    """r_i - mean of every score in the global batch, no division (REINFORCE with a baseline, Williams 1992).
+
+    Williams 1992, "Simple Statistical Gradient-Following Algorithms for Connectionist Reinforcement
+    Learning", sec. 3-4: the REINFORCE update ``(r - b) * grad log pi`` with a reinforcement baseline ``b``
+    that does not depend on the action; here ``b`` is the mean score of the whole rollout batch, over every
+    process (``reduce``), one value per response. No critic and no groups: a sample is compared with the
+    batch, not with the other samples of its prompt (``leave_one_out``), and not scaled by a std.
+    """
+    x = a.scores.double()
+    stats = torch.stack([x.new_tensor(float(x.numel())), x.sum()])  # (count, sum), one reduction
+    if a.reduce is not None:
+        stats = a.reduce(stats)
+    mean = stats[1] / stats[0].clamp(min=1.0)
+    return {"advantages": (x - mean).to(torch.promote_types(a.scores.dtype, torch.float32))}
+
+
 # --------------------------------------------------------------------------------------------
 # KL-penalty controllers
 # --------------------------------------------------------------------------------------------

@@ -202,6 +202,10 @@ PRESETS.add(PresetSpec("reinforce_pp", dict(
     num_generations=4, kl_placement="token_reward", kl_coef=0.01, kl_estimator="k2", advantage="batch_baseline",
     policy_loss="clipped_token", aggregation="token_mean"),
     "REINFORCE++ (Hu 2025): token-level KL in the reward, reward-to-go, global batch normalization, no critic"))
+PRESETS.add(PresetSpec("reinforce_baseline", dict(
+    num_generations=4, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1", advantage="batch_mean",
+    policy_loss="reinforce", aggregation="sum", normalize_reward=True),
+    "REINFORCE with a batch-mean baseline (Williams 1992): r - mean of the global batch, no critic, no groups"))
 PRESET_NAMES = tuple(PRESETS.names())
 #: old option names kept working (GRPO's beta is the KL coefficient)
 _LEGACY_FIELDS = {"beta": "kl_coef"}
