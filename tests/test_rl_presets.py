@@ -113,6 +113,15 @@ SLOW_ADVANTAGES = {"gae": _slow_gae, "group": _slow_group, "leave_one_out": _slo
                    "batch_baseline": _slow_batch_baseline, "batch_mean": _slow_batch_mean}
 
 
+# each policy loss at ratio 1 (the first update): advantages (T,) and log-probs with grad (T,) -> per-token loss
+SLOW_POLICY_LOSSES = {
+    "clipped_token": lambda a, lp: -a * torch.exp(lp - lp.detach()),  # PPO eq. 7 at r = 1
+    # GSPO: s_i = exp(mean_t log ratio), one value per response on each of its tokens
+    "clipped_sequence": lambda a, lp: (-a[0] * torch.exp((lp - lp.detach()).mean())).expand(len(lp)),
+    "reinforce": lambda a, lp: -a * lp,  # -A log pi
+}
+
+
 def reference_loss(task, ro, policy, ref_model):
     """The loss of the first update, row by row in float64 from the formulas, with autograd on the policy."""
     o, cfg = task.opts, task.cfg
@@ -166,12 +175,7 @@ def reference_loss(task, ro, policy, ref_model):
     per_tok = []
     for i in range(N):
         a = torch.tensor(adv[i], dtype=torch.float64)
-        if o.policy_loss == "clipped_token":
-            f = -a * torch.exp(lp[i] - lp[i].detach())
-        elif o.policy_loss == "clipped_sequence":  # GSPO: s_i = exp(mean_t log ratio), one value per response
-            f = (-a[0] * torch.exp((lp[i] - lp[i].detach()).mean())).expand(len(lp[i]))
-        else:
-            f = -a * lp[i]
+        f = SLOW_POLICY_LOSSES[o.policy_loss](a, lp[i])  # a registered loss without a reference fails here
         if o.kl_placement == "loss" and rl:
             f = f + beta * kl_token(lp[i], rl[i], o.kl_estimator)
         per_tok.append(f)
@@ -387,6 +391,12 @@ def test_every_advantage_estimator_matches_its_hand_computed_value(name):
     if spec.normalized:  # zero mean, unit variance over the response tokens: whitening would change nothing
         tok = adv[h["mask"].bool()] if adv.dim() == 2 else adv
         assert float(tok.mean()) == pytest.approx(0.0, abs=1e-6) and float(tok.std()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_every_policy_loss_has_a_slow_reference():
+    from alignkit.losses.policy import RL_POLICY_LOSSES
+
+    assert sorted(SLOW_POLICY_LOSSES) == RL_POLICY_LOSSES.names()
 
 
 def test_no_string_test_of_a_stage_name_in_train():

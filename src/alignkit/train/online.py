@@ -1,12 +1,18 @@
 """The one online-RL task: PPO, GRPO, Dr. GRPO, DAPO, GSPO, RLOO and REINFORCE++ are presets of it.
 
-One training step of the shared loop is one rollout batch. :meth:`RLTask.plan` runs the stages of
-:mod:`alignkit.train.rl_stages` in order (rollout -> reward shaping -> KL placement -> advantage ->
-whitening), then yields one :class:`~alignkit.train.loop.Update` per optimizer update:
-``epochs x num_minibatches`` updates over the shuffled rollout; :meth:`RLTask.loss` applies the policy
-loss named by the config (:data:`alignkit.losses.policy.RL_POLICY_LOSSES`) with the chosen aggregation,
-plus the KL loss term, the value loss (critic) and the entropy bonus where configured. No algorithm
-overrides ``plan``: an algorithm is a preset (:data:`alignkit.train.rl_config.PRESETS`).
+One training step of the shared loop is one rollout batch. :meth:`RLTask.plan` is that step read top to
+bottom, one comment per stage: rollout -> reward shaping -> rollout-time log-probs -> KL to the reference
+(once per rollout) -> KL placement -> advantage -> whitening -> one :class:`~alignkit.train.loop.Update` per
+optimizer update (``epochs x num_minibatches`` over the shuffled rollout). Each stage is a pure function
+of :mod:`alignkit.train.rl_stages` or :mod:`alignkit.advantages`, chosen through its registry
+(:data:`~alignkit.advantages.ADVANTAGES`, :data:`~alignkit.train.rl_stages.KL_PLACEMENTS`) whose entries
+declare what the task must know (a critic, groups, normalized advantages, the KL in the loss); no code
+here compares a stage's name. :meth:`RLTask.loss` applies the policy loss
+(:data:`~alignkit.losses.policy.RL_POLICY_LOSSES`) with the aggregation
+(:data:`~alignkit.losses.policy.AGGREGATIONS`), plus the KL loss term, the value loss (critic) and the
+entropy bonus where configured, reading only its micro-batch (:class:`~alignkit.train.rl_batch.RLBatch`
+carries the rollout's KL coefficient and critic warm-up flag). No algorithm overrides ``plan``: an
+algorithm is a preset (:data:`alignkit.train.rl_config.PRESETS`).
 
 Everything random (sampling, shuffling, extra prompts of dynamic sampling) draws from torch's global
 RNG, which checkpoints save and restore, so a resumed run repeats a straight one exactly.
@@ -25,7 +31,6 @@ import contextlib
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-
 from transformers import TrainerState
 
 from alignkit.advantages import (ADVANTAGES, AdaptiveKLController, AdvantageInputs, FixedKLController,
