@@ -52,6 +52,7 @@ from alignkit.rewards import build_reward
 from alignkit.rollout.generate import Rollout, generate
 from alignkit.train import metric_keys as K
 from alignkit.train.common import console, fit_and_finish, prepare_data, start_run
+from alignkit.train.critic import PolicyWithValue, build_critic
 from alignkit.train.loop import EVAL_EXAMPLES, Task, Trainer, Update
 from alignkit.train.rl_batch import (RLBatch, disable_dropout, last_response_index, loss_aggregation, policy_of,
                                      response_index, rows_of, select_rows)
@@ -622,9 +623,6 @@ def build_task(cfg, tok, policy, reward, gold, engine, acc, prompts=()):
     ref, adapter = load_reference(cfg, acc, needed=needed)
     model = policy
     if ADVANTAGES.get(o.advantage).needs_critic:
-        # deferred: alignkit.train.ppo imports this module (run_online)
-        from alignkit.train.ppo import PolicyWithValue, build_critic
-
         critic = None if cfg.value.shared else build_critic(cfg, tok)
         model = PolicyWithValue(policy, critic, temperature=cfg.generation.temperature or 1.0,
                                 logprob_chunk=cfg.train.logprob_chunk)
