@@ -486,6 +486,18 @@ def test_presets_fill_what_the_user_leaves_out():
         as_config(RLConfig, base, {"preset": "rloo", "rl.num_generations": 1})
 
 
+def test_a_preset_is_checked_when_it_is_filed():
+    from alignkit.train.rl_config import add_preset
+
+    with pytest.raises(ValueError, match="(?s)preset 'bad'.*advantge"):  # a misspelled option
+        add_preset("bad", "x", advantge="group")
+    with pytest.raises(ValueError, match="(?s)preset 'bad'.*batch_baseline"):  # an unknown stage: the choices listed
+        add_preset("bad", "x", advantage="nope")
+    assert "bad" not in PRESETS
+    with pytest.raises(ValueError, match="unknown online-RL preset 'nope'; choose one of: dapo, dr_grpo"):
+        as_config(RLConfig, {"rewards": [CHAR]}, {"preset": "nope"})
+
+
 def test_every_preset_is_a_cli_command_or_preset():
     from alignkit.cli import COMMANDS, build_cli
 

@@ -174,38 +174,47 @@ class PresetSpec:
 
 #: preset name -> :class:`PresetSpec`; ``preset`` and ``--preset`` choices come from here.
 PRESETS: Registry[PresetSpec] = Registry("online-RL", PresetSpec, what="preset")
-PRESETS.add(PresetSpec("ppo", dict(
-    num_generations=1, epochs=4, num_minibatches=1, kl_placement="token_reward", kl_coef=0.05, kl_estimator="k1",
-    advantage="gae", whiten_advantages=True, policy_loss="clipped_token", aggregation="token_mean",
-    normalize_reward=True), "PPO with a critic (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022)"))
-PRESETS.add(PresetSpec("grpo", dict(
-    num_generations=8, kl_placement="loss", kl_coef=0.04, kl_estimator="k3", advantage="group", scale_by_std=True,
-    policy_loss="clipped_token", aggregation="sequence_mean"), "GRPO (Shao et al. 2024)"))
-PRESETS.add(PresetSpec("dr_grpo", dict(
-    num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=False,
-    policy_loss="clipped_token", aggregation="sum_norm"),
-    "Dr. GRPO (Liu et al. 2025): no std scaling, no length normalization per response, no KL"))
-PRESETS.add(PresetSpec("dapo", dict(
-    num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
-    policy_loss="clipped_token", clip_eps=0.2, clip_eps_high=0.28, aggregation="token_mean", dynamic_sampling=True,
-    overlong_buffer=0.2),
-    "DAPO (Yu et al. 2025): clip-higher, dynamic sampling, token-level loss, overlong shaping, no KL"))
-PRESETS.add(PresetSpec("gspo", dict(
-    num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
-    policy_loss="clipped_sequence", clip_eps=3e-4, clip_eps_high=4e-4, aggregation="sequence_mean",
-    num_minibatches=2), "GSPO (Zheng et al. 2025): length-normalized sequence ratio, small clip range"))
-PRESETS.add(PresetSpec("rloo", dict(
-    num_generations=4, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1", advantage="leave_one_out",
-    policy_loss="reinforce", aggregation="sum", normalize_reward=True),
-    "RLOO (Ahmadian et al. 2024): REINFORCE with the leave-one-out baseline"))
-PRESETS.add(PresetSpec("reinforce_pp", dict(
-    num_generations=4, kl_placement="token_reward", kl_coef=0.01, kl_estimator="k2", advantage="batch_baseline",
-    policy_loss="clipped_token", aggregation="token_mean"),
-    "REINFORCE++ (Hu 2025): token-level KL in the reward, reward-to-go, global batch normalization, no critic"))
-PRESETS.add(PresetSpec("reinforce_baseline", dict(
-    num_generations=4, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1", advantage="batch_mean",
-    policy_loss="reinforce", aggregation="sum", normalize_reward=True),
-    "REINFORCE with a batch-mean baseline (Williams 1992): r - mean of the global batch, no critic, no groups"))
+
+
+def add_preset(name: str, doc: str, **settings: Any) -> PresetSpec:
+    """File a preset in :data:`PRESETS`. Its settings are checked against :class:`RLOptions` here, so a
+    misspelled option or stage name fails at import, naming the preset."""
+    try:
+        RLOptions(**settings)
+    except ValueError as e:
+        raise ValueError(f"preset {name!r}: {e}") from None
+    return PRESETS.add(PresetSpec(name, settings, doc))
+
+
+add_preset("ppo", "PPO with a critic (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022)",
+           num_generations=1, epochs=4, num_minibatches=1, kl_placement="token_reward", kl_coef=0.05,
+           kl_estimator="k1", advantage="gae", whiten_advantages=True, policy_loss="clipped_token",
+           aggregation="token_mean", normalize_reward=True)
+add_preset("grpo", "GRPO (Shao et al. 2024)",
+           num_generations=8, kl_placement="loss", kl_coef=0.04, kl_estimator="k3", advantage="group",
+           scale_by_std=True, policy_loss="clipped_token", aggregation="sequence_mean")
+add_preset("dr_grpo", "Dr. GRPO (Liu et al. 2025): no std scaling, no length normalization per response, no KL",
+           num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=False,
+           policy_loss="clipped_token", aggregation="sum_norm")
+add_preset("dapo", "DAPO (Yu et al. 2025): clip-higher, dynamic sampling, token-level loss, overlong shaping, no KL",
+           num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
+           policy_loss="clipped_token", clip_eps=0.2, clip_eps_high=0.28, aggregation="token_mean",
+           dynamic_sampling=True, overlong_buffer=0.2)
+add_preset("gspo", "GSPO (Zheng et al. 2025): length-normalized sequence ratio, small clip range",
+           num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
+           policy_loss="clipped_sequence", clip_eps=3e-4, clip_eps_high=4e-4, aggregation="sequence_mean",
+           num_minibatches=2)
+add_preset("rloo", "RLOO (Ahmadian et al. 2024): REINFORCE with the leave-one-out baseline",
+           num_generations=4, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1",
+           advantage="leave_one_out", policy_loss="reinforce", aggregation="sum", normalize_reward=True)
+add_preset("reinforce_pp", "REINFORCE++ (Hu 2025): token-level KL in the reward, reward-to-go, global batch "
+           "normalization, no critic",
+           num_generations=4, kl_placement="token_reward", kl_coef=0.01, kl_estimator="k2",
+           advantage="batch_baseline", policy_loss="clipped_token", aggregation="token_mean")
+add_preset("reinforce_baseline", "REINFORCE with a batch-mean baseline (Williams 1992): r - mean of the global "
+           "batch, no critic, no groups",
+           num_generations=4, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1", advantage="batch_mean",
+           policy_loss="reinforce", aggregation="sum", normalize_reward=True)
 PRESET_NAMES = tuple(PRESETS.names())
 #: old option names kept working (GRPO's beta is the KL coefficient)
 _LEGACY_FIELDS = {"beta": "kl_coef"}
