@@ -174,7 +174,8 @@ def test_reward_read_at_last_real_token_with_pad_eq_eos_truncation_and_left_padd
 
 
 def test_response_space_round_trip_and_last_index():
-    from alignkit.train.online import from_response_space, last_response_index, response_index, to_response_space
+    from alignkit.advantages import from_response_space, to_response_space
+    from alignkit.train.rl_batch import last_response_index, response_index
 
     # prompts of 2 and 4 tokens, responses of 3 and 1 tokens, T = 5 -> label width 4
     x = torch.tensor([[0., 10, 11, 12], [0, 0, 0, 20]])

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from alignkit.advantages import ADVANTAGES, AdvantageInputs
 from alignkit.config import ModelConfig, as_config
 from alignkit.data import prepare
 from alignkit.models.loading import load_causal_lm, load_tokenizer
@@ -46,7 +47,7 @@ def make_task(tiny_model, prompts, ref_path, preset, **rl):
     ref = None
     if o.kl_placement != "none" and o.kl_coef > 0:
         ref = load_causal_lm(ModelConfig(name_or_path=str(ref_path))).eval()
-    model = PolicyWithValue(policy, None) if o.advantage == "gae" else policy
+    model = PolicyWithValue(policy, None) if ADVANTAGES.get(o.advantage).needs_critic else policy
     task = RLTask(cfg, tok, build_reward(cfg.rewards), ref_model=ref, prompts=items)
     task.setup(None)
     return task, model, policy, items[:4]
@@ -63,6 +64,62 @@ def whiten_list(values):
     mean = sum(values) / n
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return [(v - mean) / math.sqrt(var + 1e-8) for v in values]
+
+
+# ------------------------------------------------------------------ each estimator's slow reference
+# fn(options, sequence scores, per-token rewards (one list per row), G) -> (advantages per row and token,
+# value targets per row and token or None), in float64 Python from the paper's formula
+def _slow_gae(o, seq, tok_r, G):  # zero value head: delta_t = r_t, A_t = sum_l (gamma*lam)^l r_{t+l}
+    adv = [[sum((o.gamma * o.lam) ** (k - t) * r[k] for k in range(t, len(r))) for t in range(len(r))]
+           for r in tok_r]
+    return adv, [list(a) for a in adv]
+
+
+def _slow_group(o, seq, tok_r, G):  # (r - mean_g) / std_g (sample std), Dr. GRPO without the division
+    adv = []
+    for g in range(0, len(seq), G):
+        grp = seq[g:g + G]
+        mean = sum(grp) / G
+        std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (G - 1))
+        adv += [[(x - mean) / (std + 1e-6) if o.scale_by_std else x - mean] * len(tok_r[g + j])
+                for j, x in enumerate(grp)]
+    return adv, None
+
+
+def _slow_leave_one_out(o, seq, tok_r, G):  # r_i - mean of the others
+    adv = []
+    for g in range(0, len(seq), G):
+        grp = seq[g:g + G]
+        adv += [[x - (sum(grp) - x) / (G - 1)] * len(tok_r[g + j]) for j, x in enumerate(grp)]
+    return adv, None
+
+
+def _slow_batch_baseline(o, seq, tok_r, G):  # reward-to-go, then (A - mean) / std over every token of the batch
+    rtg = [[sum(r[t:]) for t in range(len(r))] for r in tok_r]
+    flat = whiten_list([a for row in rtg for a in row])
+    out, k = [], 0
+    for row in rtg:
+        out.append(flat[k:k + len(row)])
+        k += len(row)
+    return out, None
+
+
+def _slow_batch_mean(o, seq, tok_r, G):  # r_i - mean of the whole batch (one process here)
+    mean = sum(seq) / len(seq)
+    return [[x - mean] * len(r) for x, r in zip(seq, tok_r)], None
+
+
+SLOW_ADVANTAGES = {"gae": _slow_gae, "group": _slow_group, "leave_one_out": _slow_leave_one_out,
+                   "batch_baseline": _slow_batch_baseline, "batch_mean": _slow_batch_mean}
+
+
+# each policy loss at ratio 1 (the first update): advantages (T,) and log-probs with grad (T,) -> per-token loss
+SLOW_POLICY_LOSSES = {
+    "clipped_token": lambda a, lp: -a * torch.exp(lp - lp.detach()),  # PPO eq. 7 at r = 1
+    # GSPO: s_i = exp(mean_t log ratio), one value per response on each of its tokens
+    "clipped_sequence": lambda a, lp: (-a[0] * torch.exp((lp - lp.detach()).mean())).expand(len(lp)),
+    "reinforce": lambda a, lp: -a * lp,  # -A log pi
+}
 
 
 def reference_loss(task, ro, policy, ref_model):
@@ -106,27 +163,9 @@ def reference_loss(task, ro, policy, ref_model):
         r_t[-1] += s[i]
         tok_r.append(r_t)
     seq = [sum(r) for r in tok_r]  # the sequence score the group methods compare
-    # advantages
-    if o.advantage == "gae":  # zero value head: delta_t = r_t, A_t = sum_l (gamma*lam)^l r_{t+l}
-        adv = [[sum((o.gamma * o.lam) ** (k - t) * r[k] for k in range(t, len(r))) for t in range(len(r))]
-               for r in tok_r]
-        returns = [list(a) for a in adv]
-    elif o.advantage == "group":
-        adv = []
-        for g in range(0, N, G):
-            grp = seq[g:g + G]
-            mean = sum(grp) / G
-            std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (G - 1))
-            adv += [[(x - mean) / (std + 1e-6) if o.scale_by_std else x - mean] * len(lp[g + j])
-                    for j, x in enumerate(grp)]
-    elif o.advantage == "leave_one_out":
-        adv = []
-        for g in range(0, N, G):
-            grp = seq[g:g + G]
-            adv += [[x - (sum(grp) - x) / (G - 1)] * len(lp[g + j]) for j, x in enumerate(grp)]
-    else:  # batch_baseline: reward-to-go, then (A - mean) / std over every token of the batch
-        adv = [[sum(r[t:]) for t in range(len(r))] for r in tok_r]
-    if o.whiten_advantages or o.advantage == "batch_baseline":
+    # advantages: the estimator's slow reference (a registered estimator without one fails here)
+    adv, returns = SLOW_ADVANTAGES[o.advantage](o, seq, tok_r, G)
+    if o.whiten_advantages and not ADVANTAGES.get(o.advantage).normalized:
         flat = whiten_list([a for row in adv for a in row])
         k, adv = 0, [list(row) for row in adv]
         for row in adv:
@@ -136,12 +175,7 @@ def reference_loss(task, ro, policy, ref_model):
     per_tok = []
     for i in range(N):
         a = torch.tensor(adv[i], dtype=torch.float64)
-        if o.policy_loss == "clipped_token":
-            f = -a * torch.exp(lp[i] - lp[i].detach())
-        elif o.policy_loss == "clipped_sequence":  # GSPO: s_i = exp(mean_t log ratio), one value per response
-            f = (-a[0] * torch.exp((lp[i] - lp[i].detach()).mean())).expand(len(lp[i]))
-        else:
-            f = -a * lp[i]
+        f = SLOW_POLICY_LOSSES[o.policy_loss](a, lp[i])  # a registered loss without a reference fails here
         if o.kl_placement == "loss" and rl:
             f = f + beta * kl_token(lp[i], rl[i], o.kl_estimator)
         per_tok.append(f)
@@ -152,7 +186,7 @@ def reference_loss(task, ro, policy, ref_model):
            "sum": lambda: sum(f.sum() for f in per_tok) / N}[o.aggregation]
     loss = agg()
     value = 0.0
-    if o.advantage == "gae":  # zero head: V = V_old = 0, loss 0.5 * R_t^2, token mean
+    if returns is not None:  # a critic with a zero head: V = V_old = 0, loss 0.5 * R_t^2, token mean
         value = o.vf_coef * sum(0.5 * r * r for row in returns for r in row) / n_tok
     return loss, value
 
@@ -163,7 +197,7 @@ def test_each_preset_first_update_matches_a_slow_reference(setup, tiny_model, pr
     # one update per rollout so the first update sees the whole rollout; a KL coefficient on every
     # preset that places one (a reference that differs from the policy makes every KL term count)
     over = {"epochs": 1, "num_minibatches": 1, "dynamic_sampling": False}
-    if PRESETS[preset]["kl_placement"] != "none":
+    if PRESETS.get(preset).settings["kl_placement"] != "none":
         over["kl_coef"] = 0.3
     task, model, policy, items = make_task(tiny_model, prompts, ref_path, preset, **over)
     captured = {}
@@ -294,6 +328,95 @@ def test_reinforce_pp_baseline_follows_the_paper():
     assert (adv[mask == 0] == 0).all()
 
 
+# ------------------------------------------------------------------ every registered advantage estimator
+# one small rollout, worked by hand: 2 prompts x G = 2 samples, responses of 2, 3, 1 and 2 tokens from column 0
+HAND_INPUT = dict(
+    scores=[1.0, 3.0, 2.0, 6.0],  # the sequence scores a response is judged by
+    token_rewards=[[0.5, 1.0, 0.0], [0.0, 0.0, 3.0], [2.0, 0.0, 0.0], [0.0, 6.0, 0.0]],
+    mask=[[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]],
+    values=[[0.5, 0.5, 0.0], [0.5, 0.5, 0.5], [0.5, 0.0, 0.0], [0.5, 0.5, 0.0]],
+    lengths=[2, 3, 1, 2])
+# reward-to-go of the token rewards over each response: [1.5, 1], [3, 3, 3], [2], [6, 6]
+_RTG = [1.5, 1.0, 3.0, 3.0, 3.0, 2.0, 6.0, 6.0]
+_RTG_W = whiten_list(_RTG)
+#: estimator -> (hyper-parameters, hand-computed advantages); a registered estimator missing here fails
+HAND_ADVANTAGES = {
+    # gamma 1, lam 0.5, V = 0.5 on every token, 0 after the last: delta_t = r_t + V_{t+1} - V_t,
+    # A_t = delta_t + 0.5 A_{t+1}; row 1: delta = [0, 0, 2.5] -> A = [0.625, 1.25, 2.5]
+    "gae": (dict(gamma=1.0, lam=0.5), [[0.75, 0.5, 0.0], [0.625, 1.25, 2.5], [1.5, 0.0, 0.0], [2.75, 5.5, 0.0]]),
+    # groups [1, 3] and [2, 6]: (r - mean) / sample std = -+1 / sqrt(2) and -+2 / sqrt(8)
+    "group": (dict(scale_by_std=True, std_scope="group"), [-2 ** -0.5, 2 ** -0.5, -2 ** -0.5, 2 ** -0.5]),
+    # r_i - the other sample of its group
+    "leave_one_out": ({}, [-2.0, 2.0, -4.0, 4.0]),
+    # reward-to-go, whitened over the 8 response tokens of the batch (mean 3.1875, sample std 1.8886)
+    "batch_baseline": (dict(whiten_scope="process"), [_RTG_W[0:2] + [0.0], _RTG_W[2:5], [_RTG_W[5], 0.0, 0.0],
+                                                      _RTG_W[6:8] + [0.0]]),
+    # r_i - the batch mean (1 + 3 + 2 + 6) / 4 = 3, not divided
+    "batch_mean": ({}, [-2.0, 0.0, -1.0, 3.0]),
+}
+
+
+def test_batch_mean_baseline_is_the_mean_over_every_process():
+    """Two processes of two rows each: the baseline is the mean of all four scores, from one reduction."""
+    scores = torch.tensor(HAND_INPUT["scores"])
+    halves = [scores[:2], scores[2:]]
+    summed = lambda t: sum(torch.stack([h.double().new_tensor(float(h.numel())), h.double().sum()])  # noqa: E731
+                           for h in halves)
+    fn = ADVANTAGES.get("batch_mean").fn
+    got = [fn(AdvantageInputs(h, torch.zeros(2, 1), torch.ones(2, 1), 2, reduce=summed))["advantages"] for h in halves]
+    assert torch.cat(got).tolist() == pytest.approx([-2.0, 0.0, -1.0, 3.0], abs=1e-6)
+    alone = fn(AdvantageInputs(halves[0], torch.zeros(2, 1), torch.ones(2, 1), 2))["advantages"]
+    assert alone.tolist() == pytest.approx([-1.0, 1.0])  # one process: its own mean (1 + 3) / 2
+
+
+@pytest.mark.parametrize("name", ADVANTAGES.names())
+def test_every_advantage_estimator_matches_its_hand_computed_value(name):
+    from alignkit.train.rl_batch import response_index
+
+    assert name in HAND_ADVANTAGES, f"advantage estimator {name!r} has no hand-computed value in HAND_ADVANTAGES"
+    assert name in SLOW_ADVANTAGES, f"advantage estimator {name!r} has no slow reference in SLOW_ADVANTAGES"
+    spec = ADVANTAGES.get(name)
+    hp, want = HAND_ADVANTAGES[name]
+    assert set(hp) == set(spec.hparams)  # the estimator's declared hyper-parameters, all given
+    h = {k: torch.tensor(v, dtype=torch.float32) for k, v in HAND_INPUT.items() if k != "lengths"}
+    a = AdvantageInputs(h["scores"], h["token_rewards"], h["mask"], group_size=2,
+                        values=h["values"] if spec.needs_critic else None,
+                        response_index=response_index([1] * 4, HAND_INPUT["lengths"], 3))
+    out = spec.fn(a, **hp)
+    adv = out["advantages"]
+    assert adv.dim() == (2 if spec.token_level else 1)
+    assert adv.tolist() == [pytest.approx(row, abs=1e-5) for row in want] if spec.token_level \
+        else adv.tolist() == pytest.approx(want, abs=1e-5)
+    assert ("returns" in out) == spec.needs_critic
+    if spec.normalized:  # zero mean, unit variance over the response tokens: whitening would change nothing
+        tok = adv[h["mask"].bool()] if adv.dim() == 2 else adv
+        assert float(tok.mean()) == pytest.approx(0.0, abs=1e-6) and float(tok.std()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_every_policy_loss_has_a_slow_reference():
+    from alignkit.losses.policy import RL_POLICY_LOSSES
+
+    assert sorted(SLOW_POLICY_LOSSES) == RL_POLICY_LOSSES.names()
+
+
+def test_no_string_test_of_a_stage_name_in_train():
+    """Behaviour comes from the registries' declared fields, never from comparing a configured name."""
+    import re
+    from pathlib import Path
+
+    from alignkit.losses.policy import AGGREGATIONS, RL_POLICY_LOSSES
+    from alignkit.train.rl_stages import KL_PLACEMENTS
+
+    names = {n for reg in (ADVANTAGES, KL_PLACEMENTS, RL_POLICY_LOSSES, AGGREGATIONS) for n in reg.names()}
+    alt = "|".join(re.escape(n) for n in sorted(names))
+    name = rf"""["']({alt})["']"""
+    test = re.compile(rf"(==|!=)\s*{name}|{name}\s*(==|!=)|\bin\s*[(\[{{][^)\]}}]*{name}")
+    train = Path(__file__).resolve().parents[1] / "src" / "alignkit" / "train"
+    found = [f"{p.name}:{k + 1}: {line.strip()}" for p in sorted(train.glob("*.py"))
+             for k, line in enumerate(p.read_text().splitlines()) if test.search(line)]
+    assert not found, "string tests of stage names:\n" + "\n".join(found)
+
+
 def test_overlong_penalty_is_dapo_eq_13():
     from alignkit.train.rl_stages import overlong_penalty
 
@@ -361,6 +484,18 @@ def test_presets_fill_what_the_user_leaves_out():
     assert c.algo.advantage == "batch_baseline" and c.algo.kl_placement == "token_reward"
     with pytest.raises(Exception, match="num_generations"):
         as_config(RLConfig, base, {"preset": "rloo", "rl.num_generations": 1})
+
+
+def test_a_preset_is_checked_when_it_is_filed():
+    from alignkit.train.rl_config import add_preset
+
+    with pytest.raises(ValueError, match="(?s)preset 'bad'.*advantge"):  # a misspelled option
+        add_preset("bad", "x", advantge="group")
+    with pytest.raises(ValueError, match="(?s)preset 'bad'.*batch_baseline"):  # an unknown stage: the choices listed
+        add_preset("bad", "x", advantage="nope")
+    assert "bad" not in PRESETS
+    with pytest.raises(ValueError, match="unknown online-RL preset 'nope'; choose one of: dapo, dr_grpo"):
+        as_config(RLConfig, {"rewards": [CHAR]}, {"preset": "nope"})
 
 
 def test_every_preset_is_a_cli_command_or_preset():

@@ -238,12 +238,12 @@ def test_trl_grpo_keys_map_to_their_fields(caplog):
 def test_scale_rewards_batch_is_group_mean_over_batch_std():
     import torch
 
+    from alignkit.advantages import ADVANTAGES, AdvantageInputs, batch_std
     from alignkit.train.rl_config import RLOptions
-    from alignkit.train.rl_stages import ADVANTAGES, AdvantageInputs, batch_std
 
     scores = torch.tensor([1.0, 2.0, 3.0, 5.0])  # two groups of two
     opts = RLOptions(std_scope="batch")
-    adv = ADVANTAGES["group"](AdvantageInputs(scores, torch.zeros(4, 1), torch.ones(4, 1), 2, opts=opts))["advantages"]
+    adv = ADVANTAGES.get("group")(AdvantageInputs(scores, torch.zeros(4, 1), torch.ones(4, 1), 2), opts)["advantages"]
     sd = math.sqrt(sum((x - 11 / 4) ** 2 for x in (1, 2, 3, 5)) / 3)  # by hand: sample std 1.708
     assert adv.tolist() == pytest.approx([-0.5 / sd, 0.5 / sd, -1 / sd, 1 / sd], rel=1e-5)
     # two processes: the std of all four scores, from one reduction of (n, sum, sum of squares)
@@ -251,8 +251,8 @@ def test_scale_rewards_batch_is_group_mean_over_batch_std():
     summed = lambda t: sum(torch.stack([torch.tensor([2.0, float(h.sum()), float((h * h).sum())], dtype=t.dtype)  # noqa: E731
                                         for h in halves]))
     assert float(batch_std(halves[0], summed)) == pytest.approx(sd, rel=1e-6)
-    group = ADVANTAGES["group"](AdvantageInputs(scores, torch.zeros(4, 1), torch.ones(4, 1), 2,
-                                                opts=RLOptions()))["advantages"]
+    group = ADVANTAGES.get("group")(AdvantageInputs(scores, torch.zeros(4, 1), torch.ones(4, 1), 2),
+                                    RLOptions())["advantages"]
     assert group.tolist() == pytest.approx([-0.7071, 0.7071, -0.7071, 0.7071], abs=1e-3)  # GRPO's group std
 
 

@@ -3,6 +3,10 @@
 * :func:`gae` / :func:`gae_reference`: generalized advantage estimation (PPO with a critic).
 * :func:`group_normalized_advantages`: GRPO / Dr. GRPO group baselines (no critic).
 * :func:`leave_one_out_advantages`: RLOO baseline (no critic).
+* :func:`batch_baseline_advantages`: REINFORCE++ reward-to-go over the global batch (no critic).
+* :data:`ADVANTAGES`: the advantage stage of online RL, a registry of :class:`AdvantageSpec` entries
+  (what each estimator reads, returns and declares), each a pure function of :class:`AdvantageInputs`
+  and the hyper-parameters it names.
 * :class:`FixedKLController`, :class:`AdaptiveKLController`: the KL-penalty coefficient.
 * :class:`RunningMoments`: running mean/std for reward normalization.
 
@@ -12,10 +16,15 @@ Advantages are targets, not something to differentiate through: every function h
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from alignkit.losses.base import Registry
+from alignkit.ops.masked import masked_whiten
 
 # --------------------------------------------------------------------------------------------
 # GAE
@@ -191,8 +200,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, reduce=None, eps: float = 1e-8) 
 
     With ``reduce=None`` this is :func:`alignkit.ops.masked.masked_whiten` (one process's statistics).
     """
-    from alignkit.ops.masked import masked_whiten
-
     if reduce is None:
         return masked_whiten(x, mask, eps=eps)
     valid = mask.bool()
@@ -218,6 +225,142 @@ def batch_baseline_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, r
     ``reduce``: sum over processes (None: this process's batch). Returns ``(B, T)``.
     """
     return whiten(reward_to_go(token_rewards, mask), mask, reduce)
+
+
+# --------------------------------------------------------------------------------------------
+# The advantage stage of online RL: a registry of pure functions
+# --------------------------------------------------------------------------------------------
+
+
+def to_response_space(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(N, T-1)`` label space -> ``(N, R)`` responses right-aligned to column 0 (what GAE needs), 0 where
+    invalid. ``index``/``valid``: :func:`alignkit.train.rl_batch.response_index`."""
+    return torch.where(valid, x.gather(1, index), torch.zeros((), dtype=x.dtype))
+
+
+def from_response_space(y: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of :func:`to_response_space`: ``(N, R)`` -> ``(N, width)``, 0 off the responses."""
+    out = torch.zeros(y.shape[0], width, dtype=y.dtype)
+    return out.scatter_add(1, index, torch.where(valid, y, torch.zeros((), dtype=y.dtype)))
+
+
+def batch_std(x: torch.Tensor, reduce=None) -> torch.Tensor:
+    """Sample (n - 1) std of a 1-D tensor over every process (``reduce``: a sum over processes; None:
+    this process's), from one reduction of (count, sum, sum of squares) in float64."""
+    x = x.double()
+    stats = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()])
+    if reduce is not None:
+        stats = reduce(stats)
+    n, s1, s2 = stats.unbind()
+    var = (s2 - s1 * s1 / n.clamp(min=1)) / (n - 1).clamp(min=1)
+    return var.clamp(min=0).sqrt().float()
+
+
+@dataclass
+class AdvantageInputs:
+    """What an advantage estimator reads: values only, all detached, this process's rows. Its
+    hyper-parameters come as keyword arguments (:attr:`AdvantageSpec.hparams`), never as a config object."""
+
+    scores: torch.Tensor  # (N,) the sequence score a response is judged by: shaped, KL placed (with per-token
+    #                       KL rewards, the sum of its token rewards)
+    token_rewards: torch.Tensor  # (N, T1) per-token rewards (the sequence score on the last response token)
+    mask: torch.Tensor  # (N, T1) float, response tokens
+    group_size: int  # G: consecutive rows of one prompt
+    values: Optional[torch.Tensor] = None  # (N, T1) critic values (needs_critic)
+    response_index: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid) of the response tokens
+    #                       (:func:`alignkit.train.rl_batch.response_index`; right-aligned responses for GAE)
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # sum over processes (None: one process)
+
+
+@dataclass(frozen=True)
+class AdvantageSpec:
+    """A registry entry of the advantage stage: the estimator and what it declares.
+
+    ``fn(inputs: AdvantageInputs, **hparams) -> {"advantages": (N,) or (N, T1)[, "returns": (N, T1)]}``.
+    """
+
+    name: str
+    fn: Callable[..., Dict[str, torch.Tensor]]
+    needs_critic: bool = False  # reads critic values and returns value targets: the task trains a value model
+    needs_groups: bool = False  # compares the samples of a prompt: num_generations must be at least 2
+    normalized: bool = False  # already zero mean, unit variance: whiten_advantages has nothing to do
+    token_level: bool = False  # (N, T1) advantages; else (N,), one per response, broadcast over its tokens
+    doc: str = ""
+
+    @property
+    def hparams(self) -> Tuple[str, ...]:
+        """The estimator's hyper-parameters: its keyword-only arguments, read from the RL options by name."""
+        return tuple(p.name for p in inspect.signature(self.fn).parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+    def __call__(self, inputs: AdvantageInputs, options: Any) -> Dict[str, torch.Tensor]:
+        """Run the estimator with its hyper-parameters taken from ``options`` (an RLOptions) by name."""
+        return self.fn(inputs, **{k: getattr(options, k) for k in self.hparams})
+
+
+#: advantage estimator name -> :class:`AdvantageSpec`; the config's ``advantage`` choices come from here.
+ADVANTAGES: Registry[AdvantageSpec] = Registry("advantage", AdvantageSpec, what="estimator")
+
+
+@ADVANTAGES.register("gae", needs_critic=True, token_level=True)
+@torch.no_grad()
+def gae_advantages(a: AdvantageInputs, *, gamma: float, lam: float) -> Dict[str, torch.Tensor]:
+    """GAE with a critic (Schulman et al. 2016, eq. 16) on the per-token rewards; also the critic's returns."""
+    index, valid = a.response_index
+    width = a.mask.shape[1]
+    adv, ret = gae(to_response_space(a.token_rewards, index, valid), to_response_space(a.values, index, valid),
+                   to_response_space(a.mask, index, valid).bool(), gamma=gamma, lam=lam)
+    return {"advantages": from_response_space(adv, index, valid, width),
+            "returns": from_response_space(ret, index, valid, width)}
+
+
+@ADVANTAGES.register("group", needs_groups=True)
+@torch.no_grad()
+def group_advantages(a: AdvantageInputs, *, scale_by_std: bool, std_scope: str) -> Dict[str, torch.Tensor]:
+    """(r - mean_g) / std_g over the prompt's samples (GRPO, Shao et al. 2024, sec. 4.1.2; Dr. GRPO without std).
+
+    ``std_scope="batch"`` divides by the std of the whole batch instead, every process (Liu et al. 2025,
+    "Tricks or Traps", sec. 4.1: group mean, batch std; TRL's ``scale_rewards=batch``)."""
+    batch = scale_by_std and std_scope == "batch"
+    adv = group_normalized_advantages(a.scores, a.group_size, scale_by_std=scale_by_std and not batch)
+    if batch:
+        adv = adv / (batch_std(a.scores, a.reduce) + 1e-6)
+    return {"advantages": adv}
+
+
+@ADVANTAGES.register("leave_one_out", needs_groups=True)
+@torch.no_grad()
+def loo_advantages(a: AdvantageInputs) -> Dict[str, torch.Tensor]:
+    """r_i - mean of the prompt's other samples (RLOO, Ahmadian et al. 2024, eq. 9)."""
+    return {"advantages": leave_one_out_advantages(a.scores, a.group_size)}
+
+
+@ADVANTAGES.register("batch_baseline", normalized=True, token_level=True)
+@torch.no_grad()
+def reinforce_pp_advantages(a: AdvantageInputs, *, whiten_scope: str) -> Dict[str, torch.Tensor]:
+    """Reward-to-go minus the global batch mean, over the global std (REINFORCE++, Hu 2025, sec. 3.1-3.2).
+
+    ``whiten_scope="process"``: this process's batch statistics."""
+    reduce = a.reduce if whiten_scope == "global" else None
+    return {"advantages": batch_baseline_advantages(a.token_rewards, a.mask, reduce)}
+
+
+@ADVANTAGES.register("batch_mean")
+@torch.no_grad()
+def batch_mean_advantages(a: AdvantageInputs) -> Dict[str, torch.Tensor]:
+    """r_i - mean of every score in the global batch, no division (REINFORCE with a baseline, Williams 1992).
+
+    Williams 1992, "Simple Statistical Gradient-Following Algorithms for Connectionist Reinforcement
+    Learning", sec. 3-4: the REINFORCE update ``(r - b) * grad log pi`` with a reinforcement baseline ``b``
+    that does not depend on the action; here ``b`` is the mean score of the whole rollout batch, over every
+    process (``reduce``), one value per response. No critic and no groups: a sample is compared with the
+    batch, not with the other samples of its prompt (``leave_one_out``), and not scaled by a std.
+    """
+    x = a.scores.double()
+    stats = torch.stack([x.new_tensor(float(x.numel())), x.sum()])  # (count, sum), one reduction
+    if a.reduce is not None:
+        stats = a.reduce(stats)
+    mean = stats[1] / stats[0].clamp(min=1.0)
+    return {"advantages": (x - mean).to(torch.promote_types(a.scores.dtype, torch.float32))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +480,7 @@ class RunningMoments:
 
 __all__: List[str] = [
     "gae", "gae_reference", "group_normalized_advantages", "leave_one_out_advantages", "reward_to_go",
-    "reward_to_go_reference", "whiten", "batch_baseline_advantages",
+    "reward_to_go_reference", "whiten", "batch_baseline_advantages", "batch_std", "to_response_space",
+    "from_response_space", "AdvantageInputs", "AdvantageSpec", "ADVANTAGES",
     "FixedKLController", "AdaptiveKLController", "RunningMoments",
 ]

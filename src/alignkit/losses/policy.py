@@ -29,16 +29,62 @@ the losses are per sequence: sum them and divide by the global number of sequenc
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional, Tuple, Union
 
 import torch
 
 from alignkit.losses.base import LossOutput, Registry
-from alignkit.ops.kl import kl_k3
+from alignkit.ops.kl import kl_estimate, kl_k3
 from alignkit.ops.masked import masked_mean
 
-Aggregation = Literal["token_mean", "sequence_mean", "sum_norm", "sum"]
-AGGREGATIONS = ("token_mean", "sequence_mean", "sum_norm", "sum")
+@dataclass(frozen=True)
+class AggregationSpec:
+    """A token reduction: ``fn(seq_sum (B,), valid (B, T), *, max_len, num_tokens) -> (B,)``, where ``seq_sum``
+    is each row's sum of per-token losses over ``valid``."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    token_units: bool = False  # every token of the update weighs the same: the loop normalizes by tokens
+    needs_max_len: bool = False  # divides by a constant length (max new tokens)
+    doc: str = ""
+
+
+#: token reductions by name (module docstring); the config's ``aggregation`` choices come from here
+AGGREGATIONS: Registry[AggregationSpec] = Registry("token", AggregationSpec, what="aggregation")
+
+
+@AGGREGATIONS.register("token_mean", token_units=True)
+def _token_mean(seq_sum, valid, *, max_len=None, num_tokens=None) -> torch.Tensor:
+    """every token of the update weighs the same (DAPO, Yu et al. 2025, eq. 8)."""
+    if num_tokens is None:
+        count = valid.sum().to(seq_sum.dtype)
+    else:
+        count = torch.as_tensor(num_tokens, dtype=seq_sum.dtype, device=seq_sum.device)
+    return seq_sum * valid.shape[0] / count.clamp(min=1.0)
+
+
+@AGGREGATIONS.register("sequence_mean")
+def _sequence_mean(seq_sum, valid, *, max_len=None, num_tokens=None) -> torch.Tensor:
+    """mean over each response, then over responses (GRPO, Shao et al. 2024, eq. 3)."""
+    return seq_sum / valid.sum(-1).to(seq_sum.dtype).clamp(min=1.0)
+
+
+@AGGREGATIONS.register("sum_norm", needs_max_len=True)
+def _sum_norm(seq_sum, valid, *, max_len=None, num_tokens=None) -> torch.Tensor:
+    """per-response sum / max_new_tokens (Dr. GRPO, Liu et al. 2025, sec. 3.1)."""
+    if max_len is None or max_len <= 0:
+        raise ValueError("aggregation='sum_norm' needs max_len > 0 (e.g. max new tokens)")
+    return seq_sum / float(max_len)
+
+
+@AGGREGATIONS.register("sum")
+def _sum(seq_sum, valid, *, max_len=None, num_tokens=None) -> torch.Tensor:
+    """per-response sum: the completion is one action (REINFORCE / RLOO, Ahmadian et al. 2024)."""
+    return seq_sum
+
+
+Aggregation = Literal[tuple(AGGREGATIONS.names())]  # type: ignore[valid-type]
 
 #: Policy losses by name. ``needs_reference`` means the loss itself reads reference log-probs
 #: (a KL penalty folded into the reward is the trainer's business, not the loss's).
@@ -54,25 +100,12 @@ def aggregate_token_losses(per_token: torch.Tensor, mask: torch.Tensor,
     ``max_len`` is required by (and only used by) ``"sum_norm"``. ``num_tokens`` is only allowed
     with ``"token_mean"``, where it replaces the local valid-token count (for global normalization).
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of: {', '.join(AGGREGATIONS)}")
-    if num_tokens is not None and aggregation != "token_mean":
+    spec = AGGREGATIONS.get(aggregation)
+    if num_tokens is not None and not spec.token_units:
         raise ValueError(f"num_tokens only applies to aggregation='token_mean', not {aggregation!r}")
     valid = mask.bool()  # (B, T)
     seq_sum = torch.where(valid, per_token, torch.zeros_like(per_token)).sum(-1)  # (B,)
-    if aggregation == "token_mean":
-        if num_tokens is None:
-            count = valid.sum().to(seq_sum.dtype)
-        else:
-            count = torch.as_tensor(num_tokens, dtype=seq_sum.dtype, device=seq_sum.device)
-        return seq_sum * per_token.shape[0] / count.clamp(min=1.0)
-    if aggregation == "sequence_mean":
-        return seq_sum / valid.sum(-1).to(seq_sum.dtype).clamp(min=1.0)
-    if aggregation == "sum_norm":
-        if max_len is None or max_len <= 0:
-            raise ValueError("aggregation='sum_norm' needs max_len > 0 (e.g. max new tokens)")
-        return seq_sum / float(max_len)
-    return seq_sum  # "sum"
+    return spec.fn(seq_sum, valid, max_len=max_len, num_tokens=num_tokens)
 
 
 def _token_advantages(advantages: torch.Tensor, like: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -283,8 +316,6 @@ def kl_penalty_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: to
     """The KL-to-reference loss term (KL placed in the loss, as GRPO: Shao et al. 2024, eq. 3-4):
     the per-token estimate (``k1``/``k2``/``k3``, Schulman 2020) of ``KL(pi || pi_ref)`` on the sampled
     tokens, aggregated like the policy loss. Returns ``(B,)``; multiply by the coefficient beta."""
-    from alignkit.ops.kl import kl_estimate
-
     valid = mask.bool()
     zeros = torch.zeros_like(logprobs)
     # clean padding before exp so nan/inf there cannot leak into values or gradients
@@ -301,20 +332,25 @@ RL_POLICY_LOSSES = Registry("rl policy")
 
 @RL_POLICY_LOSSES.register("clipped_token", needs_reference=False, paired=False)
 def clipped_token_loss(logprobs, old_logprobs, advantages, mask, **kw) -> LossOutput:
-    """Clipped token ratio (PPO eq. 7; GRPO eq. 3; DAPO with clip_eps_high): :func:`ppo_loss`."""
+    """per-token ratio, clipped (PPO, Schulman et al. 2017, eq. 7; GRPO eq. 3; DAPO with clip_eps_high).
+
+    :func:`ppo_loss`; ``old_logprobs=None``: the ratio is 1 (one update per rollout)."""
     return ppo_loss(logprobs, logprobs.detach() if old_logprobs is None else old_logprobs, advantages, mask, **kw)
 
 
 @RL_POLICY_LOSSES.register("clipped_sequence", needs_reference=False, paired=False)
 def clipped_sequence_loss(logprobs, old_logprobs, advantages, mask, **kw) -> LossOutput:
-    """Clipped length-normalized sequence ratio (GSPO, Zheng et al. 2025, eq. 5-7): :func:`gspo_loss`."""
+    """length-normalized sequence ratio, clipped (GSPO, Zheng et al. 2025, eq. 5-7).
+
+    :func:`gspo_loss`."""
     return gspo_loss(logprobs, old_logprobs, advantages, mask, **kw)
 
 
 @RL_POLICY_LOSSES.register("reinforce", needs_reference=False, paired=False)
 def reinforce_loss(logprobs, old_logprobs, advantages, mask, **kw) -> LossOutput:
-    """Plain REINFORCE ``-A log pi`` (Williams 1992; RLOO, Ahmadian et al. 2024, eq. 9): :func:`rloo_loss`
-    (the clipped token ratio when a rollout gets several updates)."""
+    """-A log pi (REINFORCE, Williams 1992; RLOO, Ahmadian et al. 2024, eq. 9), a clipped ratio if updated twice.
+
+    :func:`rloo_loss`: the clipped token ratio when a rollout gets several updates."""
     return rloo_loss(logprobs, advantages, mask, old_logprobs=old_logprobs, **kw)
 
 

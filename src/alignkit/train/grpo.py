@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Dict, Union
 
 from alignkit.api import object_api
+from alignkit.config import as_config
 from alignkit.train.online import run_online
 from alignkit.train.rl_config import GRPOConfig, RLOOConfig
 
@@ -23,14 +24,10 @@ from alignkit.train.rl_config import GRPOConfig, RLOOConfig
 @object_api(GRPOConfig, "online")
 def train_grpo(config: Union[GRPOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run GRPO (or any preset given as ``preset``); the Python twin of ``alignkit grpo``."""
-    from alignkit.config import as_config
-
     return run_online(as_config(GRPOConfig, config, overrides))
 
 
 @object_api(RLOOConfig, "online")
 def train_rloo(config: Union[RLOOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run RLOO; the Python twin of ``alignkit rloo``."""
-    from alignkit.config import as_config
-
     return run_online(as_config(RLOOConfig, config, overrides))

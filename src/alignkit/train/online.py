@@ -1,12 +1,18 @@
 """The one online-RL task: PPO, GRPO, Dr. GRPO, DAPO, GSPO, RLOO and REINFORCE++ are presets of it.
 
-One training step of the shared loop is one rollout batch. :meth:`RLTask.plan` runs the stages of
-:mod:`alignkit.train.rl_stages` in order (rollout -> reward shaping -> KL placement -> advantage ->
-whitening), then yields one :class:`~alignkit.train.loop.Update` per optimizer update:
-``epochs x num_minibatches`` updates over the shuffled rollout; :meth:`RLTask.loss` applies the policy
-loss named by the config (:data:`alignkit.losses.policy.RL_POLICY_LOSSES`) with the chosen aggregation,
-plus the KL loss term, the value loss (critic) and the entropy bonus where configured. No algorithm
-overrides ``plan``: an algorithm is a preset (:data:`alignkit.train.rl_config.PRESETS`).
+One training step of the shared loop is one rollout batch. :meth:`RLTask.plan` is that step read top to
+bottom, one comment per stage: rollout -> reward shaping -> rollout-time log-probs -> KL to the reference
+(once per rollout) -> KL placement -> advantage -> whitening -> one :class:`~alignkit.train.loop.Update` per
+optimizer update (``epochs x num_minibatches`` over the shuffled rollout). Each stage is a pure function
+of :mod:`alignkit.train.rl_stages` or :mod:`alignkit.advantages`, chosen through its registry
+(:data:`~alignkit.advantages.ADVANTAGES`, :data:`~alignkit.train.rl_stages.KL_PLACEMENTS`) whose entries
+declare what the task must know (a critic, groups, normalized advantages, the KL in the loss); no code
+here compares a stage's name. :meth:`RLTask.loss` applies the policy loss
+(:data:`~alignkit.losses.policy.RL_POLICY_LOSSES`) with the aggregation
+(:data:`~alignkit.losses.policy.AGGREGATIONS`), plus the KL loss term, the value loss (critic) and the
+entropy bonus where configured, reading only its micro-batch (:class:`~alignkit.train.rl_batch.RLBatch`
+carries the rollout's KL coefficient and critic warm-up flag). No algorithm overrides ``plan``: an
+algorithm is a preset (:data:`alignkit.train.rl_config.PRESETS`).
 
 Everything random (sampling, shuffling, extra prompts of dynamic sampling) draws from torch's global
 RNG, which checkpoints save and restore, so a resumed run repeats a straight one exactly.
@@ -25,26 +31,34 @@ import contextlib
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from transformers import TrainerState
 
+from alignkit.advantages import (ADVANTAGES, AdaptiveKLController, AdvantageInputs, FixedKLController,
+                                 RunningMoments, whiten)
+from alignkit.api import current, given_adapter_policy, object_api, policy_model, policy_tokenizer, reference_model
+from alignkit.config import as_config
 from alignkit.data.layout import SeqBatch, SharedRows, share_row_prompts
 from alignkit.eval.markers import marker_correlations
 from alignkit.eval.metrics import distinct_n
-from alignkit.ops.logprobs import TokenLogprobs, row_logprobs
-from alignkit.ops.wrappers import unwrap
-from alignkit.rollout.generate import Rollout, generate
-from alignkit.advantages import AdaptiveKLController, FixedKLController, RunningMoments, whiten
-from alignkit.losses.policy import RL_POLICY_LOSSES, aggregate_token_losses, kl_penalty_loss
+from alignkit.losses.policy import AGGREGATIONS, RL_POLICY_LOSSES, aggregate_token_losses, kl_penalty_loss
 from alignkit.losses.value import explained_variance, value_loss
-from alignkit.ops.kl import kl_estimate, kl_k1
+from alignkit.models.default import resolve_model_path
+from alignkit.models.loading import load_causal_lm, precast_frozen_linears
+from alignkit.ops.logprobs import TokenLogprobs, row_logprobs
 from alignkit.ops.masked import masked_mean
+from alignkit.ops.packing import resolve_packing
+from alignkit.ops.wrappers import unwrap
+from alignkit.rewards import build_reward
+from alignkit.rollout.generate import Rollout, generate
 from alignkit.train import metric_keys as K
-from alignkit.api import object_api
+from alignkit.train.common import console, fit_and_finish, prepare_data, start_run
+from alignkit.train.critic import PolicyWithValue, build_critic
 from alignkit.train.loop import EVAL_EXAMPLES, Task, Trainer, Update
-from alignkit.train.rl_batch import (
-    RLBatch, disable_dropout, from_response_space, last_response_index, loss_aggregation, policy_of,
-    response_index, rows_of, select_rows, to_response_space)
+from alignkit.train.rl_batch import (RLBatch, disable_dropout, last_response_index, loss_aggregation, policy_of,
+                                     response_index, rows_of, select_rows)
 from alignkit.train.rl_config import RLConfig
-from alignkit.train.rl_stages import ADVANTAGES, AdvantageInputs, place_kl, shape_rewards
+from alignkit.train.rl_stages import KL_PLACEMENTS, kl_to_reference, place_kl, shape_rewards
+from alignkit.train.rundir import release
 
 
 def _cuda_devices() -> List[int]:
@@ -63,18 +77,18 @@ class RLTask(Task):
         self.ref_model, self.adapter_ref, self.engine = ref_model, adapter_ref, engine
         self.temperature = cfg.generation.temperature or 1.0
         self.samples_per_prompt = o.num_generations
+        self.advantage, self.placement = ADVANTAGES.get(o.advantage), KL_PLACEMENTS.get(o.kl_placement)
+        self.policy_loss = RL_POLICY_LOSSES.get(o.policy_loss)
         self.agg, self.token_units = loss_aggregation(o.aggregation)
         self.max_tokens = cfg.train.max_tokens_per_batch  # micro-batches by tokens (schedule); None: rows
         self.max_len = cfg.generation.max_new_tokens
-        self.critic = o.advantage == "gae"
+        self.agg_max_len = self.max_len if AGGREGATIONS.get(self.agg).needs_max_len else None
+        self.critic = self.advantage.needs_critic
         self.kl_ctl = AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.adaptive_kl \
             else FixedKLController(o.kl_coef)
         self.moments = RunningMoments() if o.normalize_reward else None
         self.prompts = list(prompts)  # the pool dynamic sampling draws extra prompts from
         self.steps_done = 0  # rollouts so far (critic warm-up); saved in checkpoints
-        self._beta = self.kl_ctl.value  # beta of the current rollout (the loss-placed KL term)
-        self._warmup = False  # this rollout trains the critic alone
-        self._metric_scale: Optional[Dict[str, float]] = None  # set by plan when the loss pass logs KL
         self._engine_stale = True  # the engine starts from the checkpoint on disk, not from resumed weights
         #: a group's samples share their prompt in every pass (set by build_task after checking the models)
         self.share_prompts = False
@@ -142,7 +156,7 @@ class RLTask(Task):
         no-grad policy pass is skipped; the ratio is exactly 1 (old log-probs = the pass's own, detached)
         and the KL and entropy metrics come from the loss pass (same numbers: grad and no-grad passes
         compute alike, ops/attention.py). Only the reference pass runs before training."""
-        return (not self.several_updates and not self.critic and self.opts.kl_placement == "loss"
+        return (not self.several_updates and not self.critic and self.placement.in_loss
                 and isinstance(self.kl_ctl, FixedKLController) and self.kl_ctl.value > 0)
 
     @property
@@ -170,8 +184,6 @@ class RLTask(Task):
     def trainer_state(self):
         """TRL's ``trainer_state`` argument of reward functions: a ``transformers.TrainerState`` with the
         rollouts done so far (``global_step``) and ``max_steps`` (0 when the run is set by epochs)."""
-        from transformers import TrainerState
-
         return TrainerState(global_step=self.steps_done, max_steps=self.cfg.train.max_steps or 0,
                             num_train_epochs=self.cfg.train.epochs)
 
@@ -293,67 +305,61 @@ class RLTask(Task):
 
     # ------------------------------------------------------------------ the stages
     def plan(self, model, items, micro_batch_size: int) -> Iterator[Update]:
-        """rollout -> reward shaping -> KL placement -> advantage -> whitening -> updates."""
-        o = self.opts
+        """One step of online RL (GRPO, PPO, ... by preset), its stages in order: each is a pure function
+        (:mod:`alignkit.train.rl_stages`, :mod:`alignkit.advantages`) chosen through its registry and given
+        values. Everything the loss needs rides on the micro-batches."""
+        o, G = self.opts, self.samples_per_prompt
+        # 1. rollout: G completions per prompt, scored (DAPO's dynamic sampling keeps informative groups)
         ro, raw, metrics = self.sample(model, items)
-        # a micro-batch holds micro_batch_size prompts with all their samples (an item of the rollout batch is
-        # a prompt, as an offline item is a row), so each group's prompt runs once in it
-        plan = self.rollout_plan  # TRL's batch: micro-batches of completions_per_device sequences
-        micro_rows = plan.micro_rows if plan.trl else micro_batch_size * self.samples_per_prompt
-        sched = self.schedule(len(ro), micro_rows,
-                              lengths=ro.sequences.attention_mask.sum(-1).tolist(),
-                              groups=ro.prompt_index if self.share_prompts else None)
-        seq = ro.sequences
-        N, T1 = seq.input_ids.shape[0], seq.input_ids.shape[1] - 1
-        mask = seq.loss_mask[:, 1:].float()  # (N, T-1) response tokens
+        sched = self._schedule_rollout(ro, micro_batch_size)
+        mask = ro.sequences.loss_mask[:, 1:].float()  # (N, T-1) response tokens
+        N, T1 = mask.shape
         lengths = [len(r) for r in ro.response_ids]
-        self._warmup = self.critic and self.steps_done < self.cfg.value.warmup_steps
+        warmup = self.critic and self.steps_done < self.cfg.value.warmup_steps  # the critic trains alone
         self.steps_done += 1
-        # 2. reward shaping, for every algorithm
+        # 2. reward shaping: missing-EOS and overlong penalties, running normalization, clipping
         scores = shape_rewards(raw, ro.ended, ro.response_lengths, missing_eos_penalty=self.cfg.missing_eos_penalty,
                                overlong_buffer=o.overlong_buffer, overlong_factor=o.overlong_penalty,
                                max_len=self.max_len, moments=self.moments, reward_clip=o.reward_clip,
                                gather=self._gather)
+        # 3. rollout-time log-probs (old policy, reference) and values, on the first epoch's micro-batches;
+        #    an on-policy run takes the old log-probs and its KL/entropy metrics from the loss pass instead
         stats: Dict[str, torch.Tensor] = {}
-        deferred = self.has_reference and self.on_policy_stats  # KL/entropy metrics from the loss pass
-        self._metric_scale = None
-        if self.has_reference or self.several_updates or self.critic:  # log-probs at rollout time are needed
+        deferred = self.has_reference and self.on_policy_stats
+        metric_scale = None
+        if self.has_reference or self.several_updates or self.critic:
             stats = self.rollout_stats(model, ro, sched[:o.num_minibatches], ref=self.has_reference,
                                        policy=not deferred)
             if deferred:
-                self._metric_scale = self._loss_metric_scale(mask)
+                metric_scale = self._loss_metric_scale(mask)
             else:
                 metrics[K.ENTROPY] = float(masked_mean(stats["entropy"], mask))
-        # 3. KL placement
-        beta = self._beta = self.kl_ctl.value
+        # 4. KL to the reference, once per rollout: the metrics, the adaptive controller's input, the penalty
+        beta = self.kl_ctl.value
         kl = None
         if self.has_reference and not deferred:
-            k1 = kl_k1(stats["old_logps"], stats["ref_logps"]) * mask
-            metrics[K.KL_REF] = float(self._gather(k1.sum(-1)).mean())
-            metrics[K.KL_REF_TOKEN] = float(self._gather(k1.sum()[None]).sum() / self._gather(mask.sum()[None]).sum()
-                                            .clamp(min=1.0))
-            kl = kl_estimate(stats["old_logps"], stats["ref_logps"], o.kl_estimator) * mask  # (N, T-1)
-            penalty = float(self._gather(kl.sum(-1)).mean())  # nats per sequence, the named estimator
-            metrics.update({K.KL_PENALTY: penalty, K.KL_COEF: beta})
-            self.kl_ctl.update(penalty, N * self.world)
-        last = last_response_index(ro.prompt_lengths, lengths)
-        scores, token_rewards = place_kl(o.kl_placement, scores, kl, beta, last)
+            k1, kl = kl_to_reference(stats["old_logps"], stats["ref_logps"], mask, o.kl_estimator)  # (N, T-1)
+            metrics.update(self._kl_metrics(k1, kl, mask, beta))
+            self.kl_ctl.update(metrics[K.KL_PENALTY], N * self.world)
+        # 5. KL placement: into the token rewards, the sequence reward, or (the loss term) nowhere here
+        scores, token_rewards = place_kl(o.kl_placement, scores, kl, beta, last_response_index(ro.prompt_lengths,
+                                                                                                lengths))
         metrics[K.REWARD_SHAPED] = float(self._gather(scores).mean())
-        if self.samples_per_prompt > 1:
-            grouped = self._gather(raw).view(-1, self.samples_per_prompt)
+        if G > 1:
+            grouped = self._gather(raw).view(-1, G)
             metrics[K.ZERO_STD_GROUPS] = float((grouped.max(1).values == grouped.min(1).values).float().mean())
-        # 4. advantage, then whitening
-        index, valid = response_index(ro.prompt_lengths, lengths, T1)
-        inputs = AdvantageInputs(scores=scores, token_rewards=token_rewards, mask=mask,
-                                 group_size=self.samples_per_prompt, values=stats.get("values"),
-                                 response_space=(lambda x: to_response_space(x, index, valid),
-                                                 lambda y: from_response_space(y, index, valid, T1)),
-                                 reduce=self._reduce if self.world > 1 else None, opts=o)
-        targets = ADVANTAGES[o.advantage](inputs)
+        # 6. advantage: the registered estimator, given values and the hyper-parameters it names
+        judged = (token_rewards * mask).sum(-1) if self.placement.token_rewards else scores
+        inputs = AdvantageInputs(scores=judged, token_rewards=token_rewards, mask=mask, group_size=G,
+                                 values=stats.get("values"), response_index=response_index(ro.prompt_lengths,
+                                                                                           lengths, T1),
+                                 reduce=self._reduce if self.world > 1 else None)
+        targets = self.advantage(inputs, o)
         adv = targets["advantages"]
-        if o.whiten_advantages and o.advantage != "batch_baseline":  # batch_baseline is normalized already
+        # 7. whitening over the response tokens (an estimator that normalizes already is left as it is)
+        if o.whiten_advantages and not self.advantage.normalized:
             if adv.dim() == 1:
-                adv = adv[:, None] * mask  # whiten over response tokens
+                adv = adv[:, None] * mask
             adv = whiten(adv, mask, self._reduce if (o.whiten_scope == "global" and self.world > 1) else None)
         tok_adv = adv if adv.dim() == 2 else adv[:, None].expand(N, T1)
         metrics[K.ADV_MEAN] = float(masked_mean(tok_adv, mask))
@@ -361,13 +367,34 @@ class RLTask(Task):
         if self.critic:
             metrics.update({K.EXPLAINED_VARIANCE: float(explained_variance(stats["values"], targets["returns"], mask)),
                             K.VALUE_MEAN: float(masked_mean(stats["values"], mask))})
+        # 8. updates: epochs x minibatches of micro-batches, each carrying its targets and the rollout's values
         per_row = {"advantages": adv,
                    "old_logps": stats.get("old_logps") if (self.several_updates or self.critic) else None,
-                   "ref_logps": stats.get("ref_logps") if (o.kl_placement == "loss" and beta > 0) else None,
+                   "ref_logps": stats.get("ref_logps") if (self.placement.in_loss and beta > 0) else None,
                    "returns": targets.get("returns"), "old_values": stats.get("values"),
                    # TRL's mask_truncated_completions: responses cut at max_new_tokens leave the loss
                    "keep": ro.ended.float() if o.mask_truncated_completions else None}
-        yield from self.yield_updates(ro, sched, per_row, metrics, table=self.completions_table(ro, tok_adv, mask))
+        rollout = {"beta": beta, "warmup": warmup, "metric_scale": metric_scale}
+        yield from self.yield_updates(ro, sched, per_row, metrics, table=self.completions_table(ro, tok_adv, mask),
+                                      rollout=rollout)
+
+    def _schedule_rollout(self, ro: Rollout, micro_batch_size: int) -> List[List[List[int]]]:
+        """The rollout's :meth:`schedule`. A micro-batch holds micro_batch_size prompts with all their samples
+        (an item of the rollout batch is a prompt, as an offline item is a row), so each group's prompt runs
+        once in it; TRL's batch: micro-batches of completions_per_device sequences."""
+        plan = self.rollout_plan
+        micro_rows = plan.micro_rows if plan.trl else micro_batch_size * self.samples_per_prompt
+        return self.schedule(len(ro), micro_rows, lengths=ro.sequences.attention_mask.sum(-1).tolist(),
+                             groups=ro.prompt_index if self.share_prompts else None)
+
+    def _kl_metrics(self, k1: torch.Tensor, penalty: torch.Tensor, mask: torch.Tensor, beta: float
+                    ) -> Dict[str, float]:
+        """kl/ref (k1, nats per sequence), kl/ref_token (per token), kl/penalty (the named estimator, per
+        sequence) and kl/coef over every process's rollout, from :func:`kl_to_reference`."""
+        m = {K.KL_REF: float(self._gather(k1.sum(-1)).mean())}
+        m[K.KL_REF_TOKEN] = float(self._gather(k1.sum()[None]).sum() / self._gather(mask.sum()[None]).sum()
+                                  .clamp(min=1.0))
+        return {**m, K.KL_PENALTY: float(self._gather(penalty.sum(-1)).mean()), K.KL_COEF: beta}
 
     def completions_table(self, ro: Rollout, tok_adv: torch.Tensor, mask: torch.Tensor) -> Optional[List[Dict[str, Any]]]:
         """This process's rows of the step's rollout for the completions table: prompt, completion, each
@@ -381,27 +408,28 @@ class RLTask(Task):
                  "reward": ro.info[r]["reward"], "advantage": float(adv[r]), "ended": bool(ro.ended[r])}
                 for r in range(n)]
 
-    def loss(self, model, mb):
-        """Policy loss (registry entry) + beta * KL (placement ``loss``) + vf_coef * value loss - entropy bonus,
-        each aggregated the same way; during critic warm-up the value loss alone."""
+    def loss(self, model, mb: RLBatch):
+        """Policy loss (registry entry) + beta * KL (a loss-placed KL) + vf_coef * value loss - entropy bonus,
+        each aggregated the same way; during critic warm-up the value loss alone. Reads the micro-batch only:
+        its targets and its rollout's beta, warm-up flag and metric scale (:meth:`plan`)."""
         o = self.opts
-        deferred = self._metric_scale is not None
+        deferred = mb.metric_scale is not None
         tl, values = self.forward(model, mb.seq, with_entropy=o.ent_coef > 0 or deferred,
-                                  detach_value=self._warmup, shared=mb.shared)
+                                  detach_value=mb.warmup, shared=mb.shared)
         mask = mb.mask
-        kw = {"aggregation": self.agg, "max_len": self.max_len if self.agg == "sum_norm" else None}
+        kw = {"aggregation": self.agg, "max_len": self.agg_max_len}
         units = max(self.units(mb), 1e-12)
         metrics: Dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=mask.device)
-        if not self._warmup:
-            pg = RL_POLICY_LOSSES.get(o.policy_loss).fn(tl.logps, mb.old_logps, mb.advantages, mask,
-                                                        clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high, **kw)
+        if not mb.warmup:
+            pg = self.policy_loss.fn(tl.logps, mb.old_logps, mb.advantages, mask, clip_eps=o.clip_eps,
+                                     clip_eps_high=o.clip_eps_high, **kw)
             total = pg.losses.sum()
             metrics.update(pg.metrics)
             metrics[K.POLICY_LOSS] = pg.losses.detach().sum() / units
             if mb.ref_logps is not None:
-                total = total + self._beta * kl_penalty_loss(tl.logps, mb.ref_logps, mask, estimator=o.kl_estimator,
-                                                             **kw).sum()
+                total = total + mb.beta * kl_penalty_loss(tl.logps, mb.ref_logps, mask, estimator=o.kl_estimator,
+                                                          **kw).sum()
             if o.ent_coef:
                 total = total - o.ent_coef * aggregate_token_losses(tl.entropy, mask, self.agg,
                                                                     max_len=kw["max_len"]).sum()
@@ -428,13 +456,11 @@ class RLTask(Task):
         """kl/ref, kl/ref_token, kl/penalty, kl/coef and entropy of this micro-batch's rows, from the loss
         pass (:attr:`on_policy_stats`), as the values the loop averages over the update into the rollout
         metrics :meth:`plan` would have computed from a separate no-grad pass."""
-        mask, c = mb.mask, self._metric_scale
-        logps = tl.logps.detach()
-        k1 = kl_k1(logps, mb.ref_logps) * mask
-        pen = kl_estimate(logps, mb.ref_logps, self.opts.kl_estimator) * mask
+        mask, c = mb.mask, mb.metric_scale
+        k1, pen = kl_to_reference(tl.logps.detach(), mb.ref_logps, mask, self.opts.kl_estimator)
         per = lambda total, kind: total / units * c[kind]  # noqa: E731
         return {K.KL_REF: per(k1.sum(), "seq"), K.KL_REF_TOKEN: per(k1.sum(), "tok"),
-                K.KL_PENALTY: per(pen.sum(), "seq"), K.KL_COEF: mask.new_tensor(self._beta),
+                K.KL_PENALTY: per(pen.sum(), "seq"), K.KL_COEF: mask.new_tensor(mb.beta),
                 K.ENTROPY: per((tl.entropy.detach() * mask).sum(), "tok")}
 
     # ------------------------------------------------------------------ checkpoint state
@@ -517,8 +543,10 @@ class RLTask(Task):
                     dst[idx, :t] = v.detach().float().cpu()
         return out
 
-    def micro_batch(self, ro: Rollout, rows: List[int], per_row: Dict[str, Optional[torch.Tensor]]) -> RLBatch:
-        """Slice the rollout and its (N, T-1) / (N,) targets to ``rows``, trimmed to their length."""
+    def micro_batch(self, ro: Rollout, rows: List[int], per_row: Dict[str, Optional[torch.Tensor]],
+                    rollout: Optional[Dict[str, Any]] = None) -> RLBatch:
+        """Slice the rollout and its (N, T-1) / (N,) targets to ``rows``, trimmed to their length; ``rollout``:
+        the rollout's own values the loss reads (beta, warmup, metric_scale)."""
         sub = rows_of(ro.sequences, rows)
         idx = torch.tensor(rows, dtype=torch.long)
         t = sub.input_ids.shape[1] - 1
@@ -526,13 +554,15 @@ class RLTask(Task):
         for k, v in per_row.items():
             if v is not None:
                 kw[k] = v[idx, :t] if v.dim() == 2 else v[idx]
-        return RLBatch(sub.input_ids, sub.attention_mask, sub.loss_mask, **kw, shared=self._share(sub))
+        return RLBatch(sub.input_ids, sub.attention_mask, sub.loss_mask, **kw, shared=self._share(sub),
+                       **(rollout or {}))
 
     def yield_updates(self, ro: Rollout, sched, per_row, metrics: Dict[str, float],
-                      table: Optional[List[Dict[str, Any]]] = None) -> Iterator[Update]:
+                      table: Optional[List[Dict[str, Any]]] = None,
+                      rollout: Optional[Dict[str, Any]] = None) -> Iterator[Update]:
         """One :class:`Update` per scheduled update; the rollout's metrics (and its table) ride on the first."""
         for k, update in enumerate(sched):
-            yield Update([self.micro_batch(ro, rows, per_row) for rows in update], metrics if k == 0 else {},
+            yield Update([self.micro_batch(ro, rows, per_row, rollout) for rows in update], metrics if k == 0 else {},
                          table=table if k == 0 else None, table_to_trackers=self.cfg.log_completions)
         self._engine_stale = True  # the policy changed: push it to the engine before the next rollout
 
@@ -570,12 +600,8 @@ class OnlineTrainer(Trainer):
 
 def load_reference(cfg, accelerator, needed: bool):
     """(frozen reference model or None, use the policy with its adapter off)."""
-    from alignkit.models.loading import precast_frozen_linears
-
     if not needed:
         return None, False
-    from alignkit.api import current, given_adapter_policy, reference_model
-
     if (cfg.lora.enabled and not cfg.ref_model and current().ref_model is None) or given_adapter_policy():
         return None, True
     ref_cfg = cfg.model.model_copy(update={"name_or_path": cfg.ref_model or cfg.model.name_or_path,
@@ -591,13 +617,12 @@ def load_reference(cfg, accelerator, needed: bool):
 
 def build_task(cfg, tok, policy, reward, gold, engine, acc, prompts=()):
     """(task, trainable model) for ``cfg``: loads the reference when a KL term is on, and wraps policy +
-    critic into one module when the advantage is gae."""
+    critic into one module when the advantage estimator needs a critic (gae)."""
     o = cfg.algo
-    ref, adapter = load_reference(cfg, acc, needed=o.kl_placement != "none" and (o.kl_coef > 0 or o.adaptive_kl))
+    needed = KL_PLACEMENTS.get(o.kl_placement).uses_reference and (o.kl_coef > 0 or o.adaptive_kl)
+    ref, adapter = load_reference(cfg, acc, needed=needed)
     model = policy
-    if o.advantage == "gae":
-        from alignkit.train.ppo import PolicyWithValue, build_critic
-
+    if ADVANTAGES.get(o.advantage).needs_critic:
         critic = None if cfg.value.shared else build_critic(cfg, tok)
         model = PolicyWithValue(policy, critic, temperature=cfg.generation.temperature or 1.0,
                                 logprob_chunk=cfg.train.logprob_chunk)
@@ -613,10 +638,7 @@ def share_group_prompts(cfg, policy, ref=None) -> bool:
     come from a padded forward; the shared value head reads the shared layout), and the policy (and a
     separate reference model) give the same numbers shared as in rows of their own (the probe of
     :func:`~alignkit.ops.packing.resolve_packing`)."""
-    from alignkit.ops.packing import resolve_packing
-
-    o = cfg.algo
-    separate_critic = o.advantage == "gae" and not cfg.value.shared
+    separate_critic = ADVANTAGES.get(cfg.algo.advantage).needs_critic and not cfg.value.shared
     if separate_critic or not (cfg.train.packing and cfg.train.prefix_sharing):
         return False
     return all(resolve_packing(m, True, share_prompt=True).share_prompt for m in (policy, ref) if m is not None)
@@ -631,26 +653,16 @@ def run_online(cfg) -> Dict[str, Any]:
     """Shared body of every online-RL command (train_ppo, train_grpo, train_rloo, train_rl). Prints the
     rollout's shape first (prompts x generations = completions per step, processes); the run directory's
     lock is released on every way out."""
-    from alignkit.train.common import start_run
-
     acc = start_run(cfg)
     try:
         return _run_online(cfg, acc)
     except BaseException:
         if acc.is_main_process:  # a refused reward function, a timeout, ...: the run directory is free again
-            from alignkit.train.rundir import release
-
             release(cfg.output)
         raise
 
 
 def _run_online(cfg, acc) -> Dict[str, Any]:
-    from alignkit.models.default import resolve_model_path
-    from alignkit.api import current, policy_model, policy_tokenizer
-    from alignkit.models.loading import load_causal_lm
-    from alignkit.rewards import build_reward
-    from alignkit.train.common import console, fit_and_finish, prepare_data
-
     plan = cfg.rollout_plan(acc.num_processes)
     if acc.is_main_process:
         console().print(plan.describe(), markup=False, highlight=False)
@@ -667,7 +679,7 @@ def _run_online(cfg, acc) -> Dict[str, Any]:
     policy = policy_model(cfg, lambda: _without_dropout(load_causal_lm(cfg.model)))
     engine = None
     if cfg.generation.engine == "vllm":
-        from alignkit.rollout.vllm_engine import make_engine
+        from alignkit.rollout.vllm_engine import make_engine  # deferred: vllm is an optional GPU extra
 
         engine = make_engine(resolve_model_path(cfg.model.name_or_path), tok, seed=cfg.train.seed)
     task, model = build_task(cfg, tok, policy, reward, gold, engine, acc, prompts=data.train)
@@ -678,7 +690,4 @@ def _run_online(cfg, acc) -> Dict[str, Any]:
 @object_api(RLConfig, "online")
 def train_rl(config=None, **overrides) -> Dict[str, Any]:
     """Run any preset (``preset=dapo``, ...); the Python twin of ``alignkit rl``."""
-    from alignkit.config import as_config
-    from alignkit.train.rl_config import RLConfig
-
     return run_online(as_config(RLConfig, config, overrides))

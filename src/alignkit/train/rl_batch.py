@@ -5,11 +5,12 @@ of their tokens, and the micro-batch the loss reads (:class:`RLBatch`). Used by
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from alignkit.data.layout import SeqBatch, SharedRows
+from alignkit.losses.policy import AGGREGATIONS
 from alignkit.ops.wrappers import unwrap
 from alignkit.rollout.generate import Rollout
 
@@ -48,26 +49,16 @@ def response_index(prompt_lengths: Sequence[int], response_lengths: Sequence[int
     return torch.where(valid, index, torch.full_like(index, width - 1)), valid
 
 
-def to_response_space(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``(N, T-1)`` -> ``(N, R)`` right-aligned-to-zero responses (what GAE needs), 0 where invalid."""
-    return torch.where(valid, x.gather(1, index), torch.zeros((), dtype=x.dtype))
-
-
-def from_response_space(y: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
-    """Inverse of :func:`to_response_space`: ``(N, R)`` -> ``(N, width)``, 0 off the responses."""
-    out = torch.zeros(y.shape[0], width, dtype=y.dtype)
-    return out.scatter_add(1, index, torch.where(valid, y, torch.zeros((), dtype=y.dtype)))
-
-
 def last_response_index(prompt_lengths: Sequence[int], response_lengths: Sequence[int]) -> torch.Tensor:
     """(N,) column of each response's last token (EOS, or the cut-off token) in label space."""
     return torch.tensor([p - 1 + r - 1 for p, r in zip(prompt_lengths, response_lengths)], dtype=torch.long)
 
 
 def loss_aggregation(name: str) -> Tuple[str, bool]:
-    """(aggregation for the loss function, units are tokens). token_mean becomes a plain sum here
-    and the loop divides by the global token count of the update (alignkit.losses.policy docstring)."""
-    return ("sum", True) if name == "token_mean" else (name, False)
+    """(aggregation for the loss function, units are tokens). An aggregation in token units (token_mean)
+    becomes a plain sum here and the loop divides by the global token count of the update
+    (alignkit.losses.policy docstring)."""
+    return ("sum", True) if AGGREGATIONS.get(name).token_units else (name, False)
 
 
 @dataclass
@@ -84,10 +75,16 @@ class RLBatch:
     old_values: Optional[torch.Tensor] = None  # (B, T-1)
     shared: Optional[SharedRows] = None  # the rows with each prompt once (prefix sharing), or None
     keep: Optional[torch.Tensor] = None  # (B,) 0 for rows left out of the loss (mask_truncated_completions)
+    # what the loss needs of its rollout beside tensors (nothing is kept on the task between plan and loss)
+    beta: float = 0.0  # KL coefficient of this rollout for the loss-placed KL term (0: none)
+    warmup: bool = False  # critic warm-up: the value loss alone, the policy untouched
+    #: the loss pass logs the rollout's KL/entropy metrics (RLTask.on_policy_stats): sum -> per-unit factors
+    #: of a per-sequence ("seq") and a per-token ("tok") metric; None: the plan logged them
+    metric_scale: Optional[Dict[str, float]] = None
 
     def to(self, device) -> "RLBatch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if getattr(self, f.name) is not None})
+                                if isinstance(getattr(self, f.name), (torch.Tensor, SharedRows))})
 
     @property
     def seq(self) -> SeqBatch:

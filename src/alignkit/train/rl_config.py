@@ -12,12 +12,14 @@ from typing import Any, ClassVar, Dict, List, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from alignkit.advantages import ADVANTAGES
 from alignkit.config import DataConfig, ModelConfig, RunConfig, Section
+from alignkit.losses.base import Registry
+from alignkit.losses.policy import AGGREGATIONS, RL_POLICY_LOSSES
 from alignkit.ops.kl import KLKind
 from alignkit.rewards import REWARD_KINDS, RewardSpec
 from alignkit.rollout.generate import GenerationConfig
-
-RL_AGGREGATIONS = ("token_mean", "sequence_mean", "sum_norm", "sum")
+from alignkit.train.rl_stages import KL_PLACEMENTS
 
 
 class RewardsMixin(Section):
@@ -67,9 +69,16 @@ class RewardsMixin(Section):
         return data
 
 
-KLPlacement = Literal["none", "token_reward", "sequence_reward", "loss"]
-AdvantageKind = Literal["gae", "group", "leave_one_out", "batch_baseline"]
-PolicyLossKind = Literal["clipped_token", "clipped_sequence", "reinforce"]
+def _choice(registry: Registry) -> Any:
+    """The Literal type of a config field whose values are a registry's names (read when the class is built,
+    so a name is declared once: by registering it)."""
+    return Literal[tuple(registry.names())]  # type: ignore[valid-type]
+
+
+KLPlacement = _choice(KL_PLACEMENTS)
+AdvantageKind = _choice(ADVANTAGES)
+PolicyLossKind = _choice(RL_POLICY_LOSSES)
+AggregationKind = _choice(AGGREGATIONS)
 WhitenScope = Literal["global", "process"]
 
 
@@ -95,9 +104,8 @@ class RLOptions(Section):
     overlong_penalty: float = Field(1.0, ge=0)
     """Largest overlong penalty (reached at generation.max_new_tokens)."""
     # ---- KL to the reference
-    kl_placement: KLPlacement = "loss"
-    """Where the KL to the reference acts: none, token_reward (-kl_coef*KL_t on every token's reward, PPO),
-    sequence_reward (r - kl_coef*sum_t KL_t, RLOO) or loss (kl_coef*KL_t added to the per-token loss, GRPO)."""
+    kl_placement: KLPlacement = Field("loss", description="Where the KL to the reference acts: "
+                                      + KL_PLACEMENTS.describe() + ".")
     kl_coef: float = Field(0.04, ge=0)
     """KL coefficient beta (initial value when adaptive); 0 with kl_placement none loads no reference."""
     kl_estimator: KLKind = "k3"
@@ -109,31 +117,27 @@ class RLOptions(Section):
     kl_horizon: float = Field(10000.0, gt=0)
     """Horizon of the adaptive controller, in samples: larger adapts more slowly."""
     # ---- advantage
-    advantage: AdvantageKind = "group"
-    """gae (critic; Schulman et al. 2016), group ((r - mean_g)/std_g; GRPO), leave_one_out (r - mean of the
-    others; RLOO), batch_baseline (reward-to-go minus the global batch mean, over the global std; REINFORCE++)."""
+    advantage: AdvantageKind = Field("group", description="Advantage estimator: " + ADVANTAGES.describe() + ".")
     scale_by_std: bool = True
     """group: divide by the group std (false: Dr. GRPO, Liu et al. 2025)."""
     whiten_advantages: bool = False
     """Whiten advantages (zero mean, unit variance) over the response tokens of the rollout."""
     whiten_scope: WhitenScope = "global"
-    """Statistics for whitening and batch_baseline: global (every process's rollout) or process (its own)."""
+    """Statistics for whitening and the batch-level estimators: global (every process's rollout) or process
+    (its own)."""
     gamma: float = Field(1.0, ge=0, le=1)
     """GAE discount."""
     lam: float = Field(0.95, ge=0, le=1)
     """GAE lambda."""
     # ---- policy loss and aggregation
-    policy_loss: PolicyLossKind = "clipped_token"
-    """clipped_token (PPO/GRPO ratio per token), clipped_sequence (GSPO length-normalized sequence ratio),
-    reinforce (-A log pi; clipped token ratio when a rollout gets several updates)."""
+    policy_loss: PolicyLossKind = Field("clipped_token", description="Policy loss: " + RL_POLICY_LOSSES.describe()
+                                        + ".")
     clip_eps: float = Field(0.2, gt=0)
     """Lower clip range of the ratio (Schulman et al. 2017, eq. 7)."""
     clip_eps_high: Optional[float] = Field(None, gt=0)
     """Upper clip range (DAPO clip-higher; empty: clip_eps)."""
-    aggregation: Literal["token_mean", "sequence_mean", "sum_norm", "sum"] = "sequence_mean"
-    """Token reduction: token_mean (every token of the update weighs the same; DAPO), sequence_mean (mean
-    over each response, then over responses; GRPO paper), sum_norm (per-response sum / max_new_tokens; Dr.
-    GRPO), sum (the completion is one action; RLOO)."""
+    aggregation: AggregationKind = Field("sequence_mean", description="Token reduction of the loss: "
+                                         + AGGREGATIONS.describe() + ".")
     ent_coef: float = Field(0.0, ge=0)
     """Weight of the entropy bonus (subtracted from the loss)."""
     # ---- critic (advantage: gae)
@@ -158,34 +162,60 @@ class RLOptions(Section):
     loss (their tokens are masked; they still count in the group statistics and the reward metrics)."""
 
 
-#: Named bundles of stage choices. A field the user sets wins over its preset's value.
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022
-    "ppo": dict(num_generations=1, epochs=4, num_minibatches=1, kl_placement="token_reward", kl_coef=0.05,
-                kl_estimator="k1", advantage="gae", whiten_advantages=True, policy_loss="clipped_token",
-                aggregation="token_mean", normalize_reward=True),
-    # Shao et al. 2024
-    "grpo": dict(num_generations=8, kl_placement="loss", kl_coef=0.04, kl_estimator="k3", advantage="group",
-                 scale_by_std=True, policy_loss="clipped_token", aggregation="sequence_mean"),
-    # Liu et al. 2025: no std scaling, no length normalization per response, no KL
-    "dr_grpo": dict(num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=False,
-                    policy_loss="clipped_token", aggregation="sum_norm"),
-    # Yu et al. 2025: clip-higher, dynamic sampling, token-level loss, overlong shaping, no KL
-    "dapo": dict(num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
-                 policy_loss="clipped_token", clip_eps=0.2, clip_eps_high=0.28, aggregation="token_mean",
-                 dynamic_sampling=True, overlong_buffer=0.2),
-    # Zheng et al. 2025: length-normalized sequence ratio, small clip range
-    "gspo": dict(num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
-                 policy_loss="clipped_sequence", clip_eps=3e-4, clip_eps_high=4e-4, aggregation="sequence_mean",
-                 num_minibatches=2),
-    # Ahmadian et al. 2024
-    "rloo": dict(num_generations=4, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1",
-                 advantage="leave_one_out", policy_loss="reinforce", aggregation="sum", normalize_reward=True),
-    # Hu 2025: token-level KL in the reward, reward-to-go, global batch normalization, no critic
-    "reinforce_pp": dict(num_generations=4, kl_placement="token_reward", kl_coef=0.01, kl_estimator="k2",
-                         advantage="batch_baseline", policy_loss="clipped_token", aggregation="token_mean"),
-}
-PRESET_NAMES = tuple(PRESETS)
+@dataclass(frozen=True)
+class PresetSpec:
+    """A named bundle of stage choices: RLOptions field -> value. A field the user sets wins over its preset's
+    value. ``doc``: the algorithm and its paper."""
+
+    name: str
+    settings: Dict[str, Any]
+    doc: str = ""
+
+
+#: preset name -> :class:`PresetSpec`; ``preset`` and ``--preset`` choices come from here.
+PRESETS: Registry[PresetSpec] = Registry("online-RL", PresetSpec, what="preset")
+
+
+def add_preset(name: str, doc: str, **settings: Any) -> PresetSpec:
+    """File a preset in :data:`PRESETS`. Its settings are checked against :class:`RLOptions` here, so a
+    misspelled option or stage name fails at import, naming the preset."""
+    try:
+        RLOptions(**settings)
+    except ValueError as e:
+        raise ValueError(f"preset {name!r}: {e}") from None
+    return PRESETS.add(PresetSpec(name, settings, doc))
+
+
+add_preset("ppo", "PPO with a critic (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022)",
+           num_generations=1, epochs=4, num_minibatches=1, kl_placement="token_reward", kl_coef=0.05,
+           kl_estimator="k1", advantage="gae", whiten_advantages=True, policy_loss="clipped_token",
+           aggregation="token_mean", normalize_reward=True)
+add_preset("grpo", "GRPO (Shao et al. 2024)",
+           num_generations=8, kl_placement="loss", kl_coef=0.04, kl_estimator="k3", advantage="group",
+           scale_by_std=True, policy_loss="clipped_token", aggregation="sequence_mean")
+add_preset("dr_grpo", "Dr. GRPO (Liu et al. 2025): no std scaling, no length normalization per response, no KL",
+           num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=False,
+           policy_loss="clipped_token", aggregation="sum_norm")
+add_preset("dapo", "DAPO (Yu et al. 2025): clip-higher, dynamic sampling, token-level loss, overlong shaping, no KL",
+           num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
+           policy_loss="clipped_token", clip_eps=0.2, clip_eps_high=0.28, aggregation="token_mean",
+           dynamic_sampling=True, overlong_buffer=0.2)
+add_preset("gspo", "GSPO (Zheng et al. 2025): length-normalized sequence ratio, small clip range",
+           num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
+           policy_loss="clipped_sequence", clip_eps=3e-4, clip_eps_high=4e-4, aggregation="sequence_mean",
+           num_minibatches=2)
+add_preset("rloo", "RLOO (Ahmadian et al. 2024): REINFORCE with the leave-one-out baseline",
+           num_generations=4, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1",
+           advantage="leave_one_out", policy_loss="reinforce", aggregation="sum", normalize_reward=True)
+add_preset("reinforce_pp", "REINFORCE++ (Hu 2025): token-level KL in the reward, reward-to-go, global batch "
+           "normalization, no critic",
+           num_generations=4, kl_placement="token_reward", kl_coef=0.01, kl_estimator="k2",
+           advantage="batch_baseline", policy_loss="clipped_token", aggregation="token_mean")
+add_preset("reinforce_baseline", "REINFORCE with a batch-mean baseline (Williams 1992): r - mean of the global "
+           "batch, no critic, no groups",
+           num_generations=4, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1", advantage="batch_mean",
+           policy_loss="reinforce", aggregation="sum", normalize_reward=True)
+PRESET_NAMES = tuple(PRESETS.names())
 #: old option names kept working (GRPO's beta is the KL coefficient)
 _LEGACY_FIELDS = {"beta": "kl_coef"}
 
@@ -243,9 +273,9 @@ class OnlineRLConfig(RunConfig, RewardsMixin):
     section: ClassVar[str] = "rl"
     default_preset: ClassVar[str] = "grpo"
 
-    preset: Optional[Literal["ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"]] = None
-    """Named bundle of stage choices (ppo, grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp); every option you
-    set overrides its preset's value. Empty: the command's own algorithm."""
+    preset: Optional[_choice(PRESETS)] = Field(  # type: ignore[valid-type]
+        None, description="Named bundle of stage choices; every option you set overrides its preset's value. "
+        "Empty: the command's own algorithm. One of: " + PRESETS.describe() + ".")
     generation: GenerationConfig = GenerationConfig(max_new_tokens=64)
     """Sampling of the rollouts (temperature, top_p, top_k, max_new_tokens, engine hf|vllm)."""
     ref_model: Optional[str] = None
@@ -279,8 +309,7 @@ class OnlineRLConfig(RunConfig, RewardsMixin):
             return data
         data = dict(data)
         name = data.get("preset") or cls.default_preset
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
+        preset = PRESETS.get(name)  # an unknown name: the error lists the registered presets
         given = data.get(cls.section)
         if isinstance(given, RLOptions):  # an options object is complete (and assignment re-validates it)
             return data
@@ -290,13 +319,13 @@ class OnlineRLConfig(RunConfig, RewardsMixin):
                 if new in given:
                     raise ValueError(f"{cls.section}.{old} and {cls.section}.{new} are the same option; give one")
                 given[new] = given.pop(old)
-        data[cls.section] = {**PRESETS[name], **given}
+        data[cls.section] = {**preset.settings, **given}
         return data
 
     @model_validator(mode="after")
     def _check_stages(self):
         o = self.algo
-        if o.advantage in ("group", "leave_one_out") and o.num_generations < 2:
+        if ADVANTAGES.get(o.advantage).needs_groups and o.num_generations < 2:
             raise ValueError(f"{self.section}.advantage={o.advantage} compares the samples of a prompt: "
                              f"{self.section}.num_generations must be at least 2")
         if o.dynamic_sampling and o.num_generations < 2:
@@ -343,7 +372,7 @@ class PPOConfig(OnlineRLConfig):
     section: ClassVar[str] = "ppo"
     default_preset: ClassVar[str] = "ppo"
     command: Literal["ppo"] = "ppo"
-    ppo: RLOptions = RLOptions(**PRESETS["ppo"])
+    ppo: RLOptions = RLOptions(**PRESETS.get("ppo").settings)
     """Stage options (defaults: the ppo preset)."""
 
 
@@ -352,7 +381,7 @@ class GRPOConfig(OnlineRLConfig):
 
     section: ClassVar[str] = "grpo"
     command: Literal["grpo"] = "grpo"
-    grpo: RLOptions = RLOptions(**PRESETS["grpo"])
+    grpo: RLOptions = RLOptions(**PRESETS.get("grpo").settings)
     """Stage options (defaults: the grpo preset)."""
 
 
@@ -362,12 +391,12 @@ class RLOOConfig(OnlineRLConfig):
     section: ClassVar[str] = "rloo"
     default_preset: ClassVar[str] = "rloo"
     command: Literal["rloo"] = "rloo"
-    rloo: RLOptions = RLOptions(**PRESETS["rloo"])
+    rloo: RLOptions = RLOptions(**PRESETS.get("rloo").settings)
     """Stage options (defaults: the rloo preset)."""
 
 
 class RLConfig(OnlineRLConfig):
-    """Any online-RL algorithm as a preset of stages (--preset ppo|grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp)."""
+    """Any online-RL algorithm as a preset of stages (--preset NAME, a :data:`PRESETS` entry)."""
 
     command: Literal["rl"] = "rl"
     rl: RLOptions = RLOptions()

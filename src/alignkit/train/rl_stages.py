@@ -1,22 +1,25 @@
-"""The stages of the one online-RL task, as small pure functions chosen by config.
+"""The stages of the one online-RL task, as small pure functions chosen by config through registries.
 
-rollout -> **shape_rewards** -> **place_kl** -> **advantage** (``ADVANTAGES[name]``) -> whitening ->
-policy loss (:data:`alignkit.losses.policy.RL_POLICY_LOSSES`) -> aggregation
-(:func:`alignkit.losses.policy.aggregate_token_losses`). :class:`alignkit.train.online.RLTask` runs
-them in this order; presets (:data:`alignkit.train.rl_config.PRESETS`) choose them. Shapes: ``N``
-sequences of the rollout, ``T1`` label positions (``T - 1``); response tokens are where ``mask`` is 1.
-Everything here runs under ``no_grad`` and returns detached tensors.
+rollout -> **shape_rewards** -> **kl_to_reference** (once per rollout) -> **place_kl**
+(:data:`KL_PLACEMENTS`) -> advantage (:data:`alignkit.advantages.ADVANTAGES`) -> whitening -> policy
+loss (:data:`alignkit.losses.policy.RL_POLICY_LOSSES`) -> aggregation
+(:data:`alignkit.losses.policy.AGGREGATIONS`). :meth:`alignkit.train.online.RLTask.plan` calls them in
+this order; presets (:data:`alignkit.train.rl_config.PRESETS`) choose them. Every stage receives values
+(tensors and the hyper-parameters it names), never the options object. Shapes: ``N`` sequences of the
+rollout, ``T1`` label positions (``T - 1``); response tokens are where ``mask`` is 1. Everything here
+runs under ``no_grad`` and returns detached tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
-from alignkit.advantages import (RunningMoments, batch_baseline_advantages, gae, group_normalized_advantages,
-                                 leave_one_out_advantages)
+from alignkit.advantages import ADVANTAGES, AdvantageInputs, RunningMoments  # noqa: F401  (re-exported)
+from alignkit.losses.base import Registry
+from alignkit.ops.kl import kl_estimate, kl_k1
 
 
 # ------------------------------------------------------------------ reward shaping
@@ -56,96 +59,77 @@ def shape_rewards(raw: torch.Tensor, ended: torch.Tensor, lengths: torch.Tensor,
     return scores
 
 
+# ------------------------------------------------------------------ KL to the reference
+@torch.no_grad()
+def kl_to_reference(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                    estimator: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The per-token KL of the policy to its reference on the sampled tokens, ``(N, T1)`` each, 0 off the
+    responses: ``(k1, the named estimator)`` (Schulman 2020). k1 is the logged ``kl/ref`` (unbiased
+    log-ratio); the named estimator is the penalty (``kl/penalty``, the adaptive controller's input and
+    what :func:`place_kl` places). The one place a rollout's KL is computed: the plan's pass and the
+    loss pass of an on-policy run (:attr:`alignkit.train.online.RLTask.on_policy_stats`) both call it."""
+    return kl_k1(logps, ref_logps) * mask, kl_estimate(logps, ref_logps, estimator) * mask
+
+
 # ------------------------------------------------------------------ KL placement
+@dataclass(frozen=True)
+class KLPlacementSpec:
+    """Where the KL penalty acts: ``fn(scores (N,), kl (N, T1), beta) -> (scores (N,), token KL rewards
+    (N, T1) or None)``, applied only when there is a reference."""
+
+    name: str
+    fn: Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]
+    uses_reference: bool = True  # False: no KL anywhere, no reference model is loaded
+    in_loss: bool = False  # the task adds beta * KL to the per-token loss (the micro-batch carries ref log-probs)
+    token_rewards: bool = False  # the KL is in the per-token rewards: a response's score is their sum
+    doc: str = ""
+
+
+#: KL placement name -> :class:`KLPlacementSpec`; the config's ``kl_placement`` choices come from here.
+KL_PLACEMENTS: Registry[KLPlacementSpec] = Registry("KL", KLPlacementSpec, what="placement")
+
+
+@KL_PLACEMENTS.register("none", uses_reference=False)
+def _kl_nowhere(scores, kl, beta):
+    """no KL term (no reference model)."""
+    return scores, None
+
+
+@KL_PLACEMENTS.register("token_reward", token_rewards=True)
+def _kl_in_token_rewards(scores, kl, beta):
+    """r_t = -kl_coef * KL_t on every response token (Ziegler et al. 2019, eq. 2; PPO, REINFORCE++)."""
+    return scores, -beta * kl
+
+
+@KL_PLACEMENTS.register("sequence_reward")
+def _kl_in_sequence_reward(scores, kl, beta):
+    """r - kl_coef * sum_t KL_t (Ahmadian et al. 2024, sec. 3; RLOO)."""
+    return scores - beta * kl.sum(-1), None
+
+
+@KL_PLACEMENTS.register("loss", in_loss=True)
+def _kl_in_loss(scores, kl, beta):
+    """kl_coef * KL_t added to the per-token loss (Shao et al. 2024, eq. 3; GRPO)."""
+    return scores, None
+
+
 @torch.no_grad()
 def place_kl(placement: str, scores: torch.Tensor, kl: Optional[torch.Tensor], beta: float,
              last: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Put the KL penalty where ``placement`` says. Returns ``(sequence scores (N,), token rewards (N, T1))``.
-
-    * ``token_reward``: ``r_t = -beta * KL_t`` on every response token, the sequence score on the last
-      one (Ziegler et al. 2019; PPO, REINFORCE++); sequence scores stay as they are;
-    * ``sequence_reward``: ``r - beta * sum_t KL_t`` (Ahmadian et al. 2024, sec. 3; RLOO);
-    * ``loss`` / ``none``: rewards untouched (``loss``: the task adds ``beta * KL`` to the loss).
-
-    ``kl``: ``(N, T1)`` per-token estimate, 0 off the responses (None: no reference). ``last``: ``(N,)``
-    column of each response's last token. Token rewards always carry the sequence score on ``last``.
-    """
+    """Put the KL penalty where ``placement`` (a :data:`KL_PLACEMENTS` entry) says. Returns
+    ``(sequence scores (N,), token rewards (N, T1))``: the token rewards are the placement's per-token KL
+    rewards (0 when it has none) plus each sequence score on ``last``, the ``(N,)`` column of each
+    response's last token. ``kl``: ``(N, T1)`` per-token estimate, 0 off the responses (None: no reference,
+    the rewards stay as they are)."""
     N = scores.shape[0]
     width = kl.shape[1] if kl is not None else int(last.max()) + 1
-    token = torch.zeros(N, width)
-    if kl is not None and placement == "token_reward":
-        token = -beta * kl
-    elif kl is not None and placement == "sequence_reward":
-        scores = scores - beta * kl.sum(-1)
+    token = None
+    if kl is not None:
+        scores, token = KL_PLACEMENTS.get(placement).fn(scores, kl, beta)
+    token = torch.zeros(N, width) if token is None else token
     token[torch.arange(N), last] += scores
     return scores, token
 
 
-# ------------------------------------------------------------------ advantages
-@dataclass
-class AdvantageInputs:
-    """What an advantage stage may read (all detached, this process's rows)."""
-
-    scores: torch.Tensor  # (N,) sequence scores after shaping and KL placement
-    token_rewards: torch.Tensor  # (N, T1) per-token rewards (sequence score on the last token)
-    mask: torch.Tensor  # (N, T1) float, response tokens
-    group_size: int
-    values: Optional[torch.Tensor] = None  # (N, T1) critic values (gae)
-    response_space: Optional[Tuple] = None  # (to, from) converters for gae (right-aligned responses)
-    reduce: Optional[Callable] = None  # sum over processes (None: one process's statistics)
-    opts: object = None  # RLOptions
-
-
-def _gae(a: AdvantageInputs) -> Dict[str, torch.Tensor]:
-    """GAE (Schulman et al. 2016, eq. 16) on the per-token rewards; also the critic's returns."""
-    to_r, from_r = a.response_space
-    adv, ret = gae(to_r(a.token_rewards), to_r(a.values), to_r(a.mask).bool(), gamma=a.opts.gamma, lam=a.opts.lam)
-    return {"advantages": from_r(adv), "returns": from_r(ret)}
-
-
-def _sequence_scores(a: AdvantageInputs) -> torch.Tensor:
-    """Group methods compare whole responses: with per-token KL rewards, their sum."""
-    return (a.token_rewards * a.mask).sum(-1) if a.opts.kl_placement == "token_reward" else a.scores
-
-
-def _group(a: AdvantageInputs) -> Dict[str, torch.Tensor]:
-    """GRPO (Shao et al. 2024, sec. 4.1.2): ``(r - mean_g) / std_g``; Dr. GRPO without the std; with
-    ``std_scope=batch`` ``(r - mean_g) / std_batch`` (Liu et al. 2025, "Tricks or Traps", sec. 4.1: group
-    mean, batch std; TRL's ``scale_rewards=batch``), the sample std of every process's sequence scores."""
-    scores = _sequence_scores(a)
-    batch = a.opts.scale_by_std and getattr(a.opts, "std_scope", "group") == "batch"
-    adv = group_normalized_advantages(scores, a.group_size, scale_by_std=a.opts.scale_by_std and not batch)
-    if batch:
-        adv = adv / (batch_std(scores, a.reduce) + 1e-6)
-    return {"advantages": adv}
-
-
-def batch_std(x: torch.Tensor, reduce: Optional[Callable] = None) -> torch.Tensor:
-    """Sample (n - 1) std of a 1-D tensor over every process (``reduce``: a sum over processes; None:
-    this process's), from one reduction of (count, sum, sum of squares) in float64."""
-    x = x.double()
-    stats = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()])
-    if reduce is not None:
-        stats = reduce(stats)
-    n, s1, s2 = stats.unbind()
-    var = (s2 - s1 * s1 / n.clamp(min=1)) / (n - 1).clamp(min=1)
-    return var.clamp(min=0).sqrt().float()
-
-
-def _leave_one_out(a: AdvantageInputs) -> Dict[str, torch.Tensor]:
-    """RLOO (Ahmadian et al. 2024, eq. 9): ``r_i - mean_{j != i} r_j``."""
-    return {"advantages": leave_one_out_advantages(_sequence_scores(a), a.group_size)}
-
-
-def _batch_baseline(a: AdvantageInputs) -> Dict[str, torch.Tensor]:
-    """REINFORCE++ (Hu 2025): reward-to-go, normalized over the global batch (or this process's)."""
-    reduce = a.reduce if a.opts.whiten_scope == "global" else None
-    return {"advantages": batch_baseline_advantages(a.token_rewards, a.mask, reduce)}
-
-
-#: advantage stage name -> fn(AdvantageInputs) -> {"advantages": (N,) or (N, T1)[, "returns": (N, T1)]}
-ADVANTAGES: Dict[str, Callable[[AdvantageInputs], Dict[str, torch.Tensor]]] = {
-    "gae": _gae, "group": _group, "leave_one_out": _leave_one_out, "batch_baseline": _batch_baseline,
-}
-
-__all__ = ["overlong_penalty", "shape_rewards", "place_kl", "AdvantageInputs", "ADVANTAGES"]
+__all__ = ["overlong_penalty", "shape_rewards", "kl_to_reference", "KLPlacementSpec", "KL_PLACEMENTS", "place_kl",
+           "AdvantageInputs", "ADVANTAGES"]
