@@ -273,6 +273,31 @@ def test_cpu_bf16_speedup_times_both_products_once(monkeypatch):
     loading.cpu_bf16_speedup.cache_clear()
 
 
+def test_cpu_bf16_speedup_takes_turns_so_a_load_burst_hits_both_dtypes(monkeypatch):
+    """A burst of load from other processes (every product 3x slower) that starts halfway through the
+    measurement: timed in turns, each dtype still has quiet samples and the true 4x is measured. (Timed
+    one dtype after the other, as before, the burst fell on bf16 alone and gave 4/3 = 1.33x.)"""
+    from alignkit.models import loading
+
+    loading.cpu_bf16_speedup.cache_clear()
+    calls = []
+    clock = {"t": 0.0}
+
+    def fake_linear(a, b):
+        calls.append(a.dtype)
+        base = 4.0 if a.dtype == torch.float32 else 1.0
+        clock["t"] += base * (3.0 if len(calls) > 7 else 1.0)  # calls 8 onwards: the burst
+
+    monkeypatch.setattr(torch.nn.functional, "linear", fake_linear)
+    import time
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["t"])
+    assert loading.cpu_bf16_speedup(rows=8, n_in=16, n_out=32, repeats=5) == pytest.approx(4.0)
+    # warm-ups first, then fp32 and bf16 in turn
+    assert calls[:6] == [torch.float32, torch.bfloat16] * 3
+    loading.cpu_bf16_speedup.cache_clear()
+
+
 @pytest.mark.skipif(not packing_works(), reason="oneDNN does not pack bf16 weights on this CPU (its probe says no: "
                     f"{hardware.describe()}); the fallback is tested on every machine")
 def test_packed_linear_equals_linear_and_skips_what_it_must():
