@@ -61,11 +61,11 @@ def test_scored_flat_is_prompt_by_prompt():
 def test_dpo_round_keeps_every_parent_section(tmp_path, monkeypatch):
     """The round's DPO config is the parent's with only the round's own fields replaced: hub and
     overwrite (once dropped by a hand-written list) survive."""
-    import alignkit.train.preference as pref
+    import alignkit.feedback.rounds as rounds
     from alignkit.feedback.rounds import dpo_round
 
     seen = {}
-    monkeypatch.setattr(pref, "train_dpo", lambda cfg: seen.setdefault("cfg", cfg) and {"model_dir": "x"})
+    monkeypatch.setattr(rounds, "train_dpo", lambda cfg: seen.setdefault("cfg", cfg) and {"model_dir": "x"})
     cfg = IterativeDPOConfig(output=str(tmp_path), overwrite=True,
                              hub={"push": True, "model_id": "me/round", "private": True},
                              optim={"lr": 3e-4}, train={"seed": 5},

@@ -166,19 +166,13 @@ def _user_errors() -> tuple:
     from alignkit.config import ConfigError
     from alignkit.data.load import DataError
     from alignkit.hub import HubPushError  # the model is saved; the message says where and how to log in
+    from alignkit.rewards.base import RewardError
     from alignkit.train.logging import MissingPackage
     from alignkit.train.loop import TrainingAborted
     from alignkit.train.rundir import RunDirError, SaveError
 
-    errors = [DataError, ConfigError, TrainingAborted, RunDirError, SaveError, MissingPackage, FileNotFoundError,
-              PermissionError, IsADirectoryError, NotADirectoryError, HubPushError]
-    try:
-        from alignkit.rewards.base import RewardError
-
-        errors.append(RewardError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return (DataError, ConfigError, TrainingAborted, RunDirError, SaveError, MissingPackage, FileNotFoundError,
+            PermissionError, IsADirectoryError, NotADirectoryError, HubPushError, RewardError)
 
 
 def run_reporting_errors(fn, debug: bool = False):

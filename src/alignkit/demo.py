@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Union
 
 from alignkit.config import Section, as_config
+from alignkit.eval.stats import Interval, mean_interval, paired_comparison
+from alignkit.pipeline import run_pipeline
+from alignkit.rewards.reasoning import reasoning_rows
 
 EVALS = (("eval_base", "base"), ("eval_dpo", "DPO"), ("eval_ppo", "PPO"))
 
@@ -91,8 +94,6 @@ def gold_gains(output: Path, evals=EVALS) -> Dict[str, Dict[str, Any]]:
     model's gain over the first (the base), paired by prompt (:func:`alignkit.eval.stats.paired_comparison`:
     the per-prompt mean difference, its t interval and verdict). ``{label: {"gold": Interval dict,
     "gain": PairedComparison dict (not for the base)}}``."""
-    from alignkit.eval.stats import mean_interval, paired_comparison
-
     golds = {label: read_gold(Path(output) / stage / "samples.jsonl") for stage, label in evals}
     base_label = evals[0][1]
     out: Dict[str, Dict[str, Any]] = {}
@@ -108,8 +109,6 @@ def gold_gains(output: Path, evals=EVALS) -> Dict[str, Dict[str, Any]]:
 
 def demo(config: Union[DemoConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run the demo; returns ``{"results": {label: metrics}, "stages", "compare", "seconds"}``."""
-    from alignkit.pipeline import run_pipeline
-
     cfg = as_config(DemoConfig, config, overrides)
     if cfg.task == "reasoning":
         return reasoning_demo(cfg)
@@ -160,8 +159,6 @@ def print_results(results: Dict[str, Dict[str, float]], seconds: float, output: 
 def gain_lines(results: Dict[str, Dict[str, float]], gains: Dict[str, Dict[str, Any]]) -> list:
     """One line per trained model: held-out gold before -> after with 95% intervals over prompts, and
     the gain paired by prompt with its interval and verdict (better / worse / not distinguishable)."""
-    from alignkit.eval.stats import Interval
-
     def iv(d: Dict[str, Any]) -> Interval:
         return Interval(**d)
 
@@ -187,9 +184,6 @@ REASONING_EVALS = (("eval_base", "base"), ("eval_after", "GRPO (DAPO)"))
 def reasoning_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """``alignkit demo --task reasoning``: write the synthetic train/held-out prompts, run the bundled
     ``resources/reasoning_pipeline.yaml`` and print held-out accuracy and format rate before and after."""
-    from alignkit.pipeline import run_pipeline
-    from alignkit.rewards.reasoning import reasoning_rows
-
     out = Path(cfg.output if cfg.output != DemoConfig.model_fields["output"].default else "runs/reasoning")
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)

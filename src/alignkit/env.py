@@ -10,7 +10,9 @@ import re
 import sys
 from typing import Any, Dict, List, Optional
 
+from alignkit import __version__
 from alignkit.config import Section
+from alignkit.models.default import DEFAULT_MODEL_NAME, cache_dir
 
 CORE = ["torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers", "huggingface_hub",
         "pydantic", "click", "rich", "pyyaml", "gguf"]
@@ -71,9 +73,6 @@ def _devices() -> Dict[str, Any]:
 
 
 def collect() -> Dict[str, Any]:
-    from alignkit import __version__
-    from alignkit.models.default import DEFAULT_MODEL_NAME, cache_dir
-
     try:
         from huggingface_hub import constants
 

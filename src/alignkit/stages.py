@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from alignkit.aliases import UnusableKey, normalize as normalize_aliases
 from alignkit.command import command_for, load_commands, load_ref  # noqa: F401  (load_commands: re-exported)
 from alignkit.config import ConfigError, apply_overrides, build_config, format_validation_error
+from alignkit.rewards.base import RewardSpec
+from alignkit.rewards.pyfunc import load_callable
+from alignkit.train.common import console
 
 DONE = "DONE"
 STAGE_MARKER = ".alignkit-stage.json"  # written when a stage starts: we own the directory
@@ -178,8 +181,6 @@ def check_stages(spec: PipelineSpec, source: str = "", commands: Optional[Dict[s
     """
     from pydantic import ValidationError
 
-    from alignkit.rewards.base import RewardSpec
-    from alignkit.rewards.pyfunc import load_callable
 
     root = Path(spec.output)
     outputs: Dict[str, Path] = {}
@@ -247,8 +248,6 @@ def run_stages(spec: PipelineSpec, *, force: bool = False, stop_after: Optional[
     config, running the others afresh. ``commands`` adds stage commands that are not CLI commands
     (name -> :class:`alignkit.command.Command`), e.g. the rounds of ``iterative-dpo`` and ``spin``.
     Check the stages first (:func:`check_stages`)."""
-    from alignkit.train.common import console
-
     root = Path(spec.output)
     root.mkdir(parents=True, exist_ok=True)
     con = console()

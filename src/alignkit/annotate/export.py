@@ -31,6 +31,7 @@ from typing import Any, Dict, List
 
 from alignkit.annotate import agreement as A
 from alignkit.annotate.store import Store
+from alignkit.eval.report import CSS
 from alignkit.feedback.common import write_jsonl
 
 
@@ -146,8 +147,6 @@ def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
 
 def agreement_html(res: Dict[str, Any], title: str = "alignkit annotation report", nav: str = "") -> str:
     """The report page; ``nav``: trusted HTML put under the title (the admin page's export links)."""
-    from alignkit.eval.report import CSS
-
     st, c = res["agreement"], res["counts"]
     body = [f"<h1>{escape(title)}</h1>", nav,
             f'<p class="note">aggregate: {escape(res["aggregate"])}; {c["items_answered"]} of {c["items"]} items '

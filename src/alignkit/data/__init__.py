@@ -15,6 +15,7 @@ from alignkit.data.load import (DataError, DataReport, chars_budget, cut_long_ro
                                 note_duplicates, read_rows, resolve_data_path, split_names, twin_split)
 from alignkit.data.split import RowKeys, held_out_rows, overlaps
 from alignkit.data.tokenize import Encoder
+from alignkit.train.logging import phase
 
 __all__ = ["prepare", "Prepared", "DataError", "DataReport", "Encoder", "read_rows", "parse_rows"]
 
@@ -55,8 +56,6 @@ def _big_file_phase(source: str, what: str):
     size = path.stat().st_size if path.is_file() else 0
     if size < BIG_FILE:
         return contextlib.nullcontext()
-    from alignkit.train.logging import phase
-
     return phase(f"{what} {path} ({size / 2**20:.0f} MB)", label="data")
 
 

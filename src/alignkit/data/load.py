@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from alignkit.models.default import check_hub_dataset
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file, the row and the field."""
@@ -424,8 +426,6 @@ def split_names(source: str, subset: Optional[str] = None) -> Optional[List[str]
         return list(ds) if isinstance(ds, DatasetDict) else None
     if path.exists() or not looks_like_hub_id(source):
         return None
-    from alignkit.models.default import check_hub_dataset
-
     if check_hub_dataset(source):  # unreachable: read_rows says so in one line
         return None
     try:
@@ -507,8 +507,6 @@ def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None,
             raise DataError(f"{source}: no such file or directory")
         info["origin"] = "Hugging Face Hub" + (f", subset {subset}" if subset else "")
         info["split"] = split
-        from alignkit.models.default import check_hub_dataset
-
         unreachable = check_hub_dataset(source)  # one line now instead of a minute of retries
         if unreachable:
             raise DataError(unreachable)

@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence
 
+from alignkit.data import Prepared, _eval_source, _load_split, _prepare, count_overlap, no_examples_message
 from alignkit.data.load import DataError, DataReport
 
 
@@ -81,8 +82,6 @@ def source_config(cfg, src, **update):
 def prepare_mix(kind: str, cfg, encoder, seed: int, require_eval: bool, reports: List[DataReport],
                 **parse_kwargs):
     """:func:`alignkit.data.prepare` for ``data.mix`` (module docstring)."""
-    from alignkit.data import Prepared, _eval_source, _load_split, _prepare, count_overlap, no_examples_message
-
     if cfg.path:
         raise DataError("set data.path or data.mix, not both (data.mix lists every training dataset)")
     trains, evals = [], []

@@ -24,8 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from alignkit.config import MixSource
+from alignkit.data import Prepared, _eval_source, _load_split
+from alignkit.data.formats import parse_rows
 from alignkit.data.load import (BUILTIN_PREFIX, DataError, DataReport, _read_csv, _read_dataset, _read_json,
                                 _read_jsonl, _one_line, looks_like_hub_id, resolve_data_path)
+from alignkit.data.mix import source_config
+from alignkit.data.tokenize import Encoder
+from alignkit.models.default import check_hub_dataset
 
 RowFactory = Callable[[], Iterator[Tuple[int, Dict[str, Any]]]]
 STREAMING_KINDS = ("sft", "preference")
@@ -87,8 +93,6 @@ def row_factory(source: str, split: str = "train", subset: Optional[str] = None,
         raise DataError(f"{source}: no such file or directory")
     info["origin"] = "Hugging Face Hub, streaming" + (f", subset {subset}" if subset else "")
     info["split"] = split
-    from alignkit.models.default import check_hub_dataset
-
     unreachable = check_hub_dataset(source)
     if unreachable:
         raise DataError(unreachable)
@@ -151,8 +155,6 @@ class StreamingItems:
     # ---------------------------------------------------------------- the sequence
     def _examples(self, i: int) -> Iterator[Dict[str, Any]]:
         """Dataset i's encoded examples, pass after pass (its report counts the first pass once)."""
-        from alignkit.data.formats import parse_rows
-
         name, factory, _ = self.sources[i]
         report = self.reports[i]
         p = 0
@@ -231,10 +233,6 @@ def prepare_streaming(kind: str, cfg, encoder, seed: int, require_eval: bool, re
     """:func:`alignkit.data.prepare` with ``data.streaming``: the training side as :class:`StreamingItems`
     (its first examples read now, so a file with no usable row fails before the model loads); the
     held-out side read whole as usual (``data.eval_path``, else each dataset's eval_split or test twin)."""
-    from alignkit.config import MixSource
-    from alignkit.data import Prepared, _eval_source, _load_split
-    from alignkit.data.mix import source_config
-
     if kind not in STREAMING_KINDS:
         raise DataError(f"data.streaming works for sft and preference data (dpo and its family); this command reads "
                         f"{kind} data, which it needs whole: set data.streaming=false")
@@ -278,9 +276,6 @@ def stream_rows(kind: str, rows, cfg, tokenizer, seed: int = 0, name: str = "dat
     dicts, such as a ``datasets.IterableDataset`` (each pass iterates it again) or a list. For the
     Python API; ``cfg`` (a DataConfig) gives the tokenization settings and ``shuffle_buffer``. The
     held-out side is empty (pass held-out examples to the trainer yourself)."""
-    from alignkit.data import Prepared
-    from alignkit.data.tokenize import Encoder
-
     if kind not in STREAMING_KINDS:
         raise DataError(f"streaming works for sft and preference data; {kind} data is needed whole")
     encoder = Encoder(tokenizer, cfg)

@@ -36,7 +36,7 @@ import yaml
 
 from alignkit.eval.behaviour import compare_probes_html
 from alignkit.eval.diagnostics import Diagnostics
-from alignkit.eval.paired import versus
+from alignkit.eval.paired import read_samples, versus
 from alignkit.eval.stats import format_pm, is_interval_key, read_interval
 from alignkit.eval.svg import bar_plot, line_plot, scatter_plot
 from alignkit.train.rundir import flatten_config
@@ -583,8 +583,6 @@ VERDICT_CLASS = {"better": "better", "worse": "worse", "not distinguishable": "s
 def _verdicts_html(labels: List[str], runs: List[RunData], base: int) -> List[str]:
     """Every other run against the starting model (run ``base``): paired by prompt, per reward source,
     from the ``samples.jsonl`` rows of both (:func:`alignkit.eval.paired.versus`)."""
-    from alignkit.eval.paired import read_samples
-
     base_samples = read_samples(runs[base].path)
     out = ["<h2>Against the starting model</h2>",
            f'<p class="note">Each run against <b>{escape(labels[base])}</b>, paired by prompt: the difference of the '

@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Literal, Optional, Union
 from pydantic import Field
 
 from alignkit.config import Section, as_config
+from alignkit.eval.paired import compare_eval_dirs
+from alignkit.eval.report import VERDICT_SOURCES, compare_runs, write_report
 
 
 class ReportConfig(Section):
@@ -36,8 +38,6 @@ class CompareConfig(Section):
 
 def report(config: Union[ReportConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Write RUN_DIR/report.html (or ``output``) and return its path."""
-    from alignkit.eval.report import write_report
-
     cfg = as_config(ReportConfig, config, overrides)
     path = write_report(Path(cfg.run_dir), out=Path(cfg.output) if cfg.output else None)
     print(f"report: {path}")
@@ -46,8 +46,6 @@ def report(config: Union[ReportConfig, Dict[str, Any], None] = None, **overrides
 
 def compare(config: Union[CompareConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Write the comparison of ``runs`` to ``output`` and return its path."""
-    from alignkit.eval.report import compare_runs
-
     cfg = as_config(CompareConfig, config, overrides)
     out = Path(cfg.output)
     if out.suffix.lower() not in (".html", ".htm"):
@@ -62,9 +60,6 @@ def compare(config: Union[CompareConfig, Dict[str, Any], None] = None, **overrid
 def verdict_lines(runs: List[Path], baseline: Optional[Path] = None) -> List[str]:
     """``RUN: rewards/gold +0.31 ± 0.13 (95% CI ...): better than the starting model`` for every run
     against ``baseline`` (default: the first run), paired by prompt, where both have per-prompt rewards."""
-    from alignkit.eval.paired import compare_eval_dirs
-    from alignkit.eval.report import VERDICT_SOURCES
-
     base = baseline or runs[0]
     out = []
     for run in runs:

@@ -28,14 +28,18 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import RunConfig, as_config, to_yaml
-from alignkit.feedback.common import clean_generation
+from alignkit.feedback.common import clean_generation, load_policy, write_jsonl, write_summary
 # the round helpers live in feedback/rounds.py (shared with spin); these names stay importable from here
 from alignkit.feedback.rounds import (RoundOptions, check_round_config, dpo_round, drop_model,  # noqa: F401
                                       finish_round, mean, round_slice, run_rounds)
+from alignkit.data import prepare
+from alignkit.models.loading import load_tokenizer
 from alignkit.rewards import RewardSpec, build_reward
 from alignkit.rollout.generate import GenerationConfig
 from alignkit.rollout.sampling import pick_best_worst, sample_and_score
+from alignkit.train.common import console, report_data
 from alignkit.train.preference import DPOOptions
+from alignkit.train.rundir import write_marker
 
 RewardList = List[Union[str, Dict[str, Any]]]
 
@@ -159,11 +163,6 @@ def run_iterative_round(config: Union[IterativeRoundConfig, Dict[str, Any], None
     """Round K into OUTPUT/round-K: sample, score, pair best vs worst, a DPO round, evaluate."""
     from accelerate.utils import set_seed
 
-    from alignkit.data import prepare
-    from alignkit.feedback.common import load_policy, write_jsonl
-    from alignkit.models.loading import load_tokenizer
-    from alignkit.train.common import console
-    from alignkit.train.rundir import write_marker
 
     cfg = as_config(IterativeRoundConfig, config, overrides)
     opts, k, rdir = cfg.iterative, cfg.round, Path(cfg.output)
@@ -233,10 +232,6 @@ def run_iterative_dpo(config: Union[IterativeDPOConfig, Dict[str, Any], None] = 
     starting policy, round K >= 1 is :func:`run_iterative_round`."""
     from accelerate.utils import set_seed
 
-    from alignkit.data import prepare
-    from alignkit.feedback.common import write_summary
-    from alignkit.models.loading import load_tokenizer
-    from alignkit.train.common import report_data
 
     cfg = as_config(IterativeDPOConfig, config, overrides)
     opts = cfg.iterative

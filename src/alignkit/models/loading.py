@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from alignkit import hardware
-from alignkit.config import LoraConfig, ModelConfig
+from alignkit.config import ConfigError, LoraConfig, ModelConfig
 from alignkit.data.templates import resolve_chat_template
 from alignkit.models.default import resolve_model_path
 from alignkit.ops import attention
@@ -230,14 +230,10 @@ def quantization_kwargs(cfg: ModelConfig) -> dict:
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return {}
     if cfg.load_in_4bit and cfg.load_in_8bit:
-        from alignkit.config import ConfigError
-
         raise ConfigError("model.load_in_4bit and model.load_in_8bit: choose one")
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        from alignkit.config import ConfigError
-
         flag = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
         raise ConfigError(f"model.{flag} (QLoRA) needs bitsandbytes, an optional extra that is not installed: "
                           f"pip install 'alignkit[qlora]' (or pip install bitsandbytes), or drop {flag}")
@@ -316,8 +312,6 @@ def check_lora_targets(model, targets) -> None:
     the model's linear layers. A single string other than all-linear is a peft regex: left to peft."""
     if isinstance(targets, str):
         return
-    from alignkit.config import ConfigError
-
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
@@ -332,8 +326,6 @@ def check_lora_parameters(model, names) -> None:
     one-line ConfigError listing the model's parameter names (without layer numbers)."""
     if not names:
         return
-    from alignkit.config import ConfigError
-
     params = [n for n, _ in model.named_parameters()]
     missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in params)]
     if missing:

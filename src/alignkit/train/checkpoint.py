@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from alignkit.train.rundir import check_space, need_bytes, save_error
+
 _STEP = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -239,8 +241,6 @@ class CheckpointManager:
 
     def save(self, step: int, state: Dict[str, Any], scheduler=None, need: int = 0) -> Path:
         """Write checkpoint ``step``; ``need``: bytes it takes (checked against the free space first)."""
-        from alignkit.train.rundir import check_space, need_bytes, save_error
-
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
         latest = self.latest()

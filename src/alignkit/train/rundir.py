@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from alignkit import __version__
+from alignkit.models.default import DEFAULT_ALIASES, default_model_dir
+
 LOCK = ".alignkit.lock"
 MARKER = ".alignkit-run.json"  # "this directory is an alignkit run", with the files the run writes
 # what a training run writes into its directory; --overwrite (or a fresh start over an interrupted
@@ -217,8 +220,6 @@ def read_marker(out: Path) -> Optional[Dict[str, Any]]:
 def write_marker(out: Path, command: str, files: Optional[List[str]] = None) -> None:
     """Mark ``out`` as an alignkit run directory, listing the files a run writes there (default: the
     :data:`RUN_FILES` not already there; ``[]``: a directory another alignkit tool fills before a run)."""
-    from alignkit import __version__
-
     if files is None:
         files = [n for n in RUN_FILES if not ((Path(out) / n).exists() or (Path(out) / n).is_symlink())]
     info = {"tool": "alignkit", "version": __version__, "command": command, "created": time.time(),
@@ -485,8 +486,6 @@ def _inputs_of(cfg) -> Dict[str, tuple]:
     walk(dump, "")
     model = getattr(cfg, "model", None)
     if model is not None:
-        from alignkit.models.default import DEFAULT_ALIASES, default_model_dir
-
         name = model.name_or_path
         if name is None or name.strip().lower() in DEFAULT_ALIASES:
             name = str(default_model_dir(convert=False))
