@@ -19,7 +19,7 @@ from alignkit.aliases import UnusableKey, normalize, resolve_key, set_dotted, su
 __all__ = [
     "Section", "ModelConfig", "HubConfig", "LoraConfig", "DataConfig", "TrainConfig", "OptimConfig", "LogConfig",
     "DiagnosticsConfig", "RunConfig", "SFTConfig", "RMConfig", "ScoreConfig", "ConfigError", "load_config",
-    "apply_overrides", "field_help", "COMMAND_CONFIGS", "register_command_config",
+    "apply_overrides", "ALERT_KINDS",
 ]
 
 
@@ -253,6 +253,7 @@ class OptimConfig(Section):
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:
+        # deferred: a module-level import would load torch into annotate
         from alignkit.train.optim import canonical_optimizer
 
         return canonical_optimizer(v)
@@ -280,6 +281,13 @@ class LogConfig(Section):
     """Held-out prompts answered (greedy) before and after training, shown in report.html."""
     sample_tokens: int = Field(48, gt=0)
     """Longest sample answer, in tokens."""
+
+
+#: every check of :class:`~alignkit.eval.diagnostics.Diagnostics` (its ``kind``); ``fail_on`` names them. Here,
+#: beside the section that configures them, so that the config does not import the diagnostics
+ALERT_KINDS = ("kl_blowup", "verbosity", "reward_marker", "mode_collapse", "overoptimization", "likelihood_displacement",
+               "zero_grad", "stuck_loss", "constant_reward", "all_truncated", "all_masked", "exploding",
+               "heldout_regression")
 
 
 class DiagnosticsConfig(Section):
@@ -342,8 +350,6 @@ class DiagnosticsConfig(Section):
     @field_validator("fail_on")
     @classmethod
     def _known_kinds(cls, v: List[str]) -> List[str]:
-        from alignkit.eval.diagnostics import ALERT_KINDS
-
         unknown = [k for k in v if k not in ALERT_KINDS and k != "any"]
         if unknown:
             raise ValueError(f"unknown alert kind(s) {unknown}; known: any, {', '.join(ALERT_KINDS)}")
@@ -437,12 +443,6 @@ class ScoreConfig(Section):
 
 
 C = TypeVar("C", bound=BaseModel)
-
-COMMAND_CONFIGS: Dict[str, Type[BaseModel]] = {"sft": SFTConfig, "rm": RMConfig, "score": ScoreConfig}
-
-
-def register_command_config(name: str, cls: Type[BaseModel]) -> None:
-    COMMAND_CONFIGS[name] = cls
 
 
 class ConfigError(ValueError):
@@ -577,21 +577,6 @@ def _normalized(cls: type, data: Dict[str, Any], where: str) -> Dict[str, Any]:
 
 def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def field_help(cls: Type[BaseModel], prefix: str = "") -> List[tuple]:
-    """(dotted name, type, default, description) for every leaf field, for --help."""
-    rows = []
-    for name, f in cls.model_fields.items():
-        ann = f.annotation
-        key = f"{prefix}{name}"
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.extend(field_help(ann, key + "."))
-            continue
-        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        default = None if f.is_required() else f.get_default(call_default_factory=True)
-        rows.append((key, tname, "required" if f.is_required() else default, (f.description or "").strip()))
-    return rows
 
 
 def as_config(cls: Type[C], config: Union[C, Dict[str, Any], None], overrides: Dict[str, Any]) -> C:

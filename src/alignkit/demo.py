@@ -113,6 +113,7 @@ def demo(config: Union[DemoConfig, Dict[str, Any], None] = None, **overrides) ->
     if cfg.task == "reasoning":
         return reasoning_demo(cfg)
     if cfg.task == "redteam":
+        # deferred: torch stays out of this module's import
         from alignkit.redteam.repair import redteam_demo
 
         return redteam_demo(cfg)

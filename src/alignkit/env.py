@@ -52,6 +52,7 @@ def _extras() -> Dict[str, bool]:
 
 def _devices() -> Dict[str, Any]:
     try:
+        # deferred: torch stays out of this module's import (CLI start-up)
         import torch
     except ImportError:
         return {"torch": "missing"}
@@ -60,8 +61,10 @@ def _devices() -> Dict[str, Any]:
         out["cuda_version"] = torch.version.cuda
         out["gpus"] = [f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
                        for i in range(torch.cuda.device_count())]
+    # deferred: torch stays out of this module's import
     from alignkit.models.loading import native_bf16
 
+    # deferred: torch stays out of this module's import
     from alignkit import hardware
 
     out["bf16"] = native_bf16()  # what precision=auto and dtype=auto pick (a GPU, or a CPU with AMX/AVX512-BF16)
@@ -74,6 +77,7 @@ def _devices() -> Dict[str, Any]:
 
 def collect() -> Dict[str, Any]:
     try:
+        # deferred: huggingface_hub loads only for Hub access
         from huggingface_hub import constants
 
         hf_cache = constants.HF_HUB_CACHE

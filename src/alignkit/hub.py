@@ -63,6 +63,7 @@ def _hub_id_of_dir(p: Path) -> Optional[str]:
     (``.../models--OWNER--NAME/snapshots/REV``), or the id its own config records (``_name_or_path``
     in config.json, written by older transformers, when it is a Hub id and not a path); the embedded
     default's converted config records ``SmolLM2-135M-Instruct``."""
+    # deferred: pydantic stays out of this module's import
     from alignkit.data.load import looks_like_hub_id
     m = _SNAPSHOT.search(p.as_posix())
     if m:
@@ -288,6 +289,7 @@ def push_failure_cause(e: BaseException) -> str:
     requests, socket) and offline mode are network."""
     import socket
 
+    # deferred: huggingface_hub loads only for Hub access
     from huggingface_hub import errors as hub_errors
 
     seen = set()
@@ -328,6 +330,7 @@ def push_to_hub(model_dir: Path, cfg: Any) -> str:
     A failure is a :class:`HubPushError` whose message names the cause (network, auth, permission) and
     how to upload the saved model later."""
     try:
+        # deferred: huggingface_hub loads only for Hub access
         from huggingface_hub import HfApi
     except ImportError:  # pragma: no cover - a dependency of transformers
         raise HubPushError("hub.push needs huggingface_hub: pip install huggingface_hub") from None

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from alignkit.aliases import UnusableKey, normalize as normalize_aliases
 from alignkit.command import command_for, load_commands, load_ref  # noqa: F401  (load_commands: re-exported)
@@ -179,8 +179,6 @@ def check_stages(spec: PipelineSpec, source: str = "", commands: Optional[Dict[s
     Returns ``(stage, command, resolved data)`` per stage; raises :class:`ConfigError` listing every
     problem of every stage, one line each, so a typo in the last stage costs nothing.
     """
-    from pydantic import ValidationError
-
 
     root = Path(spec.output)
     outputs: Dict[str, Path] = {}

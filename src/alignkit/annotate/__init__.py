@@ -89,6 +89,7 @@ def _guideline(text: str) -> str:
 
 def prepare_store(cfg: AnnotateConfig):
     """Open the store, save the settings given and import the task (rank mode) or the A/B items."""
+    # deferred: sqlalchemy/starlette load only when the annotation store or server runs
     from alignkit.annotate.store import Store
     store = Store(cfg.db)
     settings: Dict[str, Any] = {}
@@ -163,6 +164,7 @@ def run_annotate(config: Union[AnnotateConfig, Dict[str, Any], None] = None, **o
         if len(names) != 1:
             raise DataError("usage: alignkit annotate add-user NAME [--admin] [--db FILE] "
                             "(or --name 'NAME' for a name containing '=')")
+        # deferred: sqlalchemy/starlette load only when the annotation store or server runs
         from alignkit.annotate.store import Store, StoreError
 
         store = Store(cfg.db)
@@ -179,6 +181,7 @@ def run_annotate(config: Union[AnnotateConfig, Dict[str, Any], None] = None, **o
         return {"user": names[0], "admin": cfg.admin, "login_url": f"{base}/login?code={code}"}
     store, summary = prepare_store(cfg)
     if action == "export":
+        # deferred: sqlalchemy/starlette load only when the annotation store or server runs
         from alignkit.annotate.export import export
 
         return export(store, cfg.output, cfg.aggregate)
@@ -196,8 +199,10 @@ def serve(store, host: str = "127.0.0.1", port: int = 8765, *, public_url: Optio
     import json
     import os
 
+    # deferred: uvicorn loads only when the server runs
     import uvicorn
 
+    # deferred: sqlalchemy/starlette load only when the annotation store or server runs
     from alignkit.annotate.app import create_app
 
     address = served_url(host, port)

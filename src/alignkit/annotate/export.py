@@ -31,8 +31,9 @@ from typing import Any, Dict, List
 
 from alignkit.annotate import agreement as A
 from alignkit.annotate.store import Store
-from alignkit.eval.report import CSS
-from alignkit.feedback.common import write_jsonl
+from alignkit.data.load import write_jsonl
+from alignkit.eval.style import page
+
 
 
 def _fmt(v: Any) -> str:
@@ -182,10 +183,7 @@ def agreement_html(res: Dict[str, Any], title: str = "alignkit annotation report
                      {"file": "items whose consensus keeps a tie (pairs only)", "rows": c["consensus_with_ties"]},
                      {"file": "items with no preference (all tied)", "rows": c["no_preference"]},
                      {"file": "pairs split evenly (left out)", "rows": c["pairs_split_evenly"]}], ["file", "rows"])]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{escape(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body)
-            + "\n</body></html>\n")
+    return page(title, body)
 
 
 def _update_summary(run_dir: Path, values: Dict[str, float]) -> None:

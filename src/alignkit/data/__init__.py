@@ -128,10 +128,12 @@ def prepare(kind: str, cfg: DataConfig, tokenizer, seed: int = 0, require_eval: 
     reports: List[DataReport] = []
     try:
         if cfg.streaming:  # data/stream.py: training examples read lazily, by position
+            # deferred: import cycle (data.stream -> data at module level)
             from alignkit.data.stream import prepare_streaming
 
             return prepare_streaming(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs)
         if cfg.mix:  # data/mix.py: several datasets sampled by weight
+            # deferred: import cycle (data.mix -> data at module level)
             from alignkit.data.mix import prepare_mix
 
             return prepare_mix(kind, cfg, encoder, seed, require_eval, reports, **parse_kwargs)

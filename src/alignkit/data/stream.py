@@ -69,6 +69,7 @@ def row_factory(source: str, split: str = "train", subset: Optional[str] = None,
     path = resolve_data_path(source)
     info["split"] = None
     if path.is_dir():
+        # deferred: datasets (slow import) loads only for Hub / Arrow inputs
         from datasets import DatasetDict, load_from_disk
 
         try:
@@ -97,6 +98,7 @@ def row_factory(source: str, split: str = "train", subset: Optional[str] = None,
     if unreachable:
         raise DataError(unreachable)
     try:
+        # deferred: datasets (slow import) loads only for Hub / Arrow inputs
         from datasets import load_dataset
 
         ds = load_dataset(source, subset, split=split, streaming=True)

@@ -170,6 +170,7 @@ def _rows(source: str, max_items: Optional[int], need: Tuple[str, ...]) -> List[
 
 def policy_answerer(model, tok, generation, max_new_tokens: int) -> GenerateFn:
     """Greedy answers of ``model`` to chats, through the tokenizer's chat template."""
+    # deferred: torch stays out of this module's import
     from alignkit.rollout.generate import generate
 
     gen = generation.model_copy(update={"temperature": 0.0, "max_new_tokens": max_new_tokens})

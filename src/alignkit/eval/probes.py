@@ -61,8 +61,8 @@ from pydantic import Field, field_validator
 from alignkit.config import ConfigError, Section, as_config
 from alignkit.data.load import DataError, read_rows
 from alignkit.eval import markers as MK
-from alignkit.eval.report import _page
 from alignkit.eval.stats import Interval, binomial_interval, mean_interval, paired_comparison
+from alignkit.eval.style import page
 from alignkit.feedback.judge import JudgeQuery, judge_both_orders
 from alignkit.rewards import build_reward, build_source
 from alignkit.rewards.base import RewardSpec
@@ -658,7 +658,7 @@ def write_probe_report(doc: Dict[str, Any], pairs: Sequence[ProbePair], path: Pa
                 for p in ps)
             body.append(f"<h3>{escape(r['probe'])}</h3><table class=\"samples\"><tr><th>original</th>"
                         f"<th>perturbed</th></tr>{cells}</table>")
-    path.write_text(_page(title, body), encoding="utf-8")
+    path.write_text(page(title, body), encoding="utf-8")
     return path
 
 

@@ -24,10 +24,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignkit.config import ModelConfig, Section, as_config
-from alignkit.data.load import DataError
+from alignkit.data.load import DataError, write_jsonl
 from alignkit.feedback.common import (InputConfig, as_messages, conversation_ids, load_policy,
-                                      load_prompt_examples, print_report, sample_with_ended, write_jsonl,
-                                      write_summary)
+                                      load_prompt_examples, print_report, sample_with_ended, write_summary)
 from alignkit.feedback.judge import (JudgeOptions, JudgeQuery, average_verdicts, decide, judge_both_orders,
                                      judge_model_name, load_judge, load_template, summarize, template_fields)
 from alignkit.rollout.generate import GenerationConfig
@@ -196,6 +195,7 @@ def critique_revise(model, tok, prompts: List[Any], principles: List[Principle],
 
 def run_cai_sl(config: Union[CAISLConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """SL-CAI; the Python twin of ``alignkit cai-sl``."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
     cfg = as_config(CAISLConfig, config, overrides)
@@ -228,6 +228,7 @@ def run_cai_sl(config: Union[CAISLConfig, Dict[str, Any], None] = None, **overri
 
 def run_cai_rl(config: Union[CAIRLConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """RL-CAI preference labelling; the Python twin of ``alignkit cai-rl``."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
     cfg = as_config(CAIRLConfig, config, overrides)

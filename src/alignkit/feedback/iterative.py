@@ -28,7 +28,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import RunConfig, as_config, to_yaml
-from alignkit.feedback.common import clean_generation, load_policy, write_jsonl, write_summary
+from alignkit.data.load import write_jsonl
+from alignkit.feedback.common import clean_generation, load_policy, write_summary
 # the round helpers live in feedback/rounds.py (shared with spin); these names stay importable from here
 from alignkit.feedback.rounds import (RoundOptions, check_round_config, dpo_round, drop_model,  # noqa: F401
                                       finish_round, mean, round_slice, run_rounds)
@@ -161,6 +162,7 @@ class IterativeRoundConfig(IterativeDPOConfig):
 def run_iterative_round(config: Union[IterativeRoundConfig, Dict[str, Any], None] = None, **overrides
                         ) -> Dict[str, Any]:
     """Round K into OUTPUT/round-K: sample, score, pair best vs worst, a DPO round, evaluate."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
 
@@ -230,6 +232,7 @@ def run_iterative_dpo(config: Union[IterativeDPOConfig, Dict[str, Any], None] = 
 
     The rounds are the stages of a generated pipeline (:func:`run_rounds`): round 0 evaluates the
     starting policy, round K >= 1 is :func:`run_iterative_round`."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
 

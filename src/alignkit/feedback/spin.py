@@ -30,9 +30,9 @@ from pydantic import Field, model_validator
 from alignkit.config import RunConfig, as_config, to_yaml
 from alignkit.data.formats import parse_rows
 from alignkit.data.layout import pad_sequences
-from alignkit.data.load import DataError, DataReport, read_rows
+from alignkit.data.load import DataError, DataReport, read_rows, write_jsonl
 from alignkit.data.tokenize import Encoder
-from alignkit.feedback.common import load_policy, print_report, sample_with_ended, write_jsonl, write_summary
+from alignkit.feedback.common import load_policy, print_report, sample_with_ended, write_summary
 from alignkit.feedback.rounds import (RoundOptions, check_round_config, dpo_round, drop_model, finish_round, mean,
                                      round_slice, run_rounds)
 from alignkit.rollout.generate import GenerationConfig, batched_logprobs
@@ -129,6 +129,7 @@ def own_generations(model, tok, encoder, items, gen: GenerationConfig):
 
 def run_spin_round(config: Union[SPINRoundConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Round K into OUTPUT/round-K: the model's own generations, (data, own) pairs, margins, a DPO round."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
 
@@ -177,6 +178,7 @@ def run_spin(config: Union[SPINConfig, Dict[str, Any], None] = None, **overrides
 
     The rounds are the stages of a generated pipeline (:func:`alignkit.feedback.rounds.run_rounds`),
     each :func:`run_spin_round`; the final model is measured here."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
 

@@ -82,6 +82,7 @@ class RewardScorer:
 
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 8, dtype: str = "auto",
                  chat_template: str = "auto", max_length: int = 1024):
+        # deferred: transformers is slow to import; it loads when a model does
         from transformers import AutoTokenizer
 
 
@@ -154,11 +155,13 @@ def load_sequence_classifier(path: str, dtype: torch.dtype, pad_token_id: Option
     so HF's pooling and ours read the same position), then merged."""
     import json
 
+    # deferred: transformers is slow to import; it loads when a model does
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     p = Path(path)
     if not (p / "adapter_config.json").exists():
         return AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    # deferred: peft loads only when LoRA is used
     from peft import PeftModel
 
 

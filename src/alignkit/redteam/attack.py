@@ -31,9 +31,10 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 from pydantic import Field, field_validator
 
 from alignkit.config import LoraConfig, ModelConfig, Section, as_config
+from alignkit.data.load import write_jsonl
 from alignkit.eval.report import write_report
 from alignkit.feedback.common import (InputConfig, conversation_ids, load_policy, load_prompt_examples,
-                                      sample_texts, write_jsonl, write_summary)
+                                      sample_texts, write_summary)
 from alignkit.redteam.metrics import (AttackRecord, NoveltyMemory, attack_report, extract_attack, rate,
                                       redteam_is_refusal)
 from alignkit.rewards import build_reward
@@ -184,6 +185,7 @@ class Responder:
         return cls(model, tok, gen)
 
     def __call__(self, prompts: Sequence[str]) -> List[str]:
+        # deferred: torch stays out of this module's import (CLI start-up)
         import torch
 
 
@@ -307,6 +309,7 @@ def run_redteam(config: Union[RedteamConfig, Dict[str, Any], None] = None, **ove
     interval, diversity, over-refusal, top attacks)."""
     import time
 
+    # deferred: torch stays out of this module's import (CLI start-up)
     import torch
 
 

@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Literal, Optional, Union
 from pydantic import Field, field_validator
 
 from alignkit.config import ModelConfig, Section, as_config
-from alignkit.data.load import DataError
-from alignkit.feedback.common import write_jsonl, write_summary
+from alignkit.data.load import DataError, write_jsonl
+from alignkit.feedback.common import write_summary
 from alignkit.pipeline import run_pipeline
 from alignkit.redteam.attack import Judge, Responder
 from alignkit.redteam.metrics import rate_difference, redteam_is_refusal
@@ -129,6 +129,7 @@ def choose_pairs(failures: List[Dict[str, Any]], candidates: List[List[str]], so
 
 def run_redteam_pairs(config: Union[RedteamPairsConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Build the repair pairs; the Python twin of ``alignkit redteam-pairs``."""
+    # deferred: torch stays out of this module's import (CLI start-up)
     import torch
 
 

@@ -44,6 +44,7 @@ class CompositeReward:
         self.specs = list(specs or [])
         self.last_components: Dict[str, List[float]] = {}
         self.last_total: List[float] = []
+        # deferred: import cycle (rewards.deadline -> rewards.base runs rewards/__init__, which imports this module)
         from alignkit.rewards.deadline import DEFAULT_TIMEOUT_S
 
         self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
@@ -88,6 +89,7 @@ class CompositeReward:
         n = len(completions)
         if not getattr(source, "user_code", False):
             return check_scores(f"reward source {name!r}", source(prompts, completions, rows), n)
+        # deferred: import cycle (rewards.deadline -> rewards.base runs rewards/__init__, which imports this module)
         from alignkit.rewards.deadline import RewardTimeout, call_with_deadline
         what = source.describe() if hasattr(source, "describe") else f"reward {name!r}"
         at = f" {where}" if where else f" on a batch of {n} completions"

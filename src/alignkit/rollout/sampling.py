@@ -178,6 +178,7 @@ def _write_jsonl(path: Path, rows: List[Dict[str, Any]]) -> Path:
 
 def _setup(cfg):
     """Seed, tokenizer, policy (eval mode, on the GPU when there is one), prompts and the reward."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
 

@@ -169,6 +169,7 @@ def resolve_checkpoint(root: Path, where: str, warn: Callable[[str], None] = pri
 
 def save_rng(path: Path) -> None:
     """This process's random states into a safetensors file (tensors + JSON metadata: no pickle)."""
+    # deferred: torch, numpy, safetensors load with the RNG files; rundir reads the manifests without them
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -186,6 +187,7 @@ def save_rng(path: Path) -> None:
 
 
 def load_rng(path: Path) -> None:
+    # deferred: torch, numpy, safetensors load with the RNG files; rundir reads the manifests without them
     import numpy as np
     import torch
     from safetensors import safe_open
@@ -207,6 +209,7 @@ def load_rng(path: Path) -> None:
 def _weights_only(seen: List[str]):
     """Every ``torch.load`` inside runs with ``weights_only=True`` (whatever its caller asked: accelerate
     loads custom state with ``weights_only=False``); ``seen`` records the files it opens."""
+    # deferred: torch loads with a checkpoint; rundir reads the manifests without it
     import torch
 
     orig = torch.load
@@ -298,6 +301,7 @@ class CheckpointManager:
     def load(self, where: str, scheduler=None) -> Tuple[Path, Dict[str, Any]]:
         """Restore model, optimizer, scheduler and this process's random states from a verified checkpoint.
         The main process chooses it (the newest intact one for ``latest``) and tells the others."""
+        # deferred: accelerate (slow import) loads only for training
         from accelerate.utils import broadcast_object_list
 
         chosen: List[Any] = [None]

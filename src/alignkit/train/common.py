@@ -26,8 +26,10 @@ def console():
 def start_run(cfg: RunConfig):
     """Seed everything, create the accelerator, take the run directory (lock, overwrite and resume
     rules: train/rundir.py), write config.yaml."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
+    # deferred: a module-level import would load torch into demo
     from alignkit.train.loop import make_accelerator
 
     acc = make_accelerator(cfg)
@@ -51,6 +53,7 @@ def processes_line(acc) -> str:
 
 def claim_output(cfg: RunConfig, acc) -> None:
     """The main process takes ``cfg.output`` (train/rundir.py); every process raises if it refused."""
+    # deferred: torch stays out of this module's import (CLI start-up)
     import torch
 
 
@@ -102,6 +105,7 @@ def prepare_data(kind: str, cfg: RunConfig, tokenizer, acc, **kwargs) -> Prepare
 def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save_kwargs: Optional[dict] = None) -> Path:
     """Save OUTPUT/model (safetensors + tokenizer + README.md model card) and OUTPUT/summary.json on the
     main process; push OUTPUT/model to the Hub when hub.push is set."""
+    # deferred: a module-level import would load torch into demo
     from alignkit.models.loading import checkpoint_dtype, save_model
 
 
@@ -145,6 +149,7 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
 
 def write_run_report(out: Path) -> Optional[Path]:
     """OUTPUT/report.html; a failure here never fails the run that produced the data."""
+    # deferred: import cycle (eval.report -> eval.behaviour -> feedback.common -> train.common at module level)
     from alignkit.eval.report import write_report
 
     try:
@@ -181,6 +186,7 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
     after (``samples``: the model generates), ``trainer.fit()``, then save and write the summary.
     Returns the summary: final metrics, ``KEY_before`` for the metrics before training, ``extra`` and
     ``model_dir``."""
+    # deferred: a module-level import would load torch into demo
     from alignkit.train.loop import TrainingAborted
     out = Path(cfg.output)
     if cfg.resume:  # the "before" numbers and samples are the ones the interrupted run recorded
@@ -204,6 +210,7 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
         sample_report_prompts(trainer, tokenizer, eval_items, "after")
     summary = {**final, **{f"{k}_before": v for k, v in before.items()}, **extra}
     summary["model_dir"] = str(finish_run(trainer, tokenizer, cfg, summary))
+    # deferred: a module-level import would load torch into demo
     from alignkit.models.loading import is_peft
 
     model = trainer.unwrapped()
@@ -239,6 +246,7 @@ def sample_report_prompts(trainer, tokenizer, items, tag: str) -> None:
     n = cfg.log.samples
     if not n or not items or not trainer.acc.is_main_process:
         return
+    # deferred: a module-level import would load torch into demo
     from alignkit.rollout.generate import GenerationConfig, generate
 
     seen, prompts = set(), []

@@ -24,6 +24,7 @@ from alignkit.data.stream import StreamingItems
 from alignkit.eval.diagnostics import Alert, Diagnostics
 from alignkit.models.loading import native_bf16
 from alignkit.runtime import keep_host_memory
+from alignkit.train import metric_keys as K
 from alignkit.train.checkpoint import CheckpointError, CheckpointManager
 from alignkit.train.common import console
 from alignkit.train.logging import MetricLogger, peak_memory_gb
@@ -163,12 +164,14 @@ def make_scheduler(optimizer, total_steps: int, cfg, start: int = 0) -> torch.op
 
 
 def make_accelerator(cfg: RunConfig):
+    # deferred: accelerate (slow import) loads only for training
     from accelerate import Accelerator
 
     precision = cfg.train.precision
     if precision == "auto":  # bf16 autocast wherever bf16 is native: a GPU, or a CPU with AMX/AVX512-BF16
         precision = "bf16" if native_bf16() else "fp32"
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.state import AcceleratorState
 
     # accelerate keeps one global state per process; a second run in the same process (notebooks,
@@ -331,7 +334,7 @@ class Trainer:
         # like the gradient is
         out = {k: sums[k] / max(total, 1e-12) for k in keys}
         out["train/grad_norm"] = grad_norm
-        out["train/units"] = float(total)  # loss tokens / pairs / sequences of the update (0: all masked)
+        out[K.TRAIN_UNITS] = float(total)  # loss tokens / pairs / sequences of the update (0: all masked)
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -449,7 +452,7 @@ class Trainer:
                         metrics[k] = metrics.get(k, 0.0) + (v - metrics.get(k, 0.0)) / n_updates
                 if self.diagnostics is not None and ((self.step + 1) % cfg.log.every == 0
                                                      or self.step + 1 == self.total_steps):
-                    metrics["train/weight_rms"] = self._weight_rms()  # read with the other metrics
+                    metrics[K.WEIGHT_RMS] = self._weight_rms()  # read with the other metrics
                 metrics = host_floats(metrics)  # the step's one read of its metrics
                 metrics.update(host_floats(planned))
                 with warnings.catch_warnings():  # a skipped (NaN) update still advances the schedule
@@ -578,7 +581,7 @@ class Trainer:
         ``all_masked`` alert fires before any compute is spent (and aborts with fail_on)."""
         if self.diagnostics is None:
             return
-        self._diagnose({"train/weight_rms": float(self._weight_rms())})
+        self._diagnose({K.WEIGHT_RMS: float(self._weight_rms())})
         try:
             sample = self.train_items[:max(self.micro, 16)]
             units = float(self.task.units(self.task.collate(sample))) if sample else 1.0

@@ -182,6 +182,7 @@ atexit.register(release_all)
 # ------------------------------------------------------------------------------------ ownership
 
 def _checkpoints(out: Path) -> List[Path]:
+    # deferred: import cycle (train.checkpoint -> train.rundir at module level)
     from alignkit.train.checkpoint import step_dirs
 
     return step_dirs(out / "checkpoints")
@@ -372,6 +373,7 @@ def check_resume(cfg, out: Path, warn=print) -> Path:
     """Refuse to resume from a damaged checkpoint (the newest intact one is taken for ``latest``, with a
     line through ``warn``), from one written with another config, or over changed inputs; returns the
     checkpoint."""
+    # deferred: import cycle (train.checkpoint -> train.rundir at module level)
     from alignkit.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(out / "checkpoints", cfg.resume, warn)
@@ -423,6 +425,7 @@ def _hub_revision(name: str, repo_type: str, revision: Optional[str]) -> Optiona
     if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
         return revision
     try:
+        # deferred: huggingface_hub loads only for Hub access
         from huggingface_hub.constants import HF_HUB_CACHE
     except ImportError:  # pragma: no cover
         return revision
@@ -540,6 +543,7 @@ def free_bytes(path: Path) -> Optional[int]:
 
 def tensor_bytes(*objs) -> int:
     """Bytes of the tensors of modules, optimizers (their state) and state dicts, for space checks."""
+    # deferred: torch stays out of this module's import (CLI start-up)
     import torch
 
     total = 0
