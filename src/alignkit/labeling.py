@@ -26,18 +26,17 @@ from alignkit.data.load import DataError
 from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSpec, build_reward
 from alignkit.rollout.generate import GenerationConfig, generate
+from alignkit.rollout.job import NSamplesJob
 from alignkit.rollout.sampling import pick_best_worst
 from alignkit.train.logging import phase
 
 
-class SamplePairsConfig(Section):
+class SamplePairsConfig(NSamplesJob):
     """Sample n responses per prompt from a model (the raw material for labelled pairs)."""
 
     command: Literal["sample-pairs"] = "sample-pairs"
     output: str = "runs/samples"
     """Directory for samples.jsonl and summary.json."""
-    model: ModelConfig = ModelConfig()
-    """The model to sample from (empty: the embedded default model)."""
     data: DataConfig = DataConfig()
     """Prompt rows ({prompt, ...} or {messages}); the other fields are copied to the output rows."""
     n: int = Field(2, ge=2)

@@ -30,6 +30,7 @@ from alignkit.feedback.common import (InputConfig, as_messages, conversation_ids
 from alignkit.feedback.judge import (JudgeOptions, JudgeQuery, average_verdicts, decide, judge_both_orders,
                                      judge_model_name, load_judge, load_template, summarize, template_fields)
 from alignkit.rollout.generate import GenerationConfig
+from alignkit.rollout.job import SamplingJob
 
 
 class Principle(BaseModel):
@@ -111,11 +112,10 @@ class CAIRLOptions(ConstitutionOptions):
     ensemble over 16)."""
 
 
-class CAISLConfig(Section):
+class CAISLConfig(SamplingJob):
     """SL-CAI: critique and revise sampled responses against a constitution; write an SFT dataset."""
 
     command: Literal["cai-sl"] = "cai-sl"
-    """The command this config is for (set automatically)."""
     output: str = "runs/cai-sl"
     """Output directory: sft.jsonl (prompt, final revision), chains.jsonl (every step) and summary.json."""
     model: ModelConfig = ModelConfig()
@@ -128,11 +128,10 @@ class CAISLConfig(Section):
     """Constitution and rounds."""
 
 
-class CAIRLConfig(Section):
+class CAIRLConfig(SamplingJob):
     """RL-CAI: sample response pairs and label them with a judge against drawn principles."""
 
     command: Literal["cai-rl"] = "cai-rl"
-    """The command this config is for (set automatically)."""
     output: str = "runs/cai-rl"
     """Output directory: preferences.jsonl (prompt, chosen, rejected, soft_label, principles) and summary.json."""
     model: ModelConfig = ModelConfig()

@@ -37,6 +37,7 @@ from alignkit.data import prepare
 from alignkit.models.loading import load_tokenizer
 from alignkit.rewards import RewardSpec, build_reward
 from alignkit.rollout.generate import GenerationConfig
+from alignkit.rollout.job import SamplingJob
 from alignkit.rollout.sampling import pick_best_worst, sample_and_score
 from alignkit.train.common import console, report_data
 from alignkit.train.preference import DPOOptions
@@ -77,7 +78,7 @@ class IterativeOptions(RoundOptions):
         return _reward_list(v)
 
 
-class IterativeDPOConfig(RunConfig):
+class IterativeDPOConfig(RunConfig, SamplingJob):
     """Iterative / online DPO: rounds of sampling, reward scoring, best-vs-worst pairs and DPO."""
 
     command: Literal["iterative-dpo"] = "iterative-dpo"

@@ -36,6 +36,7 @@ from alignkit.feedback.common import load_policy, print_report, sample_with_ende
 from alignkit.feedback.rounds import (RoundOptions, check_round_config, dpo_round, drop_model, finish_round, mean,
                                      round_slice, run_rounds)
 from alignkit.rollout.generate import GenerationConfig, batched_logprobs
+from alignkit.rollout.job import SamplingJob
 from alignkit.train.common import console
 from alignkit.train.preference import DPOOptions
 
@@ -45,7 +46,7 @@ class SPINOptions(RoundOptions):
     """SPIN iterations (the paper runs 3-4 on 50k prompts). Must be > 0: a run of no rounds trains nothing."""
 
 
-class SPINConfig(RunConfig):
+class SPINConfig(RunConfig, SamplingJob):
     """SPIN: the SFT data's response is chosen, the model's own generation rejected; DPO loss; iterated."""
 
     command: Literal["spin"] = "spin"
