@@ -172,7 +172,7 @@ def _user_errors() -> tuple:
     from alignkit.rewards.base import RewardError
     from alignkit.train.logging import MissingPackage
     from alignkit.train.loop import TrainingAborted
-    from alignkit.train.rundir import RunDirError, SaveError
+    from alignkit.train.disk import RunDirError, SaveError
 
     return (DataError, ConfigError, TrainingAborted, RunDirError, SaveError, MissingPackage, FileNotFoundError,
             PermissionError, IsADirectoryError, NotADirectoryError, HubPushError, RewardError)

@@ -28,7 +28,7 @@ from alignkit.command import command_for, load_commands, load_ref  # noqa: F401 
 from alignkit.config import ConfigError, apply_overrides, build_config, format_validation_error
 from alignkit.rewards.base import RewardSpec
 from alignkit.rewards.pyfunc import load_callable
-from alignkit.train.common import console
+from alignkit.train.logging import console
 
 DONE = "DONE"
 STAGE_MARKER = ".alignkit-stage.json"  # written when a stage starts: we own the directory

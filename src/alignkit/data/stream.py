@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from alignkit.config import MixSource
-from alignkit.data import Prepared, _eval_source, _load_split
 from alignkit.data.formats import parse_rows
 from alignkit.data.load import (BUILTIN_PREFIX, DataError, DataReport, _read_csv, _read_dataset, _read_json,
                                 _read_jsonl, _one_line, looks_like_hub_id, resolve_data_path)
 from alignkit.data.mix import source_config
+from alignkit.data.prepared import Prepared, eval_source, load_split
 from alignkit.data.tokenize import Encoder
 from alignkit.models.default import check_hub_dataset
 
@@ -255,15 +255,15 @@ def prepare_streaming(kind: str, cfg, encoder, seed: int, require_eval: bool, re
         stream_reports.append(rep)
         reports.append(rep)
         if not cfg.eval_path:
-            where = _eval_source(sub)
+            where = eval_source(sub)
             if where is not None:
-                items, erep, _keys = _load_split(where[0], where[1], "eval", kind, sub, encoder, **parse_kwargs)
+                items, erep, _keys = load_split(where[0], where[1], "eval", kind, sub, encoder, **parse_kwargs)
                 reports.append(erep)
                 evals.extend(items)
     if cfg.eval_path:
-        where = _eval_source(source_config(cfg, mix[0]))
+        where = eval_source(source_config(cfg, mix[0]))
         if where is not None:
-            evals, erep, _keys = _load_split(where[0], where[1], "eval", kind, cfg, encoder, **parse_kwargs)
+            evals, erep, _keys = load_split(where[0], where[1], "eval", kind, cfg, encoder, **parse_kwargs)
             reports.append(erep)
     if require_eval and not evals:
         raise DataError("this command needs held-out data: set data.eval_path or data.eval_split")

@@ -9,9 +9,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from pydantic import Field
 
 from alignkit.config import ModelConfig, Section
-from alignkit.data.load import DataError, DataReport, read_rows
 from alignkit.data.formats import parse_rows
-from alignkit.train.common import console
+from alignkit.data.load import DataError, DataReport, read_rows
+from alignkit.train.logging import console
 
 
 class InputConfig(Section):
@@ -55,7 +55,7 @@ def print_report(report: DataReport) -> None:
 
 def load_policy(name_or_path: Optional[str], model_cfg=None, trainable: bool = False):
     """(model on the best device, tokenizer) for sampling."""
-    # deferred: a module-level import would load torch into demo
+    # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
     from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
 
     mcfg = (model_cfg or ModelConfig()).model_copy(update={"name_or_path": name_or_path,
@@ -101,7 +101,7 @@ def sample_with_ended(model, tok, prompt_ids: List[List[int]], gen, n: int = 1) 
     """``n`` cleaned samples per prompt, grouped prompt by prompt, and whether each ended (EOS) before
     ``generation.max_new_tokens``. An unfinished sample re-encoded as training text gets an EOS it
     never produced, so callers count (and may drop) them."""
-    # deferred: a module-level import would load torch into demo
+    # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
     from alignkit.rollout.generate import generate
 
     if gen.engine == "vllm":

@@ -39,7 +39,8 @@ from alignkit.rewards import RewardSpec, build_reward
 from alignkit.rollout.generate import GenerationConfig
 from alignkit.rollout.job import SamplingJob
 from alignkit.rollout.sampling import pick_best_worst, sample_and_score
-from alignkit.train.common import console, report_data
+from alignkit.train.common import report_data
+from alignkit.train.logging import console
 from alignkit.train.preference import DPOOptions
 from alignkit.train.rundir import write_marker
 

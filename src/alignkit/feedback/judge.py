@@ -350,7 +350,7 @@ class LMJudge:
 
 
     def _last_logits(self, ids, attn):
-        # deferred: a module-level import would load torch into demo
+        # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
         from alignkit.ops.logprobs import keep_last
 
         kw = dict(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=False)
@@ -362,7 +362,7 @@ class LMJudge:
 
 
 def _positions(attn):
-    # deferred: a module-level import would load torch into demo
+    # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
     from alignkit.ops.logprobs import position_ids
 
     return position_ids(attn)
@@ -371,7 +371,7 @@ def _positions(attn):
 def load_judge(opts: JudgeOptions, default_model: Optional[str] = None, model=None, tokenizer=None) -> LMJudge:
     """Build an :class:`LMJudge`; ``model``/``tokenizer`` reuse an already loaded model (e.g. the policy)."""
     if model is None:
-        # deferred: a module-level import would load torch into demo
+        # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
         from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
 
         mcfg = opts.model

@@ -79,7 +79,7 @@ class JudgeReward:
         return [self.cache[k] for k in keys]
 
     def _greedy(self, prompts: List[Any]) -> List[str]:
-        # deferred: a module-level import would load torch into demo
+        # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
         from alignkit.rollout.generate import GenerationConfig
 
         enc = Encoder(self.policy_tok, DataConfig(chat_template=self.prompt_chat_template))

@@ -37,7 +37,7 @@ from alignkit.feedback.rounds import (RoundOptions, check_round_config, dpo_roun
                                      round_slice, run_rounds)
 from alignkit.rollout.generate import GenerationConfig, batched_logprobs
 from alignkit.rollout.job import SamplingJob
-from alignkit.train.common import console
+from alignkit.train.logging import console
 from alignkit.train.preference import DPOOptions
 
 

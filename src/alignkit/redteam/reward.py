@@ -34,7 +34,7 @@ class RedteamReward:
         self.last_stats: Dict[str, float] = {}
 
     def __call__(self, prompts, completions, rows=None) -> List[float]:
-        # deferred: a module-level import would load torch into demo
+        # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
         from alignkit.redteam.attack import query
         rows = rows or [{} for _ in completions]
         cats = [r.get("category") for r in rows]
@@ -52,7 +52,7 @@ class RedteamReward:
 @register_reward_kind("redteam", syntax="redteam:TARGET (options: judge, novelty, threshold, log)")
 def build_redteam(spec: RewardSpec) -> RedteamReward:
     """Attacker reward: judge failure score of TARGET's answer + novelty bonus (Hong et al. 2024)."""
-    # deferred: a module-level import would load torch into demo
+    # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
     from alignkit.redteam.attack import Judge, Responder
     from alignkit.rollout.generate import GenerationConfig
 

@@ -27,7 +27,8 @@ from alignkit.data.load import write_jsonl
 from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
 from alignkit.rewards import build_reward
 from alignkit.rollout.generate import GenerationConfig, generate
-from alignkit.train.common import console, report_data
+from alignkit.train.common import report_data
+from alignkit.train.logging import console
 from alignkit.train.rl_config import BoNConfig, RejectionSamplingConfig
 
 

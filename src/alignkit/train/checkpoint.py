@@ -17,7 +17,7 @@ safetensors, JSON and ``torch.load(weights_only=True)`` only (forced for every `
 accelerate loads the state), and a file that does not load is one :class:`CheckpointError` line.
 
 Before each checkpoint the free disk space is checked against its size; a failed write removes its
-``.tmp-*`` directory and raises :class:`~alignkit.train.rundir.SaveError` naming the path and the cause.
+``.tmp-*`` directory and raises :class:`~alignkit.train.disk.SaveError` naming the path and the cause.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from alignkit.train.rundir import check_space, need_bytes, save_error
+from alignkit.train.disk import RunDirError, check_space, need_bytes, save_error, sha256_file
 
 _STEP = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
@@ -42,9 +42,6 @@ RNG = "rng_state_{}.safetensors"
 # names a checkpoint may hold (accelerate's model/optimizer files, FSDP's sharded folders, ours)
 _ALLOWED = re.compile(r"^(model(_\d+)?\.safetensors|pytorch_model(_fsdp)?(_\d+)?(\.bin)?|optimizer(_\d+)?(\.bin)?"
                       r"|scheduler\.json|rng_state_\d+\.safetensors|trainer_state\.json|manifest\.json)$")
-
-
-from alignkit.train.rundir import RunDirError, sha256_file
 
 
 class CheckpointError(RunDirError):

@@ -11,16 +11,13 @@ from alignkit.api import TrainResult, current
 from alignkit.config import RunConfig, to_yaml
 from alignkit.data import DataError, Prepared, prepare
 from alignkit.data.load import write_data_report
+from alignkit.eval.report import write_report
 from alignkit.hub import HubPushError, base_model_id, push_to_hub, write_model_card
-from alignkit.train.rundir import RunDirError, atomic_save_dir, claim, read_records, release, tensor_bytes
+from alignkit.train.disk import RunDirError, atomic_save_dir, tensor_bytes
+from alignkit.train.logging import console
+from alignkit.train.rundir import claim, read_records, release
 
 log = logging.getLogger("alignkit")
-
-
-def console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def start_run(cfg: RunConfig):
@@ -29,7 +26,7 @@ def start_run(cfg: RunConfig):
     # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
-    # deferred: a module-level import would load torch into demo
+    # deferred: torch stays out of this module's import
     from alignkit.train.loop import make_accelerator
 
     acc = make_accelerator(cfg)
@@ -105,7 +102,7 @@ def prepare_data(kind: str, cfg: RunConfig, tokenizer, acc, **kwargs) -> Prepare
 def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save_kwargs: Optional[dict] = None) -> Path:
     """Save OUTPUT/model (safetensors + tokenizer + README.md model card) and OUTPUT/summary.json on the
     main process; push OUTPUT/model to the Hub when hub.push is set."""
-    # deferred: a module-level import would load torch into demo
+    # deferred: torch stays out of this module's import
     from alignkit.models.loading import checkpoint_dtype, save_model
 
 
@@ -149,9 +146,6 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
 
 def write_run_report(out: Path) -> Optional[Path]:
     """OUTPUT/report.html; a failure here never fails the run that produced the data."""
-    # deferred: import cycle (eval.report -> eval.behaviour -> feedback.common -> train.common at module level)
-    from alignkit.eval.report import write_report
-
     try:
         path = write_report(Path(out))
     except Exception as e:  # noqa: BLE001
@@ -186,7 +180,7 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
     after (``samples``: the model generates), ``trainer.fit()``, then save and write the summary.
     Returns the summary: final metrics, ``KEY_before`` for the metrics before training, ``extra`` and
     ``model_dir``."""
-    # deferred: a module-level import would load torch into demo
+    # deferred: torch stays out of this module's import
     from alignkit.train.loop import TrainingAborted
     out = Path(cfg.output)
     if cfg.resume:  # the "before" numbers and samples are the ones the interrupted run recorded
@@ -210,7 +204,7 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
         sample_report_prompts(trainer, tokenizer, eval_items, "after")
     summary = {**final, **{f"{k}_before": v for k, v in before.items()}, **extra}
     summary["model_dir"] = str(finish_run(trainer, tokenizer, cfg, summary))
-    # deferred: a module-level import would load torch into demo
+    # deferred: torch stays out of this module's import
     from alignkit.models.loading import is_peft
 
     model = trainer.unwrapped()
@@ -246,7 +240,7 @@ def sample_report_prompts(trainer, tokenizer, items, tag: str) -> None:
     n = cfg.log.samples
     if not n or not items or not trainer.acc.is_main_process:
         return
-    # deferred: a module-level import would load torch into demo
+    # deferred: torch stays out of this module's import
     from alignkit.rollout.generate import GenerationConfig, generate
 
     seen, prompts = set(), []

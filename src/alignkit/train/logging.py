@@ -102,6 +102,14 @@ def _console():
     return Console()
 
 
+def console():
+    """The console for messages (stderr): saved paths, warnings, resume notes. Metrics and the progress
+    bar go to :func:`_console` (stdout)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 def _interactive(console) -> bool:
     return bool(console.is_terminal or console.is_jupyter)
 

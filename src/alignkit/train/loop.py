@@ -26,11 +26,11 @@ from alignkit.models.loading import native_bf16
 from alignkit.runtime import keep_host_memory
 from alignkit.train import metric_keys as K
 from alignkit.train.checkpoint import CheckpointError, CheckpointManager
-from alignkit.train.common import console
-from alignkit.train.logging import MetricLogger, peak_memory_gb
+from alignkit.train.disk import tensor_bytes
+from alignkit.train.logging import MetricLogger, console, peak_memory_gb
 from alignkit.train.optim import ClippedStep, make_optimizer
 from alignkit.train.preempt import Preempted, StopSignals
-from alignkit.train.rundir import input_fingerprints, read_records, tensor_bytes
+from alignkit.train.rundir import input_fingerprints, read_records
 
 Metrics = Dict[str, torch.Tensor]
 
