@@ -243,3 +243,51 @@ def test_every_import_inside_a_function_says_why():
     optional package, the CLI's start-up, or a true cycle. Every other import is at module level."""
     bad = undeferred_imports(modules())
     assert not bad, "imports inside functions without a '# deferred: <reason>' comment:\n" + "\n".join(bad)
+
+
+# The layers, bottom up (docs/architecture.md, "Layers and imports"): a module's module-level imports
+# stay on its own layer or below. Every module of data/, models/, ops/, losses/, rewards/ and rollout/ is on
+# layer 3 unless named; commands/* on layer 6; any other module not named here on layer 5 (the methods,
+# evaluation, annotation).
+LAYERS = {
+    1: {"hardware", "runtime", "refusals", "train.metric_keys", "train.disk", "train.logging", "eval.style",
+        "eval.stats", "eval.markers", "ops.masked"},
+    2: {"config", "aliases", "command", "commands"},
+    3: {"train", "train.rundir", "train.checkpoint", "hub", "eval.metrics"},
+    4: {"api", "eval", "eval.diagnostics", "stages", "train.loop", "train.optim", "train.preempt", "train.reference"},
+    5: {"rollout.sampling"},  # bon / rejection-sampling: a method that lives in rollout/
+    6: {"pipeline", "demo", "cli", "__main__", "redteam.repair"},
+}
+LAYER_3_PACKAGES = {"data", "models", "ops", "losses", "rewards", "rollout"}
+# exceptions: the reward kinds that live with their method register themselves through rewards/__init__
+# (judge:, redteam:), so that every reward consumer sees them
+UPWARD_OK = {("alignkit.rewards", "alignkit.feedback"), ("alignkit.rewards", "alignkit.feedback.judge_reward"),
+             ("alignkit.rewards", "alignkit.redteam"), ("alignkit.rewards", "alignkit.redteam.reward")}
+
+
+def layer(module: str) -> int:
+    if module == "alignkit":
+        return 0
+    name = module[len("alignkit."):]
+    for n, names in LAYERS.items():
+        if name in names:
+            return n
+    if name.startswith("commands."):
+        return 6
+    return 3 if name.split(".")[0] in LAYER_3_PACKAGES else 5
+
+
+def upward_imports(graph: Dict[str, Set[str]]) -> List[str]:
+    return [f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})" for m, deps in sorted(graph.items())
+            for d in sorted(deps) if layer(d) > layer(m) and (m, d) not in UPWARD_OK
+            and m not in DEFERRED_EXEMPT and d not in DEFERRED_EXEMPT]
+
+
+def test_imports_point_down_the_layers():
+    assert [layer(f"alignkit.{m}") for m in ("train.disk", "config", "data.load", "rollout.sampling", "stages",
+                                             "feedback.spin", "commands.core", "cli")] == [1, 2, 3, 5, 4, 5, 6, 6]
+    made_up = {"alignkit.data.load": {"alignkit.train.loop", "alignkit.config"},
+               "alignkit.rewards": {"alignkit.feedback"}}
+    assert upward_imports(made_up) == ["alignkit.data.load (layer 3) imports alignkit.train.loop (layer 4)"]
+    up = upward_imports(import_graph(modules()))
+    assert not up, "imports that point up:\n" + "\n".join(up)
