@@ -14,7 +14,6 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Type, TypeVar, 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from alignkit.aliases import UnusableKey, normalize, resolve_key, set_dotted, suggest
 
 __all__ = [
     "Section", "ModelConfig", "HubConfig", "LoraConfig", "DataConfig", "TrainConfig", "OptimConfig", "LogConfig",
@@ -471,6 +470,9 @@ def apply_overrides(data: Dict[str, Any], overrides: List[str], cls: Optional[ty
 
 def _set_dotted(data: Dict[str, Any], key: str, value: Any, cls: Optional[type], origin: str) -> None:
     """Set one dotted key (an alias resolved first when ``cls`` is given); later layers win."""
+    # deferred: CLI start-up: the aliases table loads when a config is built, not for `--help`
+    from alignkit.aliases import UnusableKey, resolve_key, set_dotted
+
     try:
         pairs = resolve_key(cls, key, value) if cls is not None else [(key, value)]
         for target, val in pairs:
@@ -517,6 +519,9 @@ def format_validation_error(err: ValidationError, cls: Optional[type] = None,
                             ignore: Optional[Callable[[tuple], bool]] = None) -> str:
     """One line per error, naming the field (with a "did you mean" for unknown keys of ``cls``);
     ``ignore(loc)`` drops errors (a pipeline's pending values)."""
+    # deferred: CLI start-up: the aliases table loads when a config is built, not for `--help`
+    from alignkit.aliases import suggest
+
     lines = []
     for e in err.errors():
         if ignore is not None and ignore(tuple(e["loc"])):
@@ -534,6 +539,9 @@ def format_validation_error(err: ValidationError, cls: Optional[type] = None,
 
 def build_config(cls: Type[C], data: Dict[str, Any]) -> C:
     """Validate ``data`` as ``cls`` after mapping familiar names (TRL, transformers) to our fields."""
+    # deferred: CLI start-up: the aliases table loads when a config is built, not for `--help`
+    from alignkit.aliases import UnusableKey, normalize
+
     try:
         data = normalize(cls, data)
     except UnusableKey as e:
@@ -569,6 +577,9 @@ def load_config(cls: Type[C], path: Optional[Union[str, Path]] = None, overrides
 
 
 def _normalized(cls: type, data: Dict[str, Any], where: str) -> Dict[str, Any]:
+    # deferred: CLI start-up: the aliases table loads when a config is built, not for `--help`
+    from alignkit.aliases import UnusableKey, normalize
+
     try:
         return normalize(cls, data)
     except UnusableKey as e:

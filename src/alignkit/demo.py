@@ -17,8 +17,6 @@ from typing import Any, Dict, Literal, Optional, Union
 
 from alignkit.config import Section, as_config
 from alignkit.eval.stats import Interval, mean_interval, paired_comparison
-from alignkit.pipeline import run_pipeline
-from alignkit.rewards.reasoning import reasoning_rows
 
 EVALS = (("eval_base", "base"), ("eval_dpo", "DPO"), ("eval_ppo", "PPO"))
 
@@ -109,6 +107,9 @@ def gold_gains(output: Path, evals=EVALS) -> Dict[str, Dict[str, Any]]:
 
 def demo(config: Union[DemoConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run the demo; returns ``{"results": {label: metrics}, "stages", "compare", "seconds"}``."""
+    # deferred: CLI start-up: `alignkit demo --help` needs no pipeline, rewards or feedback modules (~0.1 s)
+    from alignkit.pipeline import run_pipeline
+
     cfg = as_config(DemoConfig, config, overrides)
     if cfg.task == "reasoning":
         return reasoning_demo(cfg)
@@ -185,6 +186,10 @@ REASONING_EVALS = (("eval_base", "base"), ("eval_after", "GRPO (DAPO)"))
 def reasoning_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """``alignkit demo --task reasoning``: write the synthetic train/held-out prompts, run the bundled
     ``resources/reasoning_pipeline.yaml`` and print held-out accuracy and format rate before and after."""
+    # deferred: CLI start-up: `alignkit demo --help` needs no pipeline, rewards or feedback modules (~0.1 s)
+    from alignkit.pipeline import run_pipeline
+    from alignkit.rewards.reasoning import reasoning_rows
+
     out = Path(cfg.output if cfg.output != DemoConfig.model_fields["output"].default else "runs/reasoning")
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)

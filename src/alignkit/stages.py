@@ -26,8 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from alignkit.aliases import UnusableKey, normalize as normalize_aliases
 from alignkit.command import command_for, load_commands, load_ref  # noqa: F401  (load_commands: re-exported)
 from alignkit.config import ConfigError, apply_overrides, build_config, format_validation_error
-from alignkit.rewards.base import RewardSpec
-from alignkit.rewards.pyfunc import load_callable
 from alignkit.train.logging import console
 
 DONE = "DONE"
@@ -179,6 +177,9 @@ def check_stages(spec: PipelineSpec, source: str = "", commands: Optional[Dict[s
     Returns ``(stage, command, resolved data)`` per stage; raises :class:`ConfigError` listing every
     problem of every stage, one line each, so a typo in the last stage costs nothing.
     """
+    # deferred: CLI start-up: importing rewards registers every reward kind (~0.1 s), not needed by `--help`
+    from alignkit.rewards.base import RewardSpec
+    from alignkit.rewards.pyfunc import load_callable
 
     root = Path(spec.output)
     outputs: Dict[str, Path] = {}

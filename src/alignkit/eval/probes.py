@@ -63,7 +63,6 @@ from alignkit.data.load import DataError, read_rows
 from alignkit.eval import markers as MK
 from alignkit.eval.stats import Interval, binomial_interval, mean_interval, paired_comparison
 from alignkit.eval.style import page
-from alignkit.feedback.judge import JudgeQuery, judge_both_orders
 from alignkit.rewards import build_reward, build_source
 from alignkit.rewards.base import RewardSpec
 from alignkit.rewards.pyfunc import load_callable
@@ -301,6 +300,9 @@ def score_pairs(pairs: List[ProbePair], scorer: Any, batch_size: int = 64) -> st
     object with ``first_probs``, or a source holding one as ``.judge``), asked both orders:
     ``p_ab`` = P(A) with the perturbed response in A, ``p_ba`` with it in B; ``prob_perturbed`` =
     (p_ab + 1 - p_ba) / 2, ``shift`` = prob_perturbed - 0.5, ``position`` = (p_ab + p_ba) / 2 - 0.5."""
+    # deferred: CLI start-up: the judge pulls the data and feedback modules, not needed by `probe --help`
+    from alignkit.feedback.judge import JudgeQuery, judge_both_orders
+
     judge = scorer if hasattr(scorer, "first_probs") else _judge_of(scorer)
     if judge is not None:
         for i in range(0, len(pairs), batch_size):

@@ -11,7 +11,6 @@ from alignkit.api import TrainResult, current
 from alignkit.config import RunConfig, to_yaml
 from alignkit.data import DataError, Prepared, prepare
 from alignkit.data.load import write_data_report
-from alignkit.eval.report import write_report
 from alignkit.hub import HubPushError, base_model_id, push_to_hub, write_model_card
 from alignkit.train.disk import RunDirError, atomic_save_dir, tensor_bytes
 from alignkit.train.logging import console
@@ -146,6 +145,9 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
 
 def write_run_report(out: Path) -> Optional[Path]:
     """OUTPUT/report.html; a failure here never fails the run that produced the data."""
+    # deferred: CLI start-up: the report module pulls the probes and rewards (~0.1 s), not needed by `--help`
+    from alignkit.eval.report import write_report
+
     try:
         path = write_report(Path(out))
     except Exception as e:  # noqa: BLE001
