@@ -99,7 +99,7 @@ def test_hub_lookups_only_for_hub_ids(tmp_path, monkeypatch):
         return datasets.Dataset.from_list([{"prompt": "p", "completion": "c"}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    monkeypatch.setattr("alignkit.models.default.check_hub_dataset", lambda repo_id: None)  # as if the Hub answers
+    monkeypatch.setattr("alignkit.data.load.check_hub_dataset", lambda repo_id: None)  # as if the Hub answers
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     for local in ("data/train.jsonl", "./x", "runs/prefs", "a/b/c", "prefs.jsonl", "owner/file.csv"):

@@ -180,7 +180,7 @@ def test_reference_placeholder_needs_the_field(lm):
 def test_soft_labels_flow_into_dpo_and_rm_losses(tmp_path, lm, tiny_model):
     from alignkit.data import prepare
     from alignkit.data.collate import collate_pairs
-    from alignkit.feedback.common import write_jsonl
+    from alignkit.data.load import write_jsonl
     from alignkit.losses.reward import bradley_terry_loss
     from alignkit.models.loading import load_causal_lm
     from alignkit.train.preference import DPOOptions, PreferenceTask

@@ -163,3 +163,124 @@ def test_every_module_imports_in_a_fresh_interpreter():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+# third-party packages slow enough to import (or optional) that an import inside a function may defer them
+HEAVY_PACKAGES = {"torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "huggingface_hub",
+                  "numpy", "pydantic", "starlette", "uvicorn", "sqlalchemy", "vllm", "liger_kernel", "deepspeed",
+                  "flash_attn", "bitsandbytes", "trl"}
+
+
+def in_function_imports(tree: ast.Module):
+    """(import node, names it imports) for every import statement inside a function body."""
+    found = []
+
+    def walk(node, in_fn):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and in_fn:
+                found.append(child)
+            walk(child, in_fn or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    walk(tree, False)
+    return found
+
+
+def deferred_reason(lines: List[str], node: ast.stmt) -> bool:
+    """A ``# deferred: <reason>`` comment on the import's own lines, or above it: on the comment lines
+    and import statements directly above (a group of deferred imports shares one comment)."""
+    if any("# deferred:" in lines[i] for i in range(node.lineno - 1, node.end_lineno)):
+        return True
+    indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
+    i = node.lineno - 2
+    while i >= 0:
+        text = lines[i].strip()
+        if not text or len(lines[i]) - len(lines[i].lstrip()) < indent:
+            return False
+        if "# deferred:" in text:
+            return True
+        if not (text.startswith(("#", "from ", "import ")) or len(lines[i]) - len(lines[i].lstrip()) > indent):
+            return False
+        i -= 1
+    return False
+
+
+def undeferred_imports(mods: Dict[str, Path]) -> List[str]:
+    bad = []
+    for name, path in mods.items():
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for node in in_function_imports(ast.parse(text, str(path))):
+            if isinstance(node, ast.Import):
+                tops = {a.name.split(".")[0] for a in node.names}
+            else:
+                tops = {"alignkit"} if node.level else {(node.module or "").split(".")[0]}
+            if tops & ({"alignkit"} | HEAVY_PACKAGES) and not deferred_reason(lines, node):
+                bad.append(f"{path.relative_to(SRC)}:{node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+def test_deferred_comment_finder():
+    tree_text = ("import os\n"
+                 "def f():\n    # deferred: import cycle\n    from alignkit import a\n    from alignkit import b\n\n"
+                 "    x = 1\n    import torch\n"
+                 "def g():\n    import json\n    from . import c  # deferred: CLI start-up\n    import numpy as np\n")
+    tree = ast.parse(tree_text)
+    lines = tree_text.splitlines()
+    nodes = in_function_imports(tree)
+    assert [ast.unparse(n) for n in nodes] == ["from alignkit import a", "from alignkit import b", "import torch",
+                                               "import json", "from . import c", "import numpy as np"]
+    assert [deferred_reason(lines, n) for n in nodes] == [True, True, False, False, True, True]
+
+
+def test_every_import_inside_a_function_says_why():
+    """An import inside a function is allowed only to defer something, and says what: a heavy or
+    optional package, the CLI's start-up, or a true cycle. Every other import is at module level."""
+    bad = undeferred_imports(modules())
+    assert not bad, "imports inside functions without a '# deferred: <reason>' comment:\n" + "\n".join(bad)
+
+
+# The layers, bottom up (docs/architecture.md, "Layers and imports"): a module's module-level imports
+# stay on its own layer or below. Every module of data/, models/, ops/, losses/, rewards/ and rollout/ is on
+# layer 3 unless named; commands/* on layer 6; any other module not named here on layer 5 (the methods,
+# evaluation, annotation).
+LAYERS = {
+    1: {"hardware", "runtime", "refusals", "train.metric_keys", "train.disk", "train.logging", "eval.style",
+        "eval.stats", "eval.markers", "ops.masked"},
+    2: {"config", "aliases", "command", "commands"},
+    3: {"train", "train.rundir", "train.checkpoint", "hub", "eval.metrics"},
+    4: {"api", "eval", "eval.diagnostics", "stages", "train.loop", "train.optim", "train.preempt", "train.reference"},
+    5: {"rollout.sampling"},  # bon / rejection-sampling: a method that lives in rollout/
+    6: {"pipeline", "demo", "cli", "__main__", "redteam.repair"},
+}
+LAYER_3_PACKAGES = {"data", "models", "ops", "losses", "rewards", "rollout"}
+# exceptions: the reward kinds that live with their method register themselves through rewards/__init__
+# (judge:, redteam:), so that every reward consumer sees them
+UPWARD_OK = {("alignkit.rewards", "alignkit.feedback"), ("alignkit.rewards", "alignkit.feedback.judge_reward"),
+             ("alignkit.rewards", "alignkit.redteam"), ("alignkit.rewards", "alignkit.redteam.reward")}
+
+
+def layer(module: str) -> int:
+    if module == "alignkit":
+        return 0
+    name = module[len("alignkit."):]
+    for n, names in LAYERS.items():
+        if name in names:
+            return n
+    if name.startswith("commands."):
+        return 6
+    return 3 if name.split(".")[0] in LAYER_3_PACKAGES else 5
+
+
+def upward_imports(graph: Dict[str, Set[str]]) -> List[str]:
+    return [f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})" for m, deps in sorted(graph.items())
+            for d in sorted(deps) if layer(d) > layer(m) and (m, d) not in UPWARD_OK]
+
+
+def test_imports_point_down_the_layers():
+    assert [layer(f"alignkit.{m}") for m in ("train.disk", "config", "data.load", "rollout.sampling", "stages",
+                                             "feedback.spin", "commands.core", "cli")] == [1, 2, 3, 5, 4, 5, 6, 6]
+    made_up = {"alignkit.data.load": {"alignkit.train.loop", "alignkit.config"},
+               "alignkit.rewards": {"alignkit.feedback"}}
+    assert upward_imports(made_up) == ["alignkit.data.load (layer 3) imports alignkit.train.loop (layer 4)"]
+    up = upward_imports(import_graph(modules()))
+    assert not up, "imports that point up:\n" + "\n".join(up)

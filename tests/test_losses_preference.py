@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -319,6 +320,9 @@ def test_public_api_every_registered_loss_is_alignkit_losses_name_loss():
     for name, spec in PREFERENCE_LOSSES.items():
         assert getattr(L, f"{name}_loss") is spec.fn, name
         assert f"{name}_loss" in L.__all__
+        # the function carries the name too, and its module exports it: one name everywhere
+        assert spec.fn.__name__ == f"{name}_loss", name
+        assert spec.fn.__name__ in sys.modules[spec.fn.__module__].__all__, name
     params = inspect.signature(L.dpo_loss).parameters
     assert list(params)[:4] == ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
                                 "ref_rejected_logps"]

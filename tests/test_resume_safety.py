@@ -17,7 +17,8 @@ from alignkit.cli import build_cli
 from alignkit.testing import save_tiny_model
 from alignkit.train.checkpoint import write_manifest
 from alignkit.train.loop import Trainer, TrainingAborted
-from alignkit.train.rundir import MARKER, RunDirError
+from alignkit.train.disk import RunDirError
+from alignkit.train.rundir import MARKER
 from alignkit.train.sft import train_sft
 from tests.helpers import Crash, crash_after_save, pref_rows, sft_rows, write_jsonl
 

@@ -212,10 +212,10 @@ def test_generation_dtype_auto_follows_native_bf16(monkeypatch):
     from alignkit.rollout import generate as gen_mod
 
     cfg = GenerationConfig()
-    monkeypatch.setattr("alignkit.models.loading.native_bf16", lambda device_type=None: True)
+    monkeypatch.setattr(gen_mod, "native_bf16", lambda device_type=None: True)
     assert gen_mod.decode_dtype(cfg, "cpu") == torch.bfloat16
     assert gen_mod.decode_dtype(cfg.model_copy(update={"dtype": "model"}), "cpu") is None
-    monkeypatch.setattr("alignkit.models.loading.native_bf16", lambda device_type=None: False)
+    monkeypatch.setattr(gen_mod, "native_bf16", lambda device_type=None: False)
     assert gen_mod.decode_dtype(cfg, "cpu") is None
     assert gen_mod.decode_dtype(cfg.model_copy(update={"dtype": "bfloat16"}), "cpu") == torch.bfloat16
 

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from alignkit.cli import build_cli
-from alignkit.train.rundir import LOCK, MARKER, RunDirError, SaveError, write_marker
+from alignkit.train.disk import RunDirError, SaveError
+from alignkit.train.rundir import LOCK, MARKER, write_marker
 from alignkit.train.sft import train_sft
 from tests.helpers import sft_rows
 
@@ -237,7 +238,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 def test_full_disk_on_a_small_tmpfs(tmp_path, base, monkeypatch):
     """The real thing where we may mount (root): a 1 MB tmpfs. First the space check refuses the
     final save; then, with the check disabled, the real ENOSPC inside torch.save / safetensors."""
-    import alignkit.train.rundir as rundir
+    import alignkit.train.checkpoint as checkpoint
 
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "1m"):
@@ -251,7 +252,7 @@ def test_full_disk_on_a_small_tmpfs(tmp_path, base, monkeypatch):
         assert "no space left on device for the final model" in line and "need ~4 MB, 1 MB free" in line
         assert not (disk / "run" / "model").exists() and not (disk / "run" / ".tmp-model").exists()
         # no pre-check: a checkpoint (model + Adam state, ~3x the model) overflows while being written
-        monkeypatch.setattr(rundir, "need_bytes", lambda payload: 0)
+        monkeypatch.setattr(checkpoint, "need_bytes", lambda payload: 0)
         (disk / "filler").write_bytes(b"\0" * 600_000)
         res = cli(args + ["--overwrite", "log.save_every=1"])
         assert res.exit_code == 1

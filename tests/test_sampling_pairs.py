@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from alignkit.feedback.iterative import IterativeDPOConfig, best_vs_worst
@@ -78,3 +79,44 @@ def test_dpo_round_keeps_every_parent_section(tmp_path, monkeypatch):
     assert inner.model.name_or_path == "start" and inner.dpo.ref_model == "orig" and inner.lora.save == "merged"
     assert inner.data.path == str(tmp_path / "pairs.jsonl") and inner.output == str(tmp_path / "round-2")
     assert inner.resume is None
+
+
+def test_every_sampling_job_shares_one_section_and_keeps_its_keys(tmp_path):
+    """bon, rejection-sampling, sample-pairs, cai-sl, cai-rl, iterative-dpo and spin derive from the one
+    sampling-job section (rollout/job.py); their YAML keys and per-job defaults load as before."""
+    from alignkit.config import load_config
+    from alignkit.feedback.constitution import CAIRLConfig, CAISLConfig
+    from alignkit.feedback.spin import SPINConfig
+    from alignkit.labeling import SamplePairsConfig
+    from alignkit.rollout.job import NSamplesJob, SamplingJob
+    from alignkit.train.rl_config import BoNConfig, RejectionSamplingConfig
+
+    gen = "generation:\n  max_new_tokens: 7\n  temperature: 0.5\n"
+    cases = [
+        (BoNConfig, "model:\n  name_or_path: m\ndata:\n  path: p.jsonl\nn: 3\nseed: 5\nrewards: ['length:']\n"
+                    "samples_path: s.jsonl\n", {"n": 3, "seed": 5, "samples_path": "s.jsonl"}),
+        (RejectionSamplingConfig, "n: 6\nrewards: ['length:']\nmin_margin: 0.5\n", {"n": 6, "min_margin": 0.5}),
+        (SamplePairsConfig, "n: 3\nseed: 1\ndata:\n  path: p.jsonl\n", {"n": 3, "seed": 1}),
+        (CAISLConfig, "data:\n  path: p.jsonl\n  max_rows: 4\ncai:\n  rounds: 2\n", {}),
+        (CAIRLConfig, "data:\n  path: p.jsonl\njudge:\n  model:\n    name_or_path: j\n", {}),
+        (IterativeDPOConfig, "data:\n  path: p.jsonl\niterative:\n  reward: ['length:']\n  samples_per_prompt: 3\n",
+         {}),
+        (SPINConfig, "data:\n  path: p.jsonl\nspin:\n  rounds: 1\n", {}),
+    ]
+    for cls, text, expect in cases:
+        path = tmp_path / f"{cls.__name__}.yaml"
+        path.write_text(text + gen + "output: out\n")
+        cfg = load_config(cls, path)
+        assert isinstance(cfg, SamplingJob), cls
+        assert cfg.output == "out" and cfg.generation.max_new_tokens == 7 and cfg.generation.temperature == 0.5
+        assert {k: getattr(cfg, k) for k in expect} == expect, cls
+    assert BoNConfig(rewards=["length:"]).model.name_or_path == BoNConfig.model_fields["model"].default.name_or_path
+    # per-job defaults and ranges survive the shared base
+    assert (SamplePairsConfig().n, SamplePairsConfig().seed, SamplePairsConfig().generation.max_new_tokens) == (2, 0, 64)
+    assert (BoNConfig(rewards=["length:"]).n, BoNConfig(rewards=["length:"]).seed) == (4, 42)
+    assert issubclass(SamplePairsConfig, NSamplesJob) and issubclass(BoNConfig, NSamplesJob)
+    assert not issubclass(CAISLConfig, NSamplesJob)  # one sample chain per prompt: no n to set
+    assert CAISLConfig(data={"path": "p", "max_rows": 2}).data.max_rows == 2  # cai keeps its own input section
+    assert IterativeDPOConfig.model_fields["output"].default == "runs/alignkit"  # the training run's defaults win
+    with pytest.raises(Exception, match="greater than or equal to 2"):
+        SamplePairsConfig(n=1)

@@ -108,6 +108,7 @@ def _any_loss_type(v: Any, target: str) -> Any:
     aggregation) or, beyond TRL's, the name of one of alignkit's presets (gspo, rloo, reinforce_pp, ppo)."""
     if target == "dpo.loss":
         return _loss_type(v)
+    # deferred: torch stays out of this module's import
     from alignkit.train.rl_config import PRESET_NAMES
 
     v = _single(v)
@@ -150,6 +151,7 @@ def _vllm_unavailable() -> Optional[str]:
 
     if importlib.util.find_spec("vllm") is None:
         return "vllm is not installed (pip install 'alignkit[vllm]')"
+    # deferred: torch stays out of this module's import (CLI start-up)
     import torch
 
     if not torch.cuda.is_available():

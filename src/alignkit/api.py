@@ -94,6 +94,7 @@ def current() -> RunInputs:
 def policy_tokenizer(cfg, padding_side: str = "right"):
     """The given tokenizer (a pad token added when it has none, ``model.chat_template`` applied), else
     ``load_tokenizer(cfg.model)``."""
+    # deferred: torch stays out of this module's import
     from alignkit.models.loading import load_tokenizer
 
     tok = current().tokenizer
@@ -104,6 +105,7 @@ def policy_tokenizer(cfg, padding_side: str = "right"):
             raise ValueError("tokenizer: it has neither a pad nor an EOS token; set tokenizer.pad_token")
         tok.pad_token = tok.eos_token
     if cfg.model.chat_template:
+        # deferred: pydantic stays out of this module's import
         from alignkit.data.templates import resolve_chat_template
 
         tok.chat_template = resolve_chat_template(cfg.model.chat_template)
@@ -114,6 +116,7 @@ def policy_tokenizer(cfg, padding_side: str = "right"):
 def policy_model(cfg, load: Callable[[], Any], task_type: str = "CAUSAL_LM"):
     """The model to train: the given one (a peft model is trained as it is; a plain model gets
     ``lora`` adapters when ``lora.enabled``), else ``load()`` with ``lora`` applied."""
+    # deferred: torch stays out of this module's import
     from alignkit.models.loading import apply_lora, is_peft, prepare_for_training
     from alignkit.ops import attention
 
@@ -140,6 +143,7 @@ def policy_model(cfg, load: Callable[[], Any], task_type: str = "CAUSAL_LM"):
 def uses_adapter_reference(cfg, policy) -> bool:
     """Whether the reference is the policy with its adapter off: LoRA (configured or a given peft model)
     and no reference model given, by path or as an object."""
+    # deferred: torch stays out of this module's import
     from alignkit.models.loading import is_peft
 
     ref_path = getattr(getattr(cfg, "dpo", None), "ref_model", None) or getattr(cfg, "ref_model", None)
@@ -147,6 +151,7 @@ def uses_adapter_reference(cfg, policy) -> bool:
 
 
 def given_adapter_policy() -> bool:
+    # deferred: torch stays out of this module's import
     from alignkit.models.loading import is_peft
 
     return current().model is not None and is_peft(current().model) and current().ref_model is None
@@ -156,6 +161,7 @@ def reference_model(ref_cfg, ref_path: Optional[str]):
     """The frozen reference: the given ``ref_model``, else (no ``ref_model`` path set) a frozen copy of a
     given model, else ``load_causal_lm(ref_cfg)``. Commands build the reference before the first step,
     so the copy is the model before training (a copy only when a reference is used: sft makes none)."""
+    # deferred: torch stays out of this module's import
     from alignkit.models.loading import load_causal_lm
 
     inputs = current()
@@ -199,6 +205,7 @@ class Callbacks:
         self.model, self.tokenizer = model, tokenizer
         self.state = self.control = self.args = None
         if any(_is_trainer_callback(c) for c in self.items):
+            # deferred: transformers is slow to import; it loads when a model does
             from transformers import TrainerControl, TrainerState
 
             self.state, self.control = TrainerState(max_steps=total_steps), TrainerControl()
@@ -261,6 +268,7 @@ class Callbacks:
 
 def _is_trainer_callback(c) -> bool:
     try:
+        # deferred: transformers is slow to import; it loads when a model does
         from transformers import TrainerCallback
     except ImportError:  # pragma: no cover
         return False
@@ -296,6 +304,7 @@ def _rows_of(ds, what: str):
             yield r
         return
     try:
+        # deferred: datasets (slow import) loads only for Hub / Arrow inputs
         import datasets
     except ImportError:  # pragma: no cover
         datasets = None
@@ -331,6 +340,7 @@ def materialize(dataset, out: Path, name: str, what: str) -> Dict[str, Any]:
     """Write a dataset argument under ``out/inputs`` and return the ``data`` fields that read it: a file
     (``{path}``) or, for a DatasetDict, a folder of one file per split (read with its split names)."""
     try:
+        # deferred: datasets (slow import) loads only for Hub / Arrow inputs
         from datasets import DatasetDict, IterableDatasetDict
         dicts: tuple = (DatasetDict, IterableDatasetDict)
     except ImportError:  # pragma: no cover
@@ -413,6 +423,7 @@ def object_api(config_cls, example: str = "dpo"):
         @functools.wraps(fn)
         def run(config=None, *, model=None, tokenizer=None, processing_class=None, train_dataset=None,
                 eval_dataset=None, ref_model=None, callbacks=None, **overrides):
+            # deferred: pydantic stays out of this module's import
             from alignkit.config import as_config
 
             if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
@@ -445,6 +456,7 @@ def object_api(config_cls, example: str = "dpo"):
 def _check_model(model, what: str) -> None:
     if model is None:
         return
+    # deferred: torch stays out of this module's import (CLI start-up)
     import torch
 
     if isinstance(model, (str, Path)):

@@ -42,6 +42,7 @@ def _type_name(ann) -> str:
 
 
 def _is_model(x: Any) -> bool:
+    # deferred: pydantic stays out of this module's import (CLI start-up)
     from pydantic import BaseModel
 
     return isinstance(x, type) and issubclass(x, BaseModel)
@@ -84,6 +85,7 @@ class CommandWithRawEpilog(click.Command):
 
 def _make(cmd: Command) -> click.Command:
     def callback(config_path, overrides, lora, debug, **flags):
+        # deferred: CLI start-up (`alignkit --help` loads no pydantic or torch)
         from alignkit.aliases import cli_tokens_to_overrides
         from alignkit.config import ConfigError, load_config
 
@@ -163,33 +165,30 @@ _ARGV: List[str] = []
 def _user_errors() -> tuple:
     """Exceptions that describe a mistake in the input (data, paths, config, run directory): their
     message is the whole story, so the CLI prints it as one line without a traceback."""
+    # deferred: CLI start-up (`alignkit --help` imports only the command registry: no pydantic, no torch)
     from alignkit.config import ConfigError
     from alignkit.data.load import DataError
     from alignkit.hub import HubPushError  # the model is saved; the message says where and how to log in
+    from alignkit.rewards.base import RewardError
     from alignkit.train.logging import MissingPackage
     from alignkit.train.loop import TrainingAborted
-    from alignkit.train.rundir import RunDirError, SaveError
+    from alignkit.train.disk import RunDirError, SaveError
 
-    errors = [DataError, ConfigError, TrainingAborted, RunDirError, SaveError, MissingPackage, FileNotFoundError,
-              PermissionError, IsADirectoryError, NotADirectoryError, HubPushError]
-    try:
-        from alignkit.rewards.base import RewardError
-
-        errors.append(RewardError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return (DataError, ConfigError, TrainingAborted, RunDirError, SaveError, MissingPackage, FileNotFoundError,
+            PermissionError, IsADirectoryError, NotADirectoryError, HubPushError, RewardError)
 
 
 def run_reporting_errors(fn, debug: bool = False):
     """Call ``fn``; a mistake in the input (:func:`_user_errors`) becomes one ``Error: ...`` line and
     exit code 1 (``debug``: the traceback). Anything else is a bug and keeps its traceback."""
+    # deferred: CLI start-up (`alignkit --help` imports only the command registry)
     from alignkit.train.preempt import Preempted, resume_command
     from alignkit.train.rundir import release_all
 
     try:
         return fn()
     except Preempted as e:
+        # deferred: CLI start-up (`alignkit --help` imports only the command registry)
         from alignkit.train.logging import is_main_process
 
         if is_main_process():
@@ -202,6 +201,7 @@ def run_reporting_errors(fn, debug: bool = False):
     except Exception as e:
         if debug or isinstance(e, click.ClickException):
             raise
+        # deferred: CLI start-up (`alignkit --help` imports only the command registry)
         from alignkit.refusals import refusal_line  # sandbox and unpickling refusals: one line too
 
         line = str(e) if isinstance(e, _user_errors()) else refusal_line(e)
@@ -237,6 +237,7 @@ def _print_summary(summary: Dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    # deferred: CLI start-up (`alignkit --help` imports only the command registry)
     from alignkit.train.logging import is_main_process
 
     if not is_main_process():  # under torchrun/accelerate only rank 0 prints (the numbers are global)
@@ -299,6 +300,7 @@ def build_cli() -> click.Group:
 
 def _quiet_hf_progress() -> None:
     try:  # our own progress bar is enough
+        # deferred: transformers is slow to import; it loads when a model does
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

@@ -64,6 +64,7 @@ def command_for(name: str, extra: Optional[Dict[str, Any]] = None) -> Command:
     for candidate in (name, name.replace("_", "-")):
         if candidate in commands and candidate not in NOT_A_STAGE:
             return commands[candidate]
+    # deferred: CLI start-up (`alignkit --help` loads no pydantic or torch)
     from alignkit.config import ConfigError  # pydantic: only on this error path, so --help stays light
 
     raise ConfigError(f"unknown pipeline command {name!r}; known: "

@@ -14,10 +14,11 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Type, TypeVar, 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+
 __all__ = [
     "Section", "ModelConfig", "HubConfig", "LoraConfig", "DataConfig", "TrainConfig", "OptimConfig", "LogConfig",
     "DiagnosticsConfig", "RunConfig", "SFTConfig", "RMConfig", "ScoreConfig", "ConfigError", "load_config",
-    "apply_overrides", "field_help", "COMMAND_CONFIGS", "register_command_config",
+    "apply_overrides", "ALERT_KINDS",
 ]
 
 
@@ -251,6 +252,7 @@ class OptimConfig(Section):
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:
+        # deferred: a module-level import would load torch into annotate
         from alignkit.train.optim import canonical_optimizer
 
         return canonical_optimizer(v)
@@ -278,6 +280,13 @@ class LogConfig(Section):
     """Held-out prompts answered (greedy) before and after training, shown in report.html."""
     sample_tokens: int = Field(48, gt=0)
     """Longest sample answer, in tokens."""
+
+
+#: every check of :class:`~alignkit.eval.diagnostics.Diagnostics` (its ``kind``); ``fail_on`` names them. Here,
+#: beside the section that configures them, so that the config does not import the diagnostics
+ALERT_KINDS = ("kl_blowup", "verbosity", "reward_marker", "mode_collapse", "overoptimization", "likelihood_displacement",
+               "zero_grad", "stuck_loss", "constant_reward", "all_truncated", "all_masked", "exploding",
+               "heldout_regression")
 
 
 class DiagnosticsConfig(Section):
@@ -340,8 +349,6 @@ class DiagnosticsConfig(Section):
     @field_validator("fail_on")
     @classmethod
     def _known_kinds(cls, v: List[str]) -> List[str]:
-        from alignkit.eval.diagnostics import ALERT_KINDS
-
         unknown = [k for k in v if k not in ALERT_KINDS and k != "any"]
         if unknown:
             raise ValueError(f"unknown alert kind(s) {unknown}; known: any, {', '.join(ALERT_KINDS)}")
@@ -436,12 +443,6 @@ class ScoreConfig(Section):
 
 C = TypeVar("C", bound=BaseModel)
 
-COMMAND_CONFIGS: Dict[str, Type[BaseModel]] = {"sft": SFTConfig, "rm": RMConfig, "score": ScoreConfig}
-
-
-def register_command_config(name: str, cls: Type[BaseModel]) -> None:
-    COMMAND_CONFIGS[name] = cls
-
 
 class ConfigError(ValueError):
     """A config value is invalid: the message names the field."""
@@ -469,6 +470,7 @@ def apply_overrides(data: Dict[str, Any], overrides: List[str], cls: Optional[ty
 
 def _set_dotted(data: Dict[str, Any], key: str, value: Any, cls: Optional[type], origin: str) -> None:
     """Set one dotted key (an alias resolved first when ``cls`` is given); later layers win."""
+    # deferred: CLI start-up: the aliases table loads when a config is built, not for `--help`
     from alignkit.aliases import UnusableKey, resolve_key, set_dotted
 
     try:
@@ -517,6 +519,7 @@ def format_validation_error(err: ValidationError, cls: Optional[type] = None,
                             ignore: Optional[Callable[[tuple], bool]] = None) -> str:
     """One line per error, naming the field (with a "did you mean" for unknown keys of ``cls``);
     ``ignore(loc)`` drops errors (a pipeline's pending values)."""
+    # deferred: CLI start-up: the aliases table loads when a config is built, not for `--help`
     from alignkit.aliases import suggest
 
     lines = []
@@ -536,6 +539,7 @@ def format_validation_error(err: ValidationError, cls: Optional[type] = None,
 
 def build_config(cls: Type[C], data: Dict[str, Any]) -> C:
     """Validate ``data`` as ``cls`` after mapping familiar names (TRL, transformers) to our fields."""
+    # deferred: CLI start-up: the aliases table loads when a config is built, not for `--help`
     from alignkit.aliases import UnusableKey, normalize
 
     try:
@@ -573,6 +577,7 @@ def load_config(cls: Type[C], path: Optional[Union[str, Path]] = None, overrides
 
 
 def _normalized(cls: type, data: Dict[str, Any], where: str) -> Dict[str, Any]:
+    # deferred: CLI start-up: the aliases table loads when a config is built, not for `--help`
     from alignkit.aliases import UnusableKey, normalize
 
     try:
@@ -583,21 +588,6 @@ def _normalized(cls: type, data: Dict[str, Any], where: str) -> Dict[str, Any]:
 
 def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def field_help(cls: Type[BaseModel], prefix: str = "") -> List[tuple]:
-    """(dotted name, type, default, description) for every leaf field, for --help."""
-    rows = []
-    for name, f in cls.model_fields.items():
-        ann = f.annotation
-        key = f"{prefix}{name}"
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.extend(field_help(ann, key + "."))
-            continue
-        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        default = None if f.is_required() else f.get_default(call_default_factory=True)
-        rows.append((key, tname, "required" if f.is_required() else default, (f.description or "").strip()))
-    return rows
 
 
 def as_config(cls: Type[C], config: Union[C, Dict[str, Any], None], overrides: Dict[str, Any]) -> C:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Union
 
 from alignkit.config import Section, as_config
+from alignkit.eval.stats import Interval, mean_interval, paired_comparison
 
 EVALS = (("eval_base", "base"), ("eval_dpo", "DPO"), ("eval_ppo", "PPO"))
 
@@ -91,8 +92,6 @@ def gold_gains(output: Path, evals=EVALS) -> Dict[str, Dict[str, Any]]:
     model's gain over the first (the base), paired by prompt (:func:`alignkit.eval.stats.paired_comparison`:
     the per-prompt mean difference, its t interval and verdict). ``{label: {"gold": Interval dict,
     "gain": PairedComparison dict (not for the base)}}``."""
-    from alignkit.eval.stats import mean_interval, paired_comparison
-
     golds = {label: read_gold(Path(output) / stage / "samples.jsonl") for stage, label in evals}
     base_label = evals[0][1]
     out: Dict[str, Dict[str, Any]] = {}
@@ -113,7 +112,6 @@ def rm_heldout_accuracy(samples: Path, margin: float = 0.3) -> Optional[Dict[str
     proxy orders it as gold does (a proxy tie counts one half). The accuracy is the mean over prompts
     of each prompt's share (pairs of one prompt are not independent), with a t interval over prompts
     (:func:`alignkit.eval.stats.mean_interval`). None when no pair qualifies."""
-    from alignkit.eval.stats import mean_interval
 
     if not samples.is_file():
         return None
@@ -160,12 +158,14 @@ def rm_stage_accuracy(output: Path) -> Optional[Dict[str, Any]]:
 
 def demo(config: Union[DemoConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run the demo; returns ``{"results": {label: metrics}, "stages", "compare", "seconds"}``."""
+    # deferred: CLI start-up: `alignkit demo --help` needs no pipeline, rewards or feedback modules (~0.1 s)
     from alignkit.pipeline import PipelineConfig, load_spec, run_pipeline
 
     cfg = as_config(DemoConfig, config, overrides)
     if cfg.task == "reasoning":
         return reasoning_demo(cfg)
     if cfg.task == "redteam":
+        # deferred: torch stays out of this module's import
         from alignkit.redteam.repair import redteam_demo
 
         return redteam_demo(cfg)
@@ -219,8 +219,6 @@ def print_results(results: Dict[str, Dict[str, float]], seconds: float, output: 
 def gain_lines(results: Dict[str, Dict[str, float]], gains: Dict[str, Dict[str, Any]]) -> list:
     """One line per trained model: held-out gold before -> after with 95% intervals over prompts, and
     the gain paired by prompt with its interval and verdict (better / worse / not distinguishable)."""
-    from alignkit.eval.stats import Interval
-
     def iv(d: Dict[str, Any]) -> Interval:
         return Interval(**d)
 
@@ -242,7 +240,6 @@ def gain_lines(results: Dict[str, Dict[str, float]], gains: Dict[str, Dict[str, 
 
 def reward_model_lines(rm: Dict[str, Any]) -> list:
     """How well the reward model orders replies to prompts it never saw (see :func:`rm_heldout_accuracy`)."""
-    from alignkit.eval.stats import Interval
 
     lines = []
     split, held = rm.get("eval_split"), rm.get("heldout_prompts")
@@ -263,6 +260,7 @@ REASONING_EVALS = (("eval_base", "base"), ("eval_after", "GRPO (DAPO)"))
 def reasoning_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """``alignkit demo --task reasoning``: write the synthetic train/held-out prompts, run the bundled
     ``resources/reasoning_pipeline.yaml`` and print held-out accuracy and format rate before and after."""
+    # deferred: CLI start-up: `alignkit demo --help` needs no pipeline, rewards or feedback modules (~0.1 s)
     from alignkit.pipeline import run_pipeline
     from alignkit.rewards.reasoning import reasoning_rows
 

@@ -10,7 +10,9 @@ import re
 import sys
 from typing import Any, Dict, List, Optional
 
+from alignkit import __version__
 from alignkit.config import Section
+from alignkit.models.default import DEFAULT_MODEL_NAME, cache_dir
 
 CORE = ["torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers", "huggingface_hub",
         "pydantic", "click", "rich", "pyyaml", "gguf"]
@@ -50,6 +52,7 @@ def _extras() -> Dict[str, bool]:
 
 def _devices() -> Dict[str, Any]:
     try:
+        # deferred: torch stays out of this module's import (CLI start-up)
         import torch
     except ImportError:
         return {"torch": "missing"}
@@ -58,8 +61,10 @@ def _devices() -> Dict[str, Any]:
         out["cuda_version"] = torch.version.cuda
         out["gpus"] = [f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
                        for i in range(torch.cuda.device_count())]
+    # deferred: torch stays out of this module's import
     from alignkit.models.loading import native_bf16
 
+    # deferred: torch stays out of this module's import
     from alignkit import hardware
 
     out["bf16"] = native_bf16()  # what precision=auto and dtype=auto pick (a GPU, or a CPU with AMX/AVX512-BF16)
@@ -71,10 +76,8 @@ def _devices() -> Dict[str, Any]:
 
 
 def collect() -> Dict[str, Any]:
-    from alignkit import __version__
-    from alignkit.models.default import DEFAULT_MODEL_NAME, cache_dir
-
     try:
+        # deferred: huggingface_hub loads only for Hub access
         from huggingface_hub import constants
 
         hf_cache = constants.HF_HUB_CACHE

@@ -13,7 +13,10 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from alignkit import __version__
 from alignkit.eval.metrics import fmt_value
+from alignkit.models.default import DEFAULT_ALIASES, DEFAULT_MODEL_NAME, cache_dir
+from alignkit.train.rundir import read_records
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
 
@@ -40,8 +43,6 @@ HPARAMS = [("learning rate", "optim.lr"), ("scheduler", "optim.scheduler"), ("wa
 def base_model_id(name_or_path: Optional[str]) -> str:
     """The base model as someone else can load it: the hub id when it came from the Hub (the embedded
     default is ``HuggingFaceTB/SmolLM2-135M-Instruct``), an absolute path for a local directory."""
-    from alignkit.models.default import DEFAULT_ALIASES, DEFAULT_MODEL_NAME, cache_dir
-
     if name_or_path is None or name_or_path.strip().lower() in DEFAULT_ALIASES:
         return EMBEDDED_HUB_ID
     p = Path(name_or_path).expanduser()
@@ -62,9 +63,8 @@ def _hub_id_of_dir(p: Path) -> Optional[str]:
     (``.../models--OWNER--NAME/snapshots/REV``), or the id its own config records (``_name_or_path``
     in config.json, written by older transformers, when it is a Hub id and not a path); the embedded
     default's converted config records ``SmolLM2-135M-Instruct``."""
+    # deferred: pydantic stays out of this module's import
     from alignkit.data.load import looks_like_hub_id
-    from alignkit.models.default import DEFAULT_MODEL_NAME
-
     m = _SNAPSHOT.search(p.as_posix())
     if m:
         return f"{m.group(1)}/{m.group(2)}"
@@ -176,8 +176,6 @@ def model_card(cfg: Any, summary: Dict[str, Any], data_report: Optional[List[Dic
     """README.md text: YAML metadata for the Hub, then method, data, hyper-parameters (for online RL:
     reward functions, generation settings and stage options instead of offline-only fields), metrics,
     the alerts that fired (``alerts``: the records of alerts.jsonl; None: not known) and loading."""
-    from alignkit import __version__
-
     base = base_model_id(cfg.model.name_or_path)
     data_path = _get(cfg, "data.path")
     name = _get(cfg, "hub.model_id") or Path(cfg.output).name
@@ -259,8 +257,6 @@ def write_model_card(model_dir: Path, cfg: Any, summary: Dict[str, Any]) -> Path
     report = json.loads(report_path.read_text()) if report_path.exists() else None
     adapter = (model_dir / "adapter_config.json").exists()
     reward = cfg.command == "rm"
-    from alignkit.train.rundir import read_records
-
     alerts = read_records(Path(cfg.output) / "alerts.jsonl")
     path = model_dir / "README.md"
     path.write_text(model_card(cfg, summary, report, adapter=adapter, reward=reward, alerts=alerts))
@@ -293,6 +289,7 @@ def push_failure_cause(e: BaseException) -> str:
     requests, socket) and offline mode are network."""
     import socket
 
+    # deferred: huggingface_hub loads only for Hub access
     from huggingface_hub import errors as hub_errors
 
     seen = set()
@@ -333,6 +330,7 @@ def push_to_hub(model_dir: Path, cfg: Any) -> str:
     A failure is a :class:`HubPushError` whose message names the cause (network, auth, permission) and
     how to upload the saved model later."""
     try:
+        # deferred: huggingface_hub loads only for Hub access
         from huggingface_hub import HfApi
     except ImportError:  # pragma: no cover - a dependency of transformers
         raise HubPushError("hub.push needs huggingface_hub: pip install huggingface_hub") from None

@@ -21,19 +21,22 @@ import torch
 from pydantic import Field, field_validator
 
 from alignkit.config import DataConfig, ModelConfig, Section, as_config
-from alignkit.rewards import RewardSpec
-from alignkit.rollout.generate import GenerationConfig
+from alignkit.data import prepare
+from alignkit.data.load import DataError
+from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
+from alignkit.rewards import RewardSpec, build_reward
+from alignkit.rollout.generate import GenerationConfig, generate
+from alignkit.rollout.job import NSamplesJob
 from alignkit.rollout.sampling import pick_best_worst
+from alignkit.train.logging import phase
 
 
-class SamplePairsConfig(Section):
+class SamplePairsConfig(NSamplesJob):
     """Sample n responses per prompt from a model (the raw material for labelled pairs)."""
 
     command: Literal["sample-pairs"] = "sample-pairs"
     output: str = "runs/samples"
     """Directory for samples.jsonl and summary.json."""
-    model: ModelConfig = ModelConfig()
-    """The model to sample from (empty: the embedded default model)."""
     data: DataConfig = DataConfig()
     """Prompt rows ({prompt, ...} or {messages}); the other fields are copied to the output rows."""
     n: int = Field(2, ge=2)
@@ -69,11 +72,6 @@ class LabelConfig(Section):
 
 def sample_pairs(config: Union[SamplePairsConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Sample ``n`` responses for every prompt of ``data.path``; the Python twin of ``alignkit sample-pairs``."""
-    from alignkit.data import prepare
-    from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
-    from alignkit.rollout.generate import generate
-    from alignkit.train.logging import phase
-
     cfg = as_config(SamplePairsConfig, config, overrides)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,9 +111,6 @@ def make_pairs(scores: List[float], mode: str = "best_worst", min_margin: float 
 
 def label(config: Union[LabelConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Score and pair the samples; the Python twin of ``alignkit label``."""
-    from alignkit.data.load import DataError
-    from alignkit.rewards import build_reward
-
     cfg = as_config(LabelConfig, config, overrides)
     src = Path(cfg.samples)
     if src.is_dir():

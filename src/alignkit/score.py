@@ -18,6 +18,7 @@ def score(config: Union[ScoreConfig, Dict[str, Any], None] = None, **overrides) 
     Pairs get ``score_chosen``/``score_rejected``, rankings ``scores`` (one per response),
     {prompt, completion}/{messages}/{text} rows a single ``score``.
     """
+    # deferred: torch stays out of this module's import
     from alignkit.models.reward import load_reward_scorer
 
     cfg = as_config(ScoreConfig, config, overrides)

@@ -11,6 +11,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 def tiny_tokenizer(chat_template: Optional[str] = CHATML):
     """A character-level tokenizer (printable ASCII + newline) with ChatML specials; pad == eos."""
+    # deferred: transformers is slow to import; it loads when a model does
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -28,6 +29,7 @@ def tiny_tokenizer(chat_template: Optional[str] = CHATML):
 
 
 def tiny_llama(tokenizer, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0):
+    # deferred: torch and transformers (slow imports) load when a model does
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -60,6 +62,7 @@ def tiny_causal_lm(kind: str, vocab_size: int = 97, hidden: int = 32, layers: in
                    **overrides):
     """A tiny random causal LM of architecture ``kind`` (one of :data:`TINY_ARCHITECTURES`), built from a
     local config (no download), with the logit post-processing of its family switched on."""
+    # deferred: torch and transformers (slow imports) load when a model does
     import torch
     import transformers as tf
 

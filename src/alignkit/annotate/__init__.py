@@ -19,7 +19,10 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import Field
 
+from alignkit.annotate.importers import import_labels
+from alignkit.annotate.tasks import ab_items, read_task
 from alignkit.config import Section, as_config
+from alignkit.data.load import DataError
 
 ACTIONS = ("serve", "add-user", "export", "import")
 
@@ -86,10 +89,8 @@ def _guideline(text: str) -> str:
 
 def prepare_store(cfg: AnnotateConfig):
     """Open the store, save the settings given and import the task (rank mode) or the A/B items."""
+    # deferred: sqlalchemy/starlette load only when the annotation store or server runs
     from alignkit.annotate.store import Store
-    from alignkit.annotate.tasks import ab_items, read_task
-    from alignkit.data.load import DataError
-
     store = Store(cfg.db)
     settings: Dict[str, Any] = {}
     if cfg.overlap is not None:
@@ -121,7 +122,6 @@ def prepare_store(cfg: AnnotateConfig):
 def _check_deps() -> None:
     import importlib.util
 
-    from alignkit.data.load import DataError
 
     missing = [m for m in ("starlette", "uvicorn", "sqlalchemy") if importlib.util.find_spec(m) is None]
     if missing:
@@ -154,8 +154,6 @@ def login_base(cfg: "AnnotateConfig", store) -> str:
 
 def run_annotate(config: Union[AnnotateConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """The Python twin of ``alignkit annotate``."""
-    from alignkit.data.load import DataError
-
     cfg = as_config(AnnotateConfig, config, overrides)
     _check_deps()
     action, rest = (cfg.args[0], cfg.args[1:]) if cfg.args else ("serve", [])
@@ -166,6 +164,7 @@ def run_annotate(config: Union[AnnotateConfig, Dict[str, Any], None] = None, **o
         if len(names) != 1:
             raise DataError("usage: alignkit annotate add-user NAME [--admin] [--db FILE] "
                             "(or --name 'NAME' for a name containing '=')")
+        # deferred: sqlalchemy/starlette load only when the annotation store or server runs
         from alignkit.annotate.store import Store, StoreError
 
         store = Store(cfg.db)
@@ -182,14 +181,13 @@ def run_annotate(config: Union[AnnotateConfig, Dict[str, Any], None] = None, **o
         return {"user": names[0], "admin": cfg.admin, "login_url": f"{base}/login?code={code}"}
     store, summary = prepare_store(cfg)
     if action == "export":
+        # deferred: sqlalchemy/starlette load only when the annotation store or server runs
         from alignkit.annotate.export import export
 
         return export(store, cfg.output, cfg.aggregate)
     if action == "import":
         if len(rest) != 1:
             raise DataError("usage: alignkit annotate import FILE (a Label Studio or Argilla export)")
-        from alignkit.annotate.importers import import_labels
-
         return {**summary, **import_labels(store, rest[0])}
     serve(store, cfg.host, cfg.port, public_url=cfg.public_url, workers=cfg.workers, max_body=cfg.max_body)
     return summary
@@ -201,8 +199,10 @@ def serve(store, host: str = "127.0.0.1", port: int = 8765, *, public_url: Optio
     import json
     import os
 
+    # deferred: uvicorn loads only when the server runs
     import uvicorn
 
+    # deferred: sqlalchemy/starlette load only when the annotation store or server runs
     from alignkit.annotate.app import create_app
 
     address = served_url(host, port)

@@ -39,6 +39,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from alignkit.annotate.agreement import AGGREGATORS
+from alignkit.annotate.export import agreement_html, collect
 from alignkit.annotate.store import MAX_RATIONALE, Assignment, LeaseLost, Store, StoreError, User
 
 COOKIE = "alignkit_annotate"
@@ -453,8 +454,6 @@ class App:
         ok, err = await self._user(request, admin=True)
         if err:
             return err
-        from alignkit.annotate.export import agreement_html, collect
-
         try:
             agg = self._aggregate(request)
         except BadRequest as e:
@@ -471,8 +470,6 @@ class App:
         ok, err = await self._user(request, admin=True)
         if err:
             return err
-        from alignkit.annotate.export import collect
-
         kind = request.query_params.get("kind", "rankings")
         try:
             if kind not in EXPORT_KINDS:

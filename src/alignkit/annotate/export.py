@@ -31,7 +31,9 @@ from typing import Any, Dict, List
 
 from alignkit.annotate import agreement as A
 from alignkit.annotate.store import Store
-from alignkit.feedback.common import write_jsonl
+from alignkit.data.load import write_jsonl
+from alignkit.eval.style import page
+
 
 
 def _fmt(v: Any) -> str:
@@ -146,8 +148,6 @@ def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
 
 def agreement_html(res: Dict[str, Any], title: str = "alignkit annotation report", nav: str = "") -> str:
     """The report page; ``nav``: trusted HTML put under the title (the admin page's export links)."""
-    from alignkit.eval.report import CSS
-
     st, c = res["agreement"], res["counts"]
     body = [f"<h1>{escape(title)}</h1>", nav,
             f'<p class="note">aggregate: {escape(res["aggregate"])}; {c["items_answered"]} of {c["items"]} items '
@@ -183,10 +183,7 @@ def agreement_html(res: Dict[str, Any], title: str = "alignkit annotation report
                      {"file": "items whose consensus keeps a tie (pairs only)", "rows": c["consensus_with_ties"]},
                      {"file": "items with no preference (all tied)", "rows": c["no_preference"]},
                      {"file": "pairs split evenly (left out)", "rows": c["pairs_split_evenly"]}], ["file", "rows"])]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{escape(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body)
-            + "\n</body></html>\n")
+    return page(title, body)
 
 
 def _update_summary(run_dir: Path, values: Dict[str, float]) -> None:

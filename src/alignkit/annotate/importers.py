@@ -156,6 +156,7 @@ def read_export(path: str) -> Tuple[str, List]:
 
 def import_labels(store, path: str) -> Dict[str, Any]:
     """Add the export's items and answers to ``store``; returns counts."""
+    # deferred: sqlalchemy/starlette load only when the annotation store or server runs
     from alignkit.annotate.store import item_id
 
     fmt, parsed = read_export(path)

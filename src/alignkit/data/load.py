@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from alignkit.models.default import check_hub_dataset
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file, the row and the field."""
@@ -389,6 +391,7 @@ def _read_file(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
     if suffix == ".csv":
         return _read_csv(path)
     if suffix == ".parquet":
+        # deferred: datasets (slow import) loads only for Hub / Arrow inputs
         from datasets import Dataset
 
         return _read_dataset(Dataset.from_parquet(str(path)))
@@ -415,6 +418,7 @@ def split_names(source: str, subset: Optional[str] = None) -> Optional[List[str]
         layout = hub_layout_splits(path)
         if layout is not None:
             return list(layout)
+        # deferred: datasets (slow import) loads only for Hub / Arrow inputs
         from datasets import DatasetDict, load_from_disk
 
         try:
@@ -424,11 +428,10 @@ def split_names(source: str, subset: Optional[str] = None) -> Optional[List[str]
         return list(ds) if isinstance(ds, DatasetDict) else None
     if path.exists() or not looks_like_hub_id(source):
         return None
-    from alignkit.models.default import check_hub_dataset
-
     if check_hub_dataset(source):  # unreachable: read_rows says so in one line
         return None
     try:
+        # deferred: datasets (slow import) loads only for Hub / Arrow inputs
         from datasets import get_dataset_split_names
 
         return list(get_dataset_split_names(source, subset))
@@ -474,6 +477,7 @@ def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None,
         info["split"] = split
         rows = _read_hub_layout(path, layout[split])
     elif path.is_dir():
+        # deferred: datasets (slow import) loads only for Hub / Arrow inputs
         from datasets import DatasetDict, load_from_disk
 
         try:
@@ -497,6 +501,7 @@ def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None,
         elif suffix == ".csv":
             rows = _read_csv(path)
         elif suffix == ".parquet":
+            # deferred: datasets (slow import) loads only for Hub / Arrow inputs
             from datasets import Dataset
 
             rows = _read_dataset(Dataset.from_parquet(str(path)))
@@ -507,12 +512,11 @@ def read_rows(source: str, split: str = "train", max_rows: Optional[int] = None,
             raise DataError(f"{source}: no such file or directory")
         info["origin"] = "Hugging Face Hub" + (f", subset {subset}" if subset else "")
         info["split"] = split
-        from alignkit.models.default import check_hub_dataset
-
         unreachable = check_hub_dataset(source)  # one line now instead of a minute of retries
         if unreachable:
             raise DataError(unreachable)
         try:
+            # deferred: datasets (slow import) loads only for Hub / Arrow inputs
             from datasets import load_dataset
 
             rows = _read_dataset(load_dataset(source, subset, split=split))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence
 
 from alignkit.data.load import DataError, DataReport
+from alignkit.data.prepared import Prepared, count_overlap, eval_source, load_split, no_examples_message, prepare_in_memory
 
 
 @dataclass
@@ -81,8 +82,6 @@ def source_config(cfg, src, **update):
 def prepare_mix(kind: str, cfg, encoder, seed: int, require_eval: bool, reports: List[DataReport],
                 **parse_kwargs):
     """:func:`alignkit.data.prepare` for ``data.mix`` (module docstring)."""
-    from alignkit.data import Prepared, _eval_source, _load_split, _prepare, count_overlap, no_examples_message
-
     if cfg.path:
         raise DataError("set data.path or data.mix, not both (data.mix lists every training dataset)")
     trains, evals = [], []
@@ -91,13 +90,13 @@ def prepare_mix(kind: str, cfg, encoder, seed: int, require_eval: bool, reports:
         sub = source_config(cfg, src)
         try:
             if cfg.eval_path:  # one held-out set for the mixture: read only the training side here
-                train, report, _keys = _load_split(sub.path, sub.split, "train", kind, sub, encoder, **parse_kwargs)
+                train, report, _keys = load_split(sub.path, sub.split, "train", kind, sub, encoder, **parse_kwargs)
                 own.append(report)
                 if not train:
                     raise DataError(no_examples_message(sub.path, kind, report))
                 part = Prepared(train, [], own, encoder)
             else:
-                part = _prepare(kind, sub, encoder, seed, False, own, **parse_kwargs)
+                part = prepare_in_memory(kind, sub, encoder, seed, False, own, **parse_kwargs)
         except DataError:
             reports.extend(own)  # the run still writes what was read
             raise
@@ -117,9 +116,9 @@ def prepare_mix(kind: str, cfg, encoder, seed: int, require_eval: bool, reports:
         reports.extend(part.reports[1:])  # its held-out side
     eval_items: List[Dict[str, Any]] = list(evals)
     if cfg.eval_path:
-        where = _eval_source(source_config(cfg, cfg.mix[0]))
+        where = eval_source(source_config(cfg, cfg.mix[0]))
         if where is not None:
-            eval_items, ereport, _keys = _load_split(where[0], where[1], "eval", kind, cfg, encoder, **parse_kwargs)
+            eval_items, ereport, _keys = load_split(where[0], where[1], "eval", kind, cfg, encoder, **parse_kwargs)
             reports.append(ereport)
             if not eval_items:
                 raise DataError(f"{where[0]}: no usable {kind} examples for evaluation")

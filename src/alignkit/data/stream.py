@@ -24,8 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from alignkit.config import MixSource
+from alignkit.data.formats import parse_rows
 from alignkit.data.load import (BUILTIN_PREFIX, DataError, DataReport, _read_csv, _read_dataset, _read_json,
                                 _read_jsonl, _one_line, looks_like_hub_id, resolve_data_path)
+from alignkit.data.mix import source_config
+from alignkit.data.prepared import Prepared, eval_source, load_split
+from alignkit.data.tokenize import Encoder
+from alignkit.models.default import check_hub_dataset
 
 RowFactory = Callable[[], Iterator[Tuple[int, Dict[str, Any]]]]
 STREAMING_KINDS = ("sft", "preference")
@@ -63,6 +69,7 @@ def row_factory(source: str, split: str = "train", subset: Optional[str] = None,
     path = resolve_data_path(source)
     info["split"] = None
     if path.is_dir():
+        # deferred: datasets (slow import) loads only for Hub / Arrow inputs
         from datasets import DatasetDict, load_from_disk
 
         try:
@@ -87,12 +94,11 @@ def row_factory(source: str, split: str = "train", subset: Optional[str] = None,
         raise DataError(f"{source}: no such file or directory")
     info["origin"] = "Hugging Face Hub, streaming" + (f", subset {subset}" if subset else "")
     info["split"] = split
-    from alignkit.models.default import check_hub_dataset
-
     unreachable = check_hub_dataset(source)
     if unreachable:
         raise DataError(unreachable)
     try:
+        # deferred: datasets (slow import) loads only for Hub / Arrow inputs
         from datasets import load_dataset
 
         ds = load_dataset(source, subset, split=split, streaming=True)
@@ -151,8 +157,6 @@ class StreamingItems:
     # ---------------------------------------------------------------- the sequence
     def _examples(self, i: int) -> Iterator[Dict[str, Any]]:
         """Dataset i's encoded examples, pass after pass (its report counts the first pass once)."""
-        from alignkit.data.formats import parse_rows
-
         name, factory, _ = self.sources[i]
         report = self.reports[i]
         p = 0
@@ -231,10 +235,6 @@ def prepare_streaming(kind: str, cfg, encoder, seed: int, require_eval: bool, re
     """:func:`alignkit.data.prepare` with ``data.streaming``: the training side as :class:`StreamingItems`
     (its first examples read now, so a file with no usable row fails before the model loads); the
     held-out side read whole as usual (``data.eval_path``, else each dataset's eval_split or test twin)."""
-    from alignkit.config import MixSource
-    from alignkit.data import Prepared, _eval_source, _load_split
-    from alignkit.data.mix import source_config
-
     if kind not in STREAMING_KINDS:
         raise DataError(f"data.streaming works for sft and preference data (dpo and its family); this command reads "
                         f"{kind} data, which it needs whole: set data.streaming=false")
@@ -255,15 +255,15 @@ def prepare_streaming(kind: str, cfg, encoder, seed: int, require_eval: bool, re
         stream_reports.append(rep)
         reports.append(rep)
         if not cfg.eval_path:
-            where = _eval_source(sub)
+            where = eval_source(sub)
             if where is not None:
-                items, erep, _keys = _load_split(where[0], where[1], "eval", kind, sub, encoder, **parse_kwargs)
+                items, erep, _keys = load_split(where[0], where[1], "eval", kind, sub, encoder, **parse_kwargs)
                 reports.append(erep)
                 evals.extend(items)
     if cfg.eval_path:
-        where = _eval_source(source_config(cfg, mix[0]))
+        where = eval_source(source_config(cfg, mix[0]))
         if where is not None:
-            evals, erep, _keys = _load_split(where[0], where[1], "eval", kind, cfg, encoder, **parse_kwargs)
+            evals, erep, _keys = load_split(where[0], where[1], "eval", kind, cfg, encoder, **parse_kwargs)
             reports.append(erep)
     if require_eval and not evals:
         raise DataError("this command needs held-out data: set data.eval_path or data.eval_split")
@@ -278,9 +278,6 @@ def stream_rows(kind: str, rows, cfg, tokenizer, seed: int = 0, name: str = "dat
     dicts, such as a ``datasets.IterableDataset`` (each pass iterates it again) or a list. For the
     Python API; ``cfg`` (a DataConfig) gives the tokenization settings and ``shuffle_buffer``. The
     held-out side is empty (pass held-out examples to the trainer yourself)."""
-    from alignkit.data import Prepared
-    from alignkit.data.tokenize import Encoder
-
     if kind not in STREAMING_KINDS:
         raise DataError(f"streaming works for sft and preference data; {kind} data is needed whole")
     encoder = Encoder(tokenizer, cfg)

@@ -37,8 +37,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from pydantic import Field, field_validator
 
 from alignkit.config import Section
+from alignkit.data.load import DataError, read_rows
 from alignkit.eval import markers as MK
 from alignkit.eval.stats import Interval, binomial_interval, mean_interval
+from alignkit.feedback.common import clean_generation, conversation_ids
+from alignkit.rewards import build_source
 from alignkit.rewards.base import RewardSpec
 
 __all__ = ["BEHAVIOUR_PROBES", "CHALLENGE", "BehaviourProbeConfig", "answer_correct", "flip_test",
@@ -155,8 +158,6 @@ def refusal_rates(rows: List[Dict[str, Any]], answers: Sequence[str],
 
 # --------------------------------------------------------------------------- running
 def _rows(source: str, max_items: Optional[int], need: Tuple[str, ...]) -> List[Dict[str, Any]]:
-    from alignkit.data.load import DataError, read_rows
-
     name, rows = read_rows(source, max_rows=max_items)
     out = []
     for number, row in rows:
@@ -169,7 +170,7 @@ def _rows(source: str, max_items: Optional[int], need: Tuple[str, ...]) -> List[
 
 def policy_answerer(model, tok, generation, max_new_tokens: int) -> GenerateFn:
     """Greedy answers of ``model`` to chats, through the tokenizer's chat template."""
-    from alignkit.feedback.common import clean_generation, conversation_ids
+    # deferred: torch stays out of this module's import
     from alignkit.rollout.generate import generate
 
     gen = generation.model_copy(update={"temperature": 0.0, "max_new_tokens": max_new_tokens})
@@ -215,8 +216,6 @@ def run_behaviour_probes(names: Sequence[str], settings: BehaviourProbeConfig, a
             answers = answer([[{"role": "user", "content": r["prompt"]}] for r in rows])
             scores = None
             if settings.refusal_judge is not None:
-                from alignkit.rewards import build_source
-
                 scores = build_source(settings.refusal_judge)([r["prompt"] for r in rows], answers, [{} for _ in rows])
             res = refusal_rates(rows, answers, scores)
             ivs = {"refusal_rate": res["refusal_rate"]}

@@ -78,38 +78,36 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from alignkit.config import DiagnosticsConfig
+from alignkit.config import ALERT_KINDS, DiagnosticsConfig
 from alignkit.eval.stats import paired_comparison
+from alignkit.train import metric_keys as K  # a leaf module (no imports of ours): every logged key, defined once
 
 __all__ = ["ALERT_KINDS", "Alert", "Diagnostics", "DiagnosticsConfig", "Trend", "fit_trend"]
 
 Point = Tuple[float, float]  # (step, value)
 
-from alignkit.train.metric_keys import DISTINCT_2 as DIVERSITY_KEY  # noqa: E402  keys defined once
-from alignkit.train.metric_keys import KL_REF as KL_KEY  # noqa: E402  nats per sequence in every trainer
-from alignkit.train.metric_keys import LENGTH_MEAN as LENGTH_KEY  # noqa: E402
-from alignkit.train.metric_keys import REWARD_MEAN as PROXY_KEY  # noqa: E402
-GOLD_KEYS = ("rewards/gold", "eval/rewards/gold")
-MARGIN_KEY = "rewards/margin"
-CHOSEN_LOGP_KEY = "logps/chosen"
-LOSS_KEY = "train/loss"
-GRAD_NORM_KEY = "train/grad_norm"
-WEIGHT_RMS_KEY = "train/weight_rms"
-UNITS_KEY = "train/units"
-REWARD_STD_KEY = "rewards/std"
-ZERO_STD_KEY = "rewards/zero_std_groups"
-EOS_RATE_KEY = "rollout/eos_rate"
+# the keys the checks read, named after their role here; each is the constant of train/metric_keys.py
+DIVERSITY_KEY = K.DISTINCT_2
+KL_KEY = K.KL_REF  # nats per sequence in every trainer
+LENGTH_KEY = K.LENGTH_MEAN
+PROXY_KEY = K.REWARD_MEAN
+GOLD_KEYS = (K.REWARD_GOLD, K.held_out(K.REWARD_GOLD))
+MARGIN_KEY = K.REWARD_MARGIN
+CHOSEN_LOGP_KEY = K.LOGP_CHOSEN
+LOSS_KEY = K.TRAIN_LOSS
+GRAD_NORM_KEY = K.GRAD_NORM
+WEIGHT_RMS_KEY = K.WEIGHT_RMS
+UNITS_KEY = K.TRAIN_UNITS
+REWARD_STD_KEY = K.REWARD_STD
+ZERO_STD_KEY = K.ZERO_STD_GROUPS
+EOS_RATE_KEY = K.EOS_RATE
 # held-out metrics and the direction that is better: accuracy up, loss down
-HELDOUT_ACCURACY_KEYS = ("eval/accuracy", "eval/rewards/accuracy")
-HELDOUT_LOSS_KEYS = ("eval/loss",)
+HELDOUT_ACCURACY_KEYS = (K.held_out(K.ACCURACY), K.held_out(K.REWARD_ACCURACY))
+HELDOUT_LOSS_KEYS = (K.held_out(K.LOSS),)
 
 # reward-versus-marker correlations (logged by online RL; alignkit.eval.markers), length first
-MARKER_CORR_KEYS = {"length": "rewards/corr_length", "hedging": "rewards/corr_hedging",
-                    "list": "rewards/corr_list", "agreement": "rewards/corr_agreement"}
-
-ALERT_KINDS = ("kl_blowup", "verbosity", "reward_marker", "mode_collapse", "overoptimization", "likelihood_displacement",
-               "zero_grad", "stuck_loss", "constant_reward", "all_truncated", "all_masked", "exploding",
-               "heldout_regression")
+MARKER_CORR_KEYS = {"length": K.CORR_LENGTH, "hedging": K.CORR_HEDGING, "list": K.CORR_LIST,
+                    "agreement": K.CORR_AGREEMENT}
 
 
 class _Urgent(str):

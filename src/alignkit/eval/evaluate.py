@@ -34,14 +34,21 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 import torch
 from pydantic import Field, field_validator
 
-from alignkit.config import DataConfig, ModelConfig, Section, as_config
+from alignkit.config import ConfigError, DataConfig, ModelConfig, Section, as_config, to_yaml
+from alignkit.data import prepare
+from alignkit.data.load import DataError
 from alignkit.eval import metrics as M
-from alignkit.eval.behaviour import BehaviourProbeConfig
-from alignkit.eval.stats import interval_keys, mean_interval, paired_comparison
-from alignkit.models.loading import best_device
+from alignkit.eval.behaviour import BEHAVIOUR_PROBES, BehaviourProbeConfig, policy_answerer, run_behaviour_probes
+from alignkit.eval.rm_eval import evaluate_reward_model
+from alignkit.eval.stats import interval_keys, is_interval_key, mean_interval, paired_comparison, read_interval
+from alignkit.models.default import resolve_model_path
+from alignkit.models.loading import best_device, load_causal_lm, load_frozen, load_tokenizer
 from alignkit.ops.kl import KLKind, kl_estimate
-from alignkit.rewards import RewardSpec
-from alignkit.rollout.generate import GenerationConfig
+from alignkit.ops.packing import resolve_packing
+from alignkit.rewards import RewardSpec, build_reward
+from alignkit.rollout.generate import GenerationConfig, batched_logprobs, generate
+from alignkit.train.common import write_run_report
+from alignkit.train.logging import phase
 
 
 class EvalConfig(Section):
@@ -107,8 +114,6 @@ class EvalConfig(Section):
     @field_validator("probes", mode="before")
     @classmethod
     def _known_probes(cls, v: Any) -> List[str]:
-        from alignkit.eval.behaviour import BEHAVIOUR_PROBES
-
         v = [v] if isinstance(v, str) else list(v or [])
         unknown = [p for p in v if p not in BEHAVIOUR_PROBES]
         if unknown:
@@ -246,8 +251,6 @@ def _device() -> torch.device:
 
 
 def _load_lm(name: Optional[str], base: ModelConfig):
-    from alignkit.models.loading import load_causal_lm
-
     cfg = base.model_copy(update={"name_or_path": name, "gradient_checkpointing": False})
     return load_causal_lm(cfg, trainable=False).to(_device()).eval()
 
@@ -256,8 +259,6 @@ def _load_reference(name: Optional[str], base: ModelConfig):
     """(reference model, autocast context for its passes): see
     :func:`~alignkit.models.loading.load_frozen` (with ``model.dtype=auto`` where bf16 is native,
     the reference runs as a training run's frozen reference does)."""
-    from alignkit.models.loading import load_frozen
-
     return load_frozen(lambda dt: _load_lm(name, base.model_copy(update={"dtype": dt})), base.dtype, _device())
 
 
@@ -303,8 +304,6 @@ def default_reference(policy: Optional[str]) -> Optional[str]:
     unrelated model gives a meaningless KL and win rate."""
     import yaml
 
-    from alignkit.config import ConfigError
-    from alignkit.models.default import resolve_model_path
 
     if policy is None or resolve_model_path(policy) == resolve_model_path(None):
         return policy
@@ -325,28 +324,15 @@ def default_reference(policy: Optional[str]) -> Optional[str]:
 
 
 def _score(specs: List[RewardSpec], prompts: List[Any], texts: List[str], rows: List[Dict[str, Any]]):
-    from alignkit.rewards import build_reward
-
     return build_reward(specs)(prompts, texts, rows) if specs else None
 
 
 def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run ``alignkit eval``; returns the flat metrics (``eval.json`` holds them with the context)."""
-    from alignkit.data import prepare
-    from alignkit.models.default import resolve_model_path
-    from alignkit.models.loading import load_tokenizer
-    from alignkit.ops.packing import resolve_packing
-    from alignkit.rollout.generate import batched_logprobs, generate
-    from alignkit.train.logging import phase
-
     cfg = as_config(EvalConfig, config, overrides)
     if cfg.reward_model:
-        from alignkit.eval.rm_eval import evaluate_reward_model
-
         return evaluate_reward_model(cfg)
     if not cfg.data.path:
-        from alignkit.data.load import DataError
-
         raise DataError("no prompts to evaluate on: pass --data FILE (rows {prompt, ...})")
     if cfg.reference is None and cfg.model.name_or_path is not None:
         import sys
@@ -369,8 +355,6 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
         ro = generate(policy, tok, [it["prompt_ids"] for it in items], cfg.generation, n=cfg.samples)
     probe_metrics, probe_details = {}, None
     if cfg.probes:  # behaviour probes while the policy is loaded (alignkit.eval.behaviour)
-        from alignkit.eval.behaviour import policy_answerer, run_behaviour_probes
-
         with phase(f"behaviour probes: {', '.join(cfg.probes)}", label="eval"):
             probe_metrics, probe_details = run_behaviour_probes(
                 cfg.probes, cfg.probe_settings,
@@ -454,9 +438,6 @@ def evaluate(config: Union[EvalConfig, Dict[str, Any], None] = None, **overrides
 def write_eval_run(out: Path, cfg: EvalConfig, metrics: Dict[str, float], context: Dict[str, Any],
                    samples: List[Dict[str, Any]], extra: Optional[Dict[str, Any]] = None) -> None:
     """eval.json, samples.jsonl, config.yaml, metrics.jsonl (one eval/ line), summary.json, report.html."""
-    from alignkit.config import to_yaml
-    from alignkit.train.common import write_run_report
-
     out.mkdir(parents=True, exist_ok=True)
     doc = {"metrics": metrics, **context, **(extra or {})}
     (out / "eval.json").write_text(json.dumps(doc, indent=2, default=float))
@@ -475,7 +456,6 @@ def print_table(metrics: Dict[str, float], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from alignkit.eval.stats import is_interval_key, read_interval
 
     def cell(key: str) -> str:
         iv = read_interval(metrics, key)

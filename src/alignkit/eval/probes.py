@@ -58,10 +58,15 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 from pydantic import Field, field_validator
 
-from alignkit.config import Section, as_config
+from alignkit.config import ConfigError, Section, as_config
+from alignkit.data.load import DataError, read_rows
 from alignkit.eval import markers as MK
 from alignkit.eval.stats import Interval, binomial_interval, mean_interval, paired_comparison
+from alignkit.eval.style import page
+from alignkit.rewards import build_reward, build_source
 from alignkit.rewards.base import RewardSpec
+from alignkit.rewards.pyfunc import load_callable
+from alignkit.train.logging import phase
 
 __all__ = ["ProbeConfig", "ProbeItem", "ProbePair", "PERTURBATIONS", "perturb_items", "score_pairs",
            "probe_results", "holm", "probe", "run_probe_command", "load_probe_items", "audit_preferences"]
@@ -190,8 +195,6 @@ PROBE_NAMES = tuple(PERTURBATIONS) + (POSITION,)
 def user_perturbation(ref: str) -> Perturbation:
     """A python perturbation ``fn(prompt, response, rng)`` returning a text, ``{variant: text}`` or None
     (skip the item); the probe is named after the function."""
-    from alignkit.rewards.pyfunc import load_callable
-
     fn = load_callable(ref)
     name = ref.rpartition(":")[2]
 
@@ -248,8 +251,6 @@ def _row_item(row: Dict[str, Any], where: str, index: int) -> Optional[ProbeItem
 def load_probe_items(source: str, max_items: Optional[int] = None) -> Tuple[List[ProbeItem], int]:
     """(items, rows skipped) from a probe set or a data file: rows ``{prompt, response}`` (or
     ``completion``, ``chosen``, ``answer``, ``output``; or ``messages`` ending in an assistant turn)."""
-    from alignkit.data.load import DataError, read_rows
-
     name, rows = read_rows(source, max_rows=max_items)
     items, skipped = [], 0
     for number, row in rows:
@@ -268,8 +269,6 @@ def load_probe_items(source: str, max_items: Optional[int] = None) -> Tuple[List
 def load_pairs_file(source: str) -> List[ProbePair]:
     """Ready-made pairs: rows ``{prompt, original, perturbed, probe?, variant?, item?}``; the probe name
     defaults to the file's stem. A row without these fields is an error naming file, row and field."""
-    from alignkit.data.load import DataError, read_rows
-
     name, rows = read_rows(source)
     stem = Path(name).stem
     out = []
@@ -301,10 +300,11 @@ def score_pairs(pairs: List[ProbePair], scorer: Any, batch_size: int = 64) -> st
     object with ``first_probs``, or a source holding one as ``.judge``), asked both orders:
     ``p_ab`` = P(A) with the perturbed response in A, ``p_ba`` with it in B; ``prob_perturbed`` =
     (p_ab + 1 - p_ba) / 2, ``shift`` = prob_perturbed - 0.5, ``position`` = (p_ab + p_ba) / 2 - 0.5."""
+    # deferred: CLI start-up: the judge pulls the data and feedback modules, not needed by `probe --help`
+    from alignkit.feedback.judge import JudgeQuery, judge_both_orders
+
     judge = scorer if hasattr(scorer, "first_probs") else _judge_of(scorer)
     if judge is not None:
-        from alignkit.feedback.judge import JudgeQuery, judge_both_orders
-
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i:i + batch_size]
             verdicts = judge_both_orders(judge, [JudgeQuery(p.prompt, p.perturbed, p.original) for p in chunk])
@@ -431,8 +431,6 @@ def audit_preferences(rows: Sequence[Tuple[Any, str, str]], groups: Optional[Seq
 
 
 def _preference_rows(source: str) -> List[Tuple[Any, str, str]]:
-    from alignkit.data.load import read_rows
-
     _, rows = read_rows(source)
     out = []
     for _, row in rows:
@@ -501,18 +499,12 @@ class ProbeConfig(Section):
 
 
 def _build_scorer(specs: List[RewardSpec]) -> Any:
-    from alignkit.rewards import build_reward, build_source
-
     if not specs:
-        from alignkit.config import ConfigError
-
         raise ConfigError("alignkit probe needs a scorer: --reward model:PATH, ensemble:..., python:MODULE:FN "
                           "or judge:MODEL")
     judges = [s for s in specs if s.kind == "judge"]
     if judges:
         if len(specs) > 1:
-            from alignkit.config import ConfigError
-
             raise ConfigError("a judge: scorer is pairwise and must be the only --reward of a probe run")
         return build_source(judges[0])
     return build_reward(specs)
@@ -521,16 +513,12 @@ def _build_scorer(specs: List[RewardSpec]) -> Any:
 def probe(config: Union[ProbeConfig, Dict[str, Any], None] = None, scorer: Any = None, **overrides) -> Dict[str, Any]:
     """Run the probes; returns the ``probe.json`` document. ``scorer`` (a reward source or a pairwise
     judge object) replaces ``rewards`` for callers that hold one already."""
-    from alignkit.train.logging import phase
-
     cfg = as_config(ProbeConfig, config, overrides)
     out = Path(cfg.output)
     scorer = scorer if scorer is not None else _build_scorer(cfg.rewards)
     pairwise = hasattr(scorer, "first_probs") or _judge_of(scorer) is not None
     wanted = list(cfg.probes) or list(PROBE_NAMES)
     if POSITION in cfg.probes and not pairwise:
-        from alignkit.config import ConfigError
-
         raise ConfigError("the position probe needs a pairwise judge (--reward judge:MODEL); this scorer is pointwise")
     chosen = [PERTURBATIONS[n] for n in wanted if n in PERTURBATIONS]
     chosen += [user_perturbation(ref) for ref in cfg.perturb]
@@ -556,8 +544,6 @@ def probe(config: Union[ProbeConfig, Dict[str, Any], None] = None, scorer: Any =
         pairs += ps
         sources[path] = {"pairs": len(ps)}
     if not pairs:
-        from alignkit.data.load import DataError
-
         raise DataError("no probe pairs: give a probe set, --data, --pairs or --perturb (and a probe that applies)")
     with phase(f"scoring {len(pairs)} probe pairs", label="probe"):
         mode = score_pairs(pairs, scorer, cfg.batch_size)
@@ -612,7 +598,6 @@ def write_probe_report(doc: Dict[str, Any], pairs: Sequence[ProbePair], path: Pa
     per-variant tables, the data audit and example pairs. Every text is HTML-escaped."""
     from html import escape
 
-    from alignkit.eval.report import _page
 
     def iv(d: Dict[str, Any], signed: bool = False) -> str:
         f = "{:+.3g}" if signed else "{:.3g}"
@@ -675,7 +660,7 @@ def write_probe_report(doc: Dict[str, Any], pairs: Sequence[ProbePair], path: Pa
                 for p in ps)
             body.append(f"<h3>{escape(r['probe'])}</h3><table class=\"samples\"><tr><th>original</th>"
                         f"<th>perturbed</th></tr>{cells}</table>")
-    path.write_text(_page(title, body), encoding="utf-8")
+    path.write_text(page(title, body), encoding="utf-8")
     return path
 
 

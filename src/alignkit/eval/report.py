@@ -36,8 +36,9 @@ import yaml
 
 from alignkit.eval.behaviour import compare_probes_html
 from alignkit.eval.diagnostics import Diagnostics
-from alignkit.eval.paired import versus
+from alignkit.eval.paired import read_samples, versus
 from alignkit.eval.stats import format_pm, is_interval_key, read_interval
+from alignkit.eval.style import page
 from alignkit.eval.svg import bar_plot, line_plot, scatter_plot
 from alignkit.train.rundir import flatten_config
 
@@ -53,26 +54,6 @@ KL_KEYS = ["eval/kl/ref", "kl/ref"]
 # held-out metrics overlaid on a training metric of another name (otherwise eval/X goes with X)
 EVAL_PARTNERS = {"eval/loss": "train/loss", "eval/accuracy": "rewards/accuracy", "eval/margin": "rewards/margin"}
 PERF_NAMESPACES = ("time", "perf")  # the throughput and memory panel
-
-CSS = """
-body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1280px;color:#222;padding:0 16px}
-h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}h3{font-size:15px}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;
-text-align:left;vertical-align:top}th{background:#f5f5f5}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
-figure{margin:0;border:1px solid #eee;padding:4px}.grid h3{grid-column:1/-1;margin:8px 0 0}
-.alert{background:#fdecec;border-left:5px solid #c92a2a;padding:8px 12px;margin:6px 0}
-.alert b{color:#c92a2a}.note{color:#666;font-size:13px}
-.banner{padding:10px 14px;margin:12px 0;font-size:15px;border-radius:3px}
-.banner.bad{background:#c92a2a;color:#fff}.banner.none{background:#f1f3f5;color:#333}
-table.single td:nth-child(2){text-align:right;font-variant-numeric:tabular-nums}
-.cols{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px}
-.samples td{width:45%}
-.verdicts tr.better td:last-child{color:#2b8a3e}.verdicts tr.worse td:last-child{color:#c92a2a}
-.verdicts tr.same td:last-child{color:#555}.iv{white-space:nowrap}
-"""
-
 
 @dataclass
 class RunData:
@@ -233,12 +214,6 @@ def reward_kl_steps(series: Series, reward_key: str) -> List[Tuple[float, float,
 def _step_labels(series: Series, reward_key: str) -> List[str]:
     """"step N" for each reward-vs-KL point, so the path of the run reads off the plot."""
     return [f"step {int(s) if float(s).is_integer() else s}" for s, _, _ in reward_kl_steps(series, reward_key)]
-
-
-def _page(title: str, body: List[str]) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{escape(title)}</title><style>{CSS}</style></head><body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
 
 
 def _figure(key: str, svg: str, keys: Sequence[str] = ()) -> str:
@@ -505,7 +480,7 @@ def write_report(run_dir: Path, *, out: Optional[Path] = None, max_prompts: int 
         body.append(f"<h2>Config</h2><details><summary>config.yaml</summary>"
                     f"<pre>{escape(run.config_text)}</pre></details>")
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
-    path.write_text(_page(title, body), encoding="utf-8")
+    path.write_text(page(title, body), encoding="utf-8")
     return path
 
 
@@ -583,8 +558,6 @@ VERDICT_CLASS = {"better": "better", "worse": "worse", "not distinguishable": "s
 def _verdicts_html(labels: List[str], runs: List[RunData], base: int) -> List[str]:
     """Every other run against the starting model (run ``base``): paired by prompt, per reward source,
     from the ``samples.jsonl`` rows of both (:func:`alignkit.eval.paired.versus`)."""
-    from alignkit.eval.paired import read_samples
-
     base_samples = read_samples(runs[base].path)
     out = ["<h2>Against the starting model</h2>",
            f'<p class="note">Each run against <b>{escape(labels[base])}</b>, paired by prompt: the difference of the '
@@ -686,7 +659,7 @@ def compare_runs(run_dirs: List[Path], out: Path, baseline: Optional[Path] = Non
     body += samples_side_by_side_html(labels, runs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_page(title, body), encoding="utf-8")
+    out.write_text(page(title, body), encoding="utf-8")
     return out
 
 

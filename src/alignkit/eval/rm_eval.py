@@ -43,6 +43,7 @@ def pair_metrics(chosen: Sequence[float], rejected: Sequence[float], n_bins: int
 
 
 def _load_pairs(cfg) -> Tuple[List[Any], List[str], List[str], List[int]]:
+    # deferred: pydantic stays out of this module's import
     from alignkit.data.formats import parse_rows
     from alignkit.data.load import DataError, DataReport, read_rows
 
@@ -62,10 +63,12 @@ def _load_pairs(cfg) -> Tuple[List[Any], List[str], List[str], List[int]]:
 def evaluate_reward_model(cfg, scorer: Scorer = None) -> Dict[str, Any]:
     """Score every pair of ``cfg.data.path`` with ``cfg.reward_model`` (or ``scorer``) and write the
     eval run (eval.json with the calibration bins, samples.jsonl with each pair's scores)."""
+    # deferred: torch stays out of this module's import
     from alignkit.eval.evaluate import display_prompt, print_table, write_eval_run
 
     prompts, chosen, rejected, rows = _load_pairs(cfg)
     if scorer is None:
+        # deferred: torch stays out of this module's import
         from alignkit.models.reward import load_reward_scorer
 
         scorer = load_reward_scorer(cfg.reward_model, batch_size=cfg.batch_size, dtype=cfg.model.dtype,

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 from pydantic import Field
 
 from alignkit.config import Section, as_config
+from alignkit.eval.paired import compare_eval_dirs
 
 
 class ReportConfig(Section):
@@ -36,6 +37,7 @@ class CompareConfig(Section):
 
 def report(config: Union[ReportConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Write RUN_DIR/report.html (or ``output``) and return its path."""
+    # deferred: CLI start-up: the report module pulls the probes and rewards (~0.1 s), not needed by `--help`
     from alignkit.eval.report import write_report
 
     cfg = as_config(ReportConfig, config, overrides)
@@ -46,6 +48,7 @@ def report(config: Union[ReportConfig, Dict[str, Any], None] = None, **overrides
 
 def compare(config: Union[CompareConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Write the comparison of ``runs`` to ``output`` and return its path."""
+    # deferred: CLI start-up: the report module pulls the probes and rewards (~0.1 s), not needed by `--help`
     from alignkit.eval.report import compare_runs
 
     cfg = as_config(CompareConfig, config, overrides)
@@ -62,7 +65,7 @@ def compare(config: Union[CompareConfig, Dict[str, Any], None] = None, **overrid
 def verdict_lines(runs: List[Path], baseline: Optional[Path] = None) -> List[str]:
     """``RUN: rewards/gold +0.31 ± 0.13 (95% CI ...): better than the starting model`` for every run
     against ``baseline`` (default: the first run), paired by prompt, where both have per-prompt rewards."""
-    from alignkit.eval.paired import compare_eval_dirs
+    # deferred: CLI start-up: the report module pulls the probes and rewards (~0.1 s), not needed by `--help`
     from alignkit.eval.report import VERDICT_SOURCES
 
     base = baseline or runs[0]

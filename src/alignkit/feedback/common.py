@@ -8,8 +8,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pydantic import Field
 
-from alignkit.config import Section
-from alignkit.data.load import DataError, DataReport, read_rows, write_jsonl  # noqa: F401  (write_jsonl: re-exported)
+from alignkit.config import ModelConfig, Section
+from alignkit.data.formats import parse_rows
+from alignkit.data.load import DataError, DataReport, read_rows
+from alignkit.train.logging import console
 
 
 class InputConfig(Section):
@@ -30,8 +32,6 @@ def read_input(cfg: InputConfig, what: str) -> Tuple[str, List[Tuple[int, Dict[s
 
 def load_prompt_examples(cfg: InputConfig, what: str = "prompts"):
     """Prompt rows ({prompt, ...}, {messages}, or pairs whose prompt is used) -> (examples, report)."""
-    from alignkit.data.formats import parse_rows
-
     name, rows = read_input(cfg, what)
     report = DataReport(source=name)
     examples = parse_rows(rows, "prompt", report)
@@ -48,8 +48,6 @@ def write_summary(out: Path, summary: Dict[str, Any]) -> None:
 
 
 def print_report(report: DataReport) -> None:
-    from alignkit.train.common import console
-
     c = console()
     for line in report.summary_lines():
         c.print(line, style="yellow" if "dropped" in line else None, markup=False, highlight=False)
@@ -57,7 +55,7 @@ def print_report(report: DataReport) -> None:
 
 def load_policy(name_or_path: Optional[str], model_cfg=None, trainable: bool = False):
     """(model on the best device, tokenizer) for sampling."""
-    from alignkit.config import ModelConfig
+    # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
     from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
 
     mcfg = (model_cfg or ModelConfig()).model_copy(update={"name_or_path": name_or_path,
@@ -103,6 +101,7 @@ def sample_with_ended(model, tok, prompt_ids: List[List[int]], gen, n: int = 1) 
     """``n`` cleaned samples per prompt, grouped prompt by prompt, and whether each ended (EOS) before
     ``generation.max_new_tokens``. An unfinished sample re-encoded as training text gets an EOS it
     never produced, so callers count (and may drop) them."""
+    # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
     from alignkit.rollout.generate import generate
 
     if gen.engine == "vllm":

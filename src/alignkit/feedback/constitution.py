@@ -24,13 +24,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignkit.config import ModelConfig, Section, as_config
-from alignkit.data.load import DataError
+from alignkit.data.load import DataError, write_jsonl
 from alignkit.feedback.common import (InputConfig, as_messages, conversation_ids, load_policy,
-                                      load_prompt_examples, print_report, sample_with_ended, write_jsonl,
-                                      write_summary)
+                                      load_prompt_examples, print_report, sample_with_ended, write_summary)
 from alignkit.feedback.judge import (JudgeOptions, JudgeQuery, average_verdicts, decide, judge_both_orders,
                                      judge_model_name, load_judge, load_template, summarize, template_fields)
 from alignkit.rollout.generate import GenerationConfig
+from alignkit.rollout.job import SamplingJob
 
 
 class Principle(BaseModel):
@@ -112,11 +112,10 @@ class CAIRLOptions(ConstitutionOptions):
     ensemble over 16)."""
 
 
-class CAISLConfig(Section):
+class CAISLConfig(SamplingJob):
     """SL-CAI: critique and revise sampled responses against a constitution; write an SFT dataset."""
 
     command: Literal["cai-sl"] = "cai-sl"
-    """The command this config is for (set automatically)."""
     output: str = "runs/cai-sl"
     """Output directory: sft.jsonl (prompt, final revision), chains.jsonl (every step) and summary.json."""
     model: ModelConfig = ModelConfig()
@@ -129,11 +128,10 @@ class CAISLConfig(Section):
     """Constitution and rounds."""
 
 
-class CAIRLConfig(Section):
+class CAIRLConfig(SamplingJob):
     """RL-CAI: sample response pairs and label them with a judge against drawn principles."""
 
     command: Literal["cai-rl"] = "cai-rl"
-    """The command this config is for (set automatically)."""
     output: str = "runs/cai-rl"
     """Output directory: preferences.jsonl (prompt, chosen, rejected, soft_label, principles) and summary.json."""
     model: ModelConfig = ModelConfig()
@@ -196,6 +194,7 @@ def critique_revise(model, tok, prompts: List[Any], principles: List[Principle],
 
 def run_cai_sl(config: Union[CAISLConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """SL-CAI; the Python twin of ``alignkit cai-sl``."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
     cfg = as_config(CAISLConfig, config, overrides)
@@ -228,6 +227,7 @@ def run_cai_sl(config: Union[CAISLConfig, Dict[str, Any], None] = None, **overri
 
 def run_cai_rl(config: Union[CAIRLConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """RL-CAI preference labelling; the Python twin of ``alignkit cai-rl``."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
     cfg = as_config(CAIRLConfig, config, overrides)

@@ -28,14 +28,21 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import RunConfig, as_config, to_yaml
-from alignkit.feedback.common import clean_generation
+from alignkit.data.load import write_jsonl
+from alignkit.feedback.common import clean_generation, load_policy, write_summary
 # the round helpers live in feedback/rounds.py (shared with spin); these names stay importable from here
 from alignkit.feedback.rounds import (RoundOptions, check_round_config, dpo_round, drop_model,  # noqa: F401
                                       finish_round, mean, round_slice, run_rounds)
+from alignkit.data import prepare
+from alignkit.models.loading import load_tokenizer
 from alignkit.rewards import RewardSpec, build_reward
 from alignkit.rollout.generate import GenerationConfig
+from alignkit.rollout.job import SamplingJob
 from alignkit.rollout.sampling import pick_best_worst, sample_and_score
+from alignkit.train.common import report_data
+from alignkit.train.logging import console
 from alignkit.train.preference import DPOOptions
+from alignkit.train.rundir import write_marker
 
 RewardList = List[Union[str, Dict[str, Any]]]
 
@@ -72,7 +79,7 @@ class IterativeOptions(RoundOptions):
         return _reward_list(v)
 
 
-class IterativeDPOConfig(RunConfig):
+class IterativeDPOConfig(RunConfig, SamplingJob):
     """Iterative / online DPO: rounds of sampling, reward scoring, best-vs-worst pairs and DPO."""
 
     command: Literal["iterative-dpo"] = "iterative-dpo"
@@ -157,13 +164,9 @@ class IterativeRoundConfig(IterativeDPOConfig):
 def run_iterative_round(config: Union[IterativeRoundConfig, Dict[str, Any], None] = None, **overrides
                         ) -> Dict[str, Any]:
     """Round K into OUTPUT/round-K: sample, score, pair best vs worst, a DPO round, evaluate."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
-    from alignkit.data import prepare
-    from alignkit.feedback.common import load_policy, write_jsonl
-    from alignkit.models.loading import load_tokenizer
-    from alignkit.train.common import console
-    from alignkit.train.rundir import write_marker
 
     cfg = as_config(IterativeRoundConfig, config, overrides)
     opts, k, rdir = cfg.iterative, cfg.round, Path(cfg.output)
@@ -231,12 +234,9 @@ def run_iterative_dpo(config: Union[IterativeDPOConfig, Dict[str, Any], None] = 
 
     The rounds are the stages of a generated pipeline (:func:`run_rounds`): round 0 evaluates the
     starting policy, round K >= 1 is :func:`run_iterative_round`."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
-    from alignkit.data import prepare
-    from alignkit.feedback.common import write_summary
-    from alignkit.models.loading import load_tokenizer
-    from alignkit.train.common import report_data
 
     cfg = as_config(IterativeDPOConfig, config, overrides)
     opts = cfg.iterative

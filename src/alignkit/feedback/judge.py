@@ -265,6 +265,7 @@ class LMJudge:
     """A causal LM as a pairwise judge: P(A) from the next-token logits of the two option tokens."""
 
     def __init__(self, model, tokenizer, opts: JudgeOptions):
+        # deferred: torch stays out of this module's import (CLI start-up)
         import torch
 
         self.model, self.tok, self.opts = model, tokenizer, opts
@@ -349,6 +350,7 @@ class LMJudge:
 
 
     def _last_logits(self, ids, attn):
+        # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
         from alignkit.ops.logprobs import keep_last
 
         kw = dict(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=False)
@@ -360,6 +362,7 @@ class LMJudge:
 
 
 def _positions(attn):
+    # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
     from alignkit.ops.logprobs import position_ids
 
     return position_ids(attn)
@@ -368,6 +371,7 @@ def _positions(attn):
 def load_judge(opts: JudgeOptions, default_model: Optional[str] = None, model=None, tokenizer=None) -> LMJudge:
     """Build an :class:`LMJudge`; ``model``/``tokenizer`` reuse an already loaded model (e.g. the policy)."""
     if model is None:
+        # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
         from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
 
         mcfg = opts.model

@@ -21,6 +21,10 @@ import json
 import math
 from typing import Any, Dict, List, Optional
 
+from alignkit.config import DataConfig, ModelConfig
+from alignkit.data.tokenize import Encoder
+from alignkit.feedback.common import load_policy, sample_texts
+from alignkit.feedback.judge import JudgeOptions, JudgeQuery, judge_both_orders, load_judge
 from alignkit.rewards.base import RewardSpec, merge_options, register_reward_kind
 
 REWARD_OPTIONS = ("reference_field", "reference_policy", "output", "max_new_tokens", "prompt_chat_template")
@@ -75,9 +79,7 @@ class JudgeReward:
         return [self.cache[k] for k in keys]
 
     def _greedy(self, prompts: List[Any]) -> List[str]:
-        from alignkit.config import DataConfig
-        from alignkit.data.tokenize import Encoder
-        from alignkit.feedback.common import sample_texts
+        # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
         from alignkit.rollout.generate import GenerationConfig
 
         enc = Encoder(self.policy_tok, DataConfig(chat_template=self.prompt_chat_template))
@@ -85,8 +87,6 @@ class JudgeReward:
         return sample_texts(self.policy, self.policy_tok, [enc.encode_prompt_ids(p) for p in prompts], gen)
 
     def __call__(self, prompts, completions, rows=None) -> List[float]:
-        from alignkit.feedback.judge import JudgeQuery, judge_both_orders
-
         n = len(completions)
         rows = [{} for _ in range(n)] if rows is None else list(rows)
         refs = self.references(list(prompts), rows)
@@ -117,9 +117,6 @@ class JudgeReward:
 @register_reward_kind("judge", syntax="judge:MODEL[;reference_field=F,output=prob|logodds,...]")
 def build_judge(spec: RewardSpec) -> JudgeReward:
     """LLM judge: P(completion beats row[reference_field] or the reference policy's greedy answer)."""
-    from alignkit.config import ModelConfig
-    from alignkit.feedback.judge import JudgeOptions, load_judge
-
     where = f"reward spec {spec.shorthand()!r}"
     opts = merge_options(spec, parse_judge_arg(spec.arg))
     model = opts.pop("model", None)
@@ -144,8 +141,6 @@ def build_judge(spec: RewardSpec) -> JudgeReward:
         if ref_policy is None or ref_policy == model:  # the judge model answers itself: share it
             policy, tok = judge.model, judge.tok
         else:
-            from alignkit.feedback.common import load_policy
-
             policy, tok = load_policy(ref_policy)
     return JudgeReward(judge, str(opts.get("output", "prob")), ref_field, policy, tok, max_new,
                        str(opts.get("prompt_chat_template", "auto")))

@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Literal, Tuple, Union
 
 from alignkit.config import Section, as_config
 from alignkit.data.formats import RowError, _prompt, _text, parse_preference
-from alignkit.data.load import DataError, DataReport
-from alignkit.feedback.common import InputConfig, print_report, read_input, write_jsonl, write_summary
+from alignkit.data.load import DataError, DataReport, write_jsonl
+from alignkit.feedback.common import InputConfig, print_report, read_input, write_summary
 from alignkit.feedback.judge import (JudgeOptions, JudgeQuery, decide, judge_both_orders, load_judge,
                                      summarize)
 

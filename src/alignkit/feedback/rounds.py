@@ -57,6 +57,7 @@ def dpo_round(cfg, start_model: Optional[str], original: Optional[str], pairs_pa
     :class:`~alignkit.train.preference.DPOConfig` has (``hub``, ``overwrite`` and any later one included),
     with only what a round must change replaced: output, starting model, merged LoRA, the pairs as data,
     the seed, the reference and ``resume``."""
+    # deferred: torch stays out of this module's import
     from alignkit.train.preference import DPOConfig, train_dpo
 
     # previous: the round's starting weights (no ref_model, so LoRA can use the adapter-off reference)

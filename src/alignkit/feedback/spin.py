@@ -29,10 +29,15 @@ from pydantic import Field, model_validator
 
 from alignkit.config import RunConfig, as_config, to_yaml
 from alignkit.data.formats import parse_rows
-from alignkit.data.load import DataError, DataReport
+from alignkit.data.layout import pad_sequences
+from alignkit.data.load import DataError, DataReport, read_rows, write_jsonl
+from alignkit.data.tokenize import Encoder
+from alignkit.feedback.common import load_policy, print_report, sample_with_ended, write_summary
 from alignkit.feedback.rounds import (RoundOptions, check_round_config, dpo_round, drop_model, finish_round, mean,
                                      round_slice, run_rounds)
-from alignkit.rollout.generate import GenerationConfig
+from alignkit.rollout.generate import GenerationConfig, batched_logprobs
+from alignkit.rollout.job import SamplingJob
+from alignkit.train.logging import console
 from alignkit.train.preference import DPOOptions
 
 
@@ -41,7 +46,7 @@ class SPINOptions(RoundOptions):
     """SPIN iterations (the paper runs 3-4 on 50k prompts). Must be > 0: a run of no rounds trains nothing."""
 
 
-class SPINConfig(RunConfig):
+class SPINConfig(RunConfig, SamplingJob):
     """SPIN: the SFT data's response is chosen, the model's own generation rejected; DPO loss; iterated."""
 
     command: Literal["spin"] = "spin"
@@ -61,8 +66,6 @@ class SPINConfig(RunConfig):
 def sft_pairs(source: str, split: str, max_rows: Optional[int]):
     """SFT rows -> [(row, prompt, response)] and the report. {messages} rows: the last assistant turn is
     the response, everything before it the prompt. Rows without a prompt are dropped (counted)."""
-    from alignkit.data.load import read_rows
-
     name, rows = read_rows(source, split=split, max_rows=max_rows)
     report = DataReport(source=name)
     out = []
@@ -88,9 +91,6 @@ def sft_pairs(source: str, split: str, max_rows: Optional[int]):
 
 def response_logps(model, encoder, prompts: List[Any], responses: List[str], batch_size: int = 16) -> List[float]:
     """Summed log p(response | prompt) per pair, encoded exactly as DPO training encodes it."""
-    from alignkit.data.layout import pad_sequences
-    from alignkit.rollout.generate import batched_logprobs
-
     seqs, masks = [], []
     scratch = DataReport()
     for p, r in zip(prompts, responses):
@@ -125,18 +125,14 @@ class SPINRoundConfig(SPINConfig):
 
 def own_generations(model, tok, encoder, items, gen: GenerationConfig):
     """The model's own responses (and ended flags) to the prompts of ``(row, prompt, response)`` items."""
-    from alignkit.feedback.common import sample_with_ended
-
     return sample_with_ended(model, tok, [encoder.encode_prompt_ids(p) for _, p, _ in items], gen)
 
 
 def run_spin_round(config: Union[SPINRoundConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Round K into OUTPUT/round-K: the model's own generations, (data, own) pairs, margins, a DPO round."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
-    from alignkit.data.tokenize import Encoder
-    from alignkit.feedback.common import load_policy, write_jsonl
-    from alignkit.train.common import console
 
     cfg = as_config(SPINRoundConfig, config, overrides)
     opts, k, rdir, bs = cfg.spin, cfg.round, Path(cfg.output), cfg.generation.batch_size
@@ -183,11 +179,9 @@ def run_spin(config: Union[SPINConfig, Dict[str, Any], None] = None, **overrides
 
     The rounds are the stages of a generated pipeline (:func:`alignkit.feedback.rounds.run_rounds`),
     each :func:`run_spin_round`; the final model is measured here."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
-    from alignkit.data.tokenize import Encoder
-    from alignkit.feedback.common import load_policy, print_report, write_summary
-    from alignkit.train.common import console
 
     cfg = as_config(SPINConfig, config, overrides)
     if not cfg.data.path:

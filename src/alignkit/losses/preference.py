@@ -378,7 +378,6 @@ def combine(outputs: Sequence[Tuple[float, LossOutput]], *,
     return LossOutput(total, metrics)
 
 
-__all__: List[str] = [
-    "PREFERENCE_LOSSES", "SOFT_LABEL_LOSSES", "loss_hparams", "dpo_loss", "cdpo_loss", "robust_loss", "ipo_loss",
-    "hinge_loss", "simpo_loss", "orpo_loss", "kto_loss", "nll_term", "combine",
-]
+# the helpers, and the losses this module registered, read from the registry (no list to extend)
+__all__: List[str] = ["PREFERENCE_LOSSES", "SOFT_LABEL_LOSSES", "loss_hparams", "nll_term", "combine"] + sorted(
+    spec.fn.__name__ for _, spec in PREFERENCE_LOSSES.items() if spec.fn.__module__ == __name__)

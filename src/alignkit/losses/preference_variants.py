@@ -256,7 +256,6 @@ def sigmoid_norm_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor
     return LossOutput(losses, _reward_metrics(beta * a, beta * b))
 
 
-__all__ = [
-    "exo_pair_loss", "nca_pair_loss", "bco_pair_loss", "sppo_hard_loss", "aot_loss", "aot_unpaired_loss",
-    "apo_zero_loss", "apo_down_loss", "discopop_loss", "sigmoid_norm_loss", "DISCOPOP_MONOTONE_TAU",
-]
+# the losses this module registered, read from the registry (no list to extend)
+__all__ = ["DISCOPOP_MONOTONE_TAU"] + sorted(
+    spec.fn.__name__ for _, spec in PREFERENCE_LOSSES.items() if spec.fn.__module__ == __name__)

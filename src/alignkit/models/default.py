@@ -55,6 +55,7 @@ def default_model_dir(convert: bool = True) -> Path:
 
 
 def _convert(src: Path, target: Path) -> None:
+    # deferred: torch and transformers (slow imports) load when a model does
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -89,6 +90,7 @@ def resolve_model_path(name_or_path: str | None) -> str:
     """Map empty / alias names to the embedded model's directory; anything else is returned as is."""
     if name_or_path is None or name_or_path.strip().lower() in DEFAULT_ALIASES:
         return str(default_model_dir())
+    # deferred: a module-level import would load pydantic into data.load
     from alignkit.data.load import looks_like_hub_id
 
     path = Path(name_or_path).expanduser()
@@ -123,6 +125,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     from urllib.parse import urlparse
 
     try:
+        # deferred: huggingface_hub loads only for Hub access
         from huggingface_hub import constants
 
         endpoint = constants.ENDPOINT
@@ -142,6 +145,7 @@ def check_hub_model(repo_id: str) -> None:
     in the local Hugging Face cache and the Hub is off (``HF_HUB_OFFLINE``) or unreachable. A model in
     the cache passes (transformers loads it from there)."""
     try:
+        # deferred: huggingface_hub loads only for Hub access
         from huggingface_hub import try_to_load_from_cache
 
         if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
@@ -162,6 +166,7 @@ def _dataset_cached(repo_id: str) -> bool:
     """Whether a Hub dataset has files in the Hugging Face hub cache or the datasets cache."""
     owner_name = repo_id.replace("/", "--")
     try:
+        # deferred: huggingface_hub loads only for Hub access
         from huggingface_hub import constants
 
         if (Path(constants.HF_HUB_CACHE) / f"datasets--{owner_name}").exists():
@@ -169,6 +174,7 @@ def _dataset_cached(repo_id: str) -> bool:
     except ImportError:  # pragma: no cover
         pass
     try:
+        # deferred: datasets (slow import) loads only for Hub / Arrow inputs
         from datasets import config as ds_config
 
         return (Path(ds_config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")).exists()

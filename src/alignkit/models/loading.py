@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from alignkit import hardware
-from alignkit.config import LoraConfig, ModelConfig
+from alignkit.config import ConfigError, LoraConfig, ModelConfig
 from alignkit.data.templates import resolve_chat_template
 from alignkit.models.default import resolve_model_path
 from alignkit.ops import attention
@@ -156,6 +156,7 @@ def resolve_dtype(name: str, device: Optional[torch.device] = None, trainable: b
 
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
     """Tokenizer with a pad token (the EOS token when the model has none)."""
+    # deferred: transformers is slow to import; it loads when a model does
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.name_or_path)
@@ -195,6 +196,7 @@ def _common_kwargs(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 def load_causal_lm(cfg: ModelConfig, dtype: Optional[torch.dtype] = None, trainable: bool = True):
     """A causal LM; ``trainable=False`` (references, scorers) lets dtype=auto pick bf16 on a GPU."""
+    # deferred: transformers is slow to import; it loads when a model does
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg.name_or_path)
@@ -216,6 +218,7 @@ def prepare_for_training(model, cfg: ModelConfig, trainable: bool = True) -> Non
     """Gradient checkpointing (with ``model.gradient_checkpointing_kwargs``) and, for a quantized
     (QLoRA) base, peft's k-bit preparation: norms in fp32, inputs that require grad."""
     if trainable and (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        # deferred: peft loads only when LoRA is used
         from peft import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -233,17 +236,14 @@ def quantization_kwargs(cfg: ModelConfig) -> dict:
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return {}
     if cfg.load_in_4bit and cfg.load_in_8bit:
-        from alignkit.config import ConfigError
-
         raise ConfigError("model.load_in_4bit and model.load_in_8bit: choose one")
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        from alignkit.config import ConfigError
-
         flag = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
         raise ConfigError(f"model.{flag} (QLoRA) needs bitsandbytes, an optional extra that is not installed: "
                           f"pip install 'alignkit[qlora]' (or pip install bitsandbytes), or drop {flag}")
+    # deferred: transformers is slow to import; it loads when a model does
     from transformers import BitsAndBytesConfig
 
     if cfg.load_in_8bit:
@@ -257,10 +257,12 @@ def quantization_kwargs(cfg: ModelConfig) -> dict:
 
 def load_reward_model(cfg: ModelConfig, pad_token_id: Optional[int] = None, dtype: Optional[torch.dtype] = None):
     """A causal-LM backbone with a scalar head (``num_labels=1``); a fresh head is zero-initialised."""
+    # deferred: transformers is slow to import; it loads when a model does
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(cfg.name_or_path)
     dtype = dtype or resolve_dtype(cfg.dtype, trainable=True)
+    # deferred: transformers is slow to import; it loads when a model does
     import transformers
 
     # a causal-LM checkpoint has no score head: silence the "newly initialized" warning, we init it.
@@ -290,6 +292,7 @@ def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
     DoRA (Liu et al. 2024, eq. 5: W = m * (W0 + BA) / ||W0 + BA||_c); ``lora.target_parameters``: LoRA
     on parameters that are not Linear modules (peft's target_parameters); ``lora.task_type`` overrides
     the command's peft task type."""
+    # deferred: peft loads only when LoRA is used
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     targets = cfg.target_modules
@@ -319,8 +322,6 @@ def check_lora_targets(model, targets) -> None:
     the model's linear layers. A single string other than all-linear is a peft regex: left to peft."""
     if isinstance(targets, str):
         return
-    from alignkit.config import ConfigError
-
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
@@ -335,8 +336,6 @@ def check_lora_parameters(model, names) -> None:
     one-line ConfigError listing the model's parameter names (without layer numbers)."""
     if not names:
         return
-    from alignkit.config import ConfigError
-
     params = [n for n, _ in model.named_parameters()]
     missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in params)]
     if missing:
@@ -349,6 +348,7 @@ def check_lora_parameters(model, names) -> None:
 
 def is_peft(model) -> bool:
     try:
+        # deferred: peft loads only when LoRA is used
         from peft import PeftModel
     except ImportError:  # pragma: no cover
         return False
@@ -360,6 +360,7 @@ def checkpoint_dtype(cfg: ModelConfig) -> Optional[torch.dtype]:
     (a bf16 base stays bf16 after fp32 training or a LoRA merge); None when the checkpoint names none."""
     if cfg.dtype != "auto":
         return _DTYPES[cfg.dtype]
+    # deferred: transformers is slow to import; it loads when a model does
     from transformers import AutoConfig
 
     try:

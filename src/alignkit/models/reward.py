@@ -13,9 +13,14 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from alignkit.data.layout import SeqBatch, pad_sequences
-from alignkit.models.loading import best_device
-from alignkit.ops.packing import last_hidden
+from alignkit.config import DataConfig
+from alignkit.data.layout import Packing, SeqBatch, layout_prompted, pad_sequences
+from alignkit.data.tokenize import Encoder
+from alignkit.hub import EMBEDDED_HUB_ID
+from alignkit.models.default import default_model_dir
+from alignkit.models.loading import best_device, load_frozen, resolve_dtype
+from alignkit.ops import attention
+from alignkit.ops.packing import last_hidden, resolve_packing
 
 log = logging.getLogger("alignkit")
 
@@ -77,10 +82,9 @@ class RewardScorer:
 
     def __init__(self, path: str, device: Optional[str] = None, batch_size: int = 8, dtype: str = "auto",
                  chat_template: str = "auto", max_length: int = 1024):
+        # deferred: transformers is slow to import; it loads when a model does
         from transformers import AutoTokenizer
 
-        from alignkit.config import DataConfig
-        from alignkit.data.tokenize import Encoder
 
         self.device = best_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -121,15 +125,11 @@ class RewardScorer:
         chunk of ``batch_size`` is laid out as a prefix tree (``layout.prompt_tree_units``: a prompt
         shared by several completions, and a beginning several prompts share, once); else padded rows."""
         if self._share is None:
-            from alignkit.ops.packing import resolve_packing
-
             with self.precision:
                 self._share = resolve_packing(self.model, True, share_prompt=True, say=log.info,
                                               switches=("reward.packing", "reward.prefix_sharing")).share_prompt
         if not self._share or any(not r for _, r in parts):
             return self.score_ids([p + r for p, r in parts])
-        from alignkit.data.layout import Packing, layout_prompted
-
         shared, pad = Packing(pack=True, share_prompt=True), self.tokenizer.pad_token_id
         return self._score_chunks(parts, lambda chunk: layout_prompted(
             [(p, [(r, k)]) for k, (p, r) in enumerate(chunk)], pad, shared))
@@ -141,9 +141,6 @@ class RewardScorer:
 def _load_frozen(path: str, dtype: str, device: torch.device, pad_token_id: Optional[int]):
     """(model, autocast context) of a reward model that only scores
     (:func:`~alignkit.models.loading.load_frozen`)."""
-    from alignkit.models.loading import load_frozen, resolve_dtype
-    from alignkit.ops import attention
-
     def load(dt: str):
         model = load_sequence_classifier(path, resolve_dtype(dt, device), pad_token_id).to(device).eval()
         attention.use_for(model)  # a CPU model: sdpa in fp32 under autocast, as training's
@@ -158,15 +155,15 @@ def load_sequence_classifier(path: str, dtype: torch.dtype, pad_token_id: Option
     so HF's pooling and ours read the same position), then merged."""
     import json
 
+    # deferred: transformers is slow to import; it loads when a model does
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     p = Path(path)
     if not (p / "adapter_config.json").exists():
         return AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    # deferred: peft loads only when LoRA is used
     from peft import PeftModel
 
-    from alignkit.hub import EMBEDDED_HUB_ID
-    from alignkit.models.default import default_model_dir
 
     base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
     if base == EMBEDDED_HUB_ID and (default_model_dir(convert=False) / "model.safetensors").exists():

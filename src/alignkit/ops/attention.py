@@ -110,6 +110,7 @@ def _bucket(segs: Sequence[Tuple[List[int], List[int]]], device) -> Segments:
 
 def _segment_attention(module, query, key, value, buckets: Sequence[Segments], **kwargs):
     """Attention of packed rows segment by segment: (R, H, L, D) in, (R, L, H, D) out like sdpa's."""
+    # deferred: transformers is slow to import; it loads when a model does
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     R, H, L, D = query.shape
@@ -132,6 +133,7 @@ def _segment_attention(module, query, key, value, buckets: Sequence[Segments], *
 
 
 def _attention(module, query, key, value, attention_mask, alignkit_segments=None, **kwargs):
+    # deferred: transformers is slow to import; it loads when a model does
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def attend(q, k, v, m):
@@ -151,6 +153,7 @@ def _attention(module, query, key, value, attention_mask, alignkit_segments=None
 
 def register() -> str:
     """Add ``alignkit_sdpa`` to transformers' attention and mask tables (idempotent); returns the name."""
+    # deferred: transformers is slow to import; it loads when a model does
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

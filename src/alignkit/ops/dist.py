@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def world_size() -> int:
     """Number of processes (1 without an initialized process group)."""
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -21,8 +20,6 @@ def gather_cat(t: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return t
-    import torch.distributed as dist
-
     n = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)

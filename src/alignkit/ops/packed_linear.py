@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from alignkit.hardware import isa_allows
+
 
 class PackedLinear(torch.nn.Module):
     """A decode copy's linear layer whose bf16 weight lives only in oneDNN's blocked layout (CPU).
@@ -45,8 +47,6 @@ def packing_works() -> bool:
     plain bf16 ``F.linear``; :mod:`alignkit.hardware`). oneDNN refuses the op where it has no bf16
     kernels (an AVX2-only CPU: "bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl
     and avx512dq"), so no flag is trusted: the op itself is tried."""
-    from alignkit.hardware import isa_allows
-
     return isa_allows("avx512") and _packing_probe()
 
 

@@ -22,6 +22,11 @@ from typing import Any, Dict, List, Literal, Optional, Union
 from pydantic import Field, field_validator
 
 from alignkit.config import ModelConfig, Section, as_config
+from alignkit.data.load import DataError, write_jsonl
+from alignkit.feedback.common import write_summary
+from alignkit.pipeline import run_pipeline
+from alignkit.redteam.attack import Judge, Responder
+from alignkit.redteam.metrics import rate_difference, redteam_is_refusal
 from alignkit.rewards.base import RewardSpec
 from alignkit.rollout.generate import GenerationConfig
 
@@ -60,8 +65,6 @@ class RedteamPairsConfig(Section):
 
 
 def _read_jsonl(path: Path, what: str) -> List[Dict[str, Any]]:
-    from alignkit.data.load import DataError
-
     if not path.is_file():
         raise DataError(f"redteam-pairs: {what} {path} not found")
     rows = []
@@ -101,8 +104,6 @@ def choose_pairs(failures: List[Dict[str, Any]], candidates: List[List[str]], so
                  scores: List[List[float]], threshold: float, allow_refusals: bool = False):
     """Pure choice of the pairs: for failure i, the lowest-scoring candidate with score <= threshold, below
     the failing answer's score, and not a refusal (unless allowed). Returns (pairs, counts)."""
-    from alignkit.redteam.metrics import redteam_is_refusal
-
     pairs, counts = [], {"no_candidate": 0, "no_passing_candidate": 0, "refusals_skipped": 0}
     for f, cands, srcs, sc in zip(failures, candidates, sources, scores):
         if not cands:
@@ -128,11 +129,9 @@ def choose_pairs(failures: List[Dict[str, Any]], candidates: List[List[str]], so
 
 def run_redteam_pairs(config: Union[RedteamPairsConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Build the repair pairs; the Python twin of ``alignkit redteam-pairs``."""
+    # deferred: torch stays out of this module's import (CLI start-up)
     import torch
 
-    from alignkit.data.load import DataError
-    from alignkit.feedback.common import write_jsonl, write_summary
-    from alignkit.redteam.attack import Judge, Responder
 
     cfg = as_config(RedteamPairsConfig, config, overrides)
     src = Path(cfg.failures)
@@ -198,8 +197,6 @@ def redteam_demo(cfg) -> Dict[str, Any]:
     import time
     from importlib.resources import files
 
-    from alignkit.pipeline import run_pipeline
-    from alignkit.redteam.metrics import rate_difference
 
     default_out = type(cfg).model_fields["output"].default
     out = Path(cfg.output if cfg.output != default_out else "runs/redteam")

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from alignkit.config import ModelConfig
+from alignkit.redteam.metrics import NoveltyMemory, rate
 from alignkit.rewards.base import RewardSpec, merge_options, register_reward_kind, require_arg
 
 
@@ -24,8 +26,6 @@ class RedteamReward:
     attacks.jsonl row each, with the rollout number as ``step``), so the campaign survives the run."""
 
     def __init__(self, target, judge, novelty: float, log: Optional[str] = None):
-        from alignkit.redteam.metrics import NoveltyMemory
-
         self.name = "redteam"
         self.target, self.judge, self.novelty_weight = target, judge, novelty
         self.memory = NoveltyMemory()
@@ -34,9 +34,8 @@ class RedteamReward:
         self.last_stats: Dict[str, float] = {}
 
     def __call__(self, prompts, completions, rows=None) -> List[float]:
+        # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
         from alignkit.redteam.attack import query
-        from alignkit.redteam.metrics import rate
-
         rows = rows or [{} for _ in completions]
         cats = [r.get("category") for r in rows]
         recs = query(self.target, self.judge, list(completions), cats, step=self.calls, memory=self.memory)
@@ -53,7 +52,7 @@ class RedteamReward:
 @register_reward_kind("redteam", syntax="redteam:TARGET (options: judge, novelty, threshold, log)")
 def build_redteam(spec: RewardSpec) -> RedteamReward:
     """Attacker reward: judge failure score of TARGET's answer + novelty bonus (Hong et al. 2024)."""
-    from alignkit.config import ModelConfig
+    # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
     from alignkit.redteam.attack import Judge, Responder
     from alignkit.rollout.generate import GenerationConfig
 

@@ -7,6 +7,8 @@ from collections import Counter
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from alignkit.rewards.base import REWARD_KINDS, RewardError, RewardSource, RewardSpec, check_scores
+from alignkit.rewards.deadline import DEFAULT_TIMEOUT_S, RewardTimeout, call_with_deadline
+from alignkit.rewards.pyfunc import where_raised
 
 SpecLike = Union[RewardSpec, str, Mapping[str, Any]]
 
@@ -43,8 +45,6 @@ class CompositeReward:
         self.specs = list(specs or [])
         self.last_components: Dict[str, List[float]] = {}
         self.last_total: List[float] = []
-        from alignkit.rewards.deadline import DEFAULT_TIMEOUT_S
-
         self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
 
     @property
@@ -87,9 +87,6 @@ class CompositeReward:
         n = len(completions)
         if not getattr(source, "user_code", False):
             return check_scores(f"reward source {name!r}", source(prompts, completions, rows), n)
-        from alignkit.rewards.deadline import RewardTimeout, call_with_deadline
-        from alignkit.rewards.pyfunc import where_raised
-
         what = source.describe() if hasattr(source, "describe") else f"reward {name!r}"
         at = f" {where}" if where else f" on a batch of {n} completions"
         if getattr(source, "extra_inputs", False):

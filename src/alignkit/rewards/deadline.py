@@ -35,6 +35,7 @@ import threading
 from typing import Any, Callable, Optional
 
 from alignkit.rewards.base import RewardError
+from alignkit.train.rundir import release_all
 
 #: seconds the watchdog waits after interrupting before it ends a process stuck outside Python
 GRACE_S = 10.0
@@ -129,8 +130,6 @@ def _in_worker(fn, timeout_s: float, message):
 def _hard_stop(text: str) -> None:  # pragma: no cover - exercised in a subprocess test
     """The last resort for code that cannot be interrupted: one line, every lock released, exit 1."""
     try:
-        from alignkit.train.rundir import release_all
-
         release_all()
     finally:
         sys.stderr.write(f"Error: {text}\n")

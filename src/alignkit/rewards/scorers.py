@@ -21,6 +21,7 @@ def _load_scorer(path: str, **options: Any) -> Scorer:
     """Indirection (looked up at call time) so tests can monkeypatch either this hook or
     ``alignkit.models.reward.load_reward_scorer``; the import is lazy because it pulls in torch
     and transformers."""
+    # deferred: a module-level import would load torch into demo (`alignkit demo --help` loads none)
     from alignkit.models import reward as reward_models
 
     return reward_models.load_reward_scorer(path, **options)

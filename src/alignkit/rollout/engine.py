@@ -52,6 +52,7 @@ def mergeable_lora(model) -> Iterator[Tuple[torch.nn.Module, List[str]]]:
     its base weight: active, not merged already, not DoRA or another variant (those are left as they
     are). Nothing for a model without LoRA."""
     try:
+        # deferred: peft loads only when LoRA is used
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover - peft is a dependency
         return
@@ -161,6 +162,7 @@ def _cache_kwarg(model) -> str:
 
 
 def _make_cache(model, batch: int, max_len: int, static: bool):
+    # deferred: transformers is slow to import; it loads when a model does
     from transformers import DynamicCache, StaticCache
 
     if static:

@@ -24,8 +24,11 @@ import torch
 from pydantic import Field
 
 from alignkit.config import Section
-from alignkit.data.layout import SeqBatch, pad_sequences
+from alignkit.data.layout import SeqBatch, pad_sequences, share_row_prompts
+from alignkit.models.loading import native_bf16, resolve_dtype
+from alignkit.ops.logprobs import DEFAULT_CHUNK, row_logprobs
 from alignkit.ops.wrappers import unwrap
+from alignkit.rollout.engine import FastEngine
 from alignkit.runtime import keep_host_memory
 
 
@@ -125,8 +128,6 @@ _FAST = {}
 
 def decode_dtype(cfg: GenerationConfig, device_type: str) -> Optional[torch.dtype]:
     """The fast engine's decode dtype for ``generation.dtype`` on ``device_type`` (None: the model's own)."""
-    from alignkit.models.loading import native_bf16, resolve_dtype
-
     if cfg.dtype == "model":
         return None
     if cfg.dtype == "auto":
@@ -137,8 +138,6 @@ def decode_dtype(cfg: GenerationConfig, device_type: str) -> Optional[torch.dtyp
 def fast_engine(cfg: GenerationConfig, device_type: str = "cpu"):
     """The process's fast engine for these settings (it keeps compiled decode steps and its decode
     copy of the weights between rollouts)."""
-    from alignkit.rollout.engine import FastEngine
-
     key = (bool(cfg.compile), decode_dtype(cfg, device_type))
     if key not in _FAST:
         _FAST[key] = FastEngine(compile=key[0], dtype=key[1])
@@ -204,9 +203,6 @@ def batched_logprobs(model, batch: SeqBatch, temperature: float = 1.0, batch_siz
     so each prompt's forward runs once per chunk; only for a model whose probe allows it
     (:func:`~alignkit.ops.packing.resolve_packing` with ``share_prompt=True``). ``pad_id`` fills the
     shared rows' tails."""
-    from alignkit.data.layout import share_row_prompts
-    from alignkit.ops.logprobs import DEFAULT_CHUNK, row_logprobs
-
     chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     model_u = unwrap(model)
     device = next(model_u.parameters()).device

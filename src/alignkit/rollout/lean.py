@@ -24,6 +24,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from alignkit.hardware import lean_decode_allowed
+
 #: model types whose decoder layer is Llama's (Qwen3 adds an RMSNorm over each head's q and k)
 LEAN_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
@@ -175,8 +177,6 @@ def lean_step(model, make_cache, cache_kwarg: str) -> Optional[LeanStep]:
     """The checked :class:`LeanStep` for ``model`` in its current adapter state, or None (transformers'
     forward decodes). The probe runs once per model and adapter state; ``ALIGNKIT_LEAN_DECODE=off`` always
     gives None."""
-    from alignkit.hardware import lean_decode_allowed
-
     if not lean_decode_allowed():  # ALIGNKIT_LEAN_DECODE=off: the fallback, on request
         return None
     if hasattr(model, "get_base_model"):  # a peft model: its transformers model, LoRA layers inside

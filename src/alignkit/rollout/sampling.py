@@ -21,9 +21,15 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import torch
 
+from alignkit.config import as_config, to_yaml
+from alignkit.data import prepare
 from alignkit.data.load import write_jsonl
-from alignkit.models.loading import best_device
+from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
+from alignkit.rewards import build_reward
 from alignkit.rollout.generate import GenerationConfig, generate
+from alignkit.train.common import report_data
+from alignkit.train.logging import console
+from alignkit.train.rl_config import BoNConfig, RejectionSamplingConfig
 
 
 @dataclass
@@ -173,18 +179,13 @@ def _write_jsonl(path: Path, rows: List[Dict[str, Any]]) -> Path:
 
 def _setup(cfg):
     """Seed, tokenizer, policy (eval mode, on the GPU when there is one), prompts and the reward."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
-    from alignkit.data import prepare
-    from alignkit.models.loading import load_causal_lm, load_tokenizer
-    from alignkit.rewards import build_reward
-    from alignkit.train.common import report_data
 
     set_seed(cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    from alignkit.config import to_yaml
-
     (out / "config.yaml").write_text(to_yaml(cfg))
     tok = load_tokenizer(cfg.model)
     data = prepare("prompt", cfg.data, tok, seed=cfg.seed)
@@ -194,8 +195,6 @@ def _setup(cfg):
 
 
 def _finish(cfg, summary: Dict[str, Any]) -> Dict[str, Any]:
-    from alignkit.train.common import console
-
     (Path(cfg.output) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     c = console()
     curve = summary.get("best_of_k", {})
@@ -219,9 +218,6 @@ def _summary(cfg, scored: Scored) -> Dict[str, Any]:
 def best_of_n(config: Union[Dict[str, Any], Any, None] = None, **overrides) -> Dict[str, Any]:
     """``alignkit bon``: N samples per prompt, every one written with its scores and the chosen (best)
     one marked; prints the mean reward of best-of-N against single samples."""
-    from alignkit.config import as_config
-    from alignkit.train.rl_config import BoNConfig
-
     cfg = as_config(BoNConfig, config, overrides)
     tok, items, policy, reward = _setup(cfg)
     scored = sample_and_score(policy, tok, items, cfg.generation, reward, cfg.n)
@@ -259,10 +255,6 @@ def rejection_datasets(scored: Scored, min_margin: float = 0.0, min_reward=None)
 
 def rejection_sampling(config: Union[Dict[str, Any], Any, None] = None, **overrides) -> Dict[str, Any]:
     """``alignkit rejection-sampling``: best samples -> SFT JSONL; best versus worst -> preference JSONL."""
-    from alignkit.config import as_config
-    from alignkit.train.common import console
-    from alignkit.train.rl_config import RejectionSamplingConfig
-
     cfg = as_config(RejectionSamplingConfig, config, overrides)
     if cfg.n < 2:
         raise ValueError("rejection-sampling needs n >= 2 samples per prompt (best versus worst)")

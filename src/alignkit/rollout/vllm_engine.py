@@ -31,6 +31,7 @@ def hf_weights_for_vllm(model) -> Iterator[Tuple[str, torch.Tensor]]:
     """
     model = unwrap(model)
     try:
+        # deferred: peft loads only when LoRA is used
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover
         LoraLayer = ()
@@ -86,6 +87,7 @@ class VLLMEngine:
         # in-process engine so update_weights can reach the model; users may override
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
+            # deferred: optional GPU extra (vllm)
             import vllm
         except ImportError:
             raise ImportError("generation.engine=vllm needs vLLM on a CUDA machine: pip install 'alignkit[vllm]' "

@@ -17,7 +17,7 @@ safetensors, JSON and ``torch.load(weights_only=True)`` only (forced for every `
 accelerate loads the state), and a file that does not load is one :class:`CheckpointError` line.
 
 Before each checkpoint the free disk space is checked against its size; a failed write removes its
-``.tmp-*`` directory and raises :class:`~alignkit.train.rundir.SaveError` naming the path and the cause.
+``.tmp-*`` directory and raises :class:`~alignkit.train.disk.SaveError` naming the path and the cause.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from alignkit.train.disk import RunDirError, check_space, need_bytes, save_error, sha256_file
+
 _STEP = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -40,9 +42,6 @@ RNG = "rng_state_{}.safetensors"
 # names a checkpoint may hold (accelerate's model/optimizer files, FSDP's sharded folders, ours)
 _ALLOWED = re.compile(r"^(model(_\d+)?\.safetensors|pytorch_model(_fsdp)?(_\d+)?(\.bin)?|optimizer(_\d+)?(\.bin)?"
                       r"|scheduler\.json|rng_state_\d+\.safetensors|trainer_state\.json|manifest\.json)$")
-
-
-from alignkit.train.rundir import RunDirError, sha256_file
 
 
 class CheckpointError(RunDirError):
@@ -167,6 +166,7 @@ def resolve_checkpoint(root: Path, where: str, warn: Callable[[str], None] = pri
 
 def save_rng(path: Path) -> None:
     """This process's random states into a safetensors file (tensors + JSON metadata: no pickle)."""
+    # deferred: torch, numpy, safetensors load with the RNG files; rundir reads the manifests without them
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -184,6 +184,7 @@ def save_rng(path: Path) -> None:
 
 
 def load_rng(path: Path) -> None:
+    # deferred: torch, numpy, safetensors load with the RNG files; rundir reads the manifests without them
     import numpy as np
     import torch
     from safetensors import safe_open
@@ -205,6 +206,7 @@ def load_rng(path: Path) -> None:
 def _weights_only(seen: List[str]):
     """Every ``torch.load`` inside runs with ``weights_only=True`` (whatever its caller asked: accelerate
     loads custom state with ``weights_only=False``); ``seen`` records the files it opens."""
+    # deferred: torch loads with a checkpoint; rundir reads the manifests without it
     import torch
 
     orig = torch.load
@@ -239,8 +241,6 @@ class CheckpointManager:
 
     def save(self, step: int, state: Dict[str, Any], scheduler=None, need: int = 0) -> Path:
         """Write checkpoint ``step``; ``need``: bytes it takes (checked against the free space first)."""
-        from alignkit.train.rundir import check_space, need_bytes, save_error
-
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
         latest = self.latest()
@@ -298,6 +298,7 @@ class CheckpointManager:
     def load(self, where: str, scheduler=None) -> Tuple[Path, Dict[str, Any]]:
         """Restore model, optimizer, scheduler and this process's random states from a verified checkpoint.
         The main process chooses it (the newest intact one for ``latest``) and tells the others."""
+        # deferred: accelerate (slow import) loads only for training
         from accelerate.utils import broadcast_object_list
 
         chosen: List[Any] = [None]

@@ -7,24 +7,25 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from alignkit.api import TrainResult, current
 from alignkit.config import RunConfig, to_yaml
-from alignkit.data import Prepared
-from alignkit.train.rundir import read_records
+from alignkit.data import DataError, Prepared, prepare
+from alignkit.data.load import write_data_report
+from alignkit.hub import HubPushError, base_model_id, push_to_hub, write_model_card
+from alignkit.train.disk import RunDirError, atomic_save_dir, tensor_bytes
+from alignkit.train.logging import console
+from alignkit.train.rundir import claim, read_records, release
 
 log = logging.getLogger("alignkit")
-
-
-def console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def start_run(cfg: RunConfig):
     """Seed everything, create the accelerator, take the run directory (lock, overwrite and resume
     rules: train/rundir.py), write config.yaml."""
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
+    # deferred: torch stays out of this module's import
     from alignkit.train.loop import make_accelerator
 
     acc = make_accelerator(cfg)
@@ -48,9 +49,9 @@ def processes_line(acc) -> str:
 
 def claim_output(cfg: RunConfig, acc) -> None:
     """The main process takes ``cfg.output`` (train/rundir.py); every process raises if it refused."""
+    # deferred: torch stays out of this module's import (CLI start-up)
     import torch
 
-    from alignkit.train.rundir import RunDirError, claim
 
     error: Optional[BaseException] = None
     if acc.is_main_process:
@@ -74,8 +75,6 @@ def report_data(prepared: Prepared, out: Path, is_main: bool) -> None:
 
 
 def write_data_reports(reports, out: Path) -> None:
-    from alignkit.data.load import write_data_report
-
     c = console()
     for line in [line for r in reports for line in r.summary_lines()]:
         style = "yellow" if ("dropped" in line or "truncated" in line or "warning" in line) else None
@@ -86,8 +85,6 @@ def write_data_reports(reports, out: Path) -> None:
 def prepare_data(kind: str, cfg: RunConfig, tokenizer, acc, **kwargs) -> Prepared:
     """``alignkit.data.prepare`` for a run: the data report is written to OUTPUT (and printed) also
     when the data is refused, e.g. every row dropped."""
-    from alignkit.data import DataError, prepare
-
     if cfg.data.streaming and not cfg.train.max_steps:
         raise DataError("data.streaming needs train.max_steps (--max-steps): a stream's length is not known before "
                         "it is read")
@@ -104,12 +101,10 @@ def prepare_data(kind: str, cfg: RunConfig, tokenizer, acc, **kwargs) -> Prepare
 def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save_kwargs: Optional[dict] = None) -> Path:
     """Save OUTPUT/model (safetensors + tokenizer + README.md model card) and OUTPUT/summary.json on the
     main process; push OUTPUT/model to the Hub when hub.push is set."""
-    from alignkit.hub import HubPushError, base_model_id, push_to_hub, write_model_card
+    # deferred: torch stays out of this module's import
     from alignkit.models.loading import checkpoint_dtype, save_model
 
-    from alignkit.train.rundir import atomic_save_dir, release, tensor_bytes
 
-    from alignkit.api import current
 
     acc = trainer.acc
     out = Path(cfg.output)
@@ -150,6 +145,7 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
 
 def write_run_report(out: Path) -> Optional[Path]:
     """OUTPUT/report.html; a failure here never fails the run that produced the data."""
+    # deferred: CLI start-up: the report module pulls the probes and rewards (~0.1 s), not needed by `--help`
     from alignkit.eval.report import write_report
 
     try:
@@ -186,9 +182,8 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
     after (``samples``: the model generates), ``trainer.fit()``, then save and write the summary.
     Returns the summary: final metrics, ``KEY_before`` for the metrics before training, ``extra`` and
     ``model_dir``."""
+    # deferred: torch stays out of this module's import
     from alignkit.train.loop import TrainingAborted
-    from alignkit.train.rundir import release
-
     out = Path(cfg.output)
     if cfg.resume:  # the "before" numbers and samples are the ones the interrupted run recorded
         before = _logged_before(out)
@@ -206,14 +201,12 @@ def fit_and_finish(trainer, tokenizer, cfg, eval_items, *, samples: bool = True,
             release(out)
         raise
     if getattr(trainer, "stream", None) is not None and trainer.acc.is_main_process:
-        from alignkit.data.load import write_data_report  # the counts of every streamed row read
-
         write_data_report(trainer.stream.all_reports, out)
     if samples:
         sample_report_prompts(trainer, tokenizer, eval_items, "after")
     summary = {**final, **{f"{k}_before": v for k, v in before.items()}, **extra}
     summary["model_dir"] = str(finish_run(trainer, tokenizer, cfg, summary))
-    from alignkit.api import TrainResult
+    # deferred: torch stays out of this module's import
     from alignkit.models.loading import is_peft
 
     model = trainer.unwrapped()
@@ -249,6 +242,7 @@ def sample_report_prompts(trainer, tokenizer, items, tag: str) -> None:
     n = cfg.log.samples
     if not n or not items or not trainer.acc.is_main_process:
         return
+    # deferred: torch stays out of this module's import
     from alignkit.rollout.generate import GenerationConfig, generate
 
     seen, prompts = set(), []

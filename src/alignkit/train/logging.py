@@ -62,6 +62,7 @@ def is_main_process() -> bool:
 def peak_memory_gb(device) -> float:
     """Peak memory so far, in GiB: the accelerator's peak allocation on CUDA, the process's peak resident
     set (ru_maxrss) elsewhere. Logged as ``perf/peak_mem_gb`` beside ``perf/examples_per_s``."""
+    # deferred: torch stays out of this module's import (CLI start-up)
     import torch
 
     if getattr(device, "type", str(device)) == "cuda":
@@ -99,6 +100,14 @@ def _console():
     from rich.console import Console
 
     return Console()
+
+
+def console():
+    """The console for messages (stderr): saved paths, warnings, resume notes. Metrics and the progress
+    bar go to :func:`_console` (stdout)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _interactive(console) -> bool:

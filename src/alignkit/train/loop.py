@@ -18,13 +18,19 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from alignkit.api import run_callbacks
 from alignkit.config import RunConfig
-from alignkit.runtime import keep_host_memory
 from alignkit.data.stream import StreamingItems
-from alignkit.train.checkpoint import CheckpointManager
-from alignkit.train.logging import MetricLogger, peak_memory_gb
+from alignkit.eval.diagnostics import Alert, Diagnostics
+from alignkit.models.loading import native_bf16
+from alignkit.runtime import keep_host_memory
+from alignkit.train import metric_keys as K
+from alignkit.train.checkpoint import CheckpointError, CheckpointManager
+from alignkit.train.disk import tensor_bytes
+from alignkit.train.logging import MetricLogger, console, peak_memory_gb
 from alignkit.train.optim import ClippedStep, make_optimizer
 from alignkit.train.preempt import Preempted, StopSignals
+from alignkit.train.rundir import input_fingerprints, read_records
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -158,14 +164,14 @@ def make_scheduler(optimizer, total_steps: int, cfg, start: int = 0) -> torch.op
 
 
 def make_accelerator(cfg: RunConfig):
+    # deferred: accelerate (slow import) loads only for training
     from accelerate import Accelerator
 
     precision = cfg.train.precision
     if precision == "auto":  # bf16 autocast wherever bf16 is native: a GPU, or a CPU with AMX/AVX512-BF16
-        from alignkit.models.loading import native_bf16
-
         precision = "bf16" if native_bf16() else "fp32"
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    # deferred: accelerate (slow import) loads only for training
     from accelerate.state import AcceleratorState
 
     # accelerate keeps one global state per process; a second run in the same process (notebooks,
@@ -178,8 +184,6 @@ def make_diagnostics(cfg: RunConfig):
     d = getattr(cfg, "diagnostics", None)
     if d is None or not d.enabled:
         return None
-    from alignkit.eval.diagnostics import Diagnostics
-
     return Diagnostics(d)
 
 
@@ -234,8 +238,6 @@ class Trainer:
         self._inputs: Optional[Dict[str, Any]] = None
         self._stop_agreed = False  # several processes: a stop every process has learnt of (see _update)
         # user callbacks of an object-API call (alignkit/api.py); empty otherwise
-        from alignkit.api import run_callbacks
-
         self.callbacks = run_callbacks(cfg, self.total_steps, self.unwrapped(), tokenizer)
 
     # ------------------------------------------------------------------ data order
@@ -332,7 +334,7 @@ class Trainer:
         # like the gradient is
         out = {k: sums[k] / max(total, 1e-12) for k in keys}
         out["train/grad_norm"] = grad_norm
-        out["train/units"] = float(total)  # loss tokens / pairs / sequences of the update (0: all masked)
+        out[K.TRAIN_UNITS] = float(total)  # loss tokens / pairs / sequences of the update (0: all masked)
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -346,8 +348,6 @@ class Trainer:
                 f"resume from an older checkpoint (--resume PATH) or start afresh with --overwrite")
 
     def _save(self) -> Optional[Path]:
-        from alignkit.train.rundir import input_fingerprints, tensor_bytes
-
         if self._only_bad_since_resume():
             return None  # nothing but skipped updates since a resume: never rotate out a good checkpoint for it
         if self._inputs is None and self.acc.is_main_process:
@@ -371,8 +371,6 @@ class Trainer:
     def _resume(self, where: str) -> None:
         path, state = self.ckpt.load(where, self.scheduler)
         if not self._finite_weights():
-            from alignkit.train.checkpoint import CheckpointError
-
             raise CheckpointError(f"--resume: the checkpoint {path} holds NaN/Inf weights; resume from an older "
                                   f"checkpoint (--resume PATH) or start afresh with --overwrite")
         self.resumed_from = path
@@ -385,8 +383,6 @@ class Trainer:
         if self.diagnostics is not None and self.acc.is_main_process:
             # the trends (and the before-training baseline of held-out metrics) continue from the
             # logged history; alerts it raised are already in alerts.jsonl
-            from alignkit.train.rundir import read_records
-
             self.diagnostics.replay(read_records(self.out / "metrics.jsonl"))
             baseline = self.out / HELDOUT_BASELINE_FILE
             if baseline.is_file():
@@ -419,8 +415,6 @@ class Trainer:
                    f"(lr {nxt:.3g} at step {self.step + 1}; optim.resume_schedule=restart starts a new warmup and "
                    f"decay over the remaining steps instead)")
         if self.acc.is_main_process:
-            from alignkit.train.common import console
-
             console().print(f"--resume: the run was {before} steps long, now {self.total_steps}; at step {self.step} "
                             f"(lr {was:.3g}) the learning rate {how}", style="yellow", markup=False, highlight=False,
                             soft_wrap=True)
@@ -458,7 +452,7 @@ class Trainer:
                         metrics[k] = metrics.get(k, 0.0) + (v - metrics.get(k, 0.0)) / n_updates
                 if self.diagnostics is not None and ((self.step + 1) % cfg.log.every == 0
                                                      or self.step + 1 == self.total_steps):
-                    metrics["train/weight_rms"] = self._weight_rms()  # read with the other metrics
+                    metrics[K.WEIGHT_RMS] = self._weight_rms()  # read with the other metrics
                 metrics = host_floats(metrics)  # the step's one read of its metrics
                 metrics.update(host_floats(planned))
                 with warnings.catch_warnings():  # a skipped (NaN) update still advances the schedule
@@ -523,8 +517,6 @@ class Trainer:
     def _logged_final(self) -> Dict[str, float]:
         """The training metrics logged at the current (last) step, for the summary of a resumed run
         that has no step left to run."""
-        from alignkit.train.rundir import read_records
-
         out: Dict[str, float] = {}
         for rec in read_records(self.out / "metrics.jsonl"):
             if rec.get("step") == self.step:
@@ -589,15 +581,13 @@ class Trainer:
         ``all_masked`` alert fires before any compute is spent (and aborts with fail_on)."""
         if self.diagnostics is None:
             return
-        self._diagnose({"train/weight_rms": float(self._weight_rms())})
+        self._diagnose({K.WEIGHT_RMS: float(self._weight_rms())})
         try:
             sample = self.train_items[:max(self.micro, 16)]
             units = float(self.task.units(self.task.collate(sample))) if sample else 1.0
         except Exception:  # noqa: BLE001 - tasks whose items are not collated this way are checked live
             return
         if units <= 0:
-            from alignkit.eval.diagnostics import Alert
-
             alert = Alert(0, "all_masked", f"Every label of the first {len(sample)} training examples is masked "
                                            f"(0 loss units): there is nothing to learn from. Check the chat "
                                            f"template / response masking and data.max_length.")

@@ -1,7 +1,9 @@
-"""Every metric key the online-RL trainers log, defined once: name, unit and meaning.
+"""Every metric key the online-RL trainers log, defined once: name, unit and meaning (and, at the end,
+the keys of the loop and the offline losses that the diagnostics read).
 
-Trainers, diagnostics, reports and docs import the constants below instead of spelling the strings,
-so a key means one quantity everywhere. In particular ``kl/ref`` is always the KL of the policy to
+Trainers, diagnostics (``eval/diagnostics.py``), reports and docs import the constants below instead of
+spelling the strings, so a key means one quantity everywhere; the module imports nothing of ours, so
+any layer may read it. In particular ``kl/ref`` is always the KL of the policy to
 its reference in **nats per sequence** of the rollout (sum over response tokens of the k1 estimate
 ``log pi(y_t) - log pi_ref(y_t)``, mean over the rollout's sequences: an unbiased estimate of the
 sequence-level KL, the quantity ``diagnostics.kl_budget`` and ``alignkit eval`` use), and the per-token
@@ -92,6 +94,15 @@ SHORT_GROUPS = _key("sampling/short_groups", "groups",
 TRAIN_LOSS = _key("train/loss", "loss", "total loss of the update, normalized by its global units")
 GRAD_NORM = _key("train/grad_norm", "norm", "gradient norm before clipping")
 LR = _key("train/lr", "lr", "learning rate of the first optimizer group (the policy)")
+
+# ---- keys of the loop and the offline losses that the diagnostics read (not in the online-RL table above)
+TRAIN_UNITS = "train/units"  # loss units of the update, every process (0: every label masked)
+WEIGHT_RMS = "train/weight_rms"  # root mean square of the trained weights
+REWARD_MARGIN = "rewards/margin"  # implicit (DPO family) or model (reward models) reward, chosen minus rejected
+REWARD_ACCURACY = "rewards/accuracy"  # pairs whose chosen reward is higher
+LOGP_CHOSEN = "logps/chosen"  # summed log-prob of the chosen response
+ACCURACY = "accuracy"  # held-out pair accuracy, logged as eval/accuracy
+LOSS = "loss"  # held-out loss, logged as eval/loss
 
 
 def held_out(key: str) -> str:

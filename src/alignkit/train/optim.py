@@ -78,11 +78,13 @@ def make_optimizer(groups, optim_cfg, device: torch.device) -> torch.optim.Optim
     if name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay)
     if name == "adafactor":
+        # deferred: transformers is slow to import; it loads when a model does
         from transformers.optimization import Adafactor
 
         return Adafactor(groups, lr=o.lr, scale_parameter=False, relative_step=False, warmup_init=False,
                          weight_decay=o.weight_decay)
     try:
+        # deferred: optional GPU extra (bitsandbytes)
         import bitsandbytes as bnb
     except ImportError:
         raise ImportError(f"optim.optimizer={name} needs bitsandbytes, an optional extra: pip install bitsandbytes "
@@ -132,6 +134,7 @@ class ClippedStep:
     coefficient."""
 
     def __init__(self, accelerator, optimizer):
+        # deferred: accelerate (slow import) loads only for training
         from accelerate.utils import DistributedType
 
         self.acc, self.optimizer = accelerator, optimizer

@@ -19,9 +19,12 @@ from alignkit.data.collate import PairBatch, UnpairedBatch, collate_pairs, colla
 from alignkit.data.layout import PADDED, Packing
 from alignkit.losses.preference import PREFERENCE_LOSSES, combine, loss_hparams, nll_term
 from alignkit.losses.preference_variants import DISCOPOP_MONOTONE_TAU
+from alignkit.models.loading import load_causal_lm
 from alignkit.ops.dist import gather_cat
 from alignkit.ops.logprobs import DEFAULT_CHUNK, TokenLogprobs, token_logprobs
 from alignkit.ops.masked import masked_mean
+from alignkit.ops.packing import resolve_packing
+from alignkit.train.common import fit_and_finish, prepare_data, start_run
 from alignkit.train.loop import EVAL_EXAMPLES, Task, Trainer
 from alignkit.train.reference import Reference, make_reference
 
@@ -328,10 +331,6 @@ def assign_kl_partners(items: List[Dict[str, Any]], seed: int) -> None:
 @object_api(DPOConfig, "dpo")
 def train_dpo(config: Union[DPOConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Train with a preference loss; the Python twin of ``alignkit dpo``."""
-    from alignkit.models.loading import load_causal_lm
-    from alignkit.ops.packing import resolve_packing
-    from alignkit.train.common import fit_and_finish, prepare_data, start_run
-
     cfg = as_config(DPOConfig, config, overrides)
     opts = cfg.dpo
     acc = start_run(cfg)

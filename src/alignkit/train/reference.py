@@ -13,10 +13,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from alignkit.api import current, reference_model, uses_adapter_reference
 from alignkit.data.collate import PairBatch, UnpairedBatch, collate_pairs, collate_unpaired
 from alignkit.data.layout import PADDED, Packing, SeqBatch
+from alignkit.models.loading import is_peft, precast_frozen_linears
 from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
+from alignkit.ops.packing import resolve_packing
 from alignkit.ops.wrappers import unwrap
+from alignkit.train.logging import phase
 
 
 class Reference:
@@ -101,13 +105,8 @@ def precompute(ref: Reference, items: List[Dict[str, Any]], pad_id: int, paired:
 def make_reference(cfg, policy, data, tokenizer, accelerator, packing: Packing = PADDED) -> Reference:
     """Build the reference that ``cfg.dpo.reference`` asks for (see the module docstring); ``packing``
     is the policy's batch layout, narrowed for a separate reference model that cannot do all of it."""
-    from alignkit.models.loading import is_peft, precast_frozen_linears
-    from alignkit.ops.packing import resolve_packing
-
     opts = cfg.dpo
     mode = opts.reference
-    from alignkit.api import current, reference_model, uses_adapter_reference
-
     use_adapter = uses_adapter_reference(cfg, policy)  # LoRA (or a given peft model), no reference given
     if mode == "auto":
         mode = "adapter" if use_adapter else "model"
@@ -136,8 +135,6 @@ def make_reference(cfg, policy, data, tokenizer, accelerator, packing: Packing =
                     ref.packing = packing
         if mode == "model":
             return ref
-    from alignkit.train.logging import phase
-
     n = len(data.train) + len(data.eval)
     with accelerator.autocast(), phase(f"precomputing reference log-probs of {n} examples", label=cfg.command,
                                        enabled=accelerator.is_main_process and cfg.log.progress):

@@ -20,7 +20,10 @@ from alignkit.api import object_api, policy_model, policy_tokenizer
 from alignkit.config import RMConfig, as_config
 from alignkit.data.layout import PADDED, Packing, SeqBatch, layout_prompted
 from alignkit.losses.reward import RANKING_LOSSES, all_pairs_bradley_terry_loss, plackett_luce_loss
-from alignkit.models.reward import reward_scores
+from alignkit.models.loading import load_reward_model
+from alignkit.models.reward import reward_pad_token, reward_scores
+from alignkit.ops.packing import resolve_packing
+from alignkit.train.common import fit_and_finish, prepare_data, start_run
 from alignkit.train.loop import EVAL_EXAMPLES, Task, Trainer
 
 
@@ -201,11 +204,6 @@ class RewardTask(Task):
 @object_api(RMConfig, "rm")
 def train_rm(config: Union[RMConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Train a reward model; the Python twin of ``alignkit rm``."""
-    from alignkit.models.loading import load_reward_model
-    from alignkit.models.reward import reward_pad_token
-    from alignkit.ops.packing import resolve_packing
-    from alignkit.train.common import fit_and_finish, prepare_data, start_run
-
     cfg = as_config(RMConfig, config, overrides)
     acc = start_run(cfg)
     tok = policy_tokenizer(cfg)

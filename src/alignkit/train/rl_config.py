@@ -20,6 +20,7 @@ from alignkit.ops.kl import KLKind
 from alignkit.rewards import REWARD_KINDS, RewardSpec
 from alignkit.rollout.generate import GenerationConfig
 from alignkit.train.rl_stages import KL_PLACEMENTS
+from alignkit.rollout.job import NSamplesJob
 
 
 class RewardsMixin(Section):
@@ -403,25 +404,18 @@ class RLConfig(OnlineRLConfig):
     """Stage options (defaults: the chosen preset)."""
 
 
-class SamplingConfig(RewardsMixin):
-    """Sections shared by bon and rejection-sampling (no training)."""
+class SamplingConfig(RewardsMixin, NSamplesJob):
+    """Sections shared by bon and rejection-sampling (no training): a sampling job (rollout/job.py) with
+    rewards."""
 
-    command: str = "sample"
-    """The command this config is for (set automatically)."""
     model: ModelConfig = ModelConfig()
     """The policy to sample from."""
     data: DataConfig = DataConfig()
     """Prompt rows ({prompt, ...} or {messages}); extra fields reach the reward functions."""
-    generation: GenerationConfig = GenerationConfig(max_new_tokens=128)
-    """Sampling settings."""
-    n: int = Field(4, gt=0)
-    """Samples per prompt (N)."""
     output: str = "runs/sampling"
     """Run directory: samples.jsonl, summary.json (and the datasets of rejection-sampling) go here."""
     samples_path: Optional[str] = None
     """Write every sample with its scores here instead of OUTPUT/samples.jsonl."""
-    seed: int = 42
-    """Sampling seed."""
 
 
 class BoNConfig(SamplingConfig):

@@ -21,9 +21,8 @@ Ownership (:func:`claim`, called by ``start_run`` before anything is written):
   size and SHA-256, model and reference weights' hashes, Hub revisions) and refuses a changed input,
   naming it, unless ``resume_anyway`` (``--resume-anyway``).
 
-Saves (:func:`check_space`, :func:`save_error`): a disk-space check before each checkpoint and the
-final model, and write errors that name the path and the cause ("no space left on device ...: need
-~N MB, M MB free"), whatever layer (``torch.save``'s "unexpected pos", safetensors) raised them.
+Saves (:mod:`alignkit.train.disk`): a disk-space check before each checkpoint and the final model, and
+write errors that name the path and the cause.
 """
 
 from __future__ import annotations
@@ -39,6 +38,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from alignkit import __version__
+from alignkit.models.default import DEFAULT_ALIASES, default_model_dir
+from alignkit.train.checkpoint import resolve_checkpoint, step_dirs
+from alignkit.train.disk import RunDirError, sha256_file
+
 LOCK = ".alignkit.lock"
 MARKER = ".alignkit-run.json"  # "this directory is an alignkit run", with the files the run writes
 # what a training run writes into its directory; --overwrite (or a fresh start over an interrupted
@@ -51,23 +55,7 @@ MAY_CHANGE_ON_RESUME = ("resume", "overwrite", "resume_anyway", "optim.resume_sc
                         "train.max_bad_steps", "train.logprob_chunk", "data.num_proc", "model.gradient_checkpointing",
                         "model.attn_implementation", "reward_timeout_s", "log_completions")
 
-_MB = 1 << 20
 _HELD: Dict[str, Path] = {}  # lock files this process holds (released at exit)
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked; the message says why and what to do."""
-
-
-class SaveError(OSError):
-    """A checkpoint or the model could not be written; the message names the path and the cause."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.errno, self.message = code, message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 # ------------------------------------------------------------------------------------ lock
@@ -179,8 +167,6 @@ atexit.register(release_all)
 # ------------------------------------------------------------------------------------ ownership
 
 def _checkpoints(out: Path) -> List[Path]:
-    from alignkit.train.checkpoint import step_dirs
-
     return step_dirs(out / "checkpoints")
 
 
@@ -217,8 +203,6 @@ def read_marker(out: Path) -> Optional[Dict[str, Any]]:
 def write_marker(out: Path, command: str, files: Optional[List[str]] = None) -> None:
     """Mark ``out`` as an alignkit run directory, listing the files a run writes there (default: the
     :data:`RUN_FILES` not already there; ``[]``: a directory another alignkit tool fills before a run)."""
-    from alignkit import __version__
-
     if files is None:
         files = [n for n in RUN_FILES if not ((Path(out) / n).exists() or (Path(out) / n).is_symlink())]
     info = {"tool": "alignkit", "version": __version__, "command": command, "created": time.time(),
@@ -371,8 +355,6 @@ def check_resume(cfg, out: Path, warn=print) -> Path:
     """Refuse to resume from a damaged checkpoint (the newest intact one is taken for ``latest``, with a
     line through ``warn``), from one written with another config, or over changed inputs; returns the
     checkpoint."""
-    from alignkit.train.checkpoint import resolve_checkpoint
-
     ckpt = resolve_checkpoint(out / "checkpoints", cfg.resume, warn)
     step = step_of(ckpt) if ckpt.name.startswith("step-") else int(_read_lock(ckpt / "trainer_state.json").get("step", 0))
     max_steps = getattr(getattr(cfg, "train", None), "max_steps", None)
@@ -406,15 +388,6 @@ def check_resume(cfg, out: Path, warn=print) -> Path:
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 4 MiB blocks (input fingerprints and checkpoint manifests)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hub_revision(name: str, repo_type: str, revision: Optional[str]) -> Optional[str]:
@@ -422,6 +395,7 @@ def _hub_revision(name: str, repo_type: str, revision: Optional[str]) -> Optiona
     if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
         return revision
     try:
+        # deferred: huggingface_hub loads only for Hub access
         from huggingface_hub.constants import HF_HUB_CACHE
     except ImportError:  # pragma: no cover
         return revision
@@ -485,8 +459,6 @@ def _inputs_of(cfg) -> Dict[str, tuple]:
     walk(dump, "")
     model = getattr(cfg, "model", None)
     if model is not None:
-        from alignkit.models.default import DEFAULT_ALIASES, default_model_dir
-
         name = model.name_or_path
         if name is None or name.strip().lower() in DEFAULT_ALIASES:
             name = str(default_model_dir(convert=False))
@@ -521,111 +493,3 @@ def input_changes(recorded: Dict[str, Any], now: Dict[str, Any]) -> List[tuple]:
         now_said = "no such file or directory now" if ("file" in a or "dir" in a) and "hub" in b else f"{_say(b)} now"
         out.append((f"{key} ({what})", f"{_say(a)} then, {now_said}"))
     return out
-
-
-# ------------------------------------------------------------------------------------ disk space
-
-def _existing(path: Path) -> Path:
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def free_bytes(path: Path) -> Optional[int]:
-    try:
-        return shutil.disk_usage(_existing(path)).free
-    except OSError:
-        return None
-
-
-def tensor_bytes(*objs) -> int:
-    """Bytes of the tensors of modules, optimizers (their state) and state dicts, for space checks."""
-    import torch
-
-    total = 0
-
-    def add(x):
-        nonlocal total
-        if isinstance(x, torch.Tensor):
-            total += x.numel() * x.element_size()
-        elif isinstance(x, dict):
-            for v in x.values():
-                add(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                add(v)
-
-    for obj in objs:
-        if obj is None:
-            continue
-        if isinstance(obj, torch.nn.Module):
-            total += sum(t.numel() * t.element_size() for t in obj.state_dict().values())
-        elif hasattr(obj, "state") and isinstance(getattr(obj, "state"), dict):  # an optimizer
-            add(list(obj.state.values()))
-        else:
-            add(obj)
-    return total
-
-
-def need_bytes(payload: int) -> int:
-    """Space asked for a write of ``payload`` bytes: 10% and 4 MB of slack (tokenizer, metadata)."""
-    return int(payload * 1.1) + 4 * _MB
-
-
-def _mb(n: Optional[int]) -> str:
-    return "?" if n is None else f"{max(n, 0) / _MB:,.0f}"
-
-
-def check_space(path: Path, need: int, what: str, hint: str = "") -> None:
-    """Raise :class:`SaveError` when the file system of ``path`` has less than ``need`` bytes free."""
-    free = free_bytes(path)
-    if free is not None and free < need:
-        raise SaveError(errno.ENOSPC, f"no space left on device for {what} at {path}: need ~{_mb(need)} MB, "
-                                      f"{_mb(free)} MB free; free some space or choose another --output{hint}")
-
-
-def _is_enospc(e: BaseException) -> bool:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(e)
-        if "No space left" in text or "unexpected pos" in text or "file write failed" in text:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def save_error(e: BaseException, path: Path, need: int, what: str, hint: str = "") -> SaveError:
-    """A one-line :class:`SaveError` for a failed write of ``what`` into ``path``."""
-    free = free_bytes(path)
-    if _is_enospc(e) or (free is not None and free < need):
-        return SaveError(errno.ENOSPC, f"no space left on device writing {what} to {path}: need ~{_mb(need)} MB, "
-                                       f"{_mb(free)} MB free; free some space or choose another --output{hint}")
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-    return SaveError(getattr(e, "errno", None) or errno.EIO, f"could not write {what} to {path} ({reason}){hint}")
-
-
-def atomic_save_dir(final: Path, write, payload: int, what: str, hint: str = "") -> Path:
-    """Write a directory all or nothing: ``write(tmp)`` fills ``final``'s sibling ``.tmp-NAME``, which then
-    replaces ``final`` by renames (the old one is removed only after the new one is in place).
-    ``payload``: bytes of the tensors written (the free space is checked first)."""
-    final = Path(final)
-    need = need_bytes(payload)
-    tmp, old = final.with_name(f".tmp-{final.name}"), final.with_name(f".old-{final.name}")
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    check_space(final.parent, need, what, hint)
-    try:
-        write(tmp)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise save_error(e, final.parent, need, what, hint) from e
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final

@@ -10,7 +10,10 @@ from alignkit.api import object_api, policy_model, policy_tokenizer
 from alignkit.config import SFTConfig, as_config
 from alignkit.data.collate import collate_sft
 from alignkit.data.layout import PADDED, Packing, SeqBatch
+from alignkit.models.loading import load_causal_lm
 from alignkit.ops.logprobs import DEFAULT_CHUNK, token_logprobs
+from alignkit.ops.packing import resolve_packing
+from alignkit.train.common import fit_and_finish, prepare_data, start_run
 from alignkit.train.loop import EVAL_EXAMPLES, Task, Trainer
 
 
@@ -57,10 +60,6 @@ class SFTTask(Task):
 @object_api(SFTConfig, "sft")
 def train_sft(config: Union[SFTConfig, Dict[str, Any], None] = None, **overrides) -> Dict[str, Any]:
     """Run SFT; the Python twin of ``alignkit sft``. Returns the summary (final metrics, paths)."""
-    from alignkit.models.loading import load_causal_lm
-    from alignkit.ops.packing import resolve_packing
-    from alignkit.train.common import fit_and_finish, prepare_data, start_run
-
     cfg = as_config(SFTConfig, config, overrides)
     acc = start_run(cfg)
     tok = policy_tokenizer(cfg)
