@@ -56,7 +56,9 @@ def test_three_reference_modes_give_equal_losses(tiny_model, pref_files):
     assert losses["precomputed_adapter"].item() == pytest.approx(losses["model"].item(), rel=1e-5)
 
 
-# per loss: (lr, epochs, extra overrides). Hinge/IPO saturate at their targets, so a larger beta helps.
+# per loss: extra overrides where its defaults do not learn in the test's few steps (hinge/IPO saturate at
+# their targets, so a larger beta helps). A loss not named here trains with its defaults: every registered
+# loss is in the test as soon as it is registered.
 SETTINGS = {
     "dpo": {}, "cdpo": {}, "robust": {}, "hinge": {"dpo.beta": 0.5}, "ipo": {"dpo.beta": 0.5},
     "simpo": {}, "orpo": {"dpo.beta": 1.0}, "kto": {},
@@ -66,16 +68,16 @@ SETTINGS = {
 }
 
 
-def test_settings_cover_the_registry():
-    assert set(SETTINGS) == set(PREFERENCE_LOSSES.names())
+def test_settings_name_registered_losses_only():
+    assert set(SETTINGS) <= set(PREFERENCE_LOSSES.names())
 
 
-@pytest.mark.parametrize("loss", sorted(SETTINGS))
+@pytest.mark.parametrize("loss", PREFERENCE_LOSSES.names())
 def test_every_loss_learns_preferences(tmp_path, tiny_model, pref_files, loss):
     s = train_dpo(**{"model.name_or_path": str(tiny_model), "data.path": str(pref_files[0]),
                      "data.eval_path": str(pref_files[1]), "dpo.loss": loss, "train.epochs": 2,
                      "train.batch_size": 8, "optim.lr": 2e-3, "log.progress": False, "log.samples": 0,
-                     **SETTINGS[loss]}, output=str(tmp_path / loss))
+                     **SETTINGS.get(loss, {})}, output=str(tmp_path / loss))
     spec = PREFERENCE_LOSSES.get(loss)
     if spec.needs_reference:  # policy == reference at the start: every pair ties, accuracy 0.5
         assert s["eval/accuracy_before"] == pytest.approx(0.5), s
