@@ -70,6 +70,9 @@ REFERENCES = {
         + sig(-beta * ((pc - rc) - (pr - rr))) * (lsig(-beta * ((pc - rc) - (pr - rr))) - math.log(label_smoothing)))),
     "nca_pair": _per_example(lambda pc, pr, rc, rr, lc, lr, beta:
                              -lsig(beta * (pc - rc)) - 0.5 * lsig(-beta * (pc - rc)) - 0.5 * lsig(-beta * (pr - rr))),
+    # Wang et al. 2024 (f-DPO), Jensen-Shannon: f'(u) = log(2u / (1 + u)) at u = exp(rho)
+    "fdpo_js": _per_example(lambda pc, pr, rc, rr, lc, lr, beta:
+                            -lsig(beta * (lsig(pc - rc) - lsig(pr - rr)))),
     "bco_pair": _per_example(lambda pc, pr, rc, rr, lc, lr, beta: -lsig(beta * (pc - rc)) - lsig(-beta * (pr - rr))),
     "sppo_hard": _per_example(lambda pc, pr, rc, rr, lc, lr, beta:
                               ((pc - rc) - 0.5 / beta) ** 2 + ((pr - rr) + 0.5 / beta) ** 2),

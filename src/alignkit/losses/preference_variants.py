@@ -75,6 +75,28 @@ def nca_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     return LossOutput(losses, _reward_metrics(ra, rb))
 
 
+@PREFERENCE_LOSSES.register("fdpo_js")
+def fdpo_js_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+                 ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor], *,
+                 chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
+                 labels: Optional[Tensor] = None, beta: float = 0.1) -> LossOutput:
+    """f-DPO with the Jensen-Shannon divergence: ``-log sigma(beta (log sigma(a) - log sigma(b)))``.
+
+    Wang et al. 2024, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
+    Divergence Constraints" (ICLR): with an f-divergence penalty in place of DPO's reverse KL, the
+    implicit reward is ``beta f'(pi / ref)``, and the Bradley-Terry loss compares the two responses'
+    ``f'``. For Jensen-Shannon ``f'(u) = log(2u / (1 + u))``; with ``u = exp(a)`` that is
+    ``log 2 + log sigma(a)``, and the ``log 2`` cancels in the difference. Unlike DPO's ``a - b`` the
+    reward ``log sigma(a)`` saturates at 0 as ``a`` grows, so a chosen response far above the reference
+    stops earning margin (the penalty keeps the policy nearer the reference's support). ``labels``
+    treated as hard. Shapes as in ``dpo_loss``.
+    """
+    _check_beta("fdpo_js", beta)
+    a, b = _dpo_margin("fdpo_js", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    ra, rb = beta * F.logsigmoid(a), beta * F.logsigmoid(b)  # the implicit rewards, without the log 2
+    return LossOutput(-F.logsigmoid(ra - rb), _reward_metrics(ra, rb))
+
+
 @PREFERENCE_LOSSES.register("bco_pair")
 def bco_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                   ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor], *,
