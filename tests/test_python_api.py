@@ -417,3 +417,16 @@ def test_qlora_dpo_run_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())
     assert summary["reference"] == "adapter" and summary["train/loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert (tmp_path / "q" / "model" / "adapter_config.json").exists()
+
+
+def test_every_top_level_name_resolves_to_its_module_object():
+    """``alignkit.NAME`` is the object its module defines (the lazy table points at real names), the
+    red-teaming, probe, eval and pipeline entry points included."""
+    import importlib
+
+    import alignkit
+
+    for name, module in alignkit._API.items():
+        assert getattr(alignkit, name) is getattr(importlib.import_module(module), name), name
+    for name in ("run_redteam", "RedteamConfig", "run_redteam_pairs", "evaluate", "probe", "run_pipeline"):
+        assert name in alignkit.__all__

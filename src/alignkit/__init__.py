@@ -34,7 +34,8 @@ Example::
 
 ``help(alignkit.train_dpo)`` (and each other function) lists the arguments with their types. Other
 entry points: score, best_of_n, rejection_sampling, run_cai_sl, run_cai_rl, run_judge,
-run_iterative_dpo, run_spin; configs: SFTConfig, RMConfig, ScoreConfig, DPOConfig, PPOConfig,
+run_iterative_dpo, run_spin, evaluate (``alignkit eval``, behaviour probes included), probe,
+run_redteam, run_redteam_pairs, run_pipeline (``builtin:redteam_repair`` and the demos); configs: SFTConfig, RMConfig, ScoreConfig, DPOConfig, PPOConfig,
 GRPOConfig, RLOOConfig.
 """
 
@@ -59,6 +60,11 @@ _API = {
     "run_spin": "alignkit.feedback.spin",
     "probe": "alignkit.eval.probes",
     "ProbeConfig": "alignkit.eval.probes",
+    "evaluate": "alignkit.eval.evaluate",
+    "run_redteam": "alignkit.redteam.attack",
+    "RedteamConfig": "alignkit.redteam.attack",
+    "run_redteam_pairs": "alignkit.redteam.repair",
+    "run_pipeline": "alignkit.pipeline",
     "SFTConfig": "alignkit.config",
     "RMConfig": "alignkit.config",
     "ScoreConfig": "alignkit.config",
