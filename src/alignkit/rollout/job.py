@@ -4,7 +4,9 @@ the results go.
 ``bon``, ``rejection-sampling`` (:class:`~alignkit.train.rl_config.SamplingConfig`), ``sample-pairs``
 (:class:`~alignkit.labeling.SamplePairsConfig`), ``cai-sl`` and ``cai-rl``
 (:mod:`alignkit.feedback.constitution`), and the generation of ``iterative-dpo`` and ``spin``
-(:mod:`alignkit.feedback.iterative`, :mod:`alignkit.feedback.spin`) all derive from these classes, so
+(:mod:`alignkit.feedback.iterative`, :mod:`alignkit.feedback.spin`) and the online-RL commands' rollouts
+(:class:`~alignkit.train.rl_config.OnlineRLConfig`, whose ``generation`` is the rollout's sampling) all
+derive from these classes, so
 the keys (``model``, ``data``, ``generation``, ``output``, and ``n`` and ``seed`` for jobs that draw N
 samples per prompt) are spelled and documented once. A job may narrow a field (its own default, range or
 docstring, e.g. ``sample-pairs`` needs ``n >= 2``) by declaring it again; the key stays the same.

@@ -20,7 +20,7 @@ from alignkit.ops.kl import KLKind
 from alignkit.rewards import REWARD_KINDS, RewardSpec
 from alignkit.rollout.generate import GenerationConfig
 from alignkit.train.rl_stages import KL_PLACEMENTS
-from alignkit.rollout.job import NSamplesJob
+from alignkit.rollout.job import NSamplesJob, SamplingJob
 
 
 class RewardsMixin(Section):
@@ -264,7 +264,7 @@ class ValueOptions(Section):
     policy updates see a fitted baseline. A shared value head trains on detached features meanwhile."""
 
 
-class OnlineRLConfig(RunConfig, RewardsMixin):
+class OnlineRLConfig(RunConfig, SamplingJob, RewardsMixin):
     """Sections shared by every online-RL command. One step = one rollout batch of
     train.batch_size x train.grad_accum x processes prompts; a forward micro-batch holds train.batch_size of
     them with all their samples (batch_size x num_generations sequences; train.max_tokens_per_batch cuts by
