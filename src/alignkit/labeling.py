@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Literal, Union
 import torch
 from pydantic import Field, field_validator
 
-from alignkit.config import DataConfig, ModelConfig, Section, as_config
+from alignkit.config import DataConfig, Section, as_config
 from alignkit.data import prepare
 from alignkit.data.load import DataError
 from alignkit.models.loading import best_device, load_causal_lm, load_tokenizer
