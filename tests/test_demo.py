@@ -13,7 +13,7 @@ from alignkit.cli import build_cli
 from tests.gold_toy import SPEC
 from tests.helpers import chromium_path
 
-STAGES = ["pairs", "labels", "rm_pairs", "rm", "dpo", "eval_base", "eval_dpo", "ppo", "eval_ppo", "compare"]
+STAGES = ["pairs", "labels", "rm", "dpo", "eval_base", "eval_dpo", "ppo", "eval_ppo", "compare"]
 
 
 def run(args):
@@ -40,7 +40,13 @@ def test_demo_runs_every_stage_and_reports(demo_dir):
     for s in ("rm", "dpo", "ppo", "eval_base", "eval_dpo", "eval_ppo"):
         assert (out / s / "report.html").is_file(), s
     pairs = [json.loads(x) for x in (out / "labels" / "prefs.jsonl").read_text().splitlines()]
-    assert len(pairs) == 8 and all(p["score_chosen"] > p["score_rejected"] for p in pairs)  # one per prompt
+    # every pair of a prompt's 3 replies whose scores differ (quick preset: pair_margin 0): 1 to 3 per prompt
+    per_prompt = {}
+    for p in pairs:
+        key = json.dumps(p["prompt"])
+        per_prompt[key] = per_prompt.get(key, 0) + 1
+    assert len(per_prompt) == 8 and all(1 <= n <= 3 for n in per_prompt.values()), per_prompt
+    assert all(p["score_chosen"] > p["score_rejected"] for p in pairs)
     res = {s: json.loads((out / s / "eval.json").read_text()) for s in ("eval_base", "eval_dpo", "eval_ppo")}
     assert res["eval_base"]["metrics"]["kl/ref"] == 0.0 and res["eval_base"]["reference_is_policy"]
     for s in ("eval_dpo", "eval_ppo"):

@@ -178,7 +178,7 @@ def demo(config: Union[DemoConfig, Dict[str, Any], None] = None, **overrides) ->
     results = read_results(Path(cfg.output))
     gains = gold_gains(Path(cfg.output))
     compare = Path(cfg.output) / "compare" / "compare.html"
-    margin = float(load_spec(pipeline).vars["rm_margin"])  # the pairs the reward model was trained on
+    margin = float(load_spec(pipeline).vars["pair_margin"])  # the pairs the reward model was trained on
     reward_model = {"eval_split": rm_stage_accuracy(Path(cfg.output)),
                     "heldout_prompts": rm_heldout_accuracy(Path(cfg.output) / "eval_base" / "samples.jsonl", margin)}
     (Path(cfg.output) / "demo_summary.json").write_text(json.dumps(
