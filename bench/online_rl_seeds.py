@@ -30,8 +30,8 @@ from pathlib import Path
 REWARD = {"kind": "python", "arg": "alignkit.rewards.toy:char_share", "options": {"char": "e"}, "name": "share"}
 
 
-def build_model(path: Path, seed: int) -> Path:
-    """A tiny random Llama (hidden 32, 2 layers) with SmolLM2's tokenizer and chat template."""
+def build_model(path: Path, seed: int, hidden: int = 32, layers: int = 2) -> Path:
+    """A tiny random Llama (default hidden 32, 2 layers) with SmolLM2's tokenizer and chat template."""
     from transformers import AutoTokenizer
 
     from alignkit.models.default import default_model_dir
@@ -40,7 +40,7 @@ def build_model(path: Path, seed: int) -> Path:
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = tiny_llama(tok, seed=seed)
+    model = tiny_llama(tok, hidden=hidden, layers=layers, seed=seed)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
@@ -66,7 +66,7 @@ def run_one(method: str, seed: int, work: Path, args, overrides: dict) -> dict:
     trainer = {"ppo": train_ppo, "grpo": train_grpo, "rloo": train_rloo}[method]
     model = work / "model"
     if not model.exists():
-        build_model(model, seed=0)
+        build_model(model, seed=0, hidden=args.hidden, layers=args.layers)
     train = write_jsonl(work / "train.jsonl", prompt_rows(args.prompts, 0))
     held = write_jsonl(work / "heldout.jsonl", prompt_rows(args.heldout, 1))
     out = work / f"{method}-{seed}"
@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=32, help="hidden size of the tiny random Llama")
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides KEY=VALUE (YAML values)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
