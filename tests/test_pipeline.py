@@ -35,6 +35,21 @@ def test_references_are_checked_before_anything_runs(tmp_path):
         load_spec(PipelineConfig(file=str(p)))
 
 
+def test_a_command_line_variable_the_pipeline_never_uses_is_an_error(tmp_path):
+    """vars.KEY given on the command line must be declared by the file or referenced by a stage: a
+    misspelled or renamed variable fails up front instead of being ignored."""
+    stages = [{"name": "a", "command": "sft", "config": {"x": "${vars.used}", "y": "${vars.extra}"}}]
+    p = write_pipeline(tmp_path / "p.yaml", stages, tmp_path / "out", vars={"used": 1, "declared_only": 2})
+    spec = load_spec(PipelineConfig(file=str(p), vars={"used": 3, "declared_only": 4, "extra": 5}))
+    assert spec.vars == {"used": 3, "declared_only": 4, "extra": 5}  # declared, or referenced though undeclared
+    with pytest.raises(ConfigError, match=r"vars.uesd is not a variable of this pipeline \(have: declared_only, "
+                                          r"extra, used\)"):
+        load_spec(PipelineConfig(file=str(p), vars={"uesd": 3, "extra": 5}))
+    # the demo's variable renamed in issue 31 (rm_margin -> pair_margin) is refused by name
+    with pytest.raises(ConfigError, match="vars.rm_margin is not a variable"):
+        load_spec(PipelineConfig(file="builtin:demo_pipeline", vars={"rm_margin": 0.5}))
+
+
 def test_resolve_keeps_types_and_formats_strings(tmp_path):
     from alignkit.pipeline import PipelineSpec, resolve
 

@@ -88,9 +88,11 @@ def load_spec(cfg: PipelineConfig) -> PipelineSpec:
         if cfg.preset not in spec.presets:
             raise ConfigError(f"pipeline {p}: no preset {cfg.preset!r} (have: {', '.join(spec.presets) or 'none'})")
         spec.vars.update(spec.presets[cfg.preset])
+    declared = set(spec.vars)
     spec.vars.update(cfg.vars)
     if cfg.output:
         spec.output = cfg.output
+    used = {ref.strip().split(".")[1] for ref in _refs(spec.output) if ref.strip().startswith("vars.")}
     spec.output = _resolve_pipeline_output(spec, p)
     names: List[str] = []
     for st in spec.stages:
@@ -99,7 +101,16 @@ def load_spec(cfg: PipelineConfig) -> PipelineSpec:
         command_for(st.command)  # raises for an unknown command
         for ref in _refs(st.config):
             _check_ref(ref, st.name, names, spec.vars)
+            parts = ref.strip().split(".")
+            if parts[0] == "vars":
+                used.add(parts[1])
         names.append(st.name)
+    # a variable given on the command line that the file neither declares nor uses would be ignored
+    # silently (a misspelling, or a name from an older version of the file): say so instead
+    unused = sorted(set(cfg.vars) - declared - used)
+    if unused:
+        raise ConfigError(f"pipeline {p}: vars.{unused[0]} is not a variable of this pipeline "
+                          f"(have: {', '.join(sorted(declared | used)) or 'none'})")
     return spec
 
 
