@@ -86,3 +86,17 @@ def test_extra_loss_weight_must_be_positive():
     msg = _refused(DPOConfig, "dpo.extra_losses={hinge: -0.5}")
     assert "extra_losses.hinge: weight must be > 0" in msg
     assert load_config(DPOConfig, overrides=["dpo.extra_losses={hinge: 0.5}"]).dpo.extra_losses == {"hinge": 0.5}
+
+
+def test_known_names_lists_what_is_known_in_order():
+    """The one check of every option naming registry entries (alert kinds, probes): one name or a list in,
+    a list out; an unknown name is an error listing the extra names first, then the registry."""
+    from alignkit.config import known_names
+
+    assert known_names("a", ("a", "b"), "thing") == ["a"]
+    assert known_names(None, ("a",), "thing") == []
+    assert known_names(("any", "b"), ("a", "b"), "kind", also=("any",)) == ["any", "b"]
+    with pytest.raises(ValueError, match=r"^unknown kind\(s\) \['c'\]; known: any, a, b$"):
+        known_names(["a", "c"], ("a", "b"), "kind", also=("any",))
+    with pytest.raises(ValueError, match=r"^unknown probe\(s\) \['x'\]; bundled probes: a$"):
+        known_names("x", ("a",), "probe", label="bundled probes")

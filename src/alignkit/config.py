@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Type, TypeVar, Union, get_args
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Type, TypeVar, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
 __all__ = [
     "Section", "ModelConfig", "HubConfig", "LoraConfig", "DataConfig", "TrainConfig", "OptimConfig", "LogConfig",
     "DiagnosticsConfig", "RunConfig", "SFTConfig", "RMConfig", "ScoreConfig", "ConfigError", "load_config",
-    "apply_overrides", "ALERT_KINDS",
+    "apply_overrides", "ALERT_KINDS", "known_names",
 ]
+
+
+def known_names(value: Any, known: Sequence[str], what: str, label: str = "known",
+                also: Sequence[str] = ()) -> List[str]:
+    """``value`` (one name or a list; empty: none) as a list, when every name is in ``also`` or ``known``;
+    else ``ValueError("unknown WHAT(s) [...]; LABEL: ALSO..., KNOWN...")``. The check of every option
+    that lists names from a registry (alert kinds, probes)."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    unknown = [n for n in names if n not in known and n not in also]
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; {label}: {', '.join([*also, *known])}")
+    return names
 
 
 class Section(BaseModel):
@@ -349,10 +360,7 @@ class DiagnosticsConfig(Section):
     @field_validator("fail_on")
     @classmethod
     def _known_kinds(cls, v: List[str]) -> List[str]:
-        unknown = [k for k in v if k not in ALERT_KINDS and k != "any"]
-        if unknown:
-            raise ValueError(f"unknown alert kind(s) {unknown}; known: any, {', '.join(ALERT_KINDS)}")
-        return v
+        return known_names(v, ALERT_KINDS, "alert kind", also=("any",))
 
 
 DiagnosticsSection = DiagnosticsConfig  # the section's name in earlier releases

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pydantic import Field, field_validator
 
-from alignkit.config import Section
+from alignkit.config import Section, known_names
 from alignkit.data.load import DataError, read_rows
 from alignkit.eval import markers as MK
 from alignkit.eval.stats import Interval, binomial_interval, mean_interval
@@ -193,9 +193,7 @@ def run_behaviour_probes(names: Sequence[str], settings: BehaviourProbeConfig, a
     """(metrics ``probe/<name>/<metric>``, details for eval.json) of the named probes. ``answer``
     generates replies to chats (sycophancy, over_refusal); ``texts``/``prompt_index`` are the
     evaluation's samples (hedging, format)."""
-    unknown = [n for n in names if n not in BEHAVIOUR_PROBES]
-    if unknown:
-        raise ValueError(f"unknown behaviour probe(s) {unknown}; known: {', '.join(BEHAVIOUR_PROBES)}")
+    known_names(names, BEHAVIOUR_PROBES, "behaviour probe")
     metrics: Dict[str, float] = {}
     intervals: Dict[str, Any] = {}
     details: Dict[str, Any] = {}

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 import torch
 from pydantic import Field, field_validator
 
-from alignkit.config import ConfigError, DataConfig, ModelConfig, Section, as_config, to_yaml
+from alignkit.config import ConfigError, DataConfig, ModelConfig, Section, as_config, known_names, to_yaml
 from alignkit.data import prepare
 from alignkit.data.load import DataError
 from alignkit.eval import metrics as M
@@ -114,11 +114,7 @@ class EvalConfig(Section):
     @field_validator("probes", mode="before")
     @classmethod
     def _known_probes(cls, v: Any) -> List[str]:
-        v = [v] if isinstance(v, str) else list(v or [])
-        unknown = [p for p in v if p not in BEHAVIOUR_PROBES]
-        if unknown:
-            raise ValueError(f"unknown behaviour probe(s) {unknown}; known: {', '.join(BEHAVIOUR_PROBES)}")
-        return v
+        return known_names(v, BEHAVIOUR_PROBES, "behaviour probe")
 
     @field_validator("rewards", "gold", mode="before")
     @classmethod

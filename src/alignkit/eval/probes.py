@@ -58,7 +58,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 from pydantic import Field, field_validator
 
-from alignkit.config import ConfigError, Section, as_config
+from alignkit.config import ConfigError, Section, as_config, known_names
 from alignkit.data.load import DataError, read_rows
 from alignkit.eval import markers as MK
 from alignkit.eval.stats import Interval, binomial_interval, mean_interval, paired_comparison
@@ -491,11 +491,7 @@ class ProbeConfig(Section):
     @field_validator("probes", mode="before")
     @classmethod
     def _known_probes(cls, v: Any) -> List[str]:
-        v = [v] if isinstance(v, str) else list(v or [])
-        unknown = [p for p in v if p not in PROBE_NAMES]
-        if unknown:
-            raise ValueError(f"unknown probe(s) {unknown}; bundled probes: {', '.join(PROBE_NAMES)}")
-        return v
+        return known_names(v, PROBE_NAMES, "probe", label="bundled probes")
 
 
 def _build_scorer(specs: List[RewardSpec]) -> Any:
