@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from alignkit.cli import build_cli
 from alignkit.train.disk import RunDirError, SaveError
-from alignkit.train.rundir import LOCK, MARKER, write_marker
+from alignkit.train.rundir import LOCK, write_marker
 from alignkit.train.sft import train_sft
 from tests.helpers import sft_rows
 

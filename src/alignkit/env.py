@@ -62,10 +62,8 @@ def _devices() -> Dict[str, Any]:
         out["gpus"] = [f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
                        for i in range(torch.cuda.device_count())]
     # deferred: torch stays out of this module's import
-    from alignkit.models.loading import native_bf16
-
-    # deferred: torch stays out of this module's import
     from alignkit import hardware
+    from alignkit.models.loading import native_bf16
 
     out["bf16"] = native_bf16()  # what precision=auto and dtype=auto pick (a GPU, or a CPU with AMX/AVX512-BF16)
     out["cpu"] = hardware.describe()  # the CPU class the hardware-specific paths use, and why (docs/hardware.md)

@@ -122,7 +122,6 @@ def prepare_store(cfg: AnnotateConfig):
 def _check_deps() -> None:
     import importlib.util
 
-
     missing = [m for m in ("starlette", "uvicorn", "sqlalchemy") if importlib.util.find_spec(m) is None]
     if missing:
         raise DataError(f"alignkit annotate needs {', '.join(missing)}: pip install 'alignkit[annotate]'")

@@ -35,7 +35,6 @@ from alignkit.data.load import write_jsonl
 from alignkit.eval.style import page
 
 
-
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "n/a" if v != v else f"{v:.3f}"

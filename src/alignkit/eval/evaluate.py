@@ -300,7 +300,6 @@ def default_reference(policy: Optional[str]) -> Optional[str]:
     unrelated model gives a meaningless KL and win rate."""
     import yaml
 
-
     if policy is None or resolve_model_path(policy) == resolve_model_path(None):
         return policy
     d = Path(policy).expanduser()
@@ -451,7 +450,6 @@ def print_table(metrics: Dict[str, float], title: str) -> None:
     folded into that cell."""
     from rich.console import Console
     from rich.table import Table
-
 
     def cell(key: str) -> str:
         iv = read_interval(metrics, key)

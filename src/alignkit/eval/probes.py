@@ -594,7 +594,6 @@ def write_probe_report(doc: Dict[str, Any], pairs: Sequence[ProbePair], path: Pa
     per-variant tables, the data audit and example pairs. Every text is HTML-escaped."""
     from html import escape
 
-
     def iv(d: Dict[str, Any], signed: bool = False) -> str:
         f = "{:+.3g}" if signed else "{:.3g}"
         if d["lo"] is None or (isinstance(d["lo"], float) and math.isnan(d["lo"])):

@@ -28,12 +28,12 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import RunConfig, as_config, to_yaml
+from alignkit.data import prepare
 from alignkit.data.load import write_jsonl
 from alignkit.feedback.common import clean_generation, load_policy, write_summary
 # the round helpers live in feedback/rounds.py (shared with spin); these names stay importable from here
 from alignkit.feedback.rounds import (RoundOptions, check_round_config, dpo_round, drop_model,  # noqa: F401
                                       finish_round, mean, round_slice, run_rounds)
-from alignkit.data import prepare
 from alignkit.models.loading import load_tokenizer
 from alignkit.rewards import RewardSpec, build_reward
 from alignkit.rollout.generate import GenerationConfig
@@ -167,7 +167,6 @@ def run_iterative_round(config: Union[IterativeRoundConfig, Dict[str, Any], None
     # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
-
     cfg = as_config(IterativeRoundConfig, config, overrides)
     opts, k, rdir = cfg.iterative, cfg.round, Path(cfg.output)
     set_seed(cfg.train.seed)
@@ -236,7 +235,6 @@ def run_iterative_dpo(config: Union[IterativeDPOConfig, Dict[str, Any], None] = 
     starting policy, round K >= 1 is :func:`run_iterative_round`."""
     # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
-
 
     cfg = as_config(IterativeDPOConfig, config, overrides)
     opts = cfg.iterative

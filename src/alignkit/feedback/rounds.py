@@ -40,7 +40,6 @@ def check_round_config(cfg) -> None:
                          f"{cfg.command.split('-')[-1]}.reference=previous|original instead")
 
 
-
 def round_slice(items: List[Dict[str, Any]], k: int, per_round: Optional[int]) -> List[Dict[str, Any]]:
     """Round k's prompts (1-based k): all, or the k-th slice of ``per_round`` items, cycling."""
     if not per_round or per_round >= len(items):

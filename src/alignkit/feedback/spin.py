@@ -133,7 +133,6 @@ def run_spin_round(config: Union[SPINRoundConfig, Dict[str, Any], None] = None, 
     # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
-
     cfg = as_config(SPINRoundConfig, config, overrides)
     opts, k, rdir, bs = cfg.spin, cfg.round, Path(cfg.output), cfg.generation.batch_size
     examples, _ = sft_pairs(cfg.data.path, cfg.data.split, cfg.data.max_rows)
@@ -181,7 +180,6 @@ def run_spin(config: Union[SPINConfig, Dict[str, Any], None] = None, **overrides
     each :func:`run_spin_round`; the final model is measured here."""
     # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
-
 
     cfg = as_config(SPINConfig, config, overrides)
     if not cfg.data.path:

@@ -85,7 +85,6 @@ class RewardScorer:
         # deferred: transformers is slow to import; it loads when a model does
         from transformers import AutoTokenizer
 
-
         self.device = best_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
@@ -163,7 +162,6 @@ def load_sequence_classifier(path: str, dtype: torch.dtype, pad_token_id: Option
         return AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, use_safetensors=True)
     # deferred: peft loads only when LoRA is used
     from peft import PeftModel
-
 
     base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
     if base == EMBEDDED_HUB_ID and (default_model_dir(convert=False) / "model.safetensors").exists():

@@ -188,7 +188,6 @@ class Responder:
         # deferred: torch stays out of this module's import (CLI start-up)
         import torch
 
-
         ids = [conversation_ids(self.tok, [{"role": "user", "content": p}], 1024)[0] for p in prompts]
         with torch.no_grad():
             return sample_texts(self.model, self.tok, ids, self.gen)
@@ -311,7 +310,6 @@ def run_redteam(config: Union[RedteamConfig, Dict[str, Any], None] = None, **ove
 
     # deferred: torch stays out of this module's import (CLI start-up)
     import torch
-
 
     cfg = as_config(RedteamConfig, config, overrides)
     out = Path(cfg.output)

@@ -132,7 +132,6 @@ def run_redteam_pairs(config: Union[RedteamPairsConfig, Dict[str, Any], None] = 
     # deferred: torch stays out of this module's import (CLI start-up)
     import torch
 
-
     cfg = as_config(RedteamPairsConfig, config, overrides)
     src = Path(cfg.failures)
     if src.is_dir():
@@ -196,7 +195,6 @@ def redteam_demo(cfg) -> Dict[str, Any]:
     sentiment goal, then ASR before/after with intervals, their difference, and over-refusal."""
     import time
     from importlib.resources import files
-
 
     default_out = type(cfg).model_fields["output"].default
     out = Path(cfg.output if cfg.output != default_out else "runs/redteam")

@@ -182,7 +182,6 @@ def _setup(cfg):
     # deferred: accelerate (slow import) loads only for training
     from accelerate.utils import set_seed
 
-
     set_seed(cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

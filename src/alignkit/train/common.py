@@ -52,7 +52,6 @@ def claim_output(cfg: RunConfig, acc) -> None:
     # deferred: torch stays out of this module's import (CLI start-up)
     import torch
 
-
     error: Optional[BaseException] = None
     if acc.is_main_process:
         try:
@@ -103,8 +102,6 @@ def finish_run(trainer, tokenizer, cfg: RunConfig, summary: Dict[str, Any], save
     main process; push OUTPUT/model to the Hub when hub.push is set."""
     # deferred: torch stays out of this module's import
     from alignkit.models.loading import checkpoint_dtype, save_model
-
-
 
     acc = trainer.acc
     out = Path(cfg.output)

@@ -19,8 +19,8 @@ from alignkit.losses.policy import AGGREGATIONS, RL_POLICY_LOSSES
 from alignkit.ops.kl import KLKind
 from alignkit.rewards import REWARD_KINDS, RewardSpec
 from alignkit.rollout.generate import GenerationConfig
-from alignkit.train.rl_stages import KL_PLACEMENTS
 from alignkit.rollout.job import NSamplesJob, SamplingJob
+from alignkit.train.rl_stages import KL_PLACEMENTS
 
 
 class RewardsMixin(Section):

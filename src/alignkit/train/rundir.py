@@ -388,8 +388,6 @@ def check_resume(cfg, out: Path, warn=print) -> Path:
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-
-
 def _hub_revision(name: str, repo_type: str, revision: Optional[str]) -> Optional[str]:
     """The commit a Hub name resolves to in the local cache (None when it is not cached)."""
     if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
