@@ -4,6 +4,7 @@ reward-model evaluation on what it produced."""
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -41,10 +42,7 @@ def test_demo_runs_every_stage_and_reports(demo_dir):
         assert (out / s / "report.html").is_file(), s
     pairs = [json.loads(x) for x in (out / "labels" / "prefs.jsonl").read_text().splitlines()]
     # every pair of a prompt's 3 replies whose scores differ (quick preset: pair_margin 0): 1 to 3 per prompt
-    per_prompt = {}
-    for p in pairs:
-        key = json.dumps(p["prompt"])
-        per_prompt[key] = per_prompt.get(key, 0) + 1
+    per_prompt = Counter(json.dumps(p["prompt"]) for p in pairs)
     assert len(per_prompt) == 8 and all(1 <= n <= 3 for n in per_prompt.values()), per_prompt
     assert all(p["score_chosen"] > p["score_rejected"] for p in pairs)
     res = {s: json.loads((out / s / "eval.json").read_text()) for s in ("eval_base", "eval_dpo", "eval_ppo")}

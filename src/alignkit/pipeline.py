@@ -92,7 +92,10 @@ def load_spec(cfg: PipelineConfig) -> PipelineSpec:
     spec.vars.update(cfg.vars)
     if cfg.output:
         spec.output = cfg.output
-    used = {ref.strip().split(".")[1] for ref in _refs(spec.output) if ref.strip().startswith("vars.")}
+    # a variable given on the command line that the file neither declares nor uses would be ignored
+    # silently (a misspelling, or a name from an older version of the file): say so instead
+    refs = [r.strip().split(".") for r in _refs(spec.output) + [r for st in spec.stages for r in _refs(st.config)]]
+    used = {parts[1] for parts in refs if parts[0] == "vars" and len(parts) == 2}
     spec.output = _resolve_pipeline_output(spec, p)
     names: List[str] = []
     for st in spec.stages:
@@ -101,12 +104,7 @@ def load_spec(cfg: PipelineConfig) -> PipelineSpec:
         command_for(st.command)  # raises for an unknown command
         for ref in _refs(st.config):
             _check_ref(ref, st.name, names, spec.vars)
-            parts = ref.strip().split(".")
-            if parts[0] == "vars":
-                used.add(parts[1])
         names.append(st.name)
-    # a variable given on the command line that the file neither declares nor uses would be ignored
-    # silently (a misspelling, or a name from an older version of the file): say so instead
     unused = sorted(set(cfg.vars) - declared - used)
     if unused:
         raise ConfigError(f"pipeline {p}: vars.{unused[0]} is not a variable of this pipeline "
