@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -71,7 +70,7 @@ def run_one(method: str, seed: int, work: Path, args, overrides: dict) -> dict:
     held = write_jsonl(work / "heldout.jsonl", prompt_rows(args.heldout, 1))
     out = work / f"{method}-{seed}"
     t0 = time.perf_counter()
-    summary = trainer(**{"model.name_or_path": str(model), "data.path": str(train), "data.eval_path": str(held),
+    trainer(**{"model.name_or_path": str(model), "data.path": str(train), "data.eval_path": str(held),
                          "rewards": [REWARD], "gold_reward": [REWARD], "train.max_steps": args.steps,
                          "optim.lr": args.lr, "train.seed": seed, "eval_samples": args.eval_samples,
                          "log.progress": False, "log.samples": 0, **overrides}, output=str(out))
@@ -147,8 +146,8 @@ def fmt(r: dict) -> str:
 
 
 def table(results, args) -> str:
-    lines = [f"| method | seed | held-out reward, start | end | gain [95% CI, paired by prompt] | entropy start -> end "
-             f"(nats) | time (s) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | seed | held-out reward, start | end | gain [95% CI, paired by prompt] | entropy start -> end "
+             "(nats) | time (s) |", "|---|---|---|---|---|---|---|"]
     for r in results:
         gain = f"{r['gain']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]" if "gain" in r else "n/a"
         ent = (f"{r['entropy_first']:.2f} -> {r['entropy_last']:.2f}" if r.get("entropy_first") is not None
