@@ -120,7 +120,9 @@ def _alignkit(task, model_dir, data, out, steps, device, overrides=()):
                                "dpo.reference": "model"}, output=str(out))
     elif task == "grpo":
         from alignkit.train.grpo import train_grpo
+        # one optimizer update per rollout, as TRL's GRPOTrainer does with these arguments (the same work)
         train_grpo(**common, **{"train.batch_size": SHAPE["grpo_prompts"], "grpo.num_generations": SHAPE["grpo_samples"],
+                                "grpo.num_minibatches": 1,
                                 "generation.max_new_tokens": SHAPE["new_tokens"], "optim.lr": 1e-6,
                                 "rewards": ["python:alignkit.rewards.toy:char_share"]}, output=str(out))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -39,6 +39,7 @@ def ppo_setup(tiny_model, prompts_file, *, shared, lora, **ppo):
     from alignkit.train.ppo import PolicyWithValue, build_critic
     from alignkit.train.rl_config import PPOConfig
 
+    ppo = {"num_generations": 1, **ppo}  # one sample per prompt, as these tests were written for
     cfg = as_config(PPOConfig, {"model": {"name_or_path": str(tiny_model)}, "data": {"path": str(prompts_file)},
                                 "rewards": [CHAR], "generation": {"max_new_tokens": 6}, "value": {"shared": shared},
                                 "ppo": ppo}, {})
@@ -80,7 +81,8 @@ def test_sequence_reward_lands_on_the_last_response_token(tiny_model, prompts_fi
     # beta=0, gamma=lam=1, zero value head, no whitening: every response token's advantage equals the
     # sequence reward, whether the response ended with EOS or was cut at max_new_tokens
     task, model, items = ppo_setup(tiny_model, prompts_file, shared=True, lora=False, kl_coef=0.0, lam=1.0,
-                                   whiten_advantages=False, normalize_reward=False, epochs=1)
+                                   whiten_advantages=False, normalize_reward=False, epochs=1,
+                                   num_minibatches=1)
     task.cfg.missing_eos_penalty = 0.25
     task.gen = task.gen.model_copy(update={"max_new_tokens": 3})
     task.reward = build_reward(["length:target=2"])  # distinct, non-zero rewards

@@ -199,7 +199,7 @@ def test_ppo_on_two_processes(tmp_path, tiny_model, jsonl):
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
             "-m", "alignkit.cli", "ppo", "--model", str(tiny_model), "--data", str(data), "--output", str(out),
             "--max-steps", "2", "--reward", "regex:[a-m]", "train.batch_size=4", "ppo.num_minibatches=2",
-            "optim.lr=1e-2", "ppo.normalize_reward=true", *QUIET]
+            "ppo.num_generations=1", "optim.lr=1e-2", "ppo.normalize_reward=true", *QUIET]
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     # the start of the run says how many processes share the rollout (printed once, by rank 0)

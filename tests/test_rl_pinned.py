@@ -23,17 +23,21 @@ from tests.test_online_rl import prompt_rows
 CHAR = "python:alignkit.rewards.toy:char_share"
 
 # algorithm -> (trainer path, options giving the behaviour of the pre-refactor defaults)
+# (one sample per PPO prompt, GAE lambda 0.95 and one update per GRPO/RLOO epoch were the defaults then)
 SETTINGS = {
     "ppo": ("alignkit.train.ppo:train_ppo",
-            {"ppo.epochs": 2, "ppo.num_minibatches": 2, "ppo.kl_coef": 0.05, "ppo.normalize_reward": False}),
+            {"ppo.epochs": 2, "ppo.num_minibatches": 2, "ppo.kl_coef": 0.05, "ppo.normalize_reward": False,
+             "ppo.num_generations": 1, "ppo.lam": 0.95}),
     "ppo_critic": ("alignkit.train.ppo:train_ppo",
-                   {"ppo.epochs": 1, "value.shared": False, "ppo.kl_coef": 0.05, "ppo.normalize_reward": False}),
-    "grpo": ("alignkit.train.grpo:train_grpo", {"grpo.num_generations": 4}),
+                   {"ppo.epochs": 1, "ppo.num_minibatches": 1, "value.shared": False, "ppo.kl_coef": 0.05,
+                    "ppo.normalize_reward": False, "ppo.num_generations": 1, "ppo.lam": 0.95}),
+    "grpo": ("alignkit.train.grpo:train_grpo", {"grpo.num_generations": 4, "grpo.num_minibatches": 1}),
     "grpo_multi": ("alignkit.train.grpo:train_grpo",
-                   {"grpo.num_generations": 4, "grpo.epochs": 2, "grpo.clip_eps_high": 0.28,
+                   {"grpo.num_generations": 4, "grpo.epochs": 2, "grpo.num_minibatches": 1, "grpo.clip_eps_high": 0.28,
                     "grpo.aggregation": "token_mean"}),
     "rloo": ("alignkit.train.grpo:train_rloo",
-             {"rloo.num_generations": 4, "rloo.kl_coef": 0.05, "rloo.normalize_reward": False}),
+             {"rloo.num_generations": 4, "rloo.num_minibatches": 1, "rloo.kl_coef": 0.05,
+              "rloo.normalize_reward": False}),
 }
 
 # pinned on commit 1aee7be (before the refactor): step-1 metrics and ||w_1 - w_0||_2 over all weights

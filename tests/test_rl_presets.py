@@ -517,7 +517,8 @@ def test_critic_learning_rate_and_warmup(setup, tiny_model):
     cfg = as_config(PPOConfig, {"model": {"name_or_path": str(tiny_model)}, "data": {"path": str(prompts)},
                                 "rewards": REWARDS, "generation": {"max_new_tokens": 5},
                                 "value": {"shared": True, "lr": 0.5, "warmup_steps": 1},
-                                "ppo": {"epochs": 1, "kl_coef": 0.0, "normalize_reward": False}}, {})
+                                "ppo": {"epochs": 1, "num_minibatches": 1, "num_generations": 1, "kl_coef": 0.0,
+                                        "normalize_reward": False}}, {})
     tok = load_tokenizer(cfg.model)
     items = prepare("prompt", cfg.data, tok).train[:4]
     policy = load_causal_lm(cfg.model)
@@ -560,7 +561,7 @@ def test_token_budget_micro_batches_keep_the_rl_update(setup, tiny_model):
     prompts, ref_path = setup
     out = {}
     for budget in (None, 40):
-        task, model, policy, items = make_task(tiny_model, prompts, ref_path, "grpo", kl_coef=0.3)
+        task, model, policy, items = make_task(tiny_model, prompts, ref_path, "grpo", kl_coef=0.3, num_minibatches=1)
         task.max_tokens = budget
         torch.manual_seed(0)
         (update,) = list(task.plan(model, items, 2))
@@ -637,3 +638,36 @@ def test_shared_schedule_keeps_groups_together():
         assert sorted(rows) == sorted(r for mb in mb_plain for r in mb) == sorted(half)
         first = list(dict.fromkeys(groups[r] for r in half))
         assert rows == sorted(half, key=lambda r: first.index(groups[r]))
+
+
+# ------------------------------------------------------------------ TRL's batch keys with several updates
+def test_trl_batch_with_several_updates_gets_rollout_log_probs_for_every_row(setup, tiny_model):
+    """per_device_train_batch_size x steps_per_generation trained in 4 updates: the behaviour-policy and
+    reference passes cover every row of the rollout (they used to cover the first minibatch only, as if
+    num_minibatches, which these keys replace, were the number of updates)."""
+    from alignkit.train.online import RLTask
+
+    prompts, ref_path = setup
+    cfg = as_config(GRPOConfig, {"model": {"name_or_path": str(tiny_model)}, "data": {"path": str(prompts)},
+                                 "rewards": REWARDS, "generation": {"max_new_tokens": 6},
+                                 "completions_per_device": 4, "steps_per_generation": 4,
+                                 "grpo": {"num_generations": 4, "num_minibatches": 1, "kl_coef": 0.04}}, {})
+    tok = load_tokenizer(cfg.model)
+    items = prepare("prompt", cfg.data, tok).train
+    torch.manual_seed(0)
+    model = load_causal_lm(cfg.model)
+    ref = load_causal_lm(ModelConfig(name_or_path=str(ref_path))).eval()
+    task = RLTask(cfg, tok, build_reward(cfg.rewards), ref_model=ref, prompts=items)
+    task.setup(None)
+    assert task.update_shape() == (1, 4) and task.several_updates and not task.on_policy_stats
+    updates = list(task.plan(model, items[:4], 4))
+    assert len(updates) == 4
+    rows = 0
+    for update in updates:
+        for mb in update.micro_batches:
+            m = mb.loss_mask[:, 1:].bool()
+            rows += m.shape[0]
+            # at the first update the weights are the rollout's: the old log-probs are the policy's own
+            assert mb.old_logps is not None and mb.ref_logps is not None
+            assert (mb.old_logps[m] < 0).all() and (mb.ref_logps[m] < 0).all()
+    assert rows == 16

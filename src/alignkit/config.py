@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Type, TypeVar, Union, get_args
+from typing import Any, Callable, ClassVar, Dict, List, Literal, Optional, Sequence, Type, TypeVar, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "Section", "ModelConfig", "HubConfig", "LoraConfig", "DataConfig", "TrainConfig", "OptimConfig", "LogConfig",
@@ -34,10 +34,38 @@ def known_names(value: Any, known: Sequence[str], what: str, label: str = "known
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, field docstrings are descriptions."""
+    """Base for every config section: unknown keys are errors, field docstrings are descriptions.
+
+    A sub-section's default may differ from its class's own defaults: ``optim: OptimConfig =
+    OptimConfig(scheduler="constant")`` in a command's config. A user who sets some keys of that
+    sub-section (``optim.lr=1e-3``) keeps the command's values of the others (``scheduler`` stays constant);
+    only the keys given replace them."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
                               protected_namespaces=())
+    #: False for a section type whose values a command fills otherwise (online RL's stage options come
+    #: from the preset): a field of this type does not start from its default's values
+    inherit_defaults: ClassVar[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_section_defaults(cls, data: Any) -> Any:
+        """Start each sub-section given as a mapping from the values its field's default sets explicitly
+        (the mapping's keys win); without this pydantic would build it from the sub-section class's
+        defaults and silently drop the command's."""
+        if not isinstance(data, dict):
+            return data
+        merged = None
+        for name, field in cls.model_fields.items():
+            default, given = field.default, data.get(name)
+            if not (isinstance(default, Section) and default.inherit_defaults and default.model_fields_set
+                    and isinstance(given, dict)):
+                continue
+            base = {k: getattr(default, k) for k in default.model_fields_set if k not in given}
+            if base:
+                merged = merged if merged is not None else dict(data)
+                merged[name] = {**base, **given}
+        return data if merged is None else merged
 
 
 class ModelConfig(Section):

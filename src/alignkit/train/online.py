@@ -124,7 +124,8 @@ class RLTask(Task):
 
     @property
     def several_updates(self) -> bool:
-        return self.opts.epochs * self.opts.num_minibatches > 1
+        epochs, updates = self.update_shape()  # the plan's updates: capped by the rollout, or TRL's batch keys
+        return epochs * updates > 1
 
     def forward(self, model, seq: SeqBatch, with_entropy: bool = True, detach_value: bool = False,
                 shared: Optional[SharedRows] = None) -> Tuple[TokenLogprobs, Optional[torch.Tensor]]:
@@ -328,7 +329,7 @@ class RLTask(Task):
         deferred = self.has_reference and self.on_policy_stats
         metric_scale = None
         if self.has_reference or self.several_updates or self.critic:
-            stats = self.rollout_stats(model, ro, sched[:o.num_minibatches], ref=self.has_reference,
+            stats = self.rollout_stats(model, ro, sched[:len(sched) // o.epochs], ref=self.has_reference,
                                        policy=not deferred)
             if deferred:
                 metric_scale = self._loss_metric_scale(mask)
@@ -487,8 +488,7 @@ class RLTask(Task):
         holds whole groups and runs each prompt once; which rows form a minibatch is unchanged, and the
         order inside one never changes its update (normalization by global units)."""
         epochs, nmb = self.update_shape()
-        if nmb > n_rows:
-            raise ValueError(f"num_minibatches={nmb} is more than the {n_rows} sequences of a rollout batch")
+        nmb = min(nmb, n_rows)  # at most one update per row, as the plan says (a short last batch of data)
         out = []
         for _ in range(epochs):
             perm = torch.randperm(n_rows).tolist()

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Dict, List, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from alignkit.advantages import ADVANTAGES
-from alignkit.config import DataConfig, ModelConfig, RunConfig, Section
+from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig, Section
 from alignkit.losses.base import Registry
 from alignkit.losses.policy import AGGREGATIONS, RL_POLICY_LOSSES
 from alignkit.ops.kl import KLKind
@@ -87,12 +87,19 @@ class RLOptions(Section):
     """The stage choices of the one online-RL task (docs/online-rl.md, "Stages"). A preset fills every
     field the user leaves out; the class defaults below are those of the grpo preset."""
 
+    #: the preset fills every field the user leaves out (OnlineRLConfig._fill_from_preset), not the
+    #: command's default section: ``rloo --preset dapo`` must not keep RLOO's own values
+    inherit_defaults: ClassVar[bool] = False
+
     num_generations: int = Field(8, ge=1)
     """Samples per prompt (G). Group advantages (group, leave_one_out) compare the samples of a prompt."""
     epochs: int = Field(1, gt=0)
     """Passes over each rollout batch (more than one update per rollout uses the clipped ratio)."""
-    num_minibatches: int = Field(1, gt=0)
-    """Optimizer updates per epoch: each epoch splits the shuffled rollout into this many minibatches."""
+    num_minibatches: int = Field(8, gt=0)
+    """Optimizer updates per epoch: each epoch splits the shuffled rollout into this many minibatches (8:
+    eight Adam steps per rollout learn measurably more than one on the same samples, docs/online-rl.md,
+    "Defaults"; 1 is TRL's GRPO shape and skips the behaviour-policy pass). A process with fewer
+    completions per step makes one update per completion (the run's first line says so)."""
     # ---- reward shaping (every algorithm)
     normalize_reward: bool = False
     """Normalize sequence rewards with the running mean/std of every reward seen so far (all processes;
@@ -187,35 +194,37 @@ def add_preset(name: str, doc: str, **settings: Any) -> PresetSpec:
     return PRESETS.add(PresetSpec(name, settings, doc))
 
 
+# ppo, grpo and rloo share one rollout shape by default: 8 samples per prompt, 8 minibatch updates per epoch
+# (issue 31, item 6: measured in docs/online-rl.md); the other presets keep the shapes they had.
 add_preset("ppo", "PPO with a critic (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022)",
-           num_generations=1, epochs=4, num_minibatches=1, kl_placement="token_reward", kl_coef=0.05,
-           kl_estimator="k1", advantage="gae", whiten_advantages=True, policy_loss="clipped_token",
+           num_generations=8, epochs=1, num_minibatches=8, kl_placement="token_reward", kl_coef=0.05,
+           kl_estimator="k1", advantage="gae", lam=1.0, whiten_advantages=True, policy_loss="clipped_token",
            aggregation="token_mean", normalize_reward=True)
 add_preset("grpo", "GRPO (Shao et al. 2024)",
-           num_generations=8, kl_placement="loss", kl_coef=0.04, kl_estimator="k3", advantage="group",
-           scale_by_std=True, policy_loss="clipped_token", aggregation="sequence_mean")
+           num_generations=8, num_minibatches=8, kl_placement="loss", kl_coef=0.04, kl_estimator="k3",
+           advantage="group", scale_by_std=True, policy_loss="clipped_token", aggregation="sequence_mean")
 add_preset("dr_grpo", "Dr. GRPO (Liu et al. 2025): no std scaling, no length normalization per response, no KL",
-           num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=False,
-           policy_loss="clipped_token", aggregation="sum_norm")
+           num_generations=8, num_minibatches=1, kl_placement="none", kl_coef=0.0, advantage="group",
+           scale_by_std=False, policy_loss="clipped_token", aggregation="sum_norm")
 add_preset("dapo", "DAPO (Yu et al. 2025): clip-higher, dynamic sampling, token-level loss, overlong shaping, no KL",
-           num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
-           policy_loss="clipped_token", clip_eps=0.2, clip_eps_high=0.28, aggregation="token_mean",
-           dynamic_sampling=True, overlong_buffer=0.2)
+           num_generations=8, num_minibatches=1, kl_placement="none", kl_coef=0.0, advantage="group",
+           scale_by_std=True, policy_loss="clipped_token", clip_eps=0.2, clip_eps_high=0.28,
+           aggregation="token_mean", dynamic_sampling=True, overlong_buffer=0.2)
 add_preset("gspo", "GSPO (Zheng et al. 2025): length-normalized sequence ratio, small clip range",
            num_generations=8, kl_placement="none", kl_coef=0.0, advantage="group", scale_by_std=True,
            policy_loss="clipped_sequence", clip_eps=3e-4, clip_eps_high=4e-4, aggregation="sequence_mean",
            num_minibatches=2)
 add_preset("rloo", "RLOO (Ahmadian et al. 2024): REINFORCE with the leave-one-out baseline",
-           num_generations=4, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1",
+           num_generations=8, num_minibatches=8, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1",
            advantage="leave_one_out", policy_loss="reinforce", aggregation="sum", normalize_reward=True)
 add_preset("reinforce_pp", "REINFORCE++ (Hu 2025): token-level KL in the reward, reward-to-go, global batch "
            "normalization, no critic",
-           num_generations=4, kl_placement="token_reward", kl_coef=0.01, kl_estimator="k2",
+           num_generations=4, num_minibatches=1, kl_placement="token_reward", kl_coef=0.01, kl_estimator="k2",
            advantage="batch_baseline", policy_loss="clipped_token", aggregation="token_mean")
 add_preset("reinforce_baseline", "REINFORCE with a batch-mean baseline (Williams 1992): r - mean of the global "
            "batch, no critic, no groups",
-           num_generations=4, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1", advantage="batch_mean",
-           policy_loss="reinforce", aggregation="sum", normalize_reward=True)
+           num_generations=4, num_minibatches=1, kl_placement="sequence_reward", kl_coef=0.05, kl_estimator="k1",
+           advantage="batch_mean", policy_loss="reinforce", aggregation="sum", normalize_reward=True)
 PRESET_NAMES = tuple(PRESETS.names())
 #: old option names kept working (GRPO's beta is the KL coefficient)
 _LEGACY_FIELDS = {"beta": "kl_coef"}
@@ -225,7 +234,8 @@ _LEGACY_FIELDS = {"beta": "kl_coef"}
 class RolloutPlan:
     """One step's rollout: ``prompts`` per process, each sampled ``generations`` times, on ``processes``
     processes; micro-batches of ``micro_rows`` sequences; ``updates`` optimizer updates per epoch.
-    ``trl``: the batch was given in TRL's completions (per_device_train_batch_size)."""
+    ``trl``: the batch was given in TRL's completions (per_device_train_batch_size). ``capped``: the
+    ``num_minibatches`` asked for, when a process has fewer completions than that (one update each)."""
 
     prompts: int
     generations: int
@@ -233,6 +243,7 @@ class RolloutPlan:
     micro_rows: int
     updates: int
     trl: bool
+    capped: Optional[int] = None
 
     @property
     def completions(self) -> int:
@@ -244,6 +255,8 @@ class RolloutPlan:
         p = self.prompts * self.processes
         procs = f"{self.processes} process{'es' if self.processes != 1 else ''}"
         upd = f"{self.updates} optimizer update{'s' if self.updates != 1 else ''} per epoch of the rollout"
+        if self.capped is not None:
+            upd += f" (num_minibatches={self.capped}: at most one per completion of a process)"
         trl = (f" (TRL's per_device_train_batch_size={self.micro_rows} completions x steps_per_generation="
                f"{self.prompts * self.generations // self.micro_rows} per process)" if self.trl else "")
         return (f"rollout: {p} prompts x {self.generations} generations = {self.completions} completions per step "
@@ -277,6 +290,10 @@ class OnlineRLConfig(RunConfig, SamplingJob, RewardsMixin):
     preset: Optional[_choice(PRESETS)] = Field(  # type: ignore[valid-type]
         None, description="Named bundle of stage choices; every option you set overrides its preset's value. "
         "Empty: the command's own algorithm. One of: " + PRESETS.describe() + ".")
+    optim: OptimConfig = OptimConfig(scheduler="constant")
+    """Optimizer and learning-rate schedule. Online RL keeps its peak rate by default (scheduler: constant,
+    as verl's actor): every step trains on new rollouts of the current policy, and a decay to 0 would spend
+    a short run's last steps, and half its mean rate, learning almost nothing (docs/online-rl.md)."""
     generation: GenerationConfig = GenerationConfig(max_new_tokens=64)
     """Sampling of the rollouts (temperature, top_p, top_k, max_new_tokens, engine hf|vllm)."""
     ref_model: Optional[str] = None
@@ -344,8 +361,10 @@ class OnlineRLConfig(RunConfig, SamplingJob, RewardsMixin):
                 raise ValueError("steps_per_generation counts micro-batches of per_device_train_batch_size "
                                  "completions (TRL's meaning): set per_device_train_batch_size too, or use "
                                  f"{self.section}.num_minibatches")
-            P = self.train.batch_size * accum
-            return RolloutPlan(P, G, processes, self.train.batch_size * G, self.algo.num_minibatches, False)
+            P, asked = self.train.batch_size * accum, self.algo.num_minibatches
+            updates = min(asked, P * G)  # a small rollout (tests, quick runs): one update per completion
+            return RolloutPlan(P, G, processes, self.train.batch_size * G, updates, False,
+                               asked if updates < asked else None)
         S = self.steps_per_generation or accum
         if (B * S) % G:
             raise ValueError(f"per_device_train_batch_size x steps_per_generation = {B} x {S} = {B * S} completions "
