@@ -10,7 +10,8 @@ import pytest
 from alignkit.config import SFTConfig, load_config
 from alignkit.redteam.attack import RedteamConfig
 from alignkit.rollout.generate import GenerationConfig
-from alignkit.train.rl_config import GRPOConfig, PPOConfig, RLConfig, RLOOConfig, SamplingConfig
+from alignkit.train.rl_config import (PRESETS, GRPOConfig, PPOConfig, RLConfig, RLOOConfig, RLOptions,
+                                      SamplingConfig)
 
 
 def test_sampling_job_keeps_its_max_new_tokens_when_another_generation_key_is_set():
@@ -43,8 +44,6 @@ def test_online_rl_lr_schedule_is_constant_unless_set(cls):
 
 def test_a_preset_on_another_command_gets_the_presets_options_not_the_commands():
     # online RL's stage options come from the preset alone: rloo --preset dapo keeps none of RLOO's values
-    from alignkit.train.rl_config import PRESETS, RLOptions
-
     cfg = load_config(RLOOConfig, overrides=["preset=dapo", "rloo.kl_coef=0.1", "rewards=[length:chars]"])
     assert cfg.rloo == RLOptions(**{**PRESETS.get("dapo").settings, "kl_coef": 0.1})
     assert (cfg.rloo.normalize_reward, cfg.rloo.kl_estimator) == (False, "k3")  # RLOO's own: True, k1

@@ -488,7 +488,8 @@ class RLTask(Task):
         holds whole groups and runs each prompt once; which rows form a minibatch is unchanged, and the
         order inside one never changes its update (normalization by global units)."""
         epochs, nmb = self.update_shape()
-        nmb = min(nmb, n_rows)  # at most one update per row, as the plan says (a short last batch of data)
+        if nmb > n_rows:
+            raise ValueError(f"num_minibatches={nmb} is more than the {n_rows} sequences of a rollout batch")
         out = []
         for _ in range(epochs):
             perm = torch.randperm(n_rows).tolist()
